@@ -207,7 +207,7 @@ def _pip_download(part: WheelFile, dest: Path, quiet: bool) -> Path:
     for line in proc.stdout:
         lines.append(line.rstrip())
         if not quiet:
-            sys.stderr.write(line)
+            tqdm.write(line.rstrip(), file=sys.stderr)  # above the progress bar, not through it
     if proc.wait() != 0:
         said = [ln for ln in lines if ln.strip()]
         errors = [ln for ln in said if ln.startswith("ERROR")]
@@ -289,6 +289,7 @@ def pull(name: str, quiet: bool = False) -> Path:
                 raise WeightsError(
                     f"sha256 mismatch for {name} ({e.file}): expected {e.sha256}, got {actual}"
                 )
+            os.chmod(partial, 0o644)  # NamedTemporaryFile made it 0600
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
