@@ -1,0 +1,458 @@
+"""GGUF weights: metadata as plain Python values, tensors under Hugging Face names.
+
+Dense tensors (F32/F16/BF16) come back as float32 NumPy arrays (F32 memory-mapped as is);
+quantized ones as `QuantTensor`, which keeps ggml's blocks exactly as they lie on disk so a
+native kernel can read them directly. The dequantizers follow ggml's `dequantize_row_*` in
+ggml-quants.c (block layouts in ggml-common.h), vectorized over blocks.
+
+References: GGUF spec (ggml/docs/gguf.md); llama.cpp convert_hf_to_gguf.py (names, q/k permute).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
+
+from ..errors import ConfigError, ModelNotFound, WeightsError
+
+Q = GGMLQuantizationType
+QK_K = 256  # values per K-quant super-block
+
+
+# -- dequantizers: (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 ------------
+
+
+def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """(n, type_size) uint8 -> (n, 1) float32: the f16 stored at byte `offset` of each block."""
+    raw = np.ascontiguousarray(blocks[:, offset : offset + 2])
+    return raw.view(np.float16).astype(np.float32)  # (n, 1)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, k) uint8 -> (n, 2k): low nibbles of all bytes, then high nibbles (ggml's order)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _bits(packed: np.ndarray, n_bits: int) -> np.ndarray:
+    """(n, b) uint8 -> (n, n_bits) uint8: bit j of the little-endian integer, for j < n_bits."""
+    return np.unpackbits(packed, axis=1, count=n_bits, bitorder="little")
+
+
+def _dequant_q4_0(b: np.ndarray) -> np.ndarray:
+    # block_q4_0: d f16 | qs[16] ; y = (q - 8) * d
+    q = _nibbles(b[:, 2:18]).astype(np.int8) - 8  # (n, 32)
+    return q.astype(np.float32) * _f16(b, 0)
+
+
+def _dequant_q4_1(b: np.ndarray) -> np.ndarray:
+    # block_q4_1: d f16 | m f16 | qs[16] ; y = q * d + m
+    q = _nibbles(b[:, 4:20]).astype(np.float32)  # (n, 32)
+    return q * _f16(b, 0) + _f16(b, 2)
+
+
+def _dequant_q5_0(b: np.ndarray) -> np.ndarray:
+    # block_q5_0: d f16 | qh u32 (5th bit of value j) | qs[16] ; y = (q - 16) * d
+    q = _nibbles(b[:, 6:22]) | (_bits(b[:, 2:6], 32) << 4)  # (n, 32)
+    return (q.astype(np.int8) - 16).astype(np.float32) * _f16(b, 0)
+
+
+def _dequant_q5_1(b: np.ndarray) -> np.ndarray:
+    # block_q5_1: d f16 | m f16 | qh u32 | qs[16] ; y = q * d + m
+    q = _nibbles(b[:, 8:24]) | (_bits(b[:, 4:8], 32) << 4)  # (n, 32)
+    return q.astype(np.float32) * _f16(b, 0) + _f16(b, 2)
+
+
+def _dequant_q8_0(b: np.ndarray) -> np.ndarray:
+    # block_q8_0: d f16 | qs[32] int8 ; y = q * d
+    q = np.ascontiguousarray(b[:, 2:34]).view(np.int8)  # (n, 32)
+    return q.astype(np.float32) * _f16(b, 0)
+
+
+def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 12) uint8 -> (n, 8), (n, 8): the 6-bit scales and mins of Q4_K/Q5_K (get_scale_min_k4)."""
+    lo, mid, hi = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = np.concatenate([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], axis=1)  # (n, 8)
+    mn = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)  # (n, 8)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _dequant_q4_k(b: np.ndarray) -> np.ndarray:
+    # block_q4_K: d f16 | dmin f16 | scales[12] | qs[128]; 8 sub-blocks of 32, y = d*sc*q - dmin*m
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d, m = _f16(b, 0) * sc, _f16(b, 2) * mn  # (n, 8)
+    qs = b[:, 16:144].reshape(n, 4, 32)  # 4 chunks of 32 bytes: low nibbles, then high nibbles
+    q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32)  # (n, 8 sub-blocks, 32)
+    return (d[:, :, None] * q - m[:, :, None]).reshape(n, QK_K)
+
+
+def _dequant_q5_k(b: np.ndarray) -> np.ndarray:
+    # block_q5_K: d | dmin | scales[12] | qh[32] | qs[128]; bit s of qh[l] is the 5th bit of
+    # value l of sub-block s
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d, m = _f16(b, 0) * sc, _f16(b, 2) * mn  # (n, 8)
+    qs = b[:, 48:176].reshape(n, 4, 32)
+    ql = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32)  # (n, 8, 32)
+    qh = np.unpackbits(b[:, 16:48, None], axis=2, bitorder="little")  # (n, 32 l, 8 s)
+    q = (ql | (qh.transpose(0, 2, 1) << 4)).astype(np.float32)  # (n, 8, 32)
+    return (d[:, :, None] * q - m[:, :, None]).reshape(n, QK_K)
+
+
+def _dequant_q6_k(b: np.ndarray) -> np.ndarray:
+    # block_q6_K: ql[128] | qh[64] | scales[16] int8 | d f16; two halves of 128 values, each
+    # from ql[64] (low nibbles: values 0-63, high: 64-127) and qh[32] (2 bits per quarter)
+    n = b.shape[0]
+    ql = b[:, 0:128].reshape(n, 2, 64)
+    qh = b[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(n, 2, 4, 32)  # (n, half, qtr, 32)
+    q = (low | ((qh & 3) << 4)).astype(np.int8) - 32  # (n, 2, 4, 32)
+    sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)  # (n, 16)
+    d = _f16(b, 208) * sc  # (n, 16): one scale per 16 values
+    return (d[:, :, None] * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+
+
+def _dequant_q2_k(b: np.ndarray) -> np.ndarray:
+    # block_q2_K: scales[16] (lo nibble scale, hi nibble min) | qs[64] | d f16 | dmin f16;
+    # value 128h + 32j + l is bits 2j..2j+1 of qs[32h + l]
+    n = b.shape[0]
+    sc = b[:, 0:16]
+    dl = _f16(b, 80) * (sc & 0x0F).astype(np.float32)  # (n, 16)
+    ml = _f16(b, 82) * (sc >> 4).astype(np.float32)  # (n, 16)
+    qs = b[:, 16:80].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    q = (qs & 3).reshape(n, 16, 16).astype(np.float32)  # (n, 16 groups, 16)
+    return (dl[:, :, None] * q - ml[:, :, None]).reshape(n, QK_K)
+
+
+def _dequant_q3_k(b: np.ndarray) -> np.ndarray:
+    # block_q3_K: hmask[32] | qs[64] | scales[12] (16 x 6-bit) | d f16; value 128h + 32j + l has
+    # low bits 2j..2j+1 of qs[32h + l] and subtracts 4 unless bit 4h+j of hmask[l] is set
+    n = b.shape[0]
+    s = b[:, 96:108]
+    low4 = np.concatenate([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], axis=1)  # (n, 16)
+    high2 = (s[:, 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3  # (n, 4 i%4, 4 i//4)
+    scales = low4 | (high2.transpose(0, 2, 1).reshape(n, 16) << 4)
+    dl = _f16(b, 108) * (scales.astype(np.int8) - 32).astype(np.float32)  # (n, 16)
+    qs = b[:, 32:96].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    hm = np.unpackbits(b[:, 0:32, None], axis=2, bitorder="little")  # (n, 32 l, 8 bit)
+    hm = hm.transpose(0, 2, 1).reshape(n, 2, 4, 32)  # (n, h, j, l)
+    q = (qs & 3).astype(np.int8) - ((hm ^ 1) << 2).astype(np.int8)  # (n, 2, 4, 32)
+    return (dl[:, :, None] * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+
+
+_DEQUANT: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
+    Q.Q4_0: _dequant_q4_0,
+    Q.Q4_1: _dequant_q4_1,
+    Q.Q5_0: _dequant_q5_0,
+    Q.Q5_1: _dequant_q5_1,
+    Q.Q8_0: _dequant_q8_0,
+    Q.Q2_K: _dequant_q2_k,
+    Q.Q3_K: _dequant_q3_k,
+    Q.Q4_K: _dequant_q4_k,
+    Q.Q5_K: _dequant_q5_k,
+    Q.Q6_K: _dequant_q6_k,
+}
+DENSE_TYPES = (Q.F32, Q.F16, Q.BF16)
+SUPPORTED_TYPES = DENSE_TYPES + tuple(_DEQUANT)
+_BLOCKS_PER_CHUNK = 1 << 16  # bounds the temporaries of one dequantize call
+
+
+def _check_supported(qtype: GGMLQuantizationType) -> None:
+    if qtype not in _DEQUANT:
+        names = ", ".join(t.name for t in SUPPORTED_TYPES)
+        raise WeightsError(f"quantization type {qtype.name} is not supported (supported: {names})")
+
+
+def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """(n_blocks, type_size) uint8 -> (n_blocks, block_size) float32."""
+    _check_supported(qtype)
+    fn = _DEQUANT[qtype]
+    block_size = GGML_QUANT_SIZES[qtype][0]
+    out = np.empty((blocks.shape[0], block_size), np.float32)
+    for start in range(0, blocks.shape[0], _BLOCKS_PER_CHUNK):
+        stop = start + _BLOCKS_PER_CHUNK
+        out[start:stop] = fn(blocks[start:stop])
+    return out
+
+
+def dense_to_float32(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """F32/F16/BF16 tensor data as read from the file -> float32 (F32 returned without a copy)."""
+    if qtype == Q.F32:
+        return data.view(np.ndarray)
+    if qtype == Q.F16:
+        return data.astype(np.float32)
+    if qtype == Q.BF16:
+        # bf16 is the top half of an f32: shift the 16 bits into place
+        bits = np.ascontiguousarray(data).view(np.uint16)
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    raise WeightsError(f"{qtype.name} is not a dense float type")
+
+
+# -- the quantized tensor -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QuantTensor:
+    """A 2-D tensor kept as ggml blocks: `data` (rows, bytes_per_row) holds row r's blocks."""
+
+    qtype: GGMLQuantizationType
+    shape: tuple[int, int]  # logical (rows, cols), e.g. (out_features, in_features)
+    data: np.ndarray  # (rows, cols // block_size * type_size) uint8, as on disk
+
+    def __post_init__(self):
+        _check_supported(self.qtype)
+        rows, cols = self.shape
+        if cols % self.block_size:
+            raise WeightsError(
+                f"{self.qtype.name} row of {cols} values is not a multiple of the block size "
+                f"{self.block_size}"
+            )
+        want = (rows, cols // self.block_size * self.type_size)
+        if self.data.dtype != np.uint8 or self.data.shape != want:
+            raise WeightsError(
+                f"{self.qtype.name} data must be uint8 of shape {want} for logical shape "
+                f"{self.shape}, got {self.data.dtype} {self.data.shape}"
+            )
+
+    @property
+    def block_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][0]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def dequantize(self) -> np.ndarray:
+        """() -> (rows, cols) float32."""
+        return self._dequantize(self.data)
+
+    def dequantize_rows(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n,) row ids -> (n, cols) float32, touching only those rows (embedding lookup)."""
+        ids = np.asarray(ids, dtype=np.intp).reshape(-1)  # (n,)
+        return self._dequantize(self.data[ids])
+
+    def take_rows(self, rows: Sequence[int] | np.ndarray) -> QuantTensor:
+        """(n,) row ids -> QuantTensor (n, cols): raw block rows selected/permuted, no dequantize."""
+        rows = np.asarray(rows, dtype=np.intp).reshape(-1)  # (n,)
+        return QuantTensor(self.qtype, (len(rows), self.shape[1]), self.data[rows])
+
+    def _dequantize(self, data: np.ndarray) -> np.ndarray:
+        """(n, bytes_per_row) uint8 -> (n, cols) float32."""
+        blocks = np.ascontiguousarray(data).reshape(-1, self.type_size)  # (n * blocks_per_row, ts)
+        return dequantize_blocks(blocks, self.qtype).reshape(data.shape[0], self.shape[1])
+
+
+Tensor = np.ndarray | QuantTensor
+
+
+# -- GGUF names -> Hugging Face names -----------------------------------------------------
+
+# Per architecture: whole-tensor names and per-block tensor names (without .weight/.bias).
+_LLAMA_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",  # llama3 rope factors (Llama-3.1 GGUFs)
+}
+_LLAMA_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+TENSOR_NAMES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "llama": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
+    "mistral": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
+    "qwen2": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
+    "qwen3": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
+}
+# Archs whose q/k llama.cpp stores permuted for its interleaved ("normal") rope; NeoX-rope archs
+# (qwen2, qwen3) are stored as in the HF checkpoint.
+PERMUTED_QK_ARCHS = {"llama", "mistral"}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_QK_RE = re.compile(r"model\.layers\.\d+\.self_attn\.[qk]_proj\.(weight|bias)")
+
+
+def gguf_to_hf_name(name: str, arch: str) -> str:
+    """GGUF tensor name -> Hugging Face name; names without a mapping are returned unchanged."""
+    global_names, block_names = TENSOR_NAMES.get(arch, ({}, {}))
+    if name in global_names:
+        return global_names[name]
+    m = _BLOCK_RE.fullmatch(name)
+    if m and m.group(2) in block_names:
+        return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
+    return name
+
+
+# -- the q/k rope permutation -------------------------------------------------------------
+
+
+def _rope_row_order(n_rows: int, n_head: int) -> np.ndarray:
+    """(n_rows,) p with permute_for_gguf(w)[i] = w[p[i]]: per head, interleave the two halves."""
+    if n_head <= 0 or n_rows % (2 * n_head):
+        raise WeightsError(f"cannot split {n_rows} q/k rows into {n_head} heads of even size")
+    half = n_rows // n_head // 2
+    return np.arange(n_rows).reshape(n_head, 2, half).swapaxes(1, 2).reshape(-1)  # (n_rows,)
+
+
+def permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
+    """(R, ...) -> (R, ...): llama.cpp's q/k row permutation (HF half-split rope -> interleaved)."""
+    return w[_rope_row_order(w.shape[0], n_head)]
+
+
+def unpermute_from_gguf(w: Tensor, n_head: int) -> Tensor:
+    """(R, ...) -> (R, ...): inverse of permute_for_gguf; QuantTensor rows move as raw blocks."""
+    rows = w.shape[0]
+    inverse = np.argsort(_rope_row_order(rows, n_head))  # (R,)
+    return w.take_rows(inverse) if isinstance(w, QuantTensor) else w[inverse]
+
+
+# -- the file -----------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFModelFile:
+    """One GGUF file: metadata (plain values) and tensors under Hugging Face names."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, Tensor]
+    gguf_names: dict[str, str] = field(default_factory=dict)  # HF name -> name in the file
+
+    @property
+    def arch(self) -> str:
+        return self.metadata.get("general.architecture", "")
+
+    def config(self):
+        """ModelConfig from this file's metadata (raises UnsupportedArchitecture / ConfigError)."""
+        from ..config import ModelConfig
+
+        return ModelConfig.from_gguf(self.metadata, set(self.gguf_names.values()))
+
+
+def read_gguf(path: str | Path) -> GGUFModelFile:
+    """Memory-map a GGUF file: metadata and tensors (HF names, q/k un-permuted, mmap'd blocks)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFound(f"no such GGUF file: {path}")
+    if path.is_dir():
+        raise WeightsError(f"{path} is a directory, not a GGUF file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise WeightsError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        reader = GGUFReader(path)
+    except OSError as e:
+        raise WeightsError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
+    except WeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the reader signals corruption with many types
+        raise WeightsError(f"{path} is truncated or corrupt ({_one_line(e)})") from None
+    try:
+        metadata = {
+            k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")
+        }
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"{path}: unreadable GGUF metadata ({_one_line(e)})") from None
+
+    arch = metadata.get("general.architecture", "")
+    file_size = reader.data.shape[0]
+    tensors: dict[str, Tensor] = {}
+    gguf_names: dict[str, str] = {}
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > file_size:
+            raise WeightsError(f"{path} is truncated: tensor {t.name} extends past the end of file")
+        hf_name = gguf_to_hf_name(t.name, arch)
+        tensors[hf_name] = _tensor(path, t)
+        gguf_names[hf_name] = t.name
+
+    if arch in PERMUTED_QK_ARCHS:
+        _unpermute_qk(path, arch, metadata, tensors)
+    return GGUFModelFile(path=path, metadata=metadata, tensors=tensors, gguf_names=gguf_names)
+
+
+def _tensor(path: Path, t) -> Tensor:
+    """One ReaderTensor -> float32 array (dense types) or QuantTensor (quantized types)."""
+    qtype = GGMLQuantizationType(t.tensor_type)
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne[] is innermost-first
+    if qtype in DENSE_TYPES:
+        return dense_to_float32(t.data, qtype).reshape(shape)
+    if qtype not in _DEQUANT:
+        names = ", ".join(q.name for q in SUPPORTED_TYPES)
+        raise WeightsError(
+            f"{path}: tensor {t.name} has quantization type {qtype.name}, which is not supported "
+            f"(supported: {names})"
+        )
+    cols = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64))  # leading dims folded into rows
+    return QuantTensor(qtype, (rows, cols), t.data.reshape(rows, -1))
+
+
+def _unpermute_qk(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, Tensor]):
+    """llama.cpp stores q/k permuted for its rope: undo it so tensors equal the HF checkpoint."""
+    n_head = meta.get(f"{arch}.attention.head_count")
+    n_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
+    for name, tensor in tensors.items():
+        if _QK_RE.fullmatch(name):
+            if n_head is None:
+                raise ConfigError(f"{path}: GGUF metadata lacks {arch}.attention.head_count")
+            i = int(name.split(".")[2])
+            heads = _per_layer(n_head if ".q_proj." in name else n_kv, i)
+            try:
+                tensors[name] = unpermute_from_gguf(tensor, heads)
+            except WeightsError as e:
+                raise WeightsError(f"{path}: tensor {name}: {e}") from None
+
+
+def _per_layer(value: int | list[int], layer: int) -> int:
+    return int(value[layer] if isinstance(value, list) else value)
+
+
+def _field_value(f) -> Any:
+    """ReaderField -> str | int | float | bool | list of those."""
+    if not f.types:
+        raise ValueError(f"field {f.name} has no type")
+    main = f.types[0]
+    if main == GGUFValueType.ARRAY:
+        sub = f.types[-1] if len(f.types) > 1 else None
+        if sub is None:  # empty array
+            return []
+        if sub == GGUFValueType.STRING:
+            return [_str(f.parts[i]) for i in f.data]
+        if not f.data:
+            return []
+        return np.concatenate([f.parts[i] for i in f.data]).tolist()
+    if main == GGUFValueType.STRING:
+        return _str(f.parts[-1])
+    value = f.parts[-1][0]
+    if main == GGUFValueType.FLOAT32:
+        return float(str(value))  # shortest repr that round-trips the f32: 1e-05, not 9.99e-06
+    return value.item()
+
+
+def _str(part: np.ndarray) -> str:
+    return part.tobytes().decode("utf-8", errors="replace")
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
