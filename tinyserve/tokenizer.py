@@ -95,6 +95,38 @@ class _HFEngine:
         return self.tok.token_to_id(s)
 
 
+class _SPMEngine(_HFEngine):
+    """An SPM vocab in a tokenizers BPE, decoded here piece by piece as llama.cpp does.
+
+    tokenizers' ByteFallback decoder turns a whole run of byte pieces into U+FFFD when any of
+    them is invalid, so decoding is not local; joining piece bytes and decoding with
+    errors="replace" is, which the incremental detokenizer relies on.
+    """
+
+    def __init__(self, tok: Any, special_ids: Iterable[int], strip_leading_space: bool):
+        super().__init__(tok)
+        self.special_ids = frozenset(special_ids)
+        self.strip_leading_space = strip_leading_space
+        self.piece_bytes = [_spm_piece_bytes(tok.id_to_token(i)) for i in range(self.vocab_size)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        skip = self.special_ids if skip_special_tokens else frozenset()
+        text = b"".join(self.piece_bytes[i] for i in ids if i not in skip).decode("utf-8", "replace")
+        return text[1:] if self.strip_leading_space and text.startswith(" ") else text
+
+
+def _spm_piece_bytes(piece: str | None) -> bytes:
+    """'<0x0A>' -> b'\\n'; '▁the' -> b' the'."""
+    if piece is None:
+        return b""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    return piece.replace(SPIECE_UNDERLINE, " ").encode("utf-8")
+
+
 class _SPEngine:
     """A sentencepiece model; control-token strings in text become their ids, as in HF's slow tokenizer."""
 
@@ -248,8 +280,12 @@ class Tokenizer:
             raise TokenizerError(f"GGUF token_type has {len(types)} entries for {n} tokens")
         if model == "gpt2":
             tok, add_bos_default = _gguf_bpe(meta, tokens, types)
+            engine: _HFEngine = _HFEngine(tok)
         elif model == "llama":
             tok, add_bos_default = _gguf_spm(meta, tokens, types), True
+            specials = [i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
+            prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+            engine = _SPMEngine(tok, specials, strip_leading_space=prefix)
         else:
             raise TokenizerError(f"unsupported GGUF tokenizer model {model!r}; supported: gpt2, llama")
 
@@ -269,7 +305,7 @@ class Tokenizer:
         )
         template = meta.get("tokenizer.chat_template")
         return cls(
-            _HFEngine(tok),
+            engine,
             bos_token_id=bos_id,
             eos_token_ids=eos_ids,
             chat_template=str(template) if template is not None else None,
@@ -287,11 +323,10 @@ class Tokenizer:
         return self._engine.encode(text, add_special_tokens)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """(T,) token ids -> str; incomplete UTF-8 at the end shows as U+FFFD."""
-        ids = [int(i) for i in ids]
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"token id {i} out of range for a vocab of {self.vocab_size}")
+        """(T,) token ids -> str; incomplete UTF-8 at the end shows as U+FFFD.
+
+        Ids past the tokenizer's vocab (models pad their embedding beyond it) have no text."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         return self._engine.decode(ids, skip_special_tokens)
 
     def id_to_token(self, i: int) -> str:

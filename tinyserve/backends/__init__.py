@@ -1,0 +1,94 @@
+"""Backend registry: name -> backend class, resolved lazily so `import tinyserve` imports no torch.
+
+Built-ins are an import-path table; third-party packages register through the entry-point group
+`tinyserve.backends` (value "module:Class") or in-process with register_backend(name, factory).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from ..errors import BackendError
+
+_BUILTIN: dict[str, str] = {
+    "numpy": "tinyserve.backends.numpy_backend:NumpyBackend",
+}
+
+_registry: dict[str, str | Callable[..., Any]] = dict(_BUILTIN)
+_entry_points_loaded = False
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str  # why not available, or what it runs on
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group="tinyserve.backends"):
+        if ep.name not in _registry:
+            _registry[ep.name] = ep.value
+
+
+def register_backend(name: str, factory: str | Callable[..., Any]) -> None:
+    """Register a backend class (or "module:Class" path) under a new name."""
+    _load_entry_points()
+    if name in _registry:
+        raise BackendError(f"backend {name!r} is already registered")
+    _registry[name] = factory
+
+
+def backend_names() -> list[str]:
+    _load_entry_points()
+    return sorted(_registry)
+
+
+def get_backend_class(name: str):
+    """The backend class registered under name (imports its module on first use)."""
+    _load_entry_points()
+    if name not in _registry:
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(backend_names())}")
+    target = _registry[name]
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        try:
+            target = getattr(importlib.import_module(module), attr)
+        except Exception as e:  # a broken plugin must not take the registry down
+            raise BackendError(f"backend {name!r} failed to import from {module}: {e}") from e
+        _registry[name] = target
+    return target
+
+
+def create_backend(name: str, device: str | None = None, dtype: str | None = None):
+    """An instance of the named backend, or BackendError saying why it cannot run here."""
+    cls = get_backend_class(name)
+    ok, reason = cls.availability()
+    if not ok:
+        raise BackendError(f"backend {name!r} is not available: {reason}")
+    try:
+        return cls(device=device, dtype=dtype)
+    except ValueError as e:
+        raise BackendError(f"backend {name!r}: {e}") from None
+
+
+def list_backends() -> list[BackendInfo]:
+    """Every registered backend with whether it can run here and why not."""
+    infos = []
+    for name in backend_names():
+        try:
+            cls = get_backend_class(name)
+            ok, reason = cls.availability()
+            if ok and hasattr(cls, "summary"):
+                reason = cls.summary()
+        except BackendError as e:
+            ok, reason = False, str(e)
+        infos.append(BackendInfo(name, ok, reason))
+    return infos

@@ -1,0 +1,56 @@
+"""The Backend interface: what an executor (NumPy, Cython, torch on CUDA/NPU, ...) provides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..batch import Batch
+
+
+class Backend:
+    """An executor for model code: holds weights its own way, owns the KV pools, runs forwards.
+
+    A backend supplies `ops`, an object with the op set of `tinyserve.backends.numpy_ops.NumpyOps`
+    (same names, same shape contracts), over whatever arrays it likes. Model files call only those.
+
+    Args:
+        device: backend-specific device string (e.g. "cuda:0"); None for the default.
+        dtype: compute dtype name ("float32", "bfloat16", ...); None for the default.
+    """
+
+    name: str = ""
+    ops: Any = None
+
+    def __init__(self, device: str | None = None, dtype: str | None = None):
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(available, reason): whether this backend can run here and, if not, why."""
+        return True, ""
+
+    def describe(self) -> str:
+        """One line for `tinyserve backends`: what this backend runs on."""
+        return ""
+
+    def allocate_kv(
+        self, layer_specs: list[dict[str, tuple[int, ...]]], num_blocks: int, block_size: int
+    ) -> list[dict[str, Any]]:
+        """Per layer, one pool (NB, BS, *shape) per named entry of the model's cache layout."""
+        return [
+            {name: np.zeros((num_blocks, block_size, *shape), dtype=np.float32) for name, shape in spec.items()}
+            for spec in layer_specs
+        ]
+
+    def copy_blocks(self, kv: list[dict[str, Any]], src: list[int], dst: list[int]) -> None:
+        """Copy KV blocks src[i] -> dst[i] in every pool (copy-on-write)."""
+        for layer in kv:
+            for pool in layer.values():
+                self.ops.copy_blocks(pool, np.asarray(src), np.asarray(dst))
+
+    def forward(self, model, batch: Batch, kv: list[dict[str, Any]]) -> np.ndarray:
+        """Run the model over one batch; returns float32 logits (R, V) of batch.logits_rows."""
+        return np.asarray(self.ops.to_numpy(model.forward(batch, kv)), dtype=np.float32)

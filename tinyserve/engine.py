@@ -1,0 +1,296 @@
+"""Engine: the one generation loop. add_request / step / abort over a scheduler, a paged KV cache,
+a backend that runs the model, the sampler and the incremental detokenizer.
+
+Every path that generates text (LLM.generate, LLM.stream, the CLI, the server, the benchmarks)
+drives this step loop; there is no other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batch import Batch
+from .errors import RequestError
+from .kv_cache import KVCacheManager
+from .models import build_model
+from .outputs import CompletionOutput, RequestOutput
+from .sampling import SamplingParams, sample_row
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Request, Sequence, Status
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_tokens: int | None = None  # KV capacity in tokens; else from kv_cache_bytes
+    kv_cache_bytes: int = 512 * 2**20
+    enable_prefix_caching: bool = True
+    chunk_size: int | None = None  # longest prefill chunk per sequence and step
+    seed: int = 0  # seeds requests that bring no seed of their own
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens must hold at least one block, got {self.kv_cache_tokens}")
+
+
+class Engine:
+    """Serves many requests at once from one model (continuous batching over a paged KV cache)."""
+
+    def __init__(self, checkpoint, tokenizer, backend, config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.model_config = checkpoint.config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.model = build_model(checkpoint.config, checkpoint.tensors, backend.ops)
+        layout = self.model.kv_layout()
+        num_blocks = self._num_blocks(layout)
+        self.kv = backend.allocate_kv(layout, num_blocks, config.block_size)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.chunk_size),
+            self.kv_manager,
+        )
+        self.requests: dict[str, Request] = {}
+        self.eos_ids = set(checkpoint.config.eos_token_ids)
+        if tokenizer is not None:
+            self.eos_ids |= set(tokenizer.eos_token_ids)
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._rng = np.random.default_rng(config.seed)
+        self.n_prefilled_tokens = 0  # tokens computed by prefill steps (not served from cache)
+        self.n_steps = 0
+
+    def _num_blocks(self, layout) -> int:
+        c = self.config
+        per_token = sum(int(np.prod(shape)) for spec in layout for shape in spec.values())
+        bytes_per_block = per_token * c.block_size * getattr(self.backend, "kv_itemsize", 4)
+        if c.kv_cache_tokens is not None:
+            return c.kv_cache_tokens // c.block_size
+        useful = c.max_num_seqs * -(-self.model_config.context_len // c.block_size)
+        return max(1, min(c.kv_cache_bytes // bytes_per_block, useful))
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises RequestError for one that can never be served."""
+        params = params or SamplingParams()
+        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: pass token ids")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        self._check_prompt(ids, params)
+        req = Request(request_id, text, ids, params)
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
+        max_len = min(len(ids) + params.max_tokens, self.model_config.context_len)
+        seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, np.random.default_rng([seed, 0]), max_len)
+        seq.detokenizer = self._detokenizer(ids, params)
+        req.seeds = seed
+        req.seqs.append(seq)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        return request_id
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        V, ctx = self.model_config.vocab_size, self.model_config.context_len
+        if not ids:
+            raise RequestError("empty prompt")
+        if min(ids) < 0 or max(ids) >= V:
+            raise RequestError(f"prompt token ids must be in [0, {V}), got {min(ids)}..{max(ids)}")
+        if len(ids) >= ctx:
+            raise RequestError(f"prompt of {len(ids)} tokens does not fit the model's context of {ctx}")
+        kv = self.kv_manager
+        total = min(len(ids) + params.max_tokens, ctx)
+        need = kv.blocks_for(total) + (params.n - 1) * (kv.blocks_for(params.max_tokens) + 1)
+        if need > kv.num_blocks:
+            raise RequestError(
+                f"request needs {need} KV blocks ({total} tokens x n={params.n}) but the cache has only "
+                f"{kv.num_blocks}; lower max_tokens or raise kv_cache_tokens"
+            )
+
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams):
+        if self.tokenizer is None:
+            return None
+        from .tokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free all its KV blocks."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.finished:
+                self._finish(seq, "abort")
+        req.forked = True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward over the flat batch, sample, and report what changed."""
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        copies = self.kv_manager.take_copies()
+        if copies:
+            self.backend.copy_blocks(self.kv, [s for s, _ in copies], [d for _, d in copies])
+        chunks, rows, sampled = [], [], []
+        start = 0
+        for seq, n in zip(sched.seqs, sched.n_tokens):
+            c = seq.num_computed
+            chunks.append((seq.token_ids[c : c + n], c, seq.block_table))
+            if c + n == len(seq.token_ids):  # this chunk reaches the newest token: sample after it
+                rows.append(start + n - 1)
+                sampled.append(seq)
+            start += n
+        batch = Batch.build(chunks, self.kv_manager.block_size, rows)
+        now = time.perf_counter()
+        for seq in sched.seqs:
+            m = self.requests[seq.request_id].metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+        for seq in sched.preempted:
+            self.requests[seq.request_id].metrics.n_preemptions += 1
+        logits = self.backend.forward(self.model, batch, self.kv) if rows else None
+        self.n_steps += 1
+        for seq, n in zip(sched.seqs, sched.n_tokens):
+            if seq.num_computed < seq.prompt_len:
+                prefilled = min(n, seq.prompt_len - seq.num_computed)
+                self.n_prefilled_tokens += prefilled
+                self.requests[seq.request_id].metrics.n_prefilled_tokens += prefilled
+            seq.num_computed += n
+            self.kv_manager.cache_full_blocks(seq)
+        now = time.perf_counter()
+        touched: dict[str, Request] = {}
+        for row, seq in enumerate(sampled):
+            req = self.requests[seq.request_id]
+            touched[req.request_id] = req
+            if not req.forked:
+                self._fork(req)
+                for sibling in req.seqs[1:]:
+                    self._append(sibling, logits[row], now)
+            self._append(seq, logits[row], now)
+        return [self._output(req) for req in touched.values()]
+
+    def _fork(self, req: Request) -> None:
+        """n > 1: siblings share the computed prompt's blocks and sample their own tokens."""
+        parent = req.seqs[0]
+        for i in range(1, req.params.n):
+            child = Sequence(
+                next(self._seq_ids), req.request_id, i, req.prompt_ids, req.params,
+                np.random.default_rng([req.seeds, i]), parent.max_len,
+            )
+            child.detokenizer = self._detokenizer(req.prompt_ids, req.params)
+            self.kv_manager.fork(parent, child)
+            self.scheduler.add_running(child)
+            req.seqs.append(child)
+        req.forked = True
+
+    def _append(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
+        """Sample seq's next token from its logits row and check every stop condition."""
+        p = seq.params
+        s = sample_row(logits, p, seq.rng, seq.token_ids[: seq.prompt_len], seq.output_ids)
+        seq.token_ids.append(s.token_id)
+        if seq.logprobs is not None:
+            seq.logprobs.append({**(s.top_logprobs or {}), s.token_id: s.logprob})
+            seq.cumulative_logprob += s.logprob
+        m = self.requests[seq.request_id].metrics
+        if seq.index == 0:
+            m.token_times.append(now)
+            if m.first_token_time is None:
+                m.first_token_time = now
+        if (s.token_id in self.eos_ids and not p.ignore_eos) or s.token_id in p.stop_token_ids:
+            return self._finish(seq, "stop")
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.add([s.token_id])
+            if p.stop and self._cut_at_stop(seq):
+                return self._finish(seq, "stop")
+        if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= seq.max_len:
+            self._finish(seq, "length")
+
+    @staticmethod
+    def _cut_at_stop(seq: Sequence) -> bool:
+        """Truncate the text before the first stop string, if one has appeared."""
+        window_start = max(0, seq.sent_text_len - max(len(s) for s in seq.params.stop))
+        hits = [i for i in (seq.text.find(s, window_start) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.text = seq.text[: min(hits)]
+        return True
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        req = self.requests.get(seq.request_id)
+        if req is not None and all(s.finished for s in req.seqs):
+            req.metrics.finish_time = time.perf_counter()
+
+    def _output(self, req: Request) -> RequestOutput:
+        outputs, deltas = [], []
+        for seq in req.seqs:
+            text = seq.text
+            if not seq.finished and seq.params.stop:  # hold back what may be the start of a stop string
+                text = text[: max(seq.sent_text_len, len(text) - max(len(s) for s in seq.params.stop) + 1)]
+            out_ids = seq.output_ids
+            lp = seq.logprobs
+            outputs.append(
+                CompletionOutput(seq.index, text, list(out_ids), seq.finish_reason, lp and list(lp),
+                                 seq.cumulative_logprob if lp is not None else None)
+            )
+            deltas.append(
+                CompletionOutput(
+                    seq.index, text[seq.sent_text_len :], out_ids[seq.sent_token_len :], seq.finish_reason,
+                    None if lp is None else lp[seq.sent_token_len :],
+                )
+            )
+            seq.sent_text_len, seq.sent_token_len = len(text), len(out_ids)
+        finished = req.finished
+        if finished:
+            del self.requests[req.request_id]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outputs, finished, req.metrics, deltas)
+
+    # -- verification ---------------------------------------------------------------------------
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """(T,) -> (T, V) float32: one full forward over a fresh sequence, every row's logits."""
+        ids = [int(t) for t in token_ids]
+        self._check_prompt(ids, SamplingParams(max_tokens=1))
+        seq = Sequence(-1, "<logits>", 0, ids, SamplingParams(max_tokens=1), self._rng, len(ids))
+        try:
+            self.kv_manager.reserve(seq, len(ids))
+        except Exception:
+            self.kv_manager.free(seq)
+            raise RequestError(f"{len(ids)} tokens do not fit the free KV cache now") from None
+        try:
+            copies = self.kv_manager.take_copies()
+            assert not copies, "a fresh sequence shares no blocks"
+            batch = Batch.build([(ids, 0, seq.block_table)], self.kv_manager.block_size, list(range(len(ids))))
+            return self.backend.forward(self.model, batch, self.kv)
+        finally:
+            self.kv_manager.free(seq)
+
+    @property
+    def n_preemptions(self) -> int:
+        return self.scheduler.n_preemptions

@@ -1,0 +1,41 @@
+"""The exceptions tinyserve raises. Every user error is a TinyServeError with a one-line message."""
+
+
+class TinyServeError(Exception):
+    """Base class: the CLI prints these as one line on stderr and exits non-zero."""
+
+
+class ConfigError(TinyServeError, ValueError):
+    """A model config (config.json or GGUF metadata) is missing fields or inconsistent."""
+
+
+class UnsupportedArchitecture(ConfigError):
+    """The model's architecture has no implementation here."""
+
+
+class WeightsError(TinyServeError):
+    """Weights are missing, truncated, corrupt, or disagree with the config."""
+
+
+class UnsafeCheckpoint(WeightsError):
+    """A pickle-based checkpoint (.bin/.pt/.pth): refused, never unpickled."""
+
+
+class ModelNotFound(TinyServeError, FileNotFoundError):
+    """No such path or catalog name."""
+
+
+class TokenizerError(TinyServeError):
+    """The tokenizer files are missing or unreadable."""
+
+
+class RequestError(TinyServeError, ValueError):
+    """A request that cannot be served: prompt too long, invalid sampling parameters, ..."""
+
+
+class BackendError(TinyServeError):
+    """Unknown backend name, a name registered twice, or a backend unavailable here."""
+
+
+class OutOfBlocks(TinyServeError):
+    """The KV cache has no free block (the scheduler preempts; users never see this)."""

@@ -1,0 +1,123 @@
+"""The Llama family: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3.
+
+A pre-norm decoder: RMSNorm -> grouped-query attention with rotary positions -> residual,
+RMSNorm -> SwiGLU feed-forward -> residual. References: Touvron et al. 2023 (Llama), Ainslie et al.
+2023 (GQA), Jiang et al. 2023 (Mistral's sliding window), Qwen2/Qwen3 technical reports (q/k/v bias,
+q/k RMSNorm). Variants differ only in which optional weights exist, so one file serves them all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..batch import Batch
+from ..config import ModelConfig
+from . import WeightReader
+from .rope import rope_inv_freq
+
+
+@dataclass(slots=True)
+class Linear:
+    w: Any  # (out, in), as the backend holds it
+    b: Any = None  # (out,) or None
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    attn_norm: Any  # (D,)
+    q: Linear  # (H*Dh, D)
+    k: Linear  # (KVH*Dh, D)
+    v: Linear  # (KVH*Dh, D)
+    o: Linear  # (D, H*Dh)
+    q_norm: Any  # (Dh,) or None (Qwen3)
+    k_norm: Any  # (Dh,) or None
+    ffn_norm: Any  # (D,)
+    gate: Linear  # (F, D)
+    up: Linear  # (F, D)
+    down: Linear  # (D, F)
+
+
+class LlamaModel:
+    """Llama-family decoder over a backend's ops. forward: Batch -> logits (R, V)."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict, ops):
+        self.cfg, self.ops = cfg, ops
+        D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        take = WeightReader(tensors)
+
+        def linear(name: str, out_f: int, in_f: int) -> Linear:
+            b = take.optional(f"{name}.bias", (out_f,))
+            return Linear(ops.weight(take(f"{name}.weight", (out_f, in_f))), None if b is None else ops.vector(b))
+
+        def norm(name: str, size: int):
+            t = take.optional(name, (size,))
+            return None if t is None else ops.vector(t)
+
+        self.embed = ops.weight(take("model.embed_tokens.weight", (V, D)))
+        self.layers = []
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}"
+            self.layers.append(
+                LayerWeights(
+                    attn_norm=ops.vector(take(f"{p}.input_layernorm.weight", (D,))),
+                    q=linear(f"{p}.self_attn.q_proj", cfg.q_size, D),
+                    k=linear(f"{p}.self_attn.k_proj", cfg.kv_size, D),
+                    v=linear(f"{p}.self_attn.v_proj", cfg.kv_size, D),
+                    o=linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
+                    q_norm=norm(f"{p}.self_attn.q_norm.weight", cfg.head_dim),
+                    k_norm=norm(f"{p}.self_attn.k_norm.weight", cfg.head_dim),
+                    ffn_norm=ops.vector(take(f"{p}.post_attention_layernorm.weight", (D,))),
+                    gate=linear(f"{p}.mlp.gate_proj", F, D),
+                    up=linear(f"{p}.mlp.up_proj", F, D),
+                    down=linear(f"{p}.mlp.down_proj", D, F),
+                )
+            )
+        self.norm = ops.vector(take("model.norm.weight", (D,)))
+        # SmolLM2 and small Qwens tie the output head to the embedding
+        self.lm_head = self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        freq_factors = tensors.get("rope_freqs")
+        self.inv_freq = ops.vector(rope_inv_freq(cfg, freq_factors=freq_factors))  # (Dh/2,)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def kv_layout(self) -> list[dict[str, tuple[int, ...]]]:
+        """Per layer, what the paged cache stores per token."""
+        shape = (self.cfg.n_kv_heads, self.cfg.head_dim)
+        return [{"k": shape, "v": shape} for _ in range(self.cfg.n_layers)]
+
+    def _linear(self, x, lin: Linear):
+        y = self.ops.matmul(x, lin.w)
+        return y if lin.b is None else y + lin.b
+
+    def attention(self, x, w: LayerWeights, batch: Batch, kv: dict, positions):
+        """(N, D) -> (N, D): grouped-query attention over the paged cache."""
+        cfg, ops = self.cfg, self.ops
+        N = x.shape[0]
+        q = self._linear(x, w.q).reshape(N, cfg.n_heads, cfg.head_dim)  # (N, H, Dh)
+        k = self._linear(x, w.k).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
+        v = self._linear(x, w.v).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
+        if w.q_norm is not None:  # Qwen3 normalizes each head before rotating it
+            q = ops.rms_norm(q, w.q_norm, cfg.norm_eps)
+            k = ops.rms_norm(k, w.k_norm, cfg.norm_eps)
+        q = ops.rope(q, positions, self.inv_freq)
+        k = ops.rope(k, positions, self.inv_freq)
+        ops.write_kv(kv["k"], k, batch.slots)
+        ops.write_kv(kv["v"], v, batch.slots)
+        a = ops.paged_attention(q, kv["k"], kv["v"], batch, self.scale, cfg.sliding_window)  # (N, H, Dh)
+        return self._linear(a.reshape(N, cfg.q_size), w.o)  # (N, D)
+
+    def feed_forward(self, x, w: LayerWeights):
+        """(N, D) -> (N, D): SwiGLU."""
+        return self._linear(self.ops.silu_mul(self._linear(x, w.gate), self._linear(x, w.up)), w.down)
+
+    def forward(self, batch: Batch, kv: list[dict]):
+        """Batch of N tokens -> logits (R, V) for batch.logits_rows."""
+        ops, eps = self.ops, self.cfg.norm_eps
+        positions = ops.from_numpy(batch.positions)
+        x = ops.embedding(ops.from_numpy(batch.token_ids), self.embed)  # (N, D)
+        for w, layer_kv in zip(self.layers, kv):
+            x = x + self.attention(ops.rms_norm(x, w.attn_norm, eps), w, batch, layer_kv, positions)
+            x = x + self.feed_forward(ops.rms_norm(x, w.ffn_norm, eps), w)
+        x = x[ops.from_numpy(batch.logits_rows)]  # (R, D): only the rows we sample from
+        return ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)

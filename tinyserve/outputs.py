@@ -1,0 +1,34 @@
+"""What generation hands back: a RequestOutput per request, a CompletionOutput per sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sequence import RequestMetrics
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's n samples. In a streamed delta, text and token_ids are the new part only."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    logprobs: list[dict[int, float]] | None = None  # per token: top-n ids -> logprob (+ the chosen one)
+    cumulative_logprob: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]  # cumulative so far
+    finished: bool
+    metrics: RequestMetrics
+    deltas: list[CompletionOutput] = field(default_factory=list)  # what this step added

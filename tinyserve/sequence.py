@@ -1,0 +1,125 @@
+"""Per-request state: the tokens, how many are in the KV cache, the block table, sampling state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # not yet scheduled, or preempted (blocks freed, to be recomputed)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    """Times (time.perf_counter) the engine records for one request."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # one per output token of sequence 0
+    n_prompt_tokens: int = 0
+    n_prefilled_tokens: int = 0  # prompt tokens computed (not served by the prefix cache)
+    n_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token, seconds."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first: (e2e - ttft) / (tokens - 1), seconds."""
+        n = len(self.token_times)
+        if n < 2 or self.finish_time is None:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1)
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+class Sequence:
+    """One stream of tokens: a request has n of them (they share the prompt's KV blocks)."""
+
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        index: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        rng: np.random.Generator,
+        max_len: int,
+    ):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # which of the request's n completions
+        self.token_ids = list(prompt_ids)  # prompt then output
+        self.prompt_len = len(prompt_ids)
+        self.params = params
+        self.rng = rng
+        self.max_len = max_len  # prompt + output may not exceed this (context / max_tokens)
+        self.status = Status.WAITING
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.detokenizer = None
+        self.text = ""  # output text so far (stop strings cut out)
+        self.sent_text_len = 0  # how much of text has been handed out as deltas
+        self.sent_token_len = 0
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def n_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than the one newest token still lacks K/V: the prompt (or a recompute) is pending."""
+        return self.n_uncomputed > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id}#{self.index}, {self.status.value}, "
+            f"{self.num_computed}/{len(self.token_ids)} computed, blocks={self.block_table})"
+        )
+
+
+class Request:
+    """A prompt and its n sequences (all but the first are forked once the prompt is computed)."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.seqs: list[Sequence] = []
+        self.metrics = RequestMetrics(arrival_time=time.perf_counter(), n_prompt_tokens=len(prompt_ids))
+        self.forked = params.n == 1  # siblings exist once the prompt's logits are in
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.finished for s in self.seqs)
