@@ -161,11 +161,11 @@ class _SPEngine:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         ids = list(ids)
         if skip_special_tokens:
-            return self.sp.decode([i for i in ids if not self.sp.is_control(i)])
-        # Render control tokens as their text; the run after one keeps its leading space.
+            return self.sp.decode([i for i in ids if not self._is_special(i)])
+        # Render control/unknown tokens as their text; the run after one keeps its leading space.
         out, run, start = [], [], 0
         for k, i in enumerate(ids + [None]):
-            if i is None or self.sp.is_control(i):
+            if i is None or self._is_special(i):
                 if run:
                     text = self.sp.decode(run)
                     if start > 0 and self.sp.id_to_piece(run[0]).startswith(SPIECE_UNDERLINE):
@@ -177,6 +177,9 @@ class _SPEngine:
             else:
                 run.append(i)
         return "".join(out)
+
+    def _is_special(self, i: int) -> bool:
+        return self.sp.is_control(i) or self.sp.is_unknown(i)
 
     def id_to_token(self, i: int) -> str | None:
         return self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
