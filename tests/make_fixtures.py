@@ -9,7 +9,7 @@ reference.npz: what transformers computes from exactly those files. Weights are 
 with a larger std than HF's 0.02 (norms not all ones) so logits are far from flat and the greedy
 continuation moves between tokens - a parity test on near-constant logits cannot fail.
 
-`smollm2` (the name) also writes tests/fixtures/smollm2_reference.npz from the real default model
+The name `smollm2_real` writes tests/fixtures/smollm2_reference.npz from the real default model
 (SmolLM2-135M-Instruct Q4_1 GGUF, found via $TINYSERVE_SMOLLM2_GGUF or /tmp/smol), loaded through
 transformers' own GGUF support.
 
@@ -561,6 +561,10 @@ def write_readme() -> None:
         "`reference.npz` holds\n`input_ids`, `logits` (T, V), `greedy_ids` (12 new tokens, EOS "
         "ignored), `greedy_margins`,\n`input_ids_2`, `logits_2`, the prompt texts, the ChatML "
         "rendering `chat_text` and `versions`.\n\n"
+        "config.json: llama, llama_sharded, llama_bf16, llama_f16 and smollm2 use the transformers"
+        " 4.x spelling\n(`rope_theta`, `rope_scaling`, `torch_dtype`; chat template only in "
+        "tokenizer_config.json); the others the\n5.x one as saved (`rope_parameters`, `dtype`; "
+        "template also in chat_template.jinja).\n\n"
         "| name | what it exercises |\n|---|---|\n"
         "| llama | llama3 rope scaling (three frequency bands), untied head, tokenizer adds BOS |\n"
         "| llama_mqa | one KV head, rope_theta 5e5, F=172 |\n"
@@ -570,7 +574,11 @@ def write_readme() -> None:
         "| qwen3 | q/k RMSNorm, head_dim 32 != hidden/heads |\n"
         "| llama_sharded | llama's weights in >= 2 shards + index json |\n"
         "| llama_bf16 / llama_f16 | llama's weights stored rounded to bf16 / f16; reference "
-        "logits in f32 from the rounded weights |\n"
+        "logits in f32 from the rounded weights |\n\n"
+        "`../smollm2_reference.npz` (name `smollm2_real`): the real SmolLM2-135M-Instruct Q4_1 "
+        'GGUF loaded by\ntransformers\' GGUF support, prompt "The capital of France is": '
+        "`input_ids`, `logits` at `logit_positions`\n(last 4), `argmax` of every position, "
+        "8 `greedy_ids` (+ margins, text) and `f32_vs_f64_max_abs`.\n"
     )
 
 
