@@ -15,6 +15,7 @@ from tests.gguf_util import llama_cpp_permute, write_gguf_from_hf_dir
 from tinyserve.errors import ModelNotFound, WeightsError
 from tinyserve.loading.gguf_file import (
     QuantTensor,
+    gguf_to_hf_name,
     permute_for_gguf,
     read_gguf,
     unpermute_from_gguf,
@@ -271,6 +272,29 @@ def test_quant_tensors_are_memory_mapped(tmp_path):
         while not isinstance(base, np.memmap) and base.base is not None:
             base = base.base
         assert isinstance(base, np.memmap), "tensor data was copied out of the file"
+
+
+def test_header_matches_gguf_reader(tmp_path):
+    """Our header parser vs gguf-py's GGUFReader on the same file: same values, same bytes."""
+    path, _ = _tiny_model(tmp_path, "qwen2", np.random.default_rng(8))  # qwen2: stored as is
+    f = read_gguf(path)
+    reader = gguf.GGUFReader(path)
+    fields = {k: v for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+    assert list(f.metadata) == list(fields)
+    for key, field in fields.items():
+        want = field.contents()
+        if isinstance(want, float):  # ours shows an f32 by its shortest repr
+            assert np.float32(f.metadata[key]) == np.float32(want), key
+        else:
+            assert f.metadata[key] == want, key
+    assert [t.name for t in reader.tensors] == list(f.gguf_names.values())
+    for t in reader.tensors:
+        ours = f.tensors[gguf_to_hf_name(t.name, "qwen2")]
+        if isinstance(ours, QuantTensor):
+            assert ours.qtype == t.tensor_type
+            np.testing.assert_array_equal(ours.data, t.data.reshape(ours.data.shape))
+        else:
+            np.testing.assert_array_equal(ours, gguf.quants.dequantize(t.data, t.tensor_type))
 
 
 # -- bad files ------------------------------------------------------------------------------

@@ -427,11 +427,9 @@ def _smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_tok():
-    import gguf
+    from tinyserve.loading.gguf_file import read_gguf  # the metadata the engine hands over
 
-    reader = gguf.GGUFReader(str(_smollm2_gguf()))
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer")}
-    return Tokenizer.from_gguf_metadata(meta)
+    return Tokenizer.from_gguf_metadata(read_gguf(_smollm2_gguf()).metadata)
 
 
 @pytest.mark.real_model

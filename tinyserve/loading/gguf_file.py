@@ -10,14 +10,16 @@ References: GGUF spec (ggml/docs/gguf.md); llama.cpp convert_hf_to_gguf.py (name
 
 from __future__ import annotations
 
+import math
 import re
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import ConfigError, ModelNotFound, WeightsError
@@ -182,16 +184,16 @@ def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.nda
     return out
 
 
-def dense_to_float32(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """F32/F16/BF16 tensor data as read from the file -> float32 (F32 returned without a copy)."""
+def dense_to_float32(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """(nbytes,) uint8 of an F32/F16/BF16 tensor -> (n,) float32 (F32: a view, no copy)."""
+    raw = raw.reshape(-1)
     if qtype == Q.F32:
-        return data.view(np.ndarray)
+        return raw.view(np.float32)
     if qtype == Q.F16:
-        return data.astype(np.float32)
+        return raw.view(np.float16).astype(np.float32)
     if qtype == Q.BF16:
         # bf16 is the top half of an f32: shift the 16 bits into place
-        bits = np.ascontiguousarray(data).view(np.uint16)
-        return (bits.astype(np.uint32) << 16).view(np.float32)
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     raise WeightsError(f"{qtype.name} is not a dense float type")
 
 
@@ -356,55 +358,152 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
     if path.is_dir():
         raise WeightsError(f"{path} is a directory, not a GGUF file")
     try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-        if magic != b"GGUF":
-            raise WeightsError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        reader = GGUFReader(path)
+        if path.stat().st_size < 24:
+            raise _Truncated("the file is shorter than a GGUF header")
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        header = _Header(mm)
+        metadata = header.read_metadata()
+        infos = header.read_tensor_infos()
+        data_start = header.data_start(metadata.get("general.alignment", 32))
     except OSError as e:
         raise WeightsError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
-    except WeightsError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the reader signals corruption with many types
-        raise WeightsError(f"{path} is truncated or corrupt ({_one_line(e)})") from None
-    try:
-        metadata = {
-            k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")
-        }
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{path}: unreadable GGUF metadata ({_one_line(e)})") from None
+    except _Truncated as e:
+        raise WeightsError(f"{path} is truncated or corrupt: {e}") from None
+    except _BadFile as e:
+        raise WeightsError(f"{path}: {e}") from None
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        raise WeightsError(f"{path} is corrupt: {_one_line(e)}") from None
 
     arch = metadata.get("general.architecture", "")
-    file_size = reader.data.shape[0]
     tensors: dict[str, Tensor] = {}
     gguf_names: dict[str, str] = {}
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > file_size:
-            raise WeightsError(f"{path} is truncated: tensor {t.name} extends past the end of file")
-        hf_name = gguf_to_hf_name(t.name, arch)
-        tensors[hf_name] = _tensor(path, t)
-        gguf_names[hf_name] = t.name
-
+    for name, shape, qtype, offset in infos:
+        hf_name = gguf_to_hf_name(name, arch)
+        tensors[hf_name] = _tensor(path, mm, name, shape, qtype, data_start + offset)
+        gguf_names[hf_name] = name
     if arch in PERMUTED_QK_ARCHS:
         _unpermute_qk(path, arch, metadata, tensors)
     return GGUFModelFile(path=path, metadata=metadata, tensors=tensors, gguf_names=gguf_names)
 
 
-def _tensor(path: Path, t) -> Tensor:
-    """One ReaderTensor -> float32 array (dense types) or QuantTensor (quantized types)."""
-    qtype = GGMLQuantizationType(t.tensor_type)
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne[] is innermost-first
-    if qtype in DENSE_TYPES:
-        return dense_to_float32(t.data, qtype).reshape(shape)
-    if qtype not in _DEQUANT:
+def _tensor(path, mm, name: str, shape: tuple[int, ...], qtype_id: int, start: int) -> Tensor:
+    """One tensor's bytes in the mapped file -> float32 array (dense) or QuantTensor."""
+    try:
+        qtype = GGMLQuantizationType(qtype_id)
+    except ValueError:
+        raise WeightsError(f"{path}: tensor {name} has unknown ggml type id {qtype_id}") from None
+    if qtype not in SUPPORTED_TYPES:
         names = ", ".join(q.name for q in SUPPORTED_TYPES)
         raise WeightsError(
-            f"{path}: tensor {t.name} has quantization type {qtype.name}, which is not supported "
+            f"{path}: tensor {name} has quantization type {qtype.name}, which is not supported "
             f"(supported: {names})"
         )
-    cols = shape[-1]
-    rows = int(np.prod(shape[:-1], dtype=np.int64))  # leading dims folded into rows
-    return QuantTensor(qtype, (rows, cols), t.data.reshape(rows, -1))
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if not shape or min(shape) <= 0:
+        raise WeightsError(f"{path}: tensor {name} has an empty shape {shape}")
+    cols, rows = shape[-1], math.prod(shape[:-1])  # leading dims folded into rows
+    if cols % block_size:
+        raise WeightsError(f"{path}: tensor {name} row of {cols} is not a whole number of blocks")
+    nbytes = rows * (cols // block_size) * type_size
+    if start + nbytes > mm.shape[0]:
+        raise WeightsError(f"{path} is truncated: tensor {name} extends past the end of the file")
+    raw = mm[start : start + nbytes].view(np.ndarray)  # no copy: a view of the mapping
+    if qtype in DENSE_TYPES:
+        return dense_to_float32(raw, qtype).reshape(shape)
+    return QuantTensor(qtype, (rows, cols), raw.reshape(rows, nbytes // rows))
+
+
+class _Truncated(Exception):
+    """A read ran past the end of the file."""
+
+
+class _BadFile(Exception):
+    """Not a GGUF file this reader understands (magic, version, byte order)."""
+
+
+_SCALARS = {  # GGUF value type -> little-endian NumPy dtype
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT64: "<f8", GGUFValueType.BOOL: "?",
+}  # fmt: skip
+
+
+class _Header:
+    """Sequential reader of a GGUF header (spec: ggml/docs/gguf.md), little-endian, v2/v3."""
+
+    def __init__(self, mm: np.ndarray):
+        self.buf = memoryview(mm)
+        self.pos = 0
+        magic = bytes(self._take(4))
+        if magic != b"GGUF":
+            raise _BadFile(f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        version = self._u32()
+        if version not in (2, 3):
+            hint = " (big-endian files are not supported)" if version > 0xFFFF else ""
+            raise _BadFile(f"unsupported GGUF version {version}{hint}")
+        self.n_tensors, self.n_kv = self._u64(), self._u64()
+
+    def _take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise _Truncated(f"needs {n} bytes at offset {self.pos}, file has {len(self.buf)}")
+        out, self.pos = self.buf[self.pos : end], end
+        return out
+
+    def _u32(self) -> int:
+        return struct.unpack("<I", self._take(4))[0]
+
+    def _u64(self) -> int:
+        return struct.unpack("<Q", self._take(8))[0]
+
+    def _str(self) -> str:
+        return bytes(self._take(self._u64())).decode("utf-8", errors="replace")
+
+    def _value(self, vtype: int) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return self._str()
+        if vtype == GGUFValueType.ARRAY:
+            item_type, count = self._u32(), self._u64()
+            if item_type in _SCALARS:  # one vectorized read for numeric arrays
+                dtype = np.dtype(_SCALARS[GGUFValueType(item_type)])
+                raw = self._take(count * dtype.itemsize)
+                return np.frombuffer(raw, dtype=dtype).tolist()
+            return [self._value(item_type) for _ in range(count)]
+        if vtype in _SCALARS:
+            dtype = np.dtype(_SCALARS[GGUFValueType(vtype)])
+            value = np.frombuffer(self._take(dtype.itemsize), dtype=dtype)[0]
+            if vtype == GGUFValueType.FLOAT32:
+                return float(str(value))  # shortest repr of the f32: 1e-05, not 9.99e-06
+            return value.item()
+        raise _BadFile(f"unknown metadata value type {vtype} at offset {self.pos}")
+
+    def read_metadata(self) -> dict[str, Any]:
+        meta = {}
+        for _ in range(self.n_kv):
+            key = self._str()
+            meta[key] = self._value(self._u32())
+        return meta
+
+    def read_tensor_infos(self) -> list[tuple[str, tuple[int, ...], int, int]]:
+        """-> [(name, NumPy shape, ggml type id, offset from the data start)]."""
+        infos = []
+        for _ in range(self.n_tensors):
+            name = self._str()
+            n_dims = self._u32()
+            if n_dims > 8:
+                raise _BadFile(f"tensor {name} claims {n_dims} dimensions")
+            dims = struct.unpack(f"<{n_dims}Q", self._take(8 * n_dims))
+            qtype, offset = self._u32(), self._u64()
+            infos.append(
+                (name, tuple(reversed(dims)), qtype, offset)
+            )  # ggml ne[] is innermost-first
+        return infos
+
+    def data_start(self, alignment: int) -> int:
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise _BadFile(f"general.alignment {alignment} is not a power of two")
+        return -(-self.pos // alignment) * alignment
 
 
 def _unpermute_qk(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, Tensor]):
@@ -425,32 +524,6 @@ def _unpermute_qk(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str
 
 def _per_layer(value: int | list[int], layer: int) -> int:
     return int(value[layer] if isinstance(value, list) else value)
-
-
-def _field_value(f) -> Any:
-    """ReaderField -> str | int | float | bool | list of those."""
-    if not f.types:
-        raise ValueError(f"field {f.name} has no type")
-    main = f.types[0]
-    if main == GGUFValueType.ARRAY:
-        sub = f.types[-1] if len(f.types) > 1 else None
-        if sub is None:  # empty array
-            return []
-        if sub == GGUFValueType.STRING:
-            return [_str(f.parts[i]) for i in f.data]
-        if not f.data:
-            return []
-        return np.concatenate([f.parts[i] for i in f.data]).tolist()
-    if main == GGUFValueType.STRING:
-        return _str(f.parts[-1])
-    value = f.parts[-1][0]
-    if main == GGUFValueType.FLOAT32:
-        return float(str(value))  # shortest repr that round-trips the f32: 1e-05, not 9.99e-06
-    return value.item()
-
-
-def _str(part: np.ndarray) -> str:
-    return part.tobytes().decode("utf-8", errors="replace")
 
 
 def _one_line(e: Exception) -> str:
