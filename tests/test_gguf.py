@@ -12,7 +12,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from safetensors.numpy import save_file
 
 from tests.gguf_util import llama_cpp_permute, write_gguf_from_hf_dir
-from tinyserve.errors import ModelNotFound, WeightsError
+from tinyserve.errors import ModelNotFound, TinyServeError, WeightsError
 from tinyserve.loading.gguf_file import (
     QuantTensor,
     gguf_to_hf_name,
@@ -321,6 +321,22 @@ def test_truncated_file(tmp_path, keep):
     with pytest.raises(WeightsError, match="cut.gguf") as e:
         read_gguf(cut)
     assert "\n" not in str(e.value)
+
+
+def test_corrupt_header_bytes_raise_only_our_errors(tmp_path):
+    path, _ = _tiny_model(tmp_path, "llama", np.random.default_rng(9))
+    raw = path.read_bytes()
+    rng = np.random.default_rng(10)
+    bad = tmp_path / "fuzz.gguf"
+    for _ in range(100):
+        b = bytearray(raw)
+        for pos in rng.integers(0, 3000, size=3):  # the header: metadata and tensor infos
+            b[pos] = int(rng.integers(0, 256))
+        bad.write_bytes(bytes(b))
+        try:
+            read_gguf(bad)
+        except TinyServeError as e:
+            assert "\n" not in str(e)
 
 
 def test_unsupported_quant_type_is_named(tmp_path):

@@ -5,6 +5,10 @@ quantized ones as `QuantTensor`, which keeps ggml's blocks exactly as they lie o
 native kernel can read them directly. The dequantizers follow ggml's `dequantize_row_*` in
 ggml-quants.c (block layouts in ggml-common.h), vectorized over blocks.
 
+The header is parsed here (one vectorized read per numeric array) rather than with
+gguf.GGUFReader, which builds NumPy views per array element: 2.3 s vs 0.2 s for SmolLM2's
+49k-token vocab. The tests check this parser against GGUFReader.
+
 References: GGUF spec (ggml/docs/gguf.md); llama.cpp convert_hf_to_gguf.py (names, q/k permute).
 """
 
@@ -489,7 +493,9 @@ class _Header:
         """-> [(name, NumPy shape, ggml type id, offset from the data start)]."""
         infos = []
         for _ in range(self.n_tensors):
-            name = self._str()
+            at, name = self.pos, self._str()
+            if len(name) > 256 or not name.isprintable():  # ggml caps names at 64 bytes
+                raise _BadFile(f"corrupt tensor name at offset {at}")
             n_dims = self._u32()
             if n_dims > 8:
                 raise _BadFile(f"tensor {name} claims {n_dims} dimensions")
