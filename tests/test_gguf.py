@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.constants import GGML_QUANT_SIZES
+from gguf_util import llama_cpp_permute, write_gguf_from_hf_dir
 from safetensors.numpy import save_file
 
-from tests.gguf_util import llama_cpp_permute, write_gguf_from_hf_dir
 from tinyserve.errors import ModelNotFound, TinyServeError, WeightsError
 from tinyserve.loading.gguf_file import (
     QuantTensor,
