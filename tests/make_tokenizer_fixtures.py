@@ -19,7 +19,10 @@ def main(argv: list[str]) -> int:
 
     gguf = argv[0] if argv else os.environ.get("TINYSERVE_SMOLLM2_GGUF")
     if not gguf:
-        print("usage: make_tokenizer_fixtures.py PATH_TO_SmolLM2-135M-Instruct.Q4_1.gguf", file=sys.stderr)
+        print(
+            "usage: make_tokenizer_fixtures.py PATH_TO_SmolLM2-135M-Instruct.Q4_1.gguf",
+            file=sys.stderr,
+        )
         return 2
     texts = json.loads((FIXTURES / "tricky_texts.json").read_text(encoding="utf-8"))["texts"]
     llm = Llama(model_path=gguf, vocab_only=True, verbose=False)
@@ -27,7 +30,9 @@ def main(argv: list[str]) -> int:
     import llama_cpp
 
     out = {
-        "source": "llama-cpp-python " + llama_cpp.__version__ + ": tokenize(add_bos=False, special=True)",
+        "source": "llama-cpp-python "
+        + llama_cpp.__version__
+        + ": tokenize(add_bos=False, special=True)",
         "gguf_sha256": hashlib.sha256(Path(gguf).read_bytes()).hexdigest(),
         "texts": texts,
         "ids": ids,

@@ -30,11 +30,12 @@ CHATML = (
 def _corpus() -> list[str]:
     """A small seeded corpus: words, accents, numbers, code; no emoji/CJK (left to byte fallback)."""
     rng = random.Random(0)
-    words = (
+    words = re.findall(
+        r"\S+",
         "the quick brown fox jumps over lazy dog hello world token model cache block "
         "café naïve straße über déjà vu return def class import numpy value index "
-        "it's don't they'll we're I'm you've"
-    ).split()
+        "it's don't they'll we're I'm you've",
+    )
     lines = []
     for _ in range(400):
         n = rng.randint(3, 12)
@@ -62,7 +63,11 @@ def _gguf_roundtrip(tmp_path: Path, kv: dict) -> dict:
         w.add_token_merges(kv["merges"])
     if "scores" in kv:
         w.add_token_scores(kv["scores"])
-    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("eot", w.add_eot_token_id)):
+    for key, add in (
+        ("bos", w.add_bos_token_id),
+        ("eos", w.add_eos_token_id),
+        ("eot", w.add_eot_token_id),
+    ):
         if key in kv:
             add(kv[key])
     if "add_bos" in kv:
@@ -129,11 +134,16 @@ def _bpe_kv(hf_tok, pre: str) -> dict:
     }
 
 
-@pytest.fixture(scope="module", params=["gpt-2", "smollm"])
+@pytest.fixture(scope="module", params=["gpt-2", "smollm", "gpt-2>smollm"])
 def bpe_pair(request, tmp_path_factory):
-    """(trained tokenizers.Tokenizer, tinyserve Tokenizer rebuilt from a real GGUF file)."""
-    hf_tok = _train_bpe(request.param)
-    meta = _gguf_roundtrip(tmp_path_factory.mktemp("bpe"), _bpe_kv(hf_tok, request.param))
+    """(trained tokenizers.Tokenizer, tinyserve Tokenizer rebuilt from a real GGUF file).
+
+    "gpt-2>smollm": trained with GPT-2 splitting (so it has multi-digit merges), then used with
+    SmolLM's digit-by-digit pre-tokenizer on both sides."""
+    train_pre, _, use_pre = request.param.partition(">")
+    hf_tok = _train_bpe(train_pre)
+    hf_tok.pre_tokenizer = _hf_pre_tokenizer(use_pre or train_pre)
+    meta = _gguf_roundtrip(tmp_path_factory.mktemp("bpe"), _bpe_kv(hf_tok, use_pre or train_pre))
     return hf_tok, Tokenizer.from_gguf_metadata(meta)
 
 
@@ -148,7 +158,10 @@ def test_gguf_bpe_special_tokens_and_ids(bpe_pair):
     hf_tok, tok = bpe_pair
     assert tok.vocab_size == hf_tok.get_vocab_size()
     assert tok.bos_token_id == hf_tok.token_to_id("<|im_start|>")
-    assert tok.eos_token_ids == (hf_tok.token_to_id("<|im_end|>"), hf_tok.token_to_id("<|endoftext|>"))
+    assert tok.eos_token_ids == (
+        hf_tok.token_to_id("<|im_end|>"),
+        hf_tok.token_to_id("<|endoftext|>"),
+    )
     assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False)  # add_bos is False
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_ids[0]
@@ -170,7 +183,11 @@ def test_gguf_add_bos_follows_metadata(tmp_path):
 
 
 def test_gguf_bad_metadata_is_a_clear_error():
-    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": []}
+    base = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": ["a"],
+        "tokenizer.ggml.merges": [],
+    }
     with pytest.raises(TokenizerError, match="pre-tokenizer 'nope'"):
         Tokenizer.from_gguf_metadata(base | {"tokenizer.ggml.pre": "nope"})
     with pytest.raises(TokenizerError, match="tokenizer model 'bert'"):
@@ -209,7 +226,11 @@ def sp_model(tmp_path_factory):
 
 def _sp_reference(sp, text: str) -> list[int]:
     """llama.cpp's rule: BOS, then control-token strings become their ids, each text run sp-encoded."""
-    controls = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)}
+    controls = {
+        sp.id_to_piece(i): i
+        for i in range(sp.get_piece_size())
+        if sp.is_control(i) or sp.is_unknown(i)
+    }
     ids = [sp.bos_id()]
     for part in re.split("(" + "|".join(map(re.escape, controls)) + ")", text):
         ids += [controls[part]] if part in controls else sp.encode(part) if part else []
@@ -243,7 +264,9 @@ def _sp_kv(sp) -> dict:
 @pytest.fixture(scope="module")
 def spm_gguf_tok(sp_model, tmp_path_factory):
     sp, _ = sp_model
-    return Tokenizer.from_gguf_metadata(_gguf_roundtrip(tmp_path_factory.mktemp("spm_gguf"), _sp_kv(sp)))
+    return Tokenizer.from_gguf_metadata(
+        _gguf_roundtrip(tmp_path_factory.mktemp("spm_gguf"), _sp_kv(sp))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +274,9 @@ def spm_dir_tok(sp_model, tmp_path_factory):
     _, model_path = sp_model
     d = tmp_path_factory.mktemp("spm_dir")
     (d / "tokenizer.model").write_bytes(model_path.read_bytes())
-    (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "chat_template": CHATML}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": True, "chat_template": CHATML})
+    )
     return Tokenizer.from_dir(d)
 
 
@@ -265,7 +290,9 @@ def test_gguf_spm_ids_match_sentencepiece(sp_model, spm_gguf_tok, text):
 
 
 @pytest.mark.parametrize("text", TRICKY)
-def test_tokenizer_model_dir_matches_sentencepiece_and_gguf_route(sp_model, spm_dir_tok, spm_gguf_tok, text):
+def test_tokenizer_model_dir_matches_sentencepiece_and_gguf_route(
+    sp_model, spm_dir_tok, spm_gguf_tok, text
+):
     sp, _ = sp_model
     ids = spm_dir_tok.encode(text)
     assert ids == _sp_reference(sp, text) == spm_gguf_tok.encode(text)
@@ -298,7 +325,9 @@ def test_from_dir_tokenizer_json(tmp_path):
     for text in TRICKY:
         assert tok.encode(text) == [1, *hf_tok.encode(text).ids]
         assert tok.encode(text, add_special_tokens=False) == hf_tok.encode(text).ids
-    assert tok.apply_chat_template([{"role": "user", "content": "x"}]).startswith("<|im_start|>user")
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]).startswith(
+        "<|im_start|>user"
+    )
 
 
 def test_from_dir_missing_files(tmp_path):
@@ -362,7 +391,9 @@ def test_stream_decodes_a_bounded_window(bpe_pair, monkeypatch):
     monkeypatch.setattr(tok, "decode", lambda i, **kw: windows.append(len(i)) or decode(i, **kw))
     deltas, tail, _ = _stream(tok, ids)
     assert "".join(deltas) + tail == decode(ids)
-    assert len(ids) > 300 and max(windows) <= 8, "each step must decode a short window, not the whole output"
+    assert len(ids) > 300 and max(windows) <= 8, (
+        "each step must decode a short window, not the whole output"
+    )
 
 
 # -- chat templates --------------------------------------------------------------------------
@@ -382,7 +413,9 @@ def test_chat_template_render_and_helpers(bpe_pair):
         ),
     )
     out = tok2.apply_chat_template([{"role": "user", "content": "é"}], x=True)
-    assert out == '<|im_start|>|[{"role": "user", "content": "é"}]|4'  # trim/lstrip blocks, no \u escapes
+    assert (
+        out == '<|im_start|>|[{"role": "user", "content": "é"}]|4'
+    )  # trim/lstrip blocks, no \u escapes
 
 
 @pytest.mark.parametrize(
@@ -397,7 +430,9 @@ def test_chat_template_render_and_helpers(bpe_pair):
 )
 def test_chat_template_sandbox_blocks_escapes(bpe_pair, template):
     tok = Tokenizer(bpe_pair[1]._engine, chat_template=template)
-    with pytest.raises(TokenizerError, match="unsafe|not safely callable|chat template error") as info:
+    with pytest.raises(
+        TokenizerError, match="unsafe|not safely callable|chat template error"
+    ) as info:
         tok.apply_chat_template([{"role": "user", "content": "x"}])
     import jinja2.exceptions
 
@@ -435,7 +470,9 @@ def smollm2_tok():
 @pytest.mark.real_model
 def test_smollm2_ids_match_llama_cpp(smollm2_tok):
     ref = json.loads((FIXTURES / "smollm2_llamacpp_ids.json").read_text(encoding="utf-8"))
-    assert ref["texts"] == TRICKY, "rerun tests/make_tokenizer_fixtures.py after editing tricky_texts.json"
+    assert ref["texts"] == TRICKY, (
+        "rerun tests/make_tokenizer_fixtures.py after editing tricky_texts.json"
+    )
     for text, ids in zip(ref["texts"], ref["ids"]):
         assert smollm2_tok.encode(text) == ids, text
         assert smollm2_tok.decode(ids, skip_special_tokens=False) == text

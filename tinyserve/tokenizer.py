@@ -25,7 +25,9 @@ from .errors import RequestError, TokenizerError
 SPIECE_UNDERLINE = "\u2581"  # "▁": sentencepiece's visible space
 
 # GGUF tokenizer.ggml.token_type values (llama.cpp llama_token_type).
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(1, 7)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(
+    1, 7
+)
 
 # -- llama.cpp pre-tokenizers ----------------------------------------------------------------
 # llama.cpp applies its regexes one after another, each splitting the pieces the previous one
@@ -111,7 +113,9 @@ class _SPMEngine(_HFEngine):
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         skip = self.special_ids if skip_special_tokens else frozenset()
-        text = b"".join(self.piece_bytes[i] for i in ids if i not in skip).decode("utf-8", "replace")
+        text = b"".join(self.piece_bytes[i] for i in ids if i not in skip).decode(
+            "utf-8", "replace"
+        )
         return text[1:] if self.strip_leading_space and text.startswith(" ") else text
 
 
@@ -228,11 +232,13 @@ class Tokenizer:
 
             try:
                 tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-            except Exception as e:  # the Rust error is long; keep its first line
+            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
                 raise TokenizerError(f"cannot read {path / 'tokenizer.json'}: {_first_line(e)}")
             if add_bos is not None or add_eos is not None:
                 # HF's Llama/Gemma fast tokenizers rebuild the post-processor from these flags.
-                _set_bos_eos_processor(tok, bos_token if add_bos else None, eos_token if add_eos else None)
+                _set_bos_eos_processor(
+                    tok, bos_token if add_bos else None, eos_token if add_eos else None
+                )
             engine: _HFEngine | _SPEngine = _HFEngine(tok)
         elif (path / "tokenizer.model").is_file():
             import sentencepiece as spm
@@ -240,10 +246,12 @@ class Tokenizer:
             sp = spm.SentencePieceProcessor()
             try:
                 sp.load(str(path / "tokenizer.model"))
-            except Exception as e:
+            except (OSError, RuntimeError) as e:
                 raise TokenizerError(f"cannot read {path / 'tokenizer.model'}: {_first_line(e)}")
             # HF's LlamaTokenizer defaults: add BOS, not EOS.
-            engine = _SPEngine(sp, add_bos=True if add_bos is None else bool(add_bos), add_eos=bool(add_eos))
+            engine = _SPEngine(
+                sp, add_bos=True if add_bos is None else bool(add_bos), add_eos=bool(add_eos)
+            )
             bos_token = bos_token or (sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None)
             eos_token = eos_token or (sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None)
         else:
@@ -275,7 +283,9 @@ class Tokenizer:
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if model is None or tokens is None:
-            raise TokenizerError("GGUF metadata has no tokenizer (tokenizer.ggml.model / .tokens missing)")
+            raise TokenizerError(
+                "GGUF metadata has no tokenizer (tokenizer.ggml.model / .tokens missing)"
+            )
         tokens = [str(t) for t in tokens]
         n = len(tokens)
         types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * n)]
@@ -290,14 +300,20 @@ class Tokenizer:
             prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
             engine = _SPMEngine(tok, specials, strip_leading_space=prefix)
         else:
-            raise TokenizerError(f"unsupported GGUF tokenizer model {model!r}; supported: gpt2, llama")
+            raise TokenizerError(
+                f"unsupported GGUF tokenizer model {model!r}; supported: gpt2, llama"
+            )
 
         def opt_id(key: str) -> int | None:
             v = meta.get(key)
             return int(v) if v is not None and 0 <= int(v) < n else None
 
         bos_id = opt_id("tokenizer.ggml.bos_token_id")
-        eos_ids = [i for k in ("eos", "eot", "eom") if (i := opt_id(f"tokenizer.ggml.{k}_token_id")) is not None]
+        eos_ids = [
+            i
+            for k in ("eos", "eot", "eom")
+            if (i := opt_id(f"tokenizer.ggml.{k}_token_id")) is not None
+        ]
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
         eos_first = eos_ids[0] if eos_ids else None
@@ -355,7 +371,10 @@ class Tokenizer:
         return bool(self.chat_template)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
     ) -> str:
         """Render messages with the model's jinja2 chat template in a sandbox (as HF does)."""
         if not self.chat_template:
@@ -388,14 +407,16 @@ class IncrementalDetokenizer:
     """Streams the text of generated ids: the deltas concatenate to tokenizer.decode(output ids).
 
     Each step decodes only a short window ids[prefix_offset:] and emits what it adds beyond the
-    already-emitted ids[prefix_offset:read_offset] (vLLM's scheme). Decoding with a few tokens of
-    left context keeps SPM's leading-space stripping, which applies only at the start of a
-    decode, from eating the space of a token in mid-stream. Text ending in U+FFFD (half a UTF-8
-    character) is held back until the next ids complete it; `finish()` flushes what is left.
+    already-emitted ids[prefix_offset:read_offset] (vLLM's scheme). Decoding with left context
+    keeps SPM's leading-space stripping, which applies only at the start of a decode, from eating
+    the space of a token in mid-stream. Text ending in U+FFFD (half a UTF-8 character) is held
+    back until the next ids complete it; `finish()` flushes what is left at the end.
     `prompt_ids` is kept for the engine (`all_ids`); the deltas depend on output ids only.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens=True):
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens=True
+    ):
         self.tokenizer = tokenizer
         self.prompt_ids = list(prompt_ids)
         self.skip_special_tokens = skip_special_tokens
@@ -428,14 +449,10 @@ class IncrementalDetokenizer:
     def _emit(self, new_text: str) -> str:
         delta = new_text[len(self._prefix_text) :]
         self.text += delta
-        # Slide the window to start at the old read offset, but only if that context decodes to
-        # something: an empty prefix (a skipped special token, a lone "▁") would let a later
-        # decode strip a space that the full decode keeps.
-        tail = self._decode(self.output_ids[self._read_offset :])
-        if tail:
-            self._prefix_offset, self._prefix_text = self._read_offset, tail
-        else:
-            self._prefix_text = new_text
+        # The next window starts at the old read offset. Its text is decoded on its own: an SPM
+        # decode strips the window's leading space, which then belongs to text already emitted.
+        self._prefix_offset = self._read_offset
+        self._prefix_text = self._decode(self.output_ids[self._prefix_offset :])
         self._read_offset = len(self.output_ids)
         return delta
 
@@ -450,7 +467,9 @@ def _gguf_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> t
     pre = _PRE_ALIASES.get(pre, pre)
     if pre not in _PRE_REGEXES:
         known = sorted(set(_PRE_REGEXES) | set(_PRE_ALIASES) - {""})
-        raise TokenizerError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(known)}")
+        raise TokenizerError(
+            f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(known)}"
+        )
     raw_merges = meta.get("tokenizer.ggml.merges")
     if raw_merges is None:
         raise TokenizerError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
@@ -537,11 +556,15 @@ def _set_bos_eos_processor(tok: Any, bos: str | None, eos: str | None) -> None:
     from tokenizers import processors
 
     single = " ".join([*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])])
-    pair = " ".join([single, *([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])])
+    pair = " ".join(
+        [single, *([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])]
+    )
     specials = [(t, tok.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
     if any(i is None for _, i in specials):
         raise TokenizerError(f"BOS/EOS token not in vocab: {specials}")
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=specials
+    )
 
 
 # -- chat template environment ---------------------------------------------------------------
@@ -555,13 +578,17 @@ def _jinja_env() -> Any:
         """Touching an unsafe attribute raises at once instead of yielding an Undefined."""
 
         def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+            raise SecurityError(
+                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+            )
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
     def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
@@ -608,7 +635,9 @@ def _pick_template(t: Any) -> str | None:
         named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
         if "default" in named:
             return named["default"]
-        raise TokenizerError(f"chat_template list has no 'default' entry (has {sorted(map(str, named))})")
+        raise TokenizerError(
+            f"chat_template list has no 'default' entry (has {sorted(map(str, named))})"
+        )
     raise TokenizerError(f"chat_template must be a string or a list, got {type(t).__name__}")
 
 
