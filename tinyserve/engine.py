@@ -172,7 +172,7 @@ class Engine:
                 m.first_scheduled_time = now
         for seq in sched.preempted:
             self.requests[seq.request_id].metrics.n_preemptions += 1
-        logits = self.backend.forward(self.model, batch, self.kv) if rows else None
+        logits = self.backend.forward(self.model, batch, self.kv)  # (R, V); R may be 0 mid-prefill
         self.n_steps += 1
         for seq, n in zip(sched.seqs, sched.n_tokens):
             if seq.num_computed < seq.prompt_len:
@@ -225,7 +225,7 @@ class Engine:
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.add([s.token_id])
             if p.stop and self._cut_at_stop(seq):
-                return self._finish(seq, "stop")
+                return self._finish(seq, "stop", flush=False)
         if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= seq.max_len:
             self._finish(seq, "length")
 
@@ -239,7 +239,9 @@ class Engine:
         seq.text = seq.text[: min(hits)]
         return True
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> None:
+        if seq.detokenizer is not None and flush:
+            seq.text += seq.detokenizer.finish()  # flush text held back for an incomplete character
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)

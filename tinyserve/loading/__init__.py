@@ -39,7 +39,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         from .gguf_file import read_gguf
 
         gf = read_gguf(path)
-        config = ModelConfig.from_gguf(gf.metadata, set(gf.tensors))
+        config = gf.config()
         return Checkpoint(path, "gguf", config, gf.tensors, gf.metadata)
     if path.is_file() and path.suffix == ".safetensors":
         path = path.parent

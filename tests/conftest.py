@@ -1,0 +1,33 @@
+"""Shared tiny fixtures: seeded HF checkpoints in tests/fixtures/hf (see tests/make_fixtures.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HF_DIR = Path(__file__).parent / "fixtures" / "hf"
+TINY = HF_DIR / "smollm2"  # tied embeddings, 2 layers, vocab 384, context 256
+
+
+def random_prompts(n: int, rng: np.random.Generator, low: int = 3, high: int = 60, vocab: int = 384):
+    """n prompts of token ids with mixed lengths in [low, high)."""
+    return [rng.integers(4, vocab, size=int(rng.integers(low, high))).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return TINY
+
+
+@pytest.fixture
+def make_llm():
+    """LLM on a fixture checkpoint with the numpy backend; keyword arguments go to LLM."""
+    from tinyserve import LLM
+
+    def make(path: Path = TINY, **kw):
+        kw.setdefault("backend", "numpy")
+        return LLM(str(path), **kw)
+
+    return make
