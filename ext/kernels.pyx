@@ -1,0 +1,427 @@
+# cython: language_level=3, cdivision=True
+"""Native twins of tinyserve.backends.numpy_ops (and of sampling.filtered_probs).
+
+Each `def` has the name, arguments and shape contract of its NumPy reference; it coerces inputs
+(float32, C-contiguous, 2-D views) and calls a `cdef ... noexcept nogil` kernel on typed
+memoryviews, parallel over rows / heads / sequences with OpenMP. tests/test_cpu_kernels.py runs
+every twin against its reference.
+"""
+
+import numpy as np
+
+cimport cython
+cimport numpy as cnp
+from cython.parallel cimport parallel, prange
+from libc.math cimport INFINITY, cos, exp, expf, sin, sqrtf
+from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+
+cnp.import_array()
+
+
+cdef extern from "omp.h":
+    int omp_get_max_threads() nogil
+    void omp_set_num_threads(int) nogil
+
+
+cdef extern from "kernels_simd.h" nogil:
+    float ts_dot(const float *a, const float *b, int64_t n)
+    void ts_scale_axpy(float *y, float c, float a, const float *x, int64_t n)
+    void ts_axpy(float *y, float a, const float *x, int64_t n)
+    float ts_sumsq(const float *x, int64_t n)
+    void ts_scale_mul(float *y, const float *x, float r, const float *w, int64_t n)
+    void ts_silu_mul(float *y, const float *g, const float *u, int64_t n)
+    const char *ts_simd_level()
+
+
+cdef extern from "kernels_sample.h" nogil:
+    ctypedef struct ts_prob_idx:
+        double p
+        int64_t i
+    double ts_kth_largest(double *x, int64_t n, int64_t k)
+    void ts_sort_prob_desc(ts_prob_idx *v, int64_t n)
+
+
+cdef int _n_threads = max(1, omp_get_max_threads())
+
+
+def set_num_threads(int n):
+    """Threads for every parallel kernel in this module (and OpenMP's default for the process)."""
+    global _n_threads
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    _n_threads = n
+    omp_set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return _n_threads
+
+
+def simd_level() -> str:
+    """The vector instruction set the kernels were compiled for ("avx2+fma" or "scalar")."""
+    return ts_simd_level().decode()
+
+
+cdef inline int _threads_for(int64_t work) noexcept nogil:
+    """Small problems stay on one thread: waking a team costs more than it saves."""
+    if work < 32768:
+        return 1
+    return _n_threads
+
+
+def _f32_rows(x, int width):
+    """Any (..., width) array -> C-contiguous float32 (rows, width) view or copy."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    return a.reshape(-1, width)
+
+
+# -- elementwise / row ops -----------------------------------------------------------------------
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _rms_norm(const float[:, ::1] x, const float[::1] w, float eps, float[:, ::1] out) noexcept nogil:
+    cdef Py_ssize_t n, N = x.shape[0], D = x.shape[1]
+    cdef float r
+    for n in prange(N, num_threads=_threads_for(N * D), schedule="static"):
+        r = 1.0 / sqrtf(ts_sumsq(&x[n, 0], D) / D + eps)
+        ts_scale_mul(&out[n, 0], &x[n, 0], r, &w[0], D)
+
+
+def rms_norm(x, w, float eps, out=None):
+    """(..., D), (D,) -> (..., D): x / rms(x) * w."""
+    x = np.asarray(x)
+    D = x.shape[-1]
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.shape != (D,):
+        raise ValueError(f"rms_norm weight has shape {w.shape}, expected ({D},)")
+    x2 = _f32_rows(x, D)
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    if x2.shape[0]:
+        _rms_norm(x2, w, eps, out.reshape(-1, D))
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _rope(float[:, :, ::1] x, const int64_t[::1] positions, const float[::1] inv_freq) noexcept nogil:
+    cdef Py_ssize_t n, h, i, N = x.shape[0], nh = x.shape[1], half = inv_freq.shape[0]
+    cdef double angle
+    cdef float c, s, x1, x2
+    for n in prange(N, num_threads=_threads_for(N * nh * half * 8), schedule="static"):
+        for i in range(half):
+            angle = <double>positions[n] * <double>inv_freq[i]  # f64 angles, as the reference
+            c = <float>cos(angle)
+            s = <float>sin(angle)
+            for h in range(nh):
+                x1 = x[n, h, i]
+                x2 = x[n, h, i + half]
+                x[n, h, i] = x1 * c - x2 * s
+                x[n, h, i + half] = x2 * c + x1 * s
+
+
+def rope_(x, positions, inv_freq):
+    """(N, h, Dh) float32 C-contiguous, (N,), (R/2,) -> None: rope in place."""
+    inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    if x.ndim != 3 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError("rope_ needs a C-contiguous float32 (N, h, Dh) array")
+    if 2 * inv_freq.shape[0] > x.shape[2]:
+        raise ValueError(f"{inv_freq.shape[0]} frequencies rotate more than head dim {x.shape[2]}")
+    if positions.shape[0] != x.shape[0]:
+        raise ValueError(f"{positions.shape[0]} positions for {x.shape[0]} tokens")
+    if x.shape[0] and x.shape[1]:
+        _rope(x, positions, inv_freq)
+
+
+def rope(x, positions, inv_freq):
+    """(N, h, Dh), (N,), (R/2,) -> (N, h, Dh): rotate the first R dims in halves (NeoX / HF layout)."""
+    out = np.array(x, dtype=np.float32, order="C", copy=True)
+    rope_(out, positions, inv_freq)
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _silu_mul(const float[:, ::1] g, const float[:, ::1] u, float[:, ::1] out) noexcept nogil:
+    cdef Py_ssize_t n, N = g.shape[0], F = g.shape[1]
+    for n in prange(N, num_threads=_threads_for(N * F * 4), schedule="static"):
+        ts_silu_mul(&out[n, 0], &g[n, 0], &u[n, 0], F)
+
+
+def silu_mul(gate, up, out=None):
+    """(N, F), (N, F) -> (N, F): silu(gate) * up, the SwiGLU feed-forward's middle."""
+    gate, up = np.asarray(gate), np.asarray(up)
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul shapes differ: {gate.shape} vs {up.shape}")
+    F = gate.shape[-1]
+    if out is None:
+        out = np.empty(gate.shape, dtype=np.float32)
+    if gate.size:
+        _silu_mul(_f32_rows(gate, F), _f32_rows(up, F), out.reshape(-1, F))
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _softmax(float[:, ::1] x) noexcept nogil:
+    cdef Py_ssize_t n, i, N = x.shape[0], K = x.shape[1]
+    cdef float m, total
+    for n in prange(N, num_threads=_threads_for(N * K * 4), schedule="static"):
+        m = -INFINITY
+        for i in range(K):
+            if x[n, i] > m:
+                m = x[n, i]
+        total = 0  # subtract the max for stability
+        for i in range(K):
+            x[n, i] = expf(x[n, i] - m)
+            total = total + x[n, i]
+        for i in range(K):
+            x[n, i] = x[n, i] / total
+
+
+def softmax(x):
+    """(..., K) -> (..., K) over the last axis."""
+    out = np.array(x, dtype=np.float32, order="C", copy=True)
+    if out.size:
+        _softmax(out.reshape(-1, out.shape[-1]))
+    return out
+
+
+# -- paged KV cache ------------------------------------------------------------------------------
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _write_kv(float[:, ::1] pool, const float[:, ::1] x, const int64_t[::1] slots) noexcept nogil:
+    cdef Py_ssize_t n, W = x.shape[1]
+    for n in range(x.shape[0]):
+        memcpy(&pool[slots[n], 0], &x[n, 0], W * sizeof(float))
+
+
+def write_kv(pool, x, slots):
+    """(NB, BS, *shape), (N, *shape), (N,) -> None: store token n at slot = block * BS + offset."""
+    if pool.dtype != np.float32 or not pool.flags.c_contiguous:
+        raise ValueError("write_kv needs a C-contiguous float32 pool")
+    width = int(np.prod(pool.shape[2:]))
+    n_slots = pool.shape[0] * pool.shape[1]
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    x2 = _f32_rows(x, width)
+    if x2.shape[0] != slots.shape[0]:
+        raise ValueError(f"{x2.shape[0]} tokens but {slots.shape[0]} slots")
+    if slots.shape[0] and (slots.min() < 0 or slots.max() >= n_slots):
+        raise IndexError(f"KV slot out of range [0, {n_slots}): {slots.min()}..{slots.max()}")
+    _write_kv(pool.reshape(n_slots, width), x2, slots)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _paged_attention(
+    const float[:, :, ::1] q,  # (N, H, Dh)
+    const float[:, :, :, ::1] k_pool,  # (NB, BS, KVH, Dh)
+    const float[:, :, :, ::1] v_pool,  # (NB, BS, KVH, Dv)
+    const int64_t[::1] seq_of,  # (N,) sequence of each token
+    const int64_t[::1] seq_lens,  # (S,)
+    const int64_t[::1] positions,  # (N,)
+    const int32_t[:, ::1] block_tables,  # (S, max_blocks)
+    float scale,
+    int64_t window,  # 0: none
+    int heads_per_item,  # query heads of one kv head handled by one work item (divides G)
+    float[:, :, ::1] out,  # (N, H, Dv)
+) noexcept nogil:
+    cdef Py_ssize_t N = q.shape[0], H = q.shape[1], Dh = q.shape[2]
+    cdef Py_ssize_t BS = k_pool.shape[1], KVH = k_pool.shape[2], Dv = v_pool.shape[3]
+    cdef Py_ssize_t G = H // KVH, gi = heads_per_item, per_tok = H // gi
+    cdef Py_ssize_t item, t, kvh, g0, g, s, c_lo, c_hi, b, j, j0, j1, h, d
+    cdef int64_t pos
+    cdef float *acc
+    cdef float *m
+    cdef float *l
+    cdef float *sc
+    cdef float bm, m_new, corr, p
+    cdef const float *kp
+    cdef const float *vp
+    with parallel(num_threads=_threads_for(N * H * 4096)):
+        acc = <float *>malloc((gi * Dv + 2 * gi + BS) * sizeof(float))
+        m = acc + gi * Dv
+        l = m + gi
+        sc = l + gi
+        for item in prange(N * per_tok, schedule="dynamic"):
+            t = item // per_tok
+            kvh = (item % per_tok) * gi // G
+            g0 = (item % per_tok) * gi % G
+            s = seq_of[t]
+            pos = positions[t]
+            c_hi = pos  # causal: keys at positions <= the query's
+            if c_hi > seq_lens[s] - 1:
+                c_hi = seq_lens[s] - 1
+            c_lo = 0
+            if window > 0 and pos - window + 1 > 0:
+                c_lo = pos - window + 1  # the last `window` tokens, self included
+            memset(acc, 0, gi * Dv * sizeof(float))
+            for g in range(gi):
+                m[g] = -INFINITY
+                l[g] = 0
+            for b in range(c_lo // BS, c_hi // BS + 1):
+                j0 = c_lo - b * BS if b * BS < c_lo else 0
+                j1 = c_hi - b * BS + 1 if c_hi - b * BS + 1 < BS else BS
+                for g in range(gi):
+                    h = kvh * G + g0 + g
+                    bm = -INFINITY
+                    for j in range(j0, j1):
+                        kp = &k_pool[block_tables[s, b], j, kvh, 0]
+                        sc[j] = ts_dot(&q[t, h, 0], kp, Dh) * scale
+                        if sc[j] > bm:
+                            bm = sc[j]
+                    # online softmax: rescale what came before to the new running max
+                    m_new = m[g] if m[g] > bm else bm
+                    corr = expf(m[g] - m_new)
+                    l[g] = l[g] * corr
+                    for j in range(j0, j1):
+                        p = expf(sc[j] - m_new)
+                        l[g] = l[g] + p
+                        vp = &v_pool[block_tables[s, b], j, kvh, 0]
+                        if j == j0:
+                            ts_scale_axpy(&acc[g * Dv], corr, p, vp, Dv)
+                        else:
+                            ts_axpy(&acc[g * Dv], p, vp, Dv)
+                    m[g] = m_new
+            for g in range(gi):
+                h = kvh * G + g0 + g
+                for d in range(Dv):
+                    out[t, h, d] = acc[g * Dv + d] / l[g]
+        free(acc)
+
+
+def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, block_tables,
+                           float scale, sliding_window=None, out=None):
+    """(N, H, Dh), (NB, BS, KVH, Dh) x2 + Batch fields -> (N, H, Dv): causal attention over the
+    paged cache, reading K/V blocks in place through the block tables (online softmax)."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    N, H, Dh = q.shape
+    if k_pool.dtype != np.float32 or v_pool.dtype != np.float32:
+        raise ValueError("paged_attention needs float32 pools")
+    k_pool, v_pool = np.ascontiguousarray(k_pool), np.ascontiguousarray(v_pool)
+    KVH, Dv = k_pool.shape[2], v_pool.shape[3]
+    if H % KVH or k_pool.shape[3] != Dh:
+        raise ValueError(f"q {q.shape} does not fit the key pool {k_pool.shape}")
+    query_start = np.asarray(query_start, dtype=np.int64)
+    seq_lens = np.ascontiguousarray(seq_lens, dtype=np.int64)
+    block_tables = np.ascontiguousarray(block_tables, dtype=np.int32)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    S = seq_lens.shape[0]
+    if query_start.shape[0] != S + 1 or query_start[-1] != N or positions.shape[0] != N:
+        raise ValueError(f"batch metadata does not describe {N} tokens over {S} sequences")
+    BS = k_pool.shape[1]
+    if S and (-(-int(seq_lens.max()) // BS) > block_tables.shape[1]):
+        raise ValueError("a sequence is longer than its block table")
+    if block_tables.size and (block_tables.min() < 0 or block_tables.max() >= k_pool.shape[0]):
+        raise IndexError(f"block id out of range [0, {k_pool.shape[0]})")
+    seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
+    if out is None:
+        out = np.empty((N, H, Dv), dtype=np.float32)
+    G = H // KVH
+    # few (token, kv head) items (decode): split a kv head's query heads over the threads too
+    gi = G if N * KVH >= 4 * _n_threads else 1
+    if N:
+        _paged_attention(q, k_pool, v_pool, seq_of, seq_lens, positions, block_tables, scale,
+                         int(sliding_window or 0), gi, out)
+    return out
+
+
+def paged_attention(q, k_pool, v_pool, batch, float scale, sliding_window=None):
+    """(N, H, Dh), (NB, BS, KVH, Dh) x2 -> (N, H, Dh): causal attention of each sequence's new
+    tokens over its whole context, read through its block table."""
+    return paged_attention_arrays(q, k_pool, v_pool, batch.query_start, batch.seq_lens,
+                                  batch.positions, batch.block_tables, scale, sliding_window)
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _filtered_probs(double[::1] z, double top_p, double min_p, int64_t top_k,
+                         double[::1] probs) noexcept nogil:
+    """z already divided by the temperature; fills probs. Returns -1 when out of memory."""
+    cdef Py_ssize_t i, V = z.shape[0], n_cand = 0
+    cdef double zmax = -INFINITY, kth = -INFINITY, total = 0, pmax = 0, t, mass, cum
+    cdef double *tmp
+    cdef ts_prob_idx *cand
+    cdef int rounds
+    if top_k > 0 and top_k < V:
+        tmp = <double *>malloc(V * sizeof(double))
+        if tmp == NULL:
+            return -1
+        memcpy(tmp, &z[0], V * sizeof(double))
+        kth = ts_kth_largest(tmp, V, top_k)
+        free(tmp)
+    for i in range(V):
+        if z[i] > zmax:
+            zmax = z[i]
+    for i in range(V):
+        probs[i] = exp(z[i] - zmax) if z[i] >= kth else 0.0
+        total += probs[i]
+    for i in range(V):
+        probs[i] /= total
+    if top_p < 1.0:
+        # only tokens at or above a threshold t can survive once the mass strictly above t
+        # reaches top_p: find such a t cheaply, then sort just those tokens
+        for i in range(V):
+            if probs[i] > pmax:
+                pmax = probs[i]
+        t = pmax
+        for rounds in range(64):
+            t = t * 0.25
+            mass = 0
+            for i in range(V):
+                if probs[i] > t:
+                    mass += probs[i]
+            if mass >= top_p * (1 + 1e-9) + 1e-12:
+                break
+        else:
+            t = 0
+        cand = <ts_prob_idx *>malloc(V * sizeof(ts_prob_idx))
+        if cand == NULL:
+            return -1
+        for i in range(V):
+            if probs[i] > 0 and probs[i] >= t:
+                cand[n_cand].p = probs[i]
+                cand[n_cand].i = i
+                n_cand += 1
+            probs[i] = 0
+        ts_sort_prob_desc(cand, n_cand)
+        cum = 0  # a token stays if the mass before it is below p
+        for i in range(n_cand):
+            cum += cand[i].p
+            if cum - cand[i].p < top_p:
+                probs[cand[i].i] = cand[i].p
+        free(cand)
+    pmax = 0
+    for i in range(V):
+        if probs[i] > pmax:
+            pmax = probs[i]
+    if min_p > 0:
+        for i in range(V):
+            if probs[i] < min_p * pmax:
+                probs[i] = 0
+    total = 0
+    for i in range(V):
+        total += probs[i]
+    for i in range(V):
+        probs[i] /= total
+    return 0
+
+
+def filtered_probs(logits, p):
+    """(V,) -> (V,) probabilities after temperature, top-k, top-p and min-p (zeros elsewhere)."""
+    z = np.ascontiguousarray(logits, dtype=np.float64) / float(p.temperature)
+    if z.ndim != 1:
+        raise ValueError(f"filtered_probs takes one row of logits, got shape {z.shape}")
+    probs = np.empty_like(z)
+    if _filtered_probs(z, float(p.top_p), float(p.min_p), int(p.top_k or 0), probs) != 0:
+        raise MemoryError("filtered_probs: out of memory")
+    return probs
