@@ -1,0 +1,337 @@
+"""The `torch` backend: the same model files on torch tensors, on cpu | cuda[:N] | npu | mps | xpu.
+
+Weights are uploaded once at load (GGUF blocks and bf16 bits dequantized straight to the compute
+dtype); the paged KV pools live in device memory; one forward runs the whole flat batch. Per step,
+the batch's index arrays go to the device once (`TorchOps.begin`), so no layer waits on the host.
+Attention gathers each sequence's blocks into a padded (S, L) view and runs one masked
+scaled_dot_product_attention over all sequences, query heads grouped under their KV head.
+
+This module imports torch at import time; the registry imports it only when "torch" is asked for,
+so `import tinyserve` never does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import numpy as np
+
+from ..batch import Batch
+from .base import Backend
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError as _e:  # reported by TorchBackend.availability()
+    torch = None
+    _IMPORT_ERROR = str(_e)
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_KINDS = ("cpu", "cuda", "npu", "mps", "xpu")
+_DEFAULT_DTYPE = {
+    "cpu": "float32",
+    "cuda": "bfloat16",
+    "npu": "bfloat16",
+    "mps": "float16",
+    "xpu": "bfloat16",
+}
+
+
+def _device_problem(kind: str) -> str | None:
+    """Why torch cannot run on this kind of device here, or None when it can."""
+    if kind == "cpu":
+        return None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return f"no CUDA device (torch {torch.__version__}, CUDA {torch.version.cuda or 'not built'})"
+        return None
+    if kind == "npu":
+        try:
+            importlib.import_module("torch_npu")  # registers the "npu" device with torch
+        except ImportError:
+            return "torch_npu is not installed (Ascend NPUs need it)"
+        return None if torch.npu.is_available() else "torch_npu found no NPU"
+    if kind == "mps":
+        return None if torch.backends.mps.is_available() else "no MPS device (Apple GPUs only)"
+    if kind == "xpu":
+        return None if hasattr(torch, "xpu") and torch.xpu.is_available() else "no XPU device"
+    return f"unknown device kind {kind!r}; known: {', '.join(DEVICE_KINDS)}"
+
+
+class TorchOps:
+    """The NumpyOps op set on torch tensors of one device and compute dtype."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        # float64 rope angles where the device has float64 (MPS does not)
+        self.angle_dtype = torch.float32 if device.type == "mps" else torch.float64
+        self._batch: Batch | None = None  # the batch whose metadata is on the device
+        self._uploaded: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # id -> (array, its upload)
+        self._attn_layout: tuple | None = None
+        self._rope: tuple | None = None  # (positions, inv_freq, cos, sin) of the last rope call
+
+    # -- weights and arrays -------------------------------------------------------------------
+
+    def _upload(self, w, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(w, torch.Tensor):
+            return w.to(self.device, dtype).contiguous()
+        if hasattr(w, "dequantize"):  # QuantTensor / BF16Array: widened on the host, once
+            w = w.dequantize()
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not w.flags.writeable:  # a memory-mapped checkpoint: torch wants memory it may own
+            w = w.copy()
+        return torch.from_numpy(w).to(self.device, dtype)
+
+    def weight(self, w) -> torch.Tensor:
+        """A matrix for matmul / embedding, dequantized to the compute dtype on the device."""
+        return self._upload(w, self.dtype)
+
+    def vector(self, w) -> torch.Tensor:
+        """A small parameter (norm weight, bias, rope frequencies), kept in float32: rope angles
+        pos * inv_freq need its precision, and the ops cast activations back where it matters."""
+        return self._upload(w, torch.float32)
+
+    def to_numpy(self, x) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            return (x.float() if x.is_floating_point() else x).cpu().numpy()
+        return np.asarray(x)
+
+    def from_numpy(self, x) -> torch.Tensor:
+        """Integer arrays as int64 indices, float arrays in the compute dtype, on the device."""
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device)
+        hit = self._uploaded.get(id(x))
+        if hit is not None and hit[0] is x:  # one of the current batch's arrays: already there
+            return hit[1]
+        x = np.asarray(x)
+        if x.dtype.kind in "iub":
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(self.device)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(
+            self.device, self.dtype
+        )
+
+    # -- per-forward metadata -----------------------------------------------------------------
+
+    def begin(self, batch: Batch) -> None:
+        """Send the batch's index arrays and its attention layout to the device in one copy."""
+        starts = batch.query_start
+        q_lens = np.diff(starts)  # (S,)
+        S, T = batch.n_seqs, int(q_lens.max(initial=1))
+        seq_of = np.repeat(np.arange(S), q_lens)  # (N,) sequence of each flat token
+        local = np.arange(batch.n_tokens) - starts[:-1][seq_of]  # (N,) its row within that sequence
+        q_pos = np.zeros((S, T), dtype=np.int64)  # padding rows look at position 0 only
+        q_pos[seq_of, local] = batch.positions
+        arrays = [
+            batch.token_ids,
+            batch.positions,
+            batch.slots,
+            batch.logits_rows,
+            seq_of,
+            local,
+            q_pos,
+            batch.block_tables,
+        ]
+        flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays])
+        host = torch.from_numpy(flat)
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # lets the copy run ahead without stalling the host
+        dev = host.to(self.device, non_blocking=True)
+        views, offset = [], 0
+        for a in arrays:
+            views.append(dev[offset : offset + a.size].view(a.shape))
+            offset += a.size
+        self._batch = batch
+        self._uploaded = {id(a): (a, t) for a, t in zip(arrays[:4], views[:4])}
+        self._attn_layout = (*views[4:], T, int(batch.seq_lens.max(initial=1)))
+        self._rope = None
+
+    def end(self) -> None:
+        """Drop the batch's device metadata."""
+        self._batch, self._uploaded, self._attn_layout, self._rope = None, {}, None, None
+
+    # -- the ops ------------------------------------------------------------------------------
+
+    def embedding(self, ids, w: torch.Tensor) -> torch.Tensor:
+        """(N,), (V, D) -> (N, D)."""
+        return F.embedding(self.from_numpy(ids), w)
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(N, K), (M, K) -> (N, M): x @ w.T, the layout of nn.Linear weights."""
+        return F.linear(x.to(w.dtype), w)
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """(..., D), (D,) -> (..., D): x / rms(x) * w, the statistics in float32 (as HF does)."""
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+        return (y * w.float()).to(x.dtype)
+
+    def rope(self, x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torch.Tensor:
+        """(N, h, Dh), (N,), (R/2,) -> (N, h, Dh): rotate the first R dims in halves (NeoX / HF)."""
+        positions = self.from_numpy(positions)
+        half = inv_freq.shape[0]
+        cos, sin = self._cos_sin(positions, inv_freq)  # (N, 1, R/2) each
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        x1, x2 = x[..., :half], x[..., half : 2 * half]  # (N, h, R/2) each
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        if 2 * half == x.shape[-1]:
+            return rotated
+        return torch.cat([rotated, x[..., 2 * half :]], dim=-1)  # partial rotary: the rest passes
+
+    def _cos_sin(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple:
+        """(N, 1, R/2) cos and sin, computed once per forward: q and k of every layer share them."""
+        if self._rope is None or self._rope[0] is not positions or self._rope[1] is not inv_freq:
+            angles = positions.to(self.angle_dtype)[:, None] * inv_freq.to(
+                self.angle_dtype
+            )  # (N, R/2)
+            cos = torch.cos(angles).float()[:, None, :]  # rounded like NumPy's: float64 -> float32
+            sin = torch.sin(angles).float()[:, None, :]
+            self._rope = (positions, inv_freq, cos, sin)
+        return self._rope[2:]
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """(N, F), (N, F) -> (N, F): silu(gate) * up."""
+        return F.silu(gate) * up
+
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (..., K) over the last axis, accumulated in float32."""
+        return torch.softmax(x.float(), dim=-1).to(x.dtype)
+
+    # -- paged KV cache -----------------------------------------------------------------------
+
+    def write_kv(self, pool: torch.Tensor, x: torch.Tensor, slots) -> None:
+        """(NB, BS, *shape), (N, *shape), (N,) -> None: store token n at slot = block * BS + offset."""
+        pool.view(-1, *pool.shape[2:]).index_copy_(0, self.from_numpy(slots), x.to(pool.dtype))
+
+    def copy_blocks(self, pool: torch.Tensor, src, dst) -> None:
+        """Copy whole blocks src[i] -> dst[i] (copy-on-write of a shared block)."""
+        pool[self.from_numpy(dst)] = pool[self.from_numpy(src)]
+
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        batch: Batch,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """(N, H, Dh), (NB, BS, KVH, Dh) x2 -> (N, H, Dh): causal attention of each sequence's new
+        tokens over its whole context, all sequences in one padded, masked kernel call."""
+        if self._batch is not batch:  # called outside a forward (e.g. by the conformance kit)
+            self.begin(batch)
+        seq_of, local, q_pos, tables, T, max_len = self._attn_layout
+        q = q.to(k_pool.dtype)
+        H, Dh = q.shape[1:]
+        BS, KVH, Dv = v_pool.shape[1:]
+        G = H // KVH  # query heads per kv head (GQA)
+        S = tables.shape[0]
+        n_blocks = -(-max_len // BS)
+        L = n_blocks * BS
+        # gather every sequence's context through its block table; padding reads block 0, masked
+        k = k_pool[tables[:, :n_blocks]].reshape(S, L, KVH, Dh).transpose(1, 2)  # (S, KVH, L, Dh)
+        v = v_pool[tables[:, :n_blocks]].reshape(S, L, KVH, Dv).transpose(1, 2)  # (S, KVH, L, Dv)
+        qp = q.new_zeros(S, T, H, Dh)
+        qp[seq_of, local] = q  # (S, T, H, Dh) padded per sequence
+        # the G query heads of a kv head become G x T query rows against that head's keys
+        qp = qp.view(S, T, KVH, G, Dh).permute(0, 2, 1, 3, 4).reshape(S, KVH, T * G, Dh)
+        k_pos = torch.arange(L, device=q.device)  # (L,)
+        allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # (S, T, L) causal
+        if sliding_window is not None:
+            allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+        mask = allowed[:, None, :, None, :].expand(S, 1, T, G, L).reshape(S, 1, T * G, L)
+        o = F.scaled_dot_product_attention(
+            qp, k, v, attn_mask=mask, scale=scale
+        )  # (S, KVH, T*G, Dv)
+        o = o.view(S, KVH, T, G, Dv).permute(0, 2, 1, 3, 4).reshape(S, T, H, Dv)
+        return o[seq_of, local]  # (N, H, Dv)
+
+
+class TorchBackend(Backend):
+    """torch on one device; float32 / bfloat16 / float16 compute; paged KV pools on the device.
+
+    Args:
+        device: "cpu" (default), "cuda", "cuda:N", "npu[:N]" (torch_npu), "mps" or "xpu[:N]".
+        dtype: "float32", "bfloat16" or "float16"; default float32 on cpu, float16 on mps,
+            bfloat16 elsewhere.
+    """
+
+    name = "torch"
+
+    def __init__(self, device: str | None = None, dtype: str | None = None):
+        ok, reason = self.availability()
+        if not ok:
+            raise ValueError(reason)
+        device = device or "cpu"
+        kind = device.partition(":")[0]
+        problem = _device_problem(kind)
+        if problem:
+            raise ValueError(f"device {device!r}: {problem}")
+        dtype = dtype or _DEFAULT_DTYPE[kind]
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        try:
+            dev = torch.device(device)
+            torch.empty(1, device=dev)  # a bad index ("cuda:7" on a 1-GPU box) fails here
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"device {device!r} is not usable: {str(e).splitlines()[0]}") from None
+        super().__init__(device, dtype)
+        self.torch_device = dev
+        self.torch_dtype = getattr(torch, dtype)
+        self.kv_itemsize = torch.tensor([], dtype=self.torch_dtype).element_size()
+        self.ops = TorchOps(dev, self.torch_dtype)
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        if torch is None:
+            return False, f"torch is not installed ({_IMPORT_ERROR}); pip install torch"
+        return True, ""
+
+    @classmethod
+    def summary(cls) -> str:
+        """What `tinyserve backends` prints: torch's version and the devices it can use here."""
+        devices = ["cpu"]
+        cuda_problem = _device_problem("cuda")
+        if cuda_problem is None:
+            devices.append(f"cuda x{torch.cuda.device_count()}")
+        devices += [k for k in ("mps", "xpu") if _device_problem(k) is None]
+        if importlib.util.find_spec("torch_npu") is not None and _device_problem("npu") is None:
+            devices.append("npu")
+        text = f"torch {torch.__version__}; devices: {', '.join(devices)}"
+        return text if cuda_problem is None else f"{text} ({cuda_problem})"
+
+    def describe(self) -> str:
+        return f"torch {torch.__version__} on {self.torch_device} ({self.dtype})"
+
+    def allocate_kv(
+        self, layer_specs: list[dict[str, tuple[int, ...]]], num_blocks: int, block_size: int
+    ) -> list[dict[str, Any]]:
+        """Per layer, one zeroed pool (NB, BS, *shape) per cache entry, in device memory."""
+        dev, dt = self.torch_device, self.torch_dtype
+        return [
+            {
+                name: torch.zeros((num_blocks, block_size, *shape), dtype=dt, device=dev)
+                for name, shape in spec.items()
+            }
+            for spec in layer_specs
+        ]
+
+    def copy_blocks(self, kv: list[dict[str, Any]], src: list[int], dst: list[int]) -> None:
+        """Copy KV blocks src[i] -> dst[i] in every pool (copy-on-write)."""
+        src_t, dst_t = self.ops.from_numpy(np.asarray(src)), self.ops.from_numpy(np.asarray(dst))
+        with torch.inference_mode():
+            for layer in kv:
+                for pool in layer.values():
+                    pool[dst_t] = pool[src_t]
+
+    def forward(self, model, batch: Batch, kv: list[dict[str, Any]]) -> np.ndarray:
+        """Run the model over one batch; float32 logits (R, V) of batch.logits_rows, on the host."""
+        with torch.inference_mode():
+            self.ops.begin(batch)
+            try:
+                logits = model.forward(batch, kv)  # (R, V) on the device
+                return logits.float().cpu().numpy()  # the step's one wait for the device
+            finally:
+                self.ops.end()
