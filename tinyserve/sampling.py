@@ -6,6 +6,7 @@ top-p / min-p filters, then one draw from each sequence's own seeded generator.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -132,6 +133,14 @@ def filtered_probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
     if p.min_p > 0.0:
         probs[probs < p.min_p * probs.max()] = 0.0
     return probs / probs.sum()
+
+
+filtered_probs_reference = filtered_probs  # the NumPy specification of the compiled twin
+if os.environ.get("TINYSERVE_PURE_PYTHON") != "1":
+    try:  # same contract, in C (ext/kernels.pyx); tests/test_cpu_kernels.py runs both
+        from ._ext.kernels import filtered_probs  # noqa: F811
+    except ImportError:
+        pass
 
 
 def sample_row(

@@ -16,6 +16,7 @@ from ..errors import BackendError
 _BUILTIN: dict[str, str] = {
     "numpy": "tinyserve.backends.numpy_backend:NumpyBackend",
     "torch": "tinyserve.backends.torch_backend:TorchBackend",
+    "cpu": "tinyserve.backends.cpu:CpuBackend",
 }
 
 _registry: dict[str, str | Callable[..., Any]] = dict(_BUILTIN)

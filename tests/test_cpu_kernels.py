@@ -1,0 +1,198 @@
+"""Every native kernel (ext/kernels.pyx) against its NumPy reference, one fixture for both.
+
+The `ops` fixture yields the reference NumpyOps and, when the extension is built, the cpu
+backend's CpuOps; each test compares `ops` against the reference on seeded random inputs with odd
+sizes, sizes that are not multiples of the SIMD width or the KV block size, extreme values,
+fragmented block tables, sliding windows and GQA / MQA head layouts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from tinyserve.backends.numpy_ops import NumpyOps
+from tinyserve.batch import Batch
+from tinyserve.sampling import SamplingParams
+
+REF = NumpyOps()
+
+
+def _cpu_ops():
+    from tinyserve.backends.cpu import CpuBackend
+
+    ok, reason = CpuBackend.availability()
+    if not ok:
+        pytest.skip(reason)
+    return CpuBackend(num_threads=2).ops
+
+
+@pytest.fixture(params=["numpy", "cpu"])
+def ops(request):
+    return REF if request.param == "numpy" else _cpu_ops()
+
+
+@pytest.fixture
+def kernels():
+    _cpu_ops()
+    from tinyserve._ext import kernels
+
+    return kernels
+
+
+def test_extension_loaded_unless_pure_python():
+    """CI runs the suite twice: once asserting the extension is active, once without it."""
+    from tinyserve.backends.cpu import CpuBackend
+
+    ok, reason = CpuBackend.availability()
+    if os.environ.get("TINYSERVE_PURE_PYTHON") == "1":
+        assert not ok and "TINYSERVE_PURE_PYTHON" in reason
+    elif os.environ.get("TINYSERVE_REQUIRE_NATIVE") == "1":
+        assert ok, reason
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (3, 5, 64), (7, 289), (2, 1, 1)])
+def test_rms_norm(ops, shape):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    w = rng.standard_normal(shape[-1], dtype=np.float32)
+    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_extreme_values(ops):
+    x = np.array([[1e18, -1e18, 3e17], [1e-20, 0.0, -1e-20], [0.0, 0.0, 0.0]], dtype=np.float32)
+    w = np.array([1.0, 2.0, -0.5], dtype=np.float32)
+    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-5), REF.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n, h, dh, rot", [(1, 9, 64, 64), (5, 3, 64, 64), (7, 2, 48, 32), (4, 1, 10, 6)])
+def test_rope(ops, n, h, dh, rot):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, h, dh), dtype=np.float32)
+    positions = rng.integers(0, 40000, n)  # large positions: f64 angles matter
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
+    got = ops.rope(x, positions, inv_freq)
+    np.testing.assert_allclose(got, REF.rope(x, positions, inv_freq), rtol=1e-5, atol=2e-6)
+    np.testing.assert_array_equal(got[..., rot:], x[..., rot:])  # partial rotary passes the rest
+
+
+@pytest.mark.parametrize("shape", [(1, 1536), (3, 77), (2, 5)])
+def test_silu_mul(ops, shape):
+    rng = np.random.default_rng(2)
+    gate = rng.standard_normal(shape, dtype=np.float32) * 30  # saturating both ends of the sigmoid
+    up = rng.standard_normal(shape, dtype=np.float32)
+    np.testing.assert_allclose(ops.silu_mul(gate, up), REF.silu_mul(gate, up), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (4, 3, 129), (2, 49152)])
+def test_softmax(ops, shape):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape, dtype=np.float32) * 50
+    x.reshape(-1, shape[-1])[0, 0] = -np.inf  # a masked entry
+    np.testing.assert_allclose(ops.softmax(x), REF.softmax(x), rtol=1e-5, atol=1e-7)
+
+
+def test_write_kv_fragmented_slots(ops):
+    rng = np.random.default_rng(4)
+    pool, want = np.zeros((6, 4, 3, 5), np.float32), np.zeros((6, 4, 3, 5), np.float32)
+    x = rng.standard_normal((9, 3, 5), dtype=np.float32)
+    slots = rng.permutation(24)[:9]
+    ops.write_kv(pool, x, slots)
+    REF.write_kv(want, x, slots)
+    np.testing.assert_array_equal(pool, want)
+
+
+def test_write_kv_rejects_bad_slot(kernels):
+    pool = np.zeros((2, 4, 1, 8), np.float32)
+    with pytest.raises(IndexError, match="slot out of range"):
+        kernels.write_kv(pool, np.ones((1, 1, 8), np.float32), np.array([8]))
+
+
+def _paged_case(rng, chunks_spec, H, KVH, Dh, BS, NB=64):
+    """Sequences (n_new, n_cached) over a shuffled (fragmented) pool, K/V filled at random."""
+    k_pool = rng.standard_normal((NB, BS, KVH, Dh), dtype=np.float32)
+    v_pool = rng.standard_normal((NB, BS, KVH, Dh), dtype=np.float32)
+    free = list(rng.permutation(NB))
+    chunks = []
+    for n_new, n_cached in chunks_spec:
+        n_blocks = -(-(n_new + n_cached) // BS)
+        table = [int(free.pop()) for _ in range(n_blocks)]
+        chunks.append((list(range(n_new)), n_cached, table))
+    batch = Batch.build(chunks, BS)
+    q = rng.standard_normal((batch.n_tokens, H, Dh), dtype=np.float32) * 3
+    return q, k_pool, v_pool, batch
+
+
+@pytest.mark.parametrize(
+    "spec, H, KVH, Dh, BS, window",
+    [
+        ([(1, 0)], 9, 3, 64, 16, None),  # first decode step
+        ([(1, 130), (1, 16), (1, 5)], 9, 3, 64, 16, None),  # batched decode, GQA
+        ([(23, 0)], 4, 1, 32, 16, None),  # prefill, MQA
+        ([(7, 41), (19, 0), (1, 99)], 6, 2, 24, 8, None),  # prefill chunks over earlier chunks + decode
+        ([(30, 10), (1, 77)], 4, 4, 16, 16, 8),  # sliding window, MHA
+        ([(5, 3)], 8, 2, 64, 5, 3),  # block size 5, window 3
+    ],
+)
+def test_paged_attention(ops, spec, H, KVH, Dh, BS, window):
+    rng = np.random.default_rng(5)
+    q, k_pool, v_pool, batch = _paged_case(rng, spec, H, KVH, Dh, BS)
+    scale = 1.0 / np.sqrt(Dh)
+    got = ops.paged_attention(q, k_pool, v_pool, batch, scale, window)
+    want = REF.paged_attention(q, k_pool, v_pool, batch, scale, window)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_paged_attention_equals_dense_causal_attention(ops):
+    """A second route: the same tokens attended densely with a plain causal mask."""
+    rng = np.random.default_rng(6)
+    T, H, Dh, BS = 21, 2, 8, 4
+    q, k_pool, v_pool, batch = _paged_case(rng, [(T, 0)], H, H, Dh, BS)
+    table = batch.block_tables[0, : -(-T // BS)]
+    k = k_pool[table].reshape(-1, H, Dh)[:T]  # (T, H, Dh)
+    v = v_pool[table].reshape(-1, H, Dh)[:T]
+    scores = np.einsum("thd,chd->htc", q, k) / np.sqrt(Dh) + np.triu(np.full((T, T), -np.inf), 1)
+    want = np.einsum("htc,chd->thd", REF.softmax(scores), v)
+    got = ops.paged_attention(q, k_pool, v_pool, batch, 1.0 / np.sqrt(Dh))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_paged_attention_extreme_scores(ops):
+    """Huge logits: the online softmax must rescale without overflow."""
+    rng = np.random.default_rng(7)
+    q, k_pool, v_pool, batch = _paged_case(rng, [(3, 40)], 2, 1, 16, 16)
+    q *= 400.0
+    got = ops.paged_attention(q, k_pool, v_pool, batch, 0.25)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, REF.paged_attention(q, k_pool, v_pool, batch, 0.25), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, top_k=50),
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=1.3, top_k=1000, top_p=0.5, min_p=0.05),
+        SamplingParams(temperature=0.5, top_k=1),
+        SamplingParams(temperature=2.0, top_p=1e-6),
+        SamplingParams(temperature=1.0, min_p=0.3),
+    ],
+)
+def test_filtered_probs(kernels, params):
+    from tinyserve import sampling
+
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal(4099) * 4
+    logits[::7] = logits[3]  # ties: the stable order decides who survives top-p / top-k
+    want = sampling.filtered_probs_reference(logits, params)
+    got = kernels.filtered_probs(logits, params)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(got > 0, want > 0)
+
+
+def test_sampling_uses_the_twin_unless_pure_python(kernels):
+    from tinyserve import sampling
+
+    assert sampling.filtered_probs is kernels.filtered_probs

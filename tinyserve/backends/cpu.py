@@ -1,0 +1,184 @@
+"""The `cpu` backend: the same model files over Cython kernels (ext/ -> tinyserve._ext).
+
+Weights stay as the checkpoint holds them: GGUF blocks stay quantized (resident memory ~ file size)
+and are read directly by `tinyserve._ext.quant.matmul_q`; bf16 stays bf16; float32 goes to BLAS.
+Every op has the name and shape contract of its NumPy reference (numpy_ops.py), checked by
+tests/test_cpu_kernels.py; `forward` runs the model file op by op through `CpuOps`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..batch import Batch
+from .base import Backend
+from .numpy_ops import NumpyOps
+
+try:
+    if os.environ.get("TINYSERVE_PURE_PYTHON") == "1":
+        raise ImportError("TINYSERVE_PURE_PYTHON=1")
+    from .._ext import kernels as _kernels
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:
+    _kernels, _IMPORT_ERROR = None, str(e)
+
+try:  # the quantized matmul (ext/quant.pyx); without it quantized weights are dequantized at load
+    if _kernels is None:
+        raise ImportError("no native kernels")
+    from .._ext import quant as _quant
+except ImportError:
+    _quant = None
+
+
+def _default_threads() -> int:
+    value = os.environ.get("TINYSERVE_NUM_THREADS")
+    if value is None:
+        return os.cpu_count() or 1
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"TINYSERVE_NUM_THREADS must be a positive integer, got {value!r}")
+    return n
+
+
+def _pin_blas(n_threads: int):
+    """Limit BLAS to our thread count so BLAS and OpenMP never run more threads than cores."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(limits=n_threads, user_api="blas")
+
+
+def _is_quant(w) -> bool:
+    return hasattr(w, "qtype") and hasattr(w, "data")
+
+
+def _is_bf16(w) -> bool:
+    return type(w).__name__ == "BF16Array"
+
+
+class CpuOps(NumpyOps):
+    """NumpyOps' names and contracts over native kernels; weights held quantized / bf16 / f32."""
+
+    def __init__(self, quantized: bool = True):
+        self.quantized = quantized and _quant is not None
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def weight(self, w):
+        """QuantTensor stays ggml blocks, BF16Array stays bf16 bits, anything else float32."""
+        if _is_quant(w):
+            if self.quantized and _quant_supports(w.qtype):
+                return w
+            return w.dequantize()
+        if _is_bf16(w):
+            if self.quantized and hasattr(_quant, "matmul_bf16"):
+                return w
+            return w.dequantize()
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+    # -- the ops ------------------------------------------------------------------------------
+
+    def embedding(self, ids: np.ndarray, w) -> np.ndarray:
+        """(N,), (V, D) -> (N, D): only the looked-up rows are dequantized."""
+        if _is_quant(w):
+            if hasattr(_quant, "dequantize_rows"):
+                return _quant.dequantize_rows(w.data, int(w.qtype), w.shape[1], np.asarray(ids))
+            return w.dequantize_rows(ids)
+        if _is_bf16(w):
+            return (w.bits[np.asarray(ids)].astype(np.uint32) << 16).view(np.float32)
+        return w[ids]
+
+    def matmul(self, x: np.ndarray, w, out=None) -> np.ndarray:
+        """(N, K), (M, K) -> (N, M): x @ w.T over quantized blocks, bf16 bits or float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if _is_quant(w):
+            return _quant.matmul_q(x, w.data, int(w.qtype), w.shape[1], out)
+        if _is_bf16(w):
+            return _quant.matmul_bf16(x, w.bits, out)
+        if out is None:
+            return x @ w.T
+        return np.matmul(x, w.T, out=out)
+
+    def rms_norm(self, x, w, eps: float):
+        """(..., D), (D,) -> (..., D): x / rms(x) * w."""
+        return _kernels.rms_norm(x, w, eps)
+
+    def rope(self, x, positions, inv_freq):
+        """(N, h, Dh), (N,), (R/2,) -> (N, h, Dh): NeoX half rotation of the first R dims."""
+        return _kernels.rope(x, positions, inv_freq)
+
+    def silu_mul(self, gate, up):
+        """(N, F), (N, F) -> (N, F)."""
+        return _kernels.silu_mul(gate, up)
+
+    def softmax(self, x):
+        """(..., K) -> (..., K)."""
+        return _kernels.softmax(x)
+
+    def write_kv(self, pool, x, slots) -> None:
+        """(NB, BS, *shape), (N, *shape), (N,) -> None."""
+        _kernels.write_kv(pool, x, slots)
+
+    def paged_attention(self, q, k_pool, v_pool, batch: Batch, scale: float, sliding_window=None):
+        """(N, H, Dh), (NB, BS, KVH, Dh) x2 -> (N, H, Dh): K/V read in place via block tables."""
+        return _kernels.paged_attention(q, k_pool, v_pool, batch, scale, sliding_window)
+
+
+def _quant_supports(qtype) -> bool:
+    supported = getattr(_quant, "SUPPORTED_QTYPES", None)
+    return supported is None or int(qtype) in {int(t) for t in supported}
+
+
+class CpuBackend(Backend):
+    """Native executor: Cython/OpenMP kernels, quantized weights kept as GGUF blocks.
+
+    Args:
+        device: "cpu" or None.
+        dtype: None or "float32" (activations are float32; weights keep their stored type).
+        num_threads: OpenMP / BLAS threads (default: $TINYSERVE_NUM_THREADS, else all cores).
+    """
+
+    name = "cpu"
+
+    def __init__(self, device: str | None = None, dtype: str | None = None, num_threads: int | None = None):
+        if device not in (None, "cpu"):
+            raise ValueError(f"the cpu backend runs on the cpu only, not {device!r}")
+        if dtype not in (None, "float32"):
+            raise ValueError(f"the cpu backend computes in float32, not {dtype!r}")
+        ok, reason = self.availability()
+        if not ok:
+            raise ValueError(reason)
+        super().__init__(device, dtype)
+        self.num_threads = _default_threads() if num_threads is None else int(num_threads)
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        _kernels.set_num_threads(self.num_threads)
+        if _quant is not None and hasattr(_quant, "set_num_threads"):
+            _quant.set_num_threads(self.num_threads)
+        self._blas_limits = _pin_blas(self.num_threads)
+        self.ops = CpuOps()
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        if _kernels is None:
+            return False, f"native kernels not built: {_IMPORT_ERROR}"
+        return True, ""
+
+    @classmethod
+    def summary(cls) -> str:
+        """One line for `tinyserve backends`: native kernels active, SIMD level, threads."""
+        quant = "quantized matmul" if _quant is not None else "no quantized matmul (weights dequantized)"
+        return (
+            f"native kernels active ({_kernels.simd_level()}), {quant}, "
+            f"{_default_threads()} threads"
+        )
+
+    def describe(self) -> str:
+        return f"native kernels ({_kernels.simd_level()}), {self.num_threads} threads"
