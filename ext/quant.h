@@ -1,0 +1,468 @@
+/* Quantized matmul for ggml blocks, as llama.cpp does it: each activation row is quantized once
+ * per call to int8 blocks of 32 (an f32 scale d and the scaled block sum s = d * sum(q)), then
+ * every weight block meets its activation block in an integer dot product, scaled in float.
+ *
+ * Three implementations of one contract, picked at run time (ts_best_isa): portable scalar C,
+ * AVX2 (maddubs/madd) and AVX-512 VNNI (dpbusd); the SIMD twins live in quant_simd.h.
+ * Block layouts: ggml-common.h (block_q4_0 ... block_q6_K); values follow ggml's
+ * dequantize_row_* in ggml-quants.c (and tinyserve/loading/gguf_file.py, the NumPy twin).
+ */
+#ifndef TINYSERVE_QUANT_H
+#define TINYSERVE_QUANT_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TS_X86 1
+#else
+#define TS_X86 0
+#endif
+
+/* gguf.GGMLQuantizationType values */
+enum { TS_Q4_0 = 2, TS_Q4_1 = 3, TS_Q5_0 = 6, TS_Q5_1 = 7, TS_Q8_0 = 8,
+       TS_Q4_K = 12, TS_Q5_K = 13, TS_Q6_K = 14 };
+enum { TS_ISA_SCALAR = 0, TS_ISA_AVX2 = 1, TS_ISA_VNNI = 2 };
+
+/* one activation row quantized: q (K,) int8, d and s (K/32,) f32 */
+typedef struct { const int8_t *q; const float *d; const float *s; } XQ;
+
+/* one weight row . n_x (<= 4) activation rows -> out[t * os] */
+typedef void (*row_fn)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x, float *out,
+                       int64_t os);
+
+static inline int ts_block_size(int qtype) {
+    switch (qtype) {
+    case TS_Q4_0: case TS_Q4_1: case TS_Q5_0: case TS_Q5_1: case TS_Q8_0: return 32;
+    case TS_Q4_K: case TS_Q5_K: case TS_Q6_K: return 256;
+    default: return 0;
+    }
+}
+
+static inline int ts_type_size(int qtype) {
+    switch (qtype) {
+    case TS_Q4_0: return 18;
+    case TS_Q4_1: return 20;
+    case TS_Q5_0: return 22;
+    case TS_Q5_1: return 24;
+    case TS_Q8_0: return 34;
+    case TS_Q4_K: return 144;
+    case TS_Q5_K: return 176;
+    case TS_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+/* IEEE half -> float without F16C (subnormals, inf and nan included) */
+static inline float ts_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    const uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    uint32_t bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else {
+        float f = (float)man * (1.0f / 16777216.0f); /* man * 2^-24 */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float ts_load_f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return ts_f16_to_f32(h);
+}
+
+static inline float ts_bf16_to_f32(uint16_t b) {
+    const uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins (ggml's get_scale_min_k4) */
+static inline void ts_scale_min_k4(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+/* ---- dequantization (embedding rows): one block -> floats, as ggml's dequantize_row_* ---- */
+
+static void ts_dequant_block(int qtype, const uint8_t *b, float *y) {
+    switch (qtype) {
+    case TS_Q8_0: {
+        const float d = ts_load_f16(b);
+        for (int i = 0; i < 32; i++) y[i] = d * (float)(int8_t)b[2 + i];
+        break;
+    }
+    case TS_Q4_0: {
+        const float d = ts_load_f16(b);
+        for (int i = 0; i < 16; i++) {
+            y[i] = d * (float)((b[2 + i] & 0x0F) - 8);
+            y[i + 16] = d * (float)((b[2 + i] >> 4) - 8);
+        }
+        break;
+    }
+    case TS_Q4_1: {
+        const float d = ts_load_f16(b), m = ts_load_f16(b + 2);
+        for (int i = 0; i < 16; i++) {
+            y[i] = (float)(b[4 + i] & 0x0F) * d + m;
+            y[i + 16] = (float)(b[4 + i] >> 4) * d + m;
+        }
+        break;
+    }
+    case TS_Q5_0: case TS_Q5_1: {
+        const int has_min = qtype == TS_Q5_1, o = has_min ? 2 : 0;
+        const float d = ts_load_f16(b), m = has_min ? ts_load_f16(b + 2) : 0.0f;
+        uint32_t qh;
+        memcpy(&qh, b + 2 + o, 4);
+        const uint8_t *qs = b + 6 + o;
+        for (int i = 0; i < 16; i++) {
+            const int lo = (qs[i] & 0x0F) | (((qh >> i) & 1) << 4);
+            const int hi = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+            y[i] = has_min ? (float)lo * d + m : (float)(lo - 16) * d;
+            y[i + 16] = has_min ? (float)hi * d + m : (float)(hi - 16) * d;
+        }
+        break;
+    }
+    case TS_Q4_K: case TS_Q5_K: {
+        const int five = qtype == TS_Q5_K;
+        const float d = ts_load_f16(b), dmin = ts_load_f16(b + 2);
+        uint8_t sc[8], mn[8];
+        ts_scale_min_k4(b + 4, sc, mn);
+        const uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
+        for (int s = 0; s < 8; s++) {
+            const float ds = d * sc[s], ms = dmin * mn[s];
+            for (int l = 0; l < 32; l++) {
+                int q = (s & 1) ? qs[32 * (s / 2) + l] >> 4 : qs[32 * (s / 2) + l] & 0x0F;
+                if (five) q |= ((qh[l] >> s) & 1) << 4;
+                y[32 * s + l] = ds * (float)q - ms;
+            }
+        }
+        break;
+    }
+    case TS_Q6_K: {
+        const float d = ts_load_f16(b + 208);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+            for (int j = 0; j < 4; j++) {
+                for (int l = 0; l < 32; l++) {
+                    const int lo = (j & 2) ? ql[32 * (j & 1) + l] >> 4 : ql[32 * (j & 1) + l] & 0x0F;
+                    const int q = (lo | (((qh[l] >> (2 * j)) & 3) << 4)) - 32;
+                    y[128 * h + 32 * j + l] = d * (float)sc[8 * h + 2 * j + l / 16] * (float)q;
+                }
+            }
+        }
+        break;
+    }
+    }
+}
+
+/* ---- scalar twins: integer block dots, the same arithmetic as the SIMD paths -------------- */
+
+static inline float ts_sdot_q8_0(const uint8_t *w, const XQ *x, int64_t nb) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 34;
+        const int8_t *xq = x->q + b * 32;
+        int isum = 0;
+        for (int i = 0; i < 32; i++) isum += (int8_t)blk[2 + i] * xq[i];
+        acc += ts_load_f16(blk) * x->d[b] * (float)isum;
+    }
+    return acc;
+}
+
+/* Q4_0, Q4_1, Q5_0, Q5_1: offset is 8 / 16 for the symmetric types, 0 where a min is stored */
+static inline float ts_sdot_q4q5(int qtype, const uint8_t *w, const XQ *x, int64_t nb) {
+    const int ts = ts_type_size(qtype);
+    const int has_min = qtype == TS_Q4_1 || qtype == TS_Q5_1;
+    const int five = qtype == TS_Q5_0 || qtype == TS_Q5_1;
+    const int offset = has_min ? 0 : (five ? 16 : 8);
+    const int qs_at = 2 + 2 * has_min + 4 * five;
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * ts, *qs = blk + qs_at;
+        const int8_t *xq = x->q + b * 32;
+        uint32_t qh = 0;
+        if (five) memcpy(&qh, blk + 2 + 2 * has_min, 4);
+        int isum = 0;
+        for (int i = 0; i < 16; i++) {
+            const int lo = (qs[i] & 0x0F) | (((qh >> i) & 1) << 4);
+            const int hi = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+            isum += (lo - offset) * xq[i] + (hi - offset) * xq[i + 16];
+        }
+        acc += ts_load_f16(blk) * x->d[b] * (float)isum;
+        if (has_min) acc += ts_load_f16(blk + 2) * x->s[b];
+    }
+    return acc;
+}
+
+static inline float ts_sdot_q45_k(int qtype, const uint8_t *w, const XQ *x, int64_t nb) {
+    const int five = qtype == TS_Q5_K, ts = ts_type_size(qtype);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * ts, *qh = blk + 16, *qs = blk + (five ? 48 : 16);
+        const float d = ts_load_f16(blk), dmin = ts_load_f16(blk + 2);
+        uint8_t sc[8], mn[8];
+        ts_scale_min_k4(blk + 4, sc, mn);
+        for (int s = 0; s < 8; s++) {
+            const int64_t g = b * 8 + s;
+            const int8_t *xq = x->q + g * 32;
+            int isum = 0;
+            for (int l = 0; l < 32; l++) {
+                int q = (s & 1) ? qs[32 * (s / 2) + l] >> 4 : qs[32 * (s / 2) + l] & 0x0F;
+                if (five) q |= ((qh[l] >> s) & 1) << 4;
+                isum += q * xq[l];
+            }
+            acc += d * (float)sc[s] * x->d[g] * (float)isum - dmin * (float)mn[s] * x->s[g];
+        }
+    }
+    return acc;
+}
+
+static inline float ts_sdot_q6_k(const uint8_t *w, const XQ *x, int64_t nb) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 210;
+        const float d = ts_load_f16(blk + 208);
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+            for (int j = 0; j < 4; j++) {
+                const int64_t g = b * 8 + 4 * h + j;
+                const int8_t *xq = x->q + g * 32;
+                int isum[2] = {0, 0};
+                for (int l = 0; l < 32; l++) {
+                    const int lo = (j & 2) ? ql[32 * (j & 1) + l] >> 4 : ql[32 * (j & 1) + l] & 0x0F;
+                    const int q = (lo | (((qh[l] >> (2 * j)) & 3) << 4)) - 32;
+                    isum[l / 16] += q * xq[l];
+                }
+                const int scaled = sc[8 * h + 2 * j] * isum[0] + sc[8 * h + 2 * j + 1] * isum[1];
+                acc += d * x->d[g] * (float)scaled;
+            }
+        }
+    }
+    return acc;
+}
+
+#define TS_SCALAR_ROW(name, expr)                                                           \
+    static void ts_row_##name##_scalar(const uint8_t *w, const XQ *xq, int64_t nb, int n_x, \
+                                       float *out, int64_t os) {                            \
+        for (int t = 0; t < n_x; t++) out[t * os] = (expr);                                 \
+    }
+TS_SCALAR_ROW(q8_0, ts_sdot_q8_0(w, xq + t, nb))
+TS_SCALAR_ROW(q4_0, ts_sdot_q4q5(TS_Q4_0, w, xq + t, nb))
+TS_SCALAR_ROW(q4_1, ts_sdot_q4q5(TS_Q4_1, w, xq + t, nb))
+TS_SCALAR_ROW(q5_0, ts_sdot_q4q5(TS_Q5_0, w, xq + t, nb))
+TS_SCALAR_ROW(q5_1, ts_sdot_q4q5(TS_Q5_1, w, xq + t, nb))
+TS_SCALAR_ROW(q4_k, ts_sdot_q45_k(TS_Q4_K, w, xq + t, nb))
+TS_SCALAR_ROW(q5_k, ts_sdot_q45_k(TS_Q5_K, w, xq + t, nb))
+TS_SCALAR_ROW(q6_k, ts_sdot_q6_k(w, xq + t, nb))
+#undef TS_SCALAR_ROW
+
+static row_fn ts_row_fn_scalar(int qtype) {
+    switch (qtype) {
+    case TS_Q8_0: return ts_row_q8_0_scalar;
+    case TS_Q4_0: return ts_row_q4_0_scalar;
+    case TS_Q4_1: return ts_row_q4_1_scalar;
+    case TS_Q5_0: return ts_row_q5_0_scalar;
+    case TS_Q5_1: return ts_row_q5_1_scalar;
+    case TS_Q4_K: return ts_row_q4_k_scalar;
+    case TS_Q5_K: return ts_row_q5_k_scalar;
+    case TS_Q6_K: return ts_row_q6_k_scalar;
+    default: return 0;
+    }
+}
+
+/* x row -> int8 blocks of 32: d = max|x| / 127, q = round-half-even(x / d), s = d * sum(q) */
+static void ts_quantize_row_scalar(const float *x, int64_t k, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            const int v = (int)nearbyintf(xb[i] * id);
+            q[b * 32 + i] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = db;
+        s[b] = db * (float)sum;
+    }
+}
+
+static void ts_row_bf16_scalar(const uint16_t *w, const float *x, int64_t xs, int64_t k, int n_x,
+                               float *out, int64_t os) {
+    for (int t = 0; t < n_x; t++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < k; i++) acc += ts_bf16_to_f32(w[i]) * x[t * xs + i];
+        out[t * os] = acc;
+    }
+}
+
+/* ---- SIMD twins ---------------------------------------------------------------------------- */
+#if TS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define SFX(name) name##_avx2
+#define DOT_US(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1))
+#include "quant_simd.h"
+#undef SFX
+#undef DOT_US
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define SFX(name) name##_vnni
+#define DOT_US(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
+#include "quant_simd.h"
+#undef SFX
+#undef DOT_US
+#pragma GCC pop_options
+#endif
+
+/* the best implementation this CPU runs */
+static int ts_best_isa(void) {
+#if TS_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw"))
+        return TS_ISA_VNNI;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        return TS_ISA_AVX2;
+#endif
+    return TS_ISA_SCALAR;
+}
+
+typedef void (*quant_fn)(const float *x, int64_t k, int8_t *q, float *d, float *s);
+typedef void (*bf16_fn)(const uint16_t *w, const float *x, int64_t xs, int64_t k, int n_x,
+                        float *out, int64_t os);
+
+static void ts_pick(int isa, int qtype, row_fn *row, quant_fn *quant, bf16_fn *bf16) {
+    *row = ts_row_fn_scalar(qtype);
+    *quant = ts_quantize_row_scalar;
+    *bf16 = ts_row_bf16_scalar;
+#if TS_X86
+    if (isa == TS_ISA_AVX2) {
+        *row = row_fn_for_avx2(qtype);
+        *quant = quantize_row_avx2;
+        *bf16 = row_bf16_avx2;
+    } else if (isa == TS_ISA_VNNI) {
+        *row = row_fn_for_vnni(qtype);
+        *quant = quantize_row_vnni;
+        *bf16 = row_bf16_vnni;
+    }
+#else
+    (void)isa;
+#endif
+}
+
+/* Output rows per task: enough tasks for the threads to balance, few enough to keep the
+ * per-task cost (a dynamic-schedule fetch) negligible. */
+static int64_t ts_rows_per_task(int64_t m, int nthreads) {
+    int64_t rc = (m + 8 * nthreads - 1) / (8 * nthreads);
+    if (rc < 4) rc = 4;
+    if (rc > 256) rc = 256;
+    return rc;
+}
+#define TS_X_PER_TASK 64 /* activation rows per task: their int8 blocks stay in L2 */
+
+/* out (n, m) = x (n, k) @ dequant(w).T; w row r at w + r * w_stride. 0, or -1: out of memory */
+static int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, int64_t m,
+                       int64_t w_stride, int qtype, float *out, int nthreads, int isa) {
+    row_fn row;
+    quant_fn quant;
+    bf16_fn unused;
+    ts_pick(isa, qtype, &row, &quant, &unused);
+    const int64_t nbx = k / 32, nb = k / ts_block_size(qtype);
+    int8_t *xq = (int8_t *)malloc((size_t)(n * k + 8 * n * nbx + 64));
+    if (!xq) return -1;
+    float *xd = (float *)(xq + ((n * k + 63) & ~(int64_t)63)), *xs = xd + n * nbx;
+
+    if (n * k >= 32768 && nthreads > 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t i = 0; i < n; i++)
+            quant(x + i * k, k, xq + i * k, xd + i * nbx, xs + i * nbx);
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            quant(x + i * k, k, xq + i * k, xd + i * nbx, xs + i * nbx);
+    }
+
+    const int64_t rc = ts_rows_per_task(m, nthreads);
+    const int64_t n_rc = (m + rc - 1) / rc, n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
+    const int64_t work = m * w_stride * n; /* weight bytes touched, counted per x row */
+    const int par = nthreads > 1 && work >= 65536;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (par)
+    for (int64_t task = 0; task < n_rc * n_nc; task++) {
+        const int64_t r0 = (task / n_nc) * rc, r1 = r0 + rc < m ? r0 + rc : m;
+        const int64_t i0 = (task % n_nc) * TS_X_PER_TASK;
+        const int64_t i1 = i0 + TS_X_PER_TASK < n ? i0 + TS_X_PER_TASK : n;
+        for (int64_t t0 = i0; t0 < i1; t0 += 4) {
+            const int n_x = (int)(i1 - t0 < 4 ? i1 - t0 : 4);
+            XQ tile[4];
+            for (int t = 0; t < n_x; t++) {
+                tile[t].q = xq + (t0 + t) * k;
+                tile[t].d = xd + (t0 + t) * nbx;
+                tile[t].s = xs + (t0 + t) * nbx;
+            }
+            for (int64_t r = r0; r < r1; r++) row(w + r * w_stride, tile, nb, n_x, out + t0 * m + r, m);
+        }
+    }
+    free(xq);
+    return 0;
+}
+
+/* out (n, m) = x (n, k) @ bf16(w).T; w (m, k) uint16 bf16 bits, row r at w + r * w_stride */
+static void ts_matmul_bf16(const float *x, int64_t n, int64_t k, const uint16_t *w, int64_t m,
+                           int64_t w_stride, float *out, int nthreads, int isa) {
+    row_fn unused_row;
+    quant_fn unused_quant;
+    bf16_fn row;
+    ts_pick(isa, TS_Q8_0, &unused_row, &unused_quant, &row);
+    const int64_t rc = ts_rows_per_task(m, nthreads);
+    const int64_t n_rc = (m + rc - 1) / rc, n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
+    const int par = nthreads > 1 && m * k * 2 * n >= 65536;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (par)
+    for (int64_t task = 0; task < n_rc * n_nc; task++) {
+        const int64_t r0 = (task / n_nc) * rc, r1 = r0 + rc < m ? r0 + rc : m;
+        const int64_t i0 = (task % n_nc) * TS_X_PER_TASK;
+        const int64_t i1 = i0 + TS_X_PER_TASK < n ? i0 + TS_X_PER_TASK : n;
+        for (int64_t t0 = i0; t0 < i1; t0 += 4) {
+            const int n_x = (int)(i1 - t0 < 4 ? i1 - t0 : 4);
+            for (int64_t r = r0; r < r1; r++)
+                row(w + r * w_stride, x + t0 * k, k, k, n_x, out + t0 * m + r, m);
+        }
+    }
+}
+
+/* out (n, cols) = rows ids of w dequantized; ids already checked against the row count */
+static void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
+                               const int64_t *ids, int64_t n, float *out, int nthreads) {
+    const int bs = ts_block_size(qtype), ts = ts_type_size(qtype);
+    const int64_t nb = cols / bs;
+    const int par = nthreads > 1 && n * cols >= 65536;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = w + ids[i] * w_stride;
+        for (int64_t b = 0; b < nb; b++) ts_dequant_block(qtype, row + b * ts, out + i * cols + b * bs);
+    }
+}
+
+#endif /* TINYSERVE_QUANT_H */

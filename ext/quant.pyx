@@ -1,0 +1,206 @@
+# cython: language_level=3
+"""Quantized and bf16 matmul kernels over ggml blocks as they lie in a GGUF file (no repack).
+
+matmul_q(x, data, qtype, cols) computes x @ dequantize(data).T the way llama.cpp does: each
+activation row is quantized once per call to int8 blocks of 32 (scale max|x|/127), and every
+weight block meets its activation block in an integer dot product scaled in float. The error
+against the float reference is the activation rounding: per block at most d/2 per element,
+d = max|x_block|/127, i.e. a relative error of the dot product around 1/127 per block, which
+averages down over blocks (a relative Frobenius error ~1e-3 on random data).
+
+The work is in ext/quant.h (portable C, AVX2 and AVX-512 VNNI twins picked at run time; OpenMP
+over output rows, each weight row read once for up to 4 activation rows at a time). The
+wrappers here only check arguments and release the GIL.
+"""
+
+import os
+
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint8_t, uint16_t
+
+cnp.import_array()
+
+cdef extern from "quant.h" nogil:
+    int TS_ISA_SCALAR, TS_ISA_AVX2, TS_ISA_VNNI
+    int ts_block_size(int qtype)
+    int ts_type_size(int qtype)
+    int ts_best_isa()
+    int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, int64_t m,
+                    int64_t w_stride, int qtype, float *out, int nthreads, int isa)
+    void ts_matmul_bf16(const float *x, int64_t n, int64_t k, const uint16_t *w, int64_t m,
+                        int64_t w_stride, float *out, int nthreads, int isa)
+    void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
+                            const int64_t *ids, int64_t n, float *out, int nthreads)
+
+# gguf.GGMLQuantizationType value -> name, for the types these kernels run
+QTYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+_ISA_NAMES = ("scalar", "avx2", "vnni")
+
+cdef int _best_isa = ts_best_isa()
+cdef int _isa = _best_isa
+cdef int _num_threads = 1
+
+
+def _default_threads() -> int:
+    env = os.environ.get("TINYSERVE_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"TINYSERVE_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"TINYSERVE_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    return os.cpu_count() or 1
+
+
+def set_num_threads(int n) -> None:
+    """Threads the kernels use (OpenMP); default TINYSERVE_NUM_THREADS or os.cpu_count()."""
+    global _num_threads
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """The thread count the kernels use."""
+    return _num_threads
+
+
+def available_isas() -> list:
+    """Implementations this CPU runs, best last: a subset of ['scalar', 'avx2', 'vnni']."""
+    return list(_ISA_NAMES[: _best_isa + 1])
+
+
+def get_isa() -> str:
+    """The implementation in use ('scalar', 'avx2' or 'vnni')."""
+    return _ISA_NAMES[_isa]
+
+
+def set_isa(str name) -> None:
+    """Force an implementation (tests, benchmarks); one this CPU lacks raises ValueError."""
+    global _isa
+    if name not in _ISA_NAMES[: _best_isa + 1]:
+        raise ValueError(f"implementation {name!r} not available here (available: {available_isas()})")
+    _isa = _ISA_NAMES.index(name)
+
+
+set_num_threads(_default_threads())
+if os.environ.get("TINYSERVE_QUANT_ISA"):
+    set_isa(os.environ["TINYSERVE_QUANT_ISA"])
+
+
+cdef inline int _check_qtype(int qtype) except -1:
+    if ts_block_size(qtype) == 0:
+        names = ", ".join(QTYPES.values())
+        raise ValueError(f"quantization type {qtype} is not supported by the kernels (supported: {names})")
+    return 0
+
+
+cdef inline int _check_blocks(cnp.ndarray data, int qtype, Py_ssize_t cols) except -1:
+    """data must be (rows, cols / block_size * type_size) uint8 with contiguous rows."""
+    cdef int bs = ts_block_size(qtype)
+    if cols <= 0 or cols % bs:
+        raise ValueError(f"{QTYPES[qtype]} needs cols to be a positive multiple of {bs}, got {cols}")
+    if cnp.PyArray_TYPE(data) != cnp.NPY_UINT8 or cnp.PyArray_NDIM(data) != 2:
+        raise ValueError(f"data must be 2-D uint8 ggml blocks, got {data.dtype} with shape {(<object>data).shape}")
+    cdef Py_ssize_t bpr = cols // bs * ts_type_size(qtype)
+    if data.shape[1] != bpr:
+        raise ValueError(
+            f"{QTYPES[qtype]} rows of {cols} values take {bpr} bytes, but data rows have {data.shape[1]}"
+        )
+    if data.strides[1] != 1 or data.strides[0] < bpr:
+        raise ValueError(f"data rows must be contiguous bytes, got strides {(<object>data).strides}")
+    return 0
+
+
+cdef inline int _check_x(cnp.ndarray x, Py_ssize_t cols) except -1:
+    if cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32 or cnp.PyArray_NDIM(x) != 2:
+        raise ValueError(f"x must be a 2-D float32 array, got {x.dtype} with shape {(<object>x).shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(x):
+        raise ValueError("x must be C-contiguous")
+    if x.shape[1] != cols:
+        raise ValueError(f"x has {x.shape[1]} columns, the weight has {cols}")
+    return 0
+
+
+cdef cnp.ndarray _out(object out, Py_ssize_t n, Py_ssize_t m):
+    cdef cnp.npy_intp dims[2]
+    if out is None:
+        dims[0] = n
+        dims[1] = m
+        return cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"out must be a float32 ndarray, got {type(out).__name__}")
+    cdef cnp.ndarray o = out
+    if (cnp.PyArray_TYPE(o) != cnp.NPY_FLOAT32 or cnp.PyArray_NDIM(o) != 2
+            or o.shape[0] != n or o.shape[1] != m or not cnp.PyArray_IS_C_CONTIGUOUS(o)):
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(n, m)}, got {o.dtype} {(<object>o).shape}")
+    return o
+
+
+def matmul_q(cnp.ndarray x, cnp.ndarray data, int qtype, Py_ssize_t cols, out=None):
+    """(N, K) float32, (M, bytes_per_row) uint8 ggml blocks -> (N, M) float32 = x @ W.T, K = cols."""
+    _check_qtype(qtype)
+    _check_blocks(data, qtype, cols)
+    _check_x(x, cols)
+    cdef Py_ssize_t n = x.shape[0], m = data.shape[0]
+    cdef cnp.ndarray o = _out(out, n, m)
+    if n == 0 or m == 0:
+        return o
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
+    cdef const uint8_t *wp = <const uint8_t *>cnp.PyArray_DATA(data)
+    cdef float *op = <float *>cnp.PyArray_DATA(o)
+    cdef int64_t w_stride = data.strides[0]
+    cdef int rc
+    with nogil:
+        rc = ts_matmul_q(xp, n, cols, wp, m, w_stride, qtype, op, _num_threads, _isa)
+    if rc != 0:
+        raise MemoryError(f"cannot allocate {n * cols} bytes for the quantized activations")
+    return o
+
+
+def matmul_bf16(cnp.ndarray x, cnp.ndarray w_bits, out=None):
+    """(N, K) float32, (M, K) uint16 bf16 bits -> (N, M) float32 = x @ W.T."""
+    if cnp.PyArray_TYPE(w_bits) != cnp.NPY_UINT16 or cnp.PyArray_NDIM(w_bits) != 2:
+        raise ValueError(f"w_bits must be 2-D uint16 bf16 bits, got {w_bits.dtype} with shape {(<object>w_bits).shape}")
+    if w_bits.strides[1] != 2:
+        raise ValueError(f"w_bits rows must be contiguous, got strides {(<object>w_bits).strides}")
+    cdef Py_ssize_t k = w_bits.shape[1]
+    _check_x(x, k)
+    cdef Py_ssize_t n = x.shape[0], m = w_bits.shape[0]
+    cdef cnp.ndarray o = _out(out, n, m)
+    if n == 0 or m == 0:
+        return o
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
+    cdef const uint16_t *wp = <const uint16_t *>cnp.PyArray_DATA(w_bits)
+    cdef float *op = <float *>cnp.PyArray_DATA(o)
+    cdef int64_t w_stride = w_bits.strides[0] // 2
+    if w_bits.strides[0] % 2:
+        raise ValueError(f"w_bits rows are not uint16 aligned (strides {(<object>w_bits).strides})")
+    with nogil:
+        ts_matmul_bf16(xp, n, k, wp, m, w_stride, op, _num_threads, _isa)
+    return o
+
+
+def dequantize_rows(cnp.ndarray data, int qtype, Py_ssize_t cols, ids):
+    """(M, bytes_per_row) uint8 ggml blocks, (n,) row ids -> (n, cols) float32 (embedding lookup)."""
+    _check_qtype(qtype)
+    _check_blocks(data, qtype, cols)
+    cdef cnp.ndarray idx = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    cdef Py_ssize_t n = idx.shape[0], m = data.shape[0]
+    if n and (idx.min() < 0 or idx.max() >= m):
+        bad = idx[(idx < 0) | (idx >= m)][0]
+        raise ValueError(f"row id {bad} out of range for {m} rows")
+    cdef cnp.ndarray o = _out(None, n, cols)
+    if n == 0:
+        return o
+    cdef const uint8_t *wp = <const uint8_t *>cnp.PyArray_DATA(data)
+    cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(idx)
+    cdef float *op = <float *>cnp.PyArray_DATA(o)
+    cdef int64_t w_stride = data.strides[0]
+    with nogil:
+        ts_dequantize_rows(wp, w_stride, qtype, cols, ip, n, op, _num_threads)
+    return o

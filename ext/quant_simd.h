@@ -1,0 +1,363 @@
+/* x86 SIMD twins of quant.h's scalar kernels, included twice by quant.h: once for AVX2
+ * (maddubs + madd) and once for AVX-512 VNNI (dpbusd on 256-bit registers).
+ *
+ * Before each inclusion quant.h defines:
+ *   SFX(name)       appends the ISA suffix (name##_avx2 / name##_vnni)
+ *   DOT_US(u, s)    u8 (32 lanes) x s8 (32 lanes) -> 8 x int32, lane k = sum of bytes 4k..4k+3
+ * and a `#pragma GCC target` that enables the instructions.
+ *
+ * One tile = one weight row x up to 4 activation rows: a weight block is decoded into a register
+ * once and dotted with each activation row's matching int8 block, so the weights stream from
+ * memory once however many rows (batched decode, prefill) the call has.
+ * No include guard on purpose.
+ */
+
+static inline float SFX(hsum)(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float SFX(h2f)(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* 16 packed bytes -> 32 bytes: low nibbles in lanes 0..15, high nibbles in 16..31 (ggml order) */
+static inline __m256i SFX(nibbles32)(const uint8_t *p) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)p);
+    const __m128i m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+
+/* 32 bits -> 32 bytes, byte j = 0x10 where bit j is set (the 5th bit of Q5_0/Q5_1 values) */
+static inline __m256i SFX(bits32_x10)(const uint8_t *p) {
+    uint32_t b;
+    memcpy(&b, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                           0x0101010101010101LL, 0x0000000000000000LL);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)b), shuf);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL));
+    bytes = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+    return _mm256_and_si256(bytes, _mm256_set1_epi8(0x10));
+}
+
+/* signed weights w (int8) . activations x: |w| (as u8) times x with w's sign */
+#define DOT_SS(w, x) DOT_US(_mm256_sign_epi8((w), (w)), _mm256_sign_epi8((x), (w)))
+
+#define TILE_BEGIN                                                          \
+    __m256 acc[4];                                                          \
+    float accm[4];                                                          \
+    for (int t = 0; t < NT; t++) {                                          \
+        acc[t] = _mm256_setzero_ps();                                       \
+        accm[t] = 0.0f;                                                     \
+    }
+
+#define TILE_END                                                            \
+    for (int t = 0; t < NT; t++) out[t * os] = SFX(hsum)(acc[t]) - accm[t];
+
+/* ---- 32-value block types ---------------------------------------------------------------- */
+
+static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    TILE_BEGIN
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 34;
+        const float dw = SFX(h2f)(blk);
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        const __m256i aq = _mm256_sign_epi8(q, q);
+        for (int t = 0; t < NT; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
+            const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+        }
+    }
+    TILE_END
+}
+
+static inline __attribute__((always_inline)) void SFX(tile_q4_0)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    TILE_BEGIN
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 18;
+        const float dw = SFX(h2f)(blk);
+        const __m256i q = _mm256_sub_epi8(SFX(nibbles32)(blk + 2), _mm256_set1_epi8(8));
+        const __m256i aq = _mm256_sign_epi8(q, q);
+        for (int t = 0; t < NT; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
+            const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+        }
+    }
+    TILE_END
+}
+
+static inline __attribute__((always_inline)) void SFX(tile_q5_0)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    TILE_BEGIN
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 22;
+        const float dw = SFX(h2f)(blk);
+        __m256i q = _mm256_or_si256(SFX(nibbles32)(blk + 6), SFX(bits32_x10)(blk + 2));
+        q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+        const __m256i aq = _mm256_sign_epi8(q, q);
+        for (int t = 0; t < NT; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
+            const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+        }
+    }
+    TILE_END
+}
+
+/* Q4_1 / Q5_1: y = d*q + m, so w.x = d*dx*sum(q*xq) + m*dx*sum(xq); dx*sum(xq) is XQ.s */
+static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    TILE_BEGIN
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 20;
+        const float dw = SFX(h2f)(blk), mw = SFX(h2f)(blk + 2);
+        const __m256i q = SFX(nibbles32)(blk + 4);
+        for (int t = 0; t < NT; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
+            const __m256i p = DOT_US(q, xv);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+            accm[t] -= mw * xq[t].s[b];
+        }
+    }
+    TILE_END
+}
+
+static inline __attribute__((always_inline)) void SFX(tile_q5_1)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    TILE_BEGIN
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 24;
+        const float dw = SFX(h2f)(blk), mw = SFX(h2f)(blk + 2);
+        const __m256i q = _mm256_or_si256(SFX(nibbles32)(blk + 8), SFX(bits32_x10)(blk + 4));
+        for (int t = 0; t < NT; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
+            const __m256i p = DOT_US(q, xv);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+            accm[t] -= mw * xq[t].s[b];
+        }
+    }
+    TILE_END
+}
+
+/* ---- K-quants: 256-value super-blocks; activations keep their 32-blocks ------------------- */
+
+/* Q4_K / Q5_K: sub-block j (32 values) is y = d*sc_j*q - dmin*m_j */
+static inline __attribute__((always_inline)) void SFX(tile_q4_k)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    TILE_BEGIN
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 144;
+        const float d = SFX(h2f)(blk), dmin = SFX(h2f)(blk + 2);
+        uint8_t sc[8], mn[8];
+        ts_scale_min_k4(blk + 4, sc, mn);
+        for (int j = 0; j < 4; j++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
+            const __m256i lo = _mm256_and_si256(raw, m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            const int64_t g = b * 8 + 2 * j;
+            const float dlo = d * sc[2 * j], dhi = d * sc[2 * j + 1];
+            const float mlo = dmin * mn[2 * j], mhi = dmin * mn[2 * j + 1];
+            for (int t = 0; t < NT; t++) {
+                const __m256i xlo = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32));
+                const __m256i xhi = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32 + 32));
+                const __m256 plo = _mm256_cvtepi32_ps(DOT_US(lo, xlo));
+                const __m256 phi = _mm256_cvtepi32_ps(DOT_US(hi, xhi));
+                acc[t] = _mm256_fmadd_ps(plo, _mm256_set1_ps(dlo * xq[t].d[g]), acc[t]);
+                acc[t] = _mm256_fmadd_ps(phi, _mm256_set1_ps(dhi * xq[t].d[g + 1]), acc[t]);
+                accm[t] += mlo * xq[t].s[g] + mhi * xq[t].s[g + 1];
+            }
+        }
+    }
+    TILE_END
+}
+
+static inline __attribute__((always_inline)) void SFX(tile_q5_k)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    TILE_BEGIN
+    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 176;
+        const float d = SFX(h2f)(blk), dmin = SFX(h2f)(blk + 2);
+        uint8_t sc[8], mn[8];
+        ts_scale_min_k4(blk + 4, sc, mn);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+        for (int j = 0; j < 4; j++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 48 + 32 * j));
+            /* bit s of qh[l] is the 5th bit of value l of sub-block s */
+            const __m256i hlo = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one);
+            const __m256i hhi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one);
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, m4), _mm256_slli_epi16(hlo, 4));
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4),
+                                               _mm256_slli_epi16(hhi, 4));
+            const int64_t g = b * 8 + 2 * j;
+            const float dlo = d * sc[2 * j], dhi = d * sc[2 * j + 1];
+            const float mlo = dmin * mn[2 * j], mhi = dmin * mn[2 * j + 1];
+            for (int t = 0; t < NT; t++) {
+                const __m256i xlo = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32));
+                const __m256i xhi = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32 + 32));
+                const __m256 plo = _mm256_cvtepi32_ps(DOT_US(lo, xlo));
+                const __m256 phi = _mm256_cvtepi32_ps(DOT_US(hi, xhi));
+                acc[t] = _mm256_fmadd_ps(plo, _mm256_set1_ps(dlo * xq[t].d[g]), acc[t]);
+                acc[t] = _mm256_fmadd_ps(phi, _mm256_set1_ps(dhi * xq[t].d[g + 1]), acc[t]);
+                accm[t] += mlo * xq[t].s[g] + mhi * xq[t].s[g + 1];
+            }
+        }
+    }
+    TILE_END
+}
+
+/* Q6_K: value 128h + 32j + l = (6-bit q) - 32 with an int8 scale per 16 values; int32 lanes
+ * 0..3 of a dot hold values 0..15 of a 32-group and lanes 4..7 values 16..31, so the two
+ * scales multiply lane-wise before the float step */
+static inline __attribute__((always_inline)) void SFX(tile_q6_k)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    TILE_BEGIN
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+    const __m256i off = _mm256_set1_epi8(32);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 210;
+        const float d = SFX(h2f)(blk + 208);
+        const int8_t *scales = (const int8_t *)(blk + 192);
+        for (int h = 0; h < 2; h++) {
+            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            for (int j = 0; j < 4; j++) {
+                const __m256i ql = (j & 1) ? ql1 : ql0;
+                const __m256i low = (j & 2) ? _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4)
+                                            : _mm256_and_si256(ql, m4);
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), m3);
+                const __m256i q = _mm256_sub_epi8(
+                    _mm256_or_si256(low, _mm256_slli_epi16(high, 4)), off); /* [-32, 31] */
+                const __m256i aq = _mm256_sign_epi8(q, q);
+                const int s0 = scales[8 * h + 2 * j], s1 = scales[8 * h + 2 * j + 1];
+                const __m256i sv = _mm256_set_epi32(s1, s1, s1, s1, s0, s0, s0, s0);
+                const int64_t g = b * 8 + 4 * h + j;
+                for (int t = 0; t < NT; t++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32));
+                    const __m256i p = _mm256_mullo_epi32(DOT_US(aq, _mm256_sign_epi8(xv, q)), sv);
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xq[t].d[g]),
+                                             acc[t]);
+                }
+            }
+        }
+    }
+    TILE_END
+}
+
+/* One weight row against n_x (<= 4) activation rows: out[t * os] = w . x_t */
+#define TILE_DISPATCH(name)                                                                 \
+    static void SFX(row_##name)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x,         \
+                                 float *out, int64_t os) {                                  \
+        switch (n_x) {                                                                      \
+        case 4: SFX(tile_##name)(w, xq, nb, 4, out, os); break;                             \
+        case 3: SFX(tile_##name)(w, xq, nb, 3, out, os); break;                             \
+        case 2: SFX(tile_##name)(w, xq, nb, 2, out, os); break;                             \
+        default: SFX(tile_##name)(w, xq, nb, 1, out, os); break;                            \
+        }                                                                                   \
+    }
+
+TILE_DISPATCH(q8_0)
+TILE_DISPATCH(q4_0)
+TILE_DISPATCH(q4_1)
+TILE_DISPATCH(q5_0)
+TILE_DISPATCH(q5_1)
+TILE_DISPATCH(q4_k)
+TILE_DISPATCH(q5_k)
+TILE_DISPATCH(q6_k)
+#undef TILE_DISPATCH
+
+static row_fn SFX(row_fn_for)(int qtype) {
+    switch (qtype) {
+    case TS_Q8_0: return SFX(row_q8_0);
+    case TS_Q4_0: return SFX(row_q4_0);
+    case TS_Q4_1: return SFX(row_q4_1);
+    case TS_Q5_0: return SFX(row_q5_0);
+    case TS_Q5_1: return SFX(row_q5_1);
+    case TS_Q4_K: return SFX(row_q4_k);
+    case TS_Q5_K: return SFX(row_q5_k);
+    case TS_Q6_K: return SFX(row_q6_k);
+    default: return 0;
+    }
+}
+
+/* ---- activations: x row -> int8 32-blocks (round to nearest even, like the scalar twin) --- */
+
+static void SFX(quantize_row)(const float *x, int64_t k, int8_t *q, float *d, float *s) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + b * 32;
+        __m256 v[4];
+        __m256 amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float mx = _mm_cvtss_f32(m);
+        const float db = mx / 127.0f;
+        const __m256 id = _mm256_set1_ps(db != 0.0f ? 1.0f / db : 0.0f);
+        __m256i i32[4];
+        for (int i = 0; i < 4; i++)
+            i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id),
+                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]),
+                                               _mm256_add_epi32(i32[2], i32[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        s4 = _mm_hadd_epi32(s4, s4);
+        /* pack 4 x 8 int32 -> 32 int8 in order (packs interleave 128-bit lanes: permute back) */
+        const __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]);
+        const __m256i p16b = _mm256_packs_epi32(i32[2], i32[3]);
+        __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + b * 32), p8);
+        d[b] = db;
+        s[b] = db * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* ---- bf16 weights: float FMA against bf16 bits widened to f32 --------------------------- */
+
+static inline __attribute__((always_inline)) void SFX(tile_bf16)(
+    const uint16_t *w, const float *x, int64_t xs, int64_t k, int NT, float *out, int64_t os) {
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(w + i));
+        const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * xs + i), acc[t]);
+    }
+    for (int t = 0; t < NT; t++) {
+        float r = SFX(hsum)(acc[t]);
+        for (int64_t j = i; j < k; j++) r += ts_bf16_to_f32(w[j]) * x[t * xs + j];
+        out[t * os] = r;
+    }
+}
+
+static void SFX(row_bf16)(const uint16_t *w, const float *x, int64_t xs, int64_t k, int n_x,
+                          float *out, int64_t os) {
+    switch (n_x) {
+    case 4: SFX(tile_bf16)(w, x, xs, k, 4, out, os); break;
+    case 3: SFX(tile_bf16)(w, x, xs, k, 3, out, os); break;
+    case 2: SFX(tile_bf16)(w, x, xs, k, 2, out, os); break;
+    default: SFX(tile_bf16)(w, x, xs, k, 1, out, os); break;
+    }
+}
+
+#undef TILE_BEGIN
+#undef TILE_END
+#undef DOT_SS
