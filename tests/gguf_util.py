@@ -8,6 +8,7 @@ gguf.quants.quantize.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,24 @@ def _vocab(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, [int(t) for t in types]
 
 
+def llama3_rope_factors(theta: float, dim: int, rs: dict) -> np.ndarray:
+    """Per-frequency divisors, as convert_hf_to_gguf.py stores Llama 3.1 scaling (rope_freqs)."""
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    old = float(rs["original_max_position_embeddings"])
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
 def write_gguf_from_hf_dir(
     hf_dir: str | Path,
     out_path: str | Path,
@@ -113,7 +132,10 @@ def write_gguf_from_hf_dir(
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    rope = cfg.get("rope_parameters") or {}  # transformers >= 5 spelling
+    theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    scaling = cfg.get("rope_scaling") or rope
+    w.add_rope_freq_base(theta)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
@@ -144,6 +166,9 @@ def write_gguf_from_hf_dir(
         qtype = qtype_for(hf_name, arr) if arr.ndim == 2 else GGMLQuantizationType.F32
         data = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
         w.add_tensor(gguf_name, data, raw_dtype=qtype)
+
+    if (scaling.get("rope_type") or scaling.get("type")) == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(theta, head_dim, scaling))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
