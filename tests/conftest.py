@@ -31,3 +31,19 @@ def make_llm():
         return LLM(str(path), **kw)
 
     return make
+
+
+def default_model_gguf() -> Path:
+    """The default model's GGUF: pulled once into models/ (CI's test command pulls it first).
+
+    Only TINYSERVE_OFFLINE=1 turns a missing file into a skip; otherwise it is pulled here."""
+    import os
+
+    from tinyserve import catalog
+
+    path = catalog.model_path(catalog.DEFAULT_MODEL)
+    if path is None:
+        if os.environ.get("TINYSERVE_OFFLINE") == "1":
+            pytest.skip("default model not pulled and TINYSERVE_OFFLINE=1")
+        path = catalog.pull(catalog.DEFAULT_MODEL, quiet=True)
+    return Path(path)

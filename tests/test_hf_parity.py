@@ -7,7 +7,6 @@ them; CI only reads them). Two independent implementations, one answer.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -98,25 +97,11 @@ def test_fixture_can_catch_errors(name):
 # -- the real default model ---------------------------------------------------------------------
 
 
-def smollm2_gguf() -> Path | None:
-    """The pulled catalog file, else $TINYSERVE_SMOLLM2_GGUF, else None."""
-    try:
-        from tinyserve import catalog
-    except ImportError:
-        catalog = None
-    if catalog is not None:
-        path = catalog.model_path("smollm2-135m-instruct")
-        if path is not None and Path(path).exists():
-            return Path(path)
-    env = os.environ.get("TINYSERVE_SMOLLM2_GGUF")
-    return Path(env) if env and Path(env).exists() else None
-
-
 @pytest.fixture(scope="module")
 def smollm2():
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("SmolLM2 GGUF not pulled (`tinyserve pull`) and TINYSERVE_SMOLLM2_GGUF unset")
+    from conftest import default_model_gguf
+
+    path = default_model_gguf()
     return LLM(model=str(path), backend="numpy"), load_reference(SMOLLM2_NPZ)
 
 

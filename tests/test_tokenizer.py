@@ -8,7 +8,6 @@ real SmolLM2 vocab (committed fixture, see make_tokenizer_fixtures.py); streamin
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -454,10 +453,9 @@ def test_chat_template_errors(bpe_pair):
 
 # -- the real SmolLM2 vocab ------------------------------------------------------------------
 def _smollm2_gguf() -> Path:
-    path = os.environ.get("TINYSERVE_SMOLLM2_GGUF")
-    if not path or not Path(path).is_file():
-        pytest.skip("set TINYSERVE_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf to run")
-    return Path(path)
+    from conftest import default_model_gguf
+
+    return default_model_gguf()
 
 
 @pytest.fixture(scope="module")
