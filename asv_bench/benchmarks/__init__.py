@@ -1,0 +1,1 @@
+"""asv benchmarks for tinyserve: serving (TPOT, TTFT, tokens/s), kernels, model loading."""
