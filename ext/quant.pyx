@@ -36,6 +36,7 @@ cdef extern from "quant.h" nogil:
 
 # gguf.GGMLQuantizationType value -> name, for the types these kernels run
 QTYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+SUPPORTED_QTYPES = tuple(QTYPES)
 _ISA_NAMES = ("scalar", "avx2", "vnni")
 
 cdef int _best_isa = ts_best_isa()

@@ -1,0 +1,321 @@
+"""Quantized matmul kernels (ext/quant.pyx) against the NumPy reference.
+
+Reference: QuantTensor.dequantize (tinyserve/loading/gguf_file.py, itself checked against gguf-py)
+and x @ W.T in float64. The kernels quantize each activation row to int8 blocks of 32 with
+d = max|x_block| / 127, so each activation carries a rounding error of at most d/2: the kernel's
+result must lie within sum_blocks (d_b / 2) * sum_{i in b} |W_i| of the reference (plus float32
+accumulation slack), its relative Frobenius error must be ~1/127/sqrt(12) of the block range
+(asserted < 1e-2), and activations that are exactly representable as int8 blocks must give the
+reference up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import quantize
+
+from tinyserve.loading.gguf_file import QuantTensor
+
+quant = pytest.importorskip(
+    "tinyserve._ext.quant",
+    reason="native kernels not built (pip install -e . --no-build-isolation)",
+)
+
+LEGACY = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # blocks of 32, gguf.quants can quantize these
+K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]  # super-blocks of 256, built from random bytes
+ALL = LEGACY + K_QUANTS
+# byte offsets of each block's f16 fields (ggml-common.h): random bytes there could be inf/nan
+F16_FIELDS = {
+    Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0],
+    Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
+}  # fmt: skip
+
+
+def random_blocks(qtype, rows, cols, rng, scale=1.0):
+    """(rows, bytes_per_row) uint8 of random blocks whose f16 fields are finite."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n_blocks = rows * cols // block_size
+    data = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        f16 = np.clip(rng.standard_normal(n_blocks) * scale, -65504, 65504).astype(np.float16)
+        data[:, off : off + 2] = f16.view(np.uint8).reshape(-1, 2)
+    return data.reshape(rows, -1)
+
+
+def weight(qtype, rows, cols, rng, scale=1.0) -> QuantTensor:
+    """A QuantTensor: quantized from Gaussian floats where gguf can, else random blocks."""
+    if qtype in LEGACY:
+        w = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+        data = quantize(w, qtype)
+    else:
+        data = random_blocks(qtype, rows, cols, rng, scale)
+        if qtype in (Q.Q4_K, Q.Q5_K):
+            center_k_blocks(data, qtype)
+    return QuantTensor(qtype, (rows, cols), data)
+
+
+def center_k_blocks(data, qtype):
+    """Q4_K/Q5_K blocks made zero-mean like real ones: min_j = scale_j, dmin = d * mid-level.
+
+    Random bytes give each sub-block an offset (dmin * m_j) unrelated to its spread, so x @ W.T
+    becomes a small difference of large terms and no relative error bound is meaningful."""
+    blocks = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])  # a view: edits land in data
+    s = blocks[:, 4:16]
+    s[:, 4:8] = s[:, 0:4]  # low 6 bits (and the top 2 bits for j + 4) of mins = scales
+    s[:, 8:12] = (s[:, 8:12] & 0x0F) * 17  # high nibble (mins j + 4) = low nibble (scales)
+    d = np.abs(blocks[:, 0:2].copy().view(np.float16).astype(np.float32))
+    blocks[:, 0:2] = d.astype(np.float16).view(np.uint8)
+    mid = 7.5 if qtype == Q.Q4_K else 15.5
+    blocks[:, 2:4] = (d * mid).astype(np.float16).view(np.uint8)
+
+
+def reference(x, qt: QuantTensor) -> np.ndarray:
+    """(N, K), QuantTensor (M, K) -> (N, M) float64 = x @ W.T from the NumPy dequantizer."""
+    return x.astype(np.float64) @ qt.dequantize().astype(np.float64).T
+
+
+def rounding_bound(x, qt: QuantTensor) -> np.ndarray:
+    """(N, M): the most the int8 rounding of x can move x @ W.T, plus float32 slack."""
+    n, k = x.shape
+    w = np.abs(qt.dequantize().astype(np.float64))  # (M, K)
+    d = np.abs(x.astype(np.float64)).reshape(n, k // 32, 32).max(axis=2) / 127  # (N, K/32)
+    w_blocks = w.reshape(w.shape[0], k // 32, 32).sum(axis=2)  # (M, K/32)
+    return 0.5 * 1.001 * d @ w_blocks.T + 1e-5 * np.abs(x.astype(np.float64)) @ w.T
+
+
+def cols_for(qtype) -> list[int]:
+    return [96, 160] if qtype in LEGACY else [256, 512]
+
+
+@pytest.fixture(params=quant.available_isas())
+def isa(request):
+    """Each implementation this CPU runs (scalar, avx2, vnni): all must meet the reference."""
+    before = quant.get_isa()
+    quant.set_isa(request.param)
+    yield request.param
+    quant.set_isa(before)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    before = quant.get_num_threads()
+    quant.set_num_threads(request.param)
+    yield request.param
+    quant.set_num_threads(before)
+
+
+# -- matmul_q vs the reference -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_matmul_within_rounding_bound(qtype, n, isa, threads):
+    for cols in cols_for(qtype):
+        rng = np.random.default_rng(int(qtype) * 100 + n + cols)
+        qt = weight(qtype, 37, cols, rng)  # odd M
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        got = quant.matmul_q(x, qt.data, int(qtype), cols)
+        assert got.dtype == np.float32 and got.shape == (n, 37)
+        ref = reference(x, qt)
+        assert np.all(np.abs(got - ref) <= rounding_bound(x, qt))
+        assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_int8_representable_x_is_exact(qtype, isa):
+    # x = q / 8 with q int8 and a +-127 in every block: d = 1/8 exactly, no rounding error left
+    rng = np.random.default_rng(int(qtype))
+    cols = cols_for(qtype)[1]
+    qt = weight(qtype, 37, cols, rng)
+    q = rng.integers(-127, 128, (5, cols))
+    q[:, ::32] = rng.choice([-127, 127], (5, cols // 32))
+    x = (q / 8).astype(np.float32)
+    got = quant.matmul_q(x, qt.data, int(qtype), cols)
+    ref = reference(x, qt)
+    slack = 2e-6 * np.abs(x.astype(np.float64)) @ np.abs(qt.dequantize().astype(np.float64)).T
+    assert np.all(np.abs(got - ref) <= slack)  # ~1e4 times tighter than the rounding bound
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+@pytest.mark.parametrize("w_scale,x_scale", [(6e4, 1.0), (1e-7, 1e3), (1.0, 1e-30), (1.0, 3e4)])
+def test_extreme_scales(qtype, w_scale, x_scale, isa):
+    # f16 scales near the top of the range, f16 subnormal scales, tiny and large activations
+    rng = np.random.default_rng(int(qtype) * 1000 + int(np.log10(w_scale)) + 10)
+    cols = cols_for(qtype)[0]
+    qt = QuantTensor(qtype, (9, cols), random_blocks(qtype, 9, cols, rng, w_scale))
+    x = (rng.standard_normal((3, cols)) * x_scale).astype(np.float32)
+    got = quant.matmul_q(x, qt.data, int(qtype), cols)
+    ref = reference(x, qt)
+    assert np.all(np.isfinite(got))
+    assert np.all(np.abs(got - ref) <= rounding_bound(x, qt))
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_zero_rows_give_exact_zeros(qtype, isa):
+    rng = np.random.default_rng(3)
+    cols = cols_for(qtype)[0]
+    data = random_blocks(qtype, 6, cols, rng)
+    data[2] = 0  # an all-zero weight row (d = m = 0)
+    x = rng.standard_normal((4, cols)).astype(np.float32)
+    x[1] = 0.0  # an all-zero activation row (d = 0: q must be 0, not nan)
+    got = quant.matmul_q(x, data, int(qtype), cols)
+    assert np.all(got[:, 2] == 0) and np.all(got[1] == 0)
+    assert np.count_nonzero(got) == 3 * 5
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_implementations_agree(qtype):
+    # same integer dot products on every ISA: only the float summation order may differ
+    rng = np.random.default_rng(int(qtype) + 50)
+    cols = cols_for(qtype)[1]
+    qt = weight(qtype, 23, cols, rng)
+    x = rng.standard_normal((7, cols)).astype(np.float32)
+    before = quant.get_isa()
+    try:
+        outs = []
+        for name in quant.available_isas():
+            quant.set_isa(name)
+            outs.append(quant.matmul_q(x, qt.data, int(qtype), cols))
+    finally:
+        quant.set_isa(before)
+    scale = np.abs(x) @ np.abs(qt.dequantize()).T
+    for other in outs[1:]:
+        assert np.all(np.abs(other - outs[0]) <= 1e-5 * scale)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
+def test_batched_equals_alone_and_threads_agree(qtype, isa):
+    # each output is summed in one fixed order whatever the tile, chunk or thread count
+    rng = np.random.default_rng(7)
+    cols = 512
+    qt = weight(qtype, 301, cols, rng)  # big enough for the OpenMP path
+    x = rng.standard_normal((70, cols)).astype(np.float32)  # > one 64-row task, ragged tile
+    before = quant.get_num_threads()
+    try:
+        quant.set_num_threads(1)
+        one = quant.matmul_q(x, qt.data, int(qtype), cols)
+        quant.set_num_threads(2)
+        two = quant.matmul_q(x, qt.data, int(qtype), cols)
+    finally:
+        quant.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)
+    for i in (0, 5, 69):
+        alone = quant.matmul_q(x[i : i + 1].copy(), qt.data, int(qtype), cols)
+        np.testing.assert_array_equal(alone[0], one[i])
+
+
+def test_out_buffer_is_reused_and_memmap_rows_read_in_place(tmp_path):
+    rng = np.random.default_rng(11)
+    qt = weight(Q.Q4_1, 40, 96, rng)
+    path = tmp_path / "w.bin"
+    padded = np.zeros((40, 64), np.uint8)  # rows with a stride wider than their 60 bytes
+    padded[:, : qt.data.shape[1]] = qt.data
+    padded.tofile(path)
+    mm = np.memmap(path, np.uint8, "r", shape=(40, 64))[:, :60]
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    out = np.full((3, 40), np.nan, np.float32)
+    got = quant.matmul_q(x, mm, int(Q.Q4_1), 96, out)
+    assert got is out
+    np.testing.assert_array_equal(out, quant.matmul_q(x, qt.data, int(Q.Q4_1), 96))
+
+
+# -- dequantize_rows and matmul_bf16 -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+@pytest.mark.parametrize("scale", [1.0, 6e4, 1e-7])
+def test_dequantize_rows_matches_numpy(qtype, scale):
+    rng = np.random.default_rng(int(qtype) + 9)
+    cols = cols_for(qtype)[1]
+    qt = QuantTensor(qtype, (11, cols), random_blocks(qtype, 11, cols, rng, scale))
+    ids = [10, 0, 3, 3]
+    got = quant.dequantize_rows(qt.data, int(qtype), cols, np.array(ids))
+    np.testing.assert_array_equal(got, qt.dequantize_rows(ids))
+
+
+@pytest.mark.parametrize("n", [1, 3, 17])
+@pytest.mark.parametrize("cols", [100, 576])  # 100: a tail after the 8-wide SIMD loop
+def test_matmul_bf16_matches_reference(n, cols, isa, threads):
+    rng = np.random.default_rng(n + cols)
+    w = rng.standard_normal((37, cols)).astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16)  # truncate to bf16
+    w_bf16 = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    got = quant.matmul_bf16(x, bits)
+    ref = x.astype(np.float64) @ w_bf16.T
+    assert np.all(np.abs(got - ref) <= 1e-5 * np.abs(x.astype(np.float64)) @ np.abs(w_bf16).T)
+
+
+# -- real weights ------------------------------------------------------------------------------
+
+
+def test_default_model_head_and_ffn():
+    from tests.conftest import default_model_gguf
+    from tinyserve.loading import load_checkpoint
+
+    tensors = load_checkpoint(default_model_gguf()).tensors
+    rng = np.random.default_rng(0)
+    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"):
+        qt = tensors[name]
+        rows = min(1000, qt.shape[0])
+        sub = QuantTensor(qt.qtype, (rows, qt.shape[1]), qt.data[:rows])  # a view of the mmap
+        x = rng.standard_normal((2, qt.shape[1])).astype(np.float32)
+        got = quant.matmul_q(x, sub.data, int(qt.qtype), qt.shape[1])
+        ref = reference(x, sub)
+        assert np.all(np.abs(got - ref) <= rounding_bound(x, sub))
+        assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_clear_value_errors():
+    rng = np.random.default_rng(0)
+    data = random_blocks(Q.Q8_0, 4, 64, rng)  # (4, 68)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="not supported"):
+        quant.matmul_q(x, data, int(Q.Q2_K), 64)
+    with pytest.raises(ValueError, match="not supported"):
+        quant.matmul_q(x, data, 99, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.matmul_q(x, data, int(Q.Q8_0), 60)
+    with pytest.raises(ValueError, match="take 34 bytes, but data rows have 68"):
+        quant.matmul_q(x[:, :32].copy(), data, int(Q.Q8_0), 32)
+    with pytest.raises(ValueError, match="float32"):
+        quant.matmul_q(x.astype(np.float64), data, int(Q.Q8_0), 64)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        quant.matmul_q(np.asfortranarray(x), data, int(Q.Q8_0), 64)
+    with pytest.raises(ValueError, match="x has 32 columns"):
+        quant.matmul_q(np.zeros((2, 32), np.float32), data, int(Q.Q8_0), 64)
+    with pytest.raises(ValueError, match="uint8"):
+        quant.matmul_q(x, data.view(np.int8), int(Q.Q8_0), 64)
+    with pytest.raises(ValueError, match="shape"):
+        quant.matmul_q(x, data, int(Q.Q8_0), 64, out=np.empty((2, 5), np.float32))
+    with pytest.raises(ValueError, match="out of range"):
+        quant.dequantize_rows(data, int(Q.Q8_0), 64, [0, 4])
+    with pytest.raises(ValueError, match="uint16"):
+        quant.matmul_bf16(x, np.zeros((3, 64), np.float32))
+    with pytest.raises(ValueError, match=">= 1"):
+        quant.set_num_threads(0)
+    with pytest.raises(ValueError, match="not available"):
+        quant.set_isa("neon")
+
+
+def test_thread_count_from_environment():
+    def threads_in_child(env):
+        code = "from tinyserve._ext import quant; print(quant.get_num_threads())"
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        )
+        return run.stdout.strip() or run.stderr
+
+    env = {k: v for k, v in os.environ.items() if k != "TINYSERVE_NUM_THREADS"}
+    assert threads_in_child(dict(env, TINYSERVE_NUM_THREADS="3")) == "3"
+    assert threads_in_child(env) == str(os.cpu_count())
