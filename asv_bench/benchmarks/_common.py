@@ -108,13 +108,14 @@ def backend_unavailable(name: str) -> str | None:
     return None if ok else f"backend {name!r}: {reason}"
 
 
-def ops_for(name: str):
-    """The op set of the named backend; NotImplementedError (asv: skipped) when it is not built."""
+def backend_for(name: str):
+    """An instance of the named backend, threads pinned; NotImplementedError (asv: skipped) when
+    it is not built or cannot run here."""
     reason = backend_unavailable(name)
     if reason is not None:
         raise NotImplementedError(reason)
     from tinyserve.backends import create_backend
 
-    ops = create_backend(name).ops
+    backend = create_backend(name)
     pin_threads()
-    return ops
+    return backend
