@@ -356,8 +356,8 @@ def _check_fields(body: dict, allowed: dict) -> None:
         raise HTTPError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
 
 
-def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
-                     limit: int) -> SamplingParams:
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, limit: int,
+                     logprobs_field: str = "logprobs") -> SamplingParams:
     if max_tokens is not None and max_tokens > limit:
         raise HTTPError(400, f"max_tokens {max_tokens} is above this server's limit of {limit}",
                         "max_tokens")
@@ -373,11 +373,12 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
         raise HTTPError(400, "'stop_token_ids' must be an array of integers", "stop_token_ids")
     kwargs = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
     try:
-        return SamplingParams(max_tokens=max_tokens or 16, stop=tuple(stop or ()),
+        return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens, stop=tuple(stop or ()),
                               stop_token_ids=tuple(stop_ids), logprobs=logprobs, **kwargs)
     except RequestError as e:
-        first = str(e).split()[0]
-        raise HTTPError(400, str(e), first if first in _SAMPLING or first == "max_tokens" else None) from None
+        first = str(e).split()[0]  # SamplingParams' messages start with the field's name
+        param = logprobs_field if first == "logprobs" else first
+        raise HTTPError(400, str(e), param if param in body or first == "max_tokens" else None) from None
 
 
 def _completion_prompt(body: dict, tokenizer) -> Callable[[], list[int]]:
@@ -457,7 +458,10 @@ class _Formatter:
             self.text_offset[o.index] = offset + len(s)
             out["tokens"].append(s)
             out["token_logprobs"].append(lp[t])
-            out["top_logprobs"].append({self._token(i): v for i, v in sorted(lp.items(), key=lambda kv: -kv[1])})
+            top: dict[str, float] = {}
+            for i, v in sorted(lp.items(), key=lambda kv: -kv[1]):
+                top.setdefault(self._token(i), v)  # tokens that print alike: keep the likelier one
+            out["top_logprobs"].append(top)
             out["text_offset"].append(offset)
         return out
 
@@ -665,7 +669,7 @@ class _Server:
         elif body.get("top_logprobs") is not None:
             raise HTTPError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         max_tokens = _field(body, "max_completion_tokens", "int", _field(body, "max_tokens", "int"))
-        params = _sampling_params(body, max_tokens, top_n, self.config.max_tokens_limit)
+        params = _sampling_params(body, max_tokens, top_n, self.config.max_tokens_limit, "top_logprobs")
         prepare = lambda: self.llm.chat_prompt(messages)
         return await self._generate(request, body, prepare, params, True, max_tokens is None, top_n)
 
@@ -790,10 +794,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="the model id clients send "
                    "(default: the model's name)")
-    p.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes)
+    defaults = ServerConfig()
+    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context - 1")
-    p.add_argument("--max-tokens-limit", type=int, default=ServerConfig.max_tokens_limit)
-    p.add_argument("--max-queue", type=int, default=ServerConfig.max_queue,
+    p.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit,
+                   help="largest max_tokens a request may ask for")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
                    help="requests in flight at most; more get 503")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     p.add_argument("--kv-cache-tokens", type=int, default=None)
