@@ -24,12 +24,12 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from tinyserve import LLM, SamplingParams  # noqa: E402
-from tinyserve.server import ServerConfig, create_app, main  # noqa: E402
+from tinyserve import LLM, SamplingParams
+from tinyserve.server import ServerConfig, create_app, main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "smollm2"
 MODEL = "tiny"
-LIMITS = dict(max_body_bytes=4096, max_prompt_tokens=64, max_tokens_limit=128, max_queue=64)
+LIMITS = {"max_body_bytes": 4096, "max_prompt_tokens": 64, "max_tokens_limit": 128, "max_queue": 64}
 
 
 @contextlib.contextmanager
@@ -52,7 +52,7 @@ def running(app):
 
 @pytest.fixture(scope="module")
 def ref() -> LLM:
-    """An independent LLM over the same checkpoint: the route the server's answers are checked by."""
+    """A second, independent LLM over the same checkpoint: the oracle for the server's answers."""
     return LLM(str(FIXTURE), backend="numpy")
 
 
@@ -121,8 +121,13 @@ def test_models_and_health(client, http):
 
 
 def test_completion_equals_llm_generate(client, ref):
-    r = client.completions.create(model=MODEL, prompt="Story 1: the", max_tokens=12, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="Story 1: the",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     want = ref.generate("Story 1: the", greedy())[0]
     assert r.choices[0].text == want.outputs[0].text and r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == len(want.prompt_token_ids) and r.usage.completion_tokens == 12
@@ -130,20 +135,36 @@ def test_completion_equals_llm_generate(client, ref):
 
 
 def test_chat_equals_llm_chat(client, ref):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story"}]
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell me a story"},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     want = ref.chat(messages, greedy(10))[0]
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == want.outputs[0].text
-    assert r.usage.prompt_tokens == len(ref.chat_prompt(messages)) and r.usage.completion_tokens == 10
+    assert (
+        r.usage.prompt_tokens == len(ref.chat_prompt(messages)) and r.usage.completion_tokens == 10
+    )
 
 
 def test_streaming_joins_to_the_whole_answer(client, ref):
     want = ref.generate("Story 2: the", greedy(20))[0].outputs[0].text
-    stream = client.completions.create(model=MODEL, prompt="Story 2: the", max_tokens=20, temperature=0,
-                                       stream=True, stream_options={"include_usage": True},
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="Story 2: the",
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
     assert len([c for c in chunks if c.choices]) > 1, "one chunk is not a stream"
@@ -151,18 +172,38 @@ def test_streaming_joins_to_the_whole_answer(client, ref):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
     messages = [{"role": "user", "content": "hi"}]
-    chat = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
-                                               temperature=0, stream=True,
-                                               extra_body={"ignore_eos": True}))
+    chat = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chat[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chat) == ref.chat(messages, greedy(8))[0].outputs[0].text
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chat)
+        == ref.chat(messages, greedy(8))[0].outputs[0].text
+    )
 
 
 def test_n_2_seeded_sampling_equals_llm_generate(client, ref):
-    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=7, n=2, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=10, temperature=0.9, top_p=0.95, seed=7, n=2, ignore_eos=True
+    )
     want = [o.text for o in ref.generate("Story 3: the", params)[0].outputs]
-    kw = dict(model=MODEL, prompt="Story 3: the", max_tokens=10, temperature=0.9, top_p=0.95, seed=7, n=2,
-              extra_body={"ignore_eos": True})
+    kw = {
+        "model": MODEL,
+        "prompt": "Story 3: the",
+        "max_tokens": 10,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "seed": 7,
+        "n": 2,
+        "extra_body": {"ignore_eos": True},
+    }
     r = client.completions.create(**kw)
     assert sorted(c.index for c in r.choices) == [0, 1]
     assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == want
@@ -177,20 +218,41 @@ def test_n_2_seeded_sampling_equals_llm_generate(client, ref):
 def test_stop_strings_cut_the_text(client, ref):
     full = ref.generate("Story 0: the", greedy(16))[0].outputs[0].text  # "ran'qqqq..."
     stop = full[3:5]
-    r = client.completions.create(model=MODEL, prompt="Story 0: the", max_tokens=16, temperature=0,
-                                  stop=[stop, "never-there"], extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="Story 0: the",
+        max_tokens=16,
+        temperature=0,
+        stop=[stop, "never-there"],
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
-    chunks = client.completions.create(model=MODEL, prompt="Story 0: the", max_tokens=16, temperature=0,
-                                       stop=stop, stream=True, extra_body={"ignore_eos": True})
+    chunks = client.completions.create(
+        model=MODEL,
+        prompt="Story 0: the",
+        max_tokens=16,
+        temperature=0,
+        stop=stop,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     assert "".join(c.choices[0].text for c in chunks) == full[: full.index(stop)]
 
 
 def test_completion_logprobs_match_the_model(client, ref):
     prompt_ids = ref.tokenizer.encode("Story 5: the")
-    r = client.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=6, temperature=0,
-                                  logprobs=3, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt=prompt_ids,
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     out_ids = ref.generate([prompt_ids], greedy(6))[0].outputs[0].token_ids
-    logits = ref.logits(prompt_ids + out_ids[:-1])[len(prompt_ids) - 1 :]  # (6, V): row i predicts out i
+    logits = ref.logits(prompt_ids + out_ids[:-1])[
+        len(prompt_ids) - 1 :
+    ]  # (6, V): row i predicts out i
     shifted = logits - logits.max(-1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))  # (6, V) log-softmax
     lp = r.choices[0].logprobs
@@ -204,9 +266,15 @@ def test_completion_logprobs_match_the_model(client, ref):
 
 
 def test_chat_logprobs(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=5, temperature=0, logprobs=True, top_logprobs=4,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=4,
+        extra_body={"ignore_eos": True},
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 5
     for tok in content:
@@ -223,9 +291,14 @@ PROMPTS = [f"Story {i}: the" for i in range(32)]
 
 
 async def _stream_one(aclient, prompt: str, max_tokens: int, cut_after: int | None) -> str:
-    stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
-                                              temperature=0, stream=True,
-                                              extra_body={"ignore_eos": True})
+    stream = await aclient.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     text, n = "", 0
     async for chunk in stream:
         text += chunk.choices[0].text
@@ -238,10 +311,12 @@ async def _stream_one(aclient, prompt: str, max_tokens: int, cut_after: int | No
 
 async def _clients(url: str, max_tokens: int, cut: bool) -> list[str]:
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as aclient:
-        return await asyncio.gather(*[
-            _stream_one(aclient, p, max_tokens, 2 if cut and i % 2 else None)
-            for i, p in enumerate(PROMPTS)
-        ])
+        return await asyncio.gather(
+            *[
+                _stream_one(aclient, p, max_tokens, 2 if cut and i % 2 else None)
+                for i, p in enumerate(PROMPTS)
+            ]
+        )
 
 
 def test_32_concurrent_streams_batch_and_equal_sequential_ones(served, ref, http):
@@ -273,8 +348,13 @@ def test_a_disconnect_frees_the_blocks_at_once(served, http):
     url, state = served
     kv = state.loop.engine.kv_manager
     with slow_steps(state, 0.01), httpx.Client(base_url=url, timeout=10) as c:
-        body = {"prompt": "Story 9: the", "max_tokens": 120, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "prompt": "Story 9: the",
+            "max_tokens": 120,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             while not next(lines).startswith("data: "):
@@ -292,8 +372,16 @@ def test_a_non_streaming_client_that_hangs_up_is_aborted_too(served, http):
     aborted_before = metric(http, 'tinyserve_requests_total{finish_reason="abort"}')
     with slow_steps(state, 0.01):
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url + "/v1/completions", timeout=0.2, json={
-                "prompt": "Story 8: the", "max_tokens": 120, "temperature": 0, "ignore_eos": True})
+            httpx.post(
+                url + "/v1/completions",
+                timeout=0.2,
+                json={
+                    "prompt": "Story 8: the",
+                    "max_tokens": 120,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
         assert wait_until(lambda: kv.n_used_blocks == 0, timeout=0.5)
     assert metric(http, 'tinyserve_requests_total{finish_reason="abort"}') - aborted_before == 1
 
@@ -301,8 +389,13 @@ def test_a_non_streaming_client_that_hangs_up_is_aborted_too(served, http):
 def test_metrics_count_requests_tokens_and_latencies(served, client, http):
     before = metric(http, "tinyserve_generation_tokens_total")
     ttft_before = metric(http, "tinyserve_time_to_first_token_seconds_count")
-    client.completions.create(model=MODEL, prompt="Story 4: the", max_tokens=5, temperature=0,
-                              extra_body={"ignore_eos": True})
+    client.completions.create(
+        model=MODEL,
+        prompt="Story 4: the",
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert metric(http, "tinyserve_generation_tokens_total") - before == 5
     assert metric(http, "tinyserve_time_to_first_token_seconds_count") - ttft_before == 1
     text = http.get("/metrics").text
@@ -331,14 +424,34 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, None),
     ("/v1/completions", {"prompt": "word " * 80}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (
+        "/v1/completions",
+        {"prompt": "x", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "word " * 80}]},
+        400,
+        "messages",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
-     "top_logprobs"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "model"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"},
+        404,
+        "model",
+    ),
     ("/v1/completions", {"prompt": "x" * 5000}, 413, None),
 ]
 
@@ -357,7 +470,9 @@ def assert_still_serving(http) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
-@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "path,body,status,param", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)]
+)
 def test_bad_input_gets_an_openai_error(http, path, body, status, param):
     if isinstance(body, bytes):
         r = http.post(path, content=body, headers={"content-type": "application/json"})
@@ -383,12 +498,29 @@ def test_unknown_route_and_wrong_method(http):
     assert_error(http.get("/v1/completions"), 405)
 
 
+def test_an_engine_failure_fails_its_requests_not_the_server(served, http):
+    engine = served[1].loop.engine
+
+    def broken():
+        del engine.step  # once
+        raise RuntimeError("device lost")
+
+    engine.step = broken
+    err = assert_error(
+        http.post("/v1/completions", json={"prompt": "Story 1: the", "max_tokens": 4}), 500
+    )
+    assert "device lost" in err["message"] and err["type"] == "server_error"
+    assert wait_until(lambda: engine.kv_manager.n_used_blocks == 0)
+    assert_still_serving(http)
+
+
 def test_the_official_client_raises_on_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                       temperature=-3)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=-3
+        )
 
 
 def test_api_key_and_queue_limit(ref):
@@ -399,17 +531,28 @@ def test_api_key_and_queue_limit(ref):
     with running(app) as url, httpx.Client(base_url=url, timeout=10) as c:
         body = {"prompt": "Story 1: the", "max_tokens": 3}
         assert_error(c.post("/v1/completions", json=body), 401)
-        assert_error(c.post("/v1/completions", json=body, headers={"authorization": "Bearer nope"}), 401)
+        assert_error(
+            c.post("/v1/completions", json=body, headers={"authorization": "Bearer nope"}), 401
+        )
         assert_error(c.get("/v1/models"), 401)
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
         ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
-        assert ok.completions.create(model=MODEL, prompt="Story 1: the", max_tokens=3).usage.completion_tokens
+        assert ok.completions.create(
+            model=MODEL, prompt="Story 1: the", max_tokens=3
+        ).usage.completion_tokens
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
 
         auth = {"authorization": "Bearer sekret"}
-        with slow_steps(state, 0.01), c.stream("POST", "/v1/completions", headers=auth, json={
-                **body, "max_tokens": 50, "stream": True, "ignore_eos": True}) as r:
+        with (
+            slow_steps(state, 0.01),
+            c.stream(
+                "POST",
+                "/v1/completions",
+                headers=auth,
+                json={**body, "max_tokens": 50, "stream": True, "ignore_eos": True},
+            ) as r,
+        ):
             lines = r.iter_lines()  # held: dropping the iterator would hang up
             next(lines)  # the first request is in flight
             err = assert_error(c.post("/v1/completions", json=body, headers=auth), 503)
@@ -428,9 +571,22 @@ def test_main_rejects_bad_limits(capsys):
 
 def test_tinyserve_serve_command_serves(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tinyserve.cli", "serve", "--model", str(FIXTURE), "-b", "numpy",
-         "--port", "0", "--served-model-name", MODEL],
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tinyserve.cli",
+            "serve",
+            "--model",
+            str(FIXTURE),
+            "-b",
+            "numpy",
+            "--port",
+            "0",
+            "--served-model-name",
+            MODEL,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         url = None
@@ -439,8 +595,10 @@ def test_tinyserve_serve_command_serves(tmp_path):
                 url = line.split("running on ")[1].split()[0]
                 break
         assert url is not None and url.startswith("http://127.0.0.1:"), "binds loopback by default"
-        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Story 1: the",
-                                                      "max_tokens": 3, "temperature": 0})
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": MODEL, "prompt": "Story 1: the", "max_tokens": 3, "temperature": 0},
+        )
         assert r.status_code == 200 and json.loads(r.text)["model"] == MODEL
     finally:
         proc.terminate()

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import os
 import sys
 import threading
 import time
@@ -59,14 +60,30 @@ class ServerConfig:
 class HTTPError(Exception):
     """An OpenAI-style error response."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -96,7 +113,7 @@ class Histogram:
         return lines + [f"{self.name}_sum {self.sum!r}", f"{self.name}_count {self.count}"]
 
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -108,13 +125,20 @@ class Metrics:
         self.finished: dict[str, int] = {}  # finish reason of each request's first sample -> count
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.ttft = Histogram("tinyserve_time_to_first_token_seconds", "Time to first token.",
-                              _LATENCY_BUCKETS)
-        self.tpot = Histogram("tinyserve_time_per_output_token_seconds",
-                              "Time per output token after the first.", _LATENCY_BUCKETS)
-        self.e2e = Histogram("tinyserve_e2e_request_latency_seconds", "Arrival to last token.",
-                             _LATENCY_BUCKETS)
-        self.gauges = {"kv_blocks_in_use": 0, "kv_blocks_total": 0, "requests_running": 0}
+        self.ttft = Histogram(
+            "tinyserve_time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS
+        )
+        self.tpot = Histogram(
+            "tinyserve_time_per_output_token_seconds",
+            "Time per output token after the first.",
+            _LATENCY_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "tinyserve_e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS
+        )
+        self.gauges = dict.fromkeys(
+            ["kv_blocks_in_use", "kv_blocks_total", "sequences_running", "sequences_waiting"], 0
+        )
 
     def count_http(self, path: str, status: int) -> None:
         with self.lock:
@@ -134,20 +158,31 @@ class Metrics:
 
     def render(self) -> str:
         with self.lock:
-            lines = ["# HELP tinyserve_http_requests_total HTTP responses by path and status.",
-                     "# TYPE tinyserve_http_requests_total counter"]
-            lines += [f'tinyserve_http_requests_total{{path="{p}",status="{s}"}} {n}'
-                      for (p, s), n in sorted(self.http.items())]
-            lines += ["# HELP tinyserve_requests_total Generation requests ended, by finish reason.",
-                      "# TYPE tinyserve_requests_total counter"]
-            lines += [f'tinyserve_requests_total{{finish_reason="{r}"}} {n}'
-                      for r, n in sorted(self.finished.items())]
+            lines = [
+                "# HELP tinyserve_http_requests_total HTTP responses by path and status.",
+                "# TYPE tinyserve_http_requests_total counter",
+            ]
+            lines += [
+                f'tinyserve_http_requests_total{{path="{p}",status="{s}"}} {n}'
+                for (p, s), n in sorted(self.http.items())
+            ]
+            lines += [
+                "# HELP tinyserve_requests_total Generation requests ended, by finish reason.",
+                "# TYPE tinyserve_requests_total counter",
+            ]
+            lines += [
+                f'tinyserve_requests_total{{finish_reason="{r}"}} {n}'
+                for r, n in sorted(self.finished.items())
+            ]
             for name, v, help in [
                 ("prompt_tokens_total", self.prompt_tokens, "Prompt tokens of finished requests."),
                 ("generation_tokens_total", self.generation_tokens, "Tokens generated."),
             ]:
-                lines += [f"# HELP tinyserve_{name} {help}", f"# TYPE tinyserve_{name} counter",
-                          f"tinyserve_{name} {v}"]
+                lines += [
+                    f"# HELP tinyserve_{name} {help}",
+                    f"# TYPE tinyserve_{name} counter",
+                    f"tinyserve_{name} {v}",
+                ]
             for name, v in self.gauges.items():
                 lines += [f"# TYPE tinyserve_{name} gauge", f"tinyserve_{name} {v}"]
             for hist in (self.ttft, self.tpot, self.e2e):
@@ -196,10 +231,11 @@ class Handle:
 
 @dataclass(frozen=True, slots=True)
 class _Submit:
-    handle: Handle
+    handle: Handle | None  # set when the request is admitted
     prepare: Callable[[], list[int]]  # runs on the engine thread: render / tokenize the prompt
     params: SamplingParams
     default_max_tokens: bool  # max_tokens not given: as many as the context and limit allow
+    prompt_field: str  # "prompt" or "messages", named in errors
 
 
 class EngineLoop:
@@ -243,12 +279,17 @@ class EngineLoop:
                 if self.stopping:
                     break
                 commands, self.commands = self.commands, []
-            for cmd in commands:
-                self._add(cmd) if isinstance(cmd, _Submit) else self._abort(cmd)
+            for cmd in commands:  # in order: an abort never overtakes its request's add
+                if isinstance(cmd, _Submit):
+                    self._add(cmd)
+                else:
+                    self._abort(cmd)
             if self.engine.has_unfinished():
                 self._step()
             self._publish()
-        for rid in list(self.live):
+        gone = HTTPError(503, "the server is shutting down", type="server_error", code="shutdown")
+        for rid, handle in list(self.live.items()):
+            handle.post(gone)
             self._abort(rid)
 
     def _add(self, cmd: _Submit) -> None:
@@ -256,14 +297,21 @@ class EngineLoop:
         try:
             ids = cmd.prepare()
             if len(ids) > self.max_prompt_tokens:
-                raise HTTPError(400, f"the prompt has {len(ids)} tokens, more than this server's "
-                                f"limit of {self.max_prompt_tokens}", "prompt", "prompt_too_long")
+                raise HTTPError(
+                    400,
+                    f"the prompt has {len(ids)} tokens, more than this server's "
+                    f"limit of {self.max_prompt_tokens}",
+                    cmd.prompt_field,
+                    "prompt_too_long",
+                )
             params = cmd.params
             if cmd.default_max_tokens:
                 room = self.engine.model_config.context_len - len(ids)
-                params = dataclasses.replace(params, max_tokens=max(1, min(room, self.config.max_tokens_limit)))
+                params = dataclasses.replace(
+                    params, max_tokens=max(1, min(room, self.config.max_tokens_limit))
+                )
             self.engine.add_request(ids, params, rid)
-        except Exception as e:  # noqa: BLE001 - every failure goes to its client, none kills the loop
+        except Exception as e:  # noqa: BLE001 - any failure goes to its client, not the loop
             cmd.handle.post(e)
             return
         self.live[rid] = cmd.handle
@@ -278,8 +326,12 @@ class EngineLoop:
         try:
             outs = self.engine.step()
         except Exception as e:  # noqa: BLE001 - a backend failure fails the requests in flight only
-            err = HTTPError(500, f"engine failure: {type(e).__name__}: {e}", type="server_error",
-                            code="engine_error")
+            err = HTTPError(
+                500,
+                f"engine failure: {type(e).__name__}: {e}",
+                type="server_error",
+                code="engine_error",
+            )
             for rid, handle in list(self.live.items()):
                 handle.post(err)
                 self._abort(rid)
@@ -296,8 +348,12 @@ class EngineLoop:
     def _publish(self) -> None:
         kv = self.engine.kv_manager
         with self.metrics.lock:
-            self.metrics.gauges.update(kv_blocks_in_use=kv.n_used_blocks, kv_blocks_total=kv.num_blocks,
-                                       requests_running=len(self.live))
+            self.metrics.gauges.update(
+                kv_blocks_in_use=kv.n_used_blocks,
+                kv_blocks_total=kv.num_blocks,
+                sequences_running=len(self.engine.scheduler.running),
+                sequences_waiting=len(self.engine.scheduler.waiting),
+            )
 
 
 # -- request bodies -> prompts and SamplingParams -------------------------------------------------
@@ -310,19 +366,45 @@ _KINDS = {
     "dict": (lambda v: isinstance(v, dict), "an object"),
     "list": (lambda v: isinstance(v, list), "an array"),
 }
-_SAMPLING = {  # request field -> kind; shared by both endpoints (top_k, min_p, ... as vLLM takes them)
-    "temperature": "number", "top_p": "number", "top_k": "int", "min_p": "number", "seed": "int",
-    "n": "int", "presence_penalty": "number", "frequency_penalty": "number",
-    "repetition_penalty": "number", "ignore_eos": "bool", "skip_special_tokens": "bool",
+# request field -> kind, shared by both endpoints (top_k, min_p, ... as vLLM takes them)
+_SAMPLING = {
+    "temperature": "number",
+    "top_p": "number",
+    "top_k": "int",
+    "min_p": "number",
+    "seed": "int",
+    "n": "int",
+    "presence_penalty": "number",
+    "frequency_penalty": "number",
+    "repetition_penalty": "number",
+    "ignore_eos": "bool",
+    "skip_special_tokens": "bool",
 }
-_COMMON = {"model": "str", "stream": "bool", "stream_options": "dict", "stop": None,
-           "stop_token_ids": "list", "max_tokens": "int", "user": "str", "best_of": "int",
-           "logit_bias": "dict", "response_format": "dict", "metadata": "dict", "store": "bool",
-           "service_tier": "str"}
+_COMMON = {
+    "model": "str",
+    "stream": "bool",
+    "stream_options": "dict",
+    "stop": None,
+    "stop_token_ids": "list",
+    "max_tokens": "int",
+    "user": "str",
+    "best_of": "int",
+    "logit_bias": "dict",
+    "response_format": "dict",
+    "metadata": "dict",
+    "store": "bool",
+    "service_tier": "str",
+}
 _COMPLETION = {"prompt": None, "logprobs": "int", "echo": "bool", "suffix": "str"}
-_CHAT = {"messages": "list", "logprobs": "bool", "top_logprobs": "int",
-         "max_completion_tokens": "int", "tools": "list", "tool_choice": None,
-         "parallel_tool_calls": "bool"}
+_CHAT = {
+    "messages": "list",
+    "logprobs": "bool",
+    "top_logprobs": "int",
+    "max_completion_tokens": "int",
+    "tools": "list",
+    "tool_choice": None,
+    "parallel_tool_calls": "bool",
+}
 
 
 def _field(body: dict, name: str, kind: str | None, default=None):
@@ -342,25 +424,39 @@ def _check_fields(body: dict, allowed: dict) -> None:
         raise HTTPError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
     for name, kind in allowed.items():
         _field(body, name, kind)
-    for name, bad in [("echo", body.get("echo")), ("suffix", body.get("suffix")),
-                      ("logit_bias", body.get("logit_bias")), ("tools", body.get("tools")),
-                      ("tool_choice", body.get("tool_choice") not in (None, "none"))]:
+    for name, bad in [
+        ("echo", body.get("echo")),
+        ("suffix", body.get("suffix")),
+        ("logit_bias", body.get("logit_bias")),
+        ("tools", body.get("tools")),
+        ("tool_choice", body.get("tool_choice") not in (None, "none")),
+    ]:
         if bad:
             raise HTTPError(400, f"'{name}' is not supported by this server", name)
     fmt = body.get("response_format")
     if fmt is not None and fmt.get("type") != "text":
-        raise HTTPError(400, "only response_format {'type': 'text'} is supported", "response_format")
+        raise HTTPError(
+            400, "only response_format {'type': 'text'} is supported", "response_format"
+        )
     if body.get("best_of") not in (None, body.get("n", 1)):
         raise HTTPError(400, "'best_of' other than n is not supported", "best_of")
     if body.get("stream_options") is not None and not body.get("stream"):
-        raise HTTPError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+        raise HTTPError(
+            400, "'stream_options' is only allowed when 'stream' is true", "stream_options"
+        )
 
 
-def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, limit: int,
-                     logprobs_field: str = "logprobs") -> SamplingParams:
+def _sampling_params(
+    body: dict,
+    max_tokens: int | None,
+    logprobs: int | None,
+    limit: int,
+    logprobs_field: str = "logprobs",
+) -> SamplingParams:
     if max_tokens is not None and max_tokens > limit:
-        raise HTTPError(400, f"max_tokens {max_tokens} is above this server's limit of {limit}",
-                        "max_tokens")
+        raise HTTPError(
+            400, f"max_tokens {max_tokens} is above this server's limit of {limit}", "max_tokens"
+        )
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -373,12 +469,19 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, l
         raise HTTPError(400, "'stop_token_ids' must be an array of integers", "stop_token_ids")
     kwargs = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
     try:
-        return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens, stop=tuple(stop or ()),
-                              stop_token_ids=tuple(stop_ids), logprobs=logprobs, **kwargs)
+        return SamplingParams(
+            max_tokens=16 if max_tokens is None else max_tokens,
+            stop=tuple(stop or ()),
+            stop_token_ids=tuple(stop_ids),
+            logprobs=logprobs,
+            **kwargs,
+        )
     except RequestError as e:
         first = str(e).split()[0]  # SamplingParams' messages start with the field's name
         param = logprobs_field if first == "logprobs" else first
-        raise HTTPError(400, str(e), param if param in body or first == "max_tokens" else None) from None
+        raise HTTPError(
+            400, str(e), param if param in body or first == "max_tokens" else None
+        ) from None
 
 
 def _completion_prompt(body: dict, tokenizer) -> Callable[[], list[int]]:
@@ -387,13 +490,20 @@ def _completion_prompt(body: dict, tokenizer) -> Callable[[], list[int]]:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
         if tokenizer is None:
-            raise HTTPError(400, "this model has no tokenizer: send 'prompt' as token ids", "prompt")
+            raise HTTPError(
+                400, "this model has no tokenizer: send 'prompt' as token ids", "prompt"
+            )
         return lambda: tokenizer.encode(prompt)
     if isinstance(prompt, list) and prompt and all(_KINDS["int"][0](t) for t in prompt):
         return lambda: list(prompt)
     if isinstance(prompt, list) and len(prompt) > 1:
-        raise HTTPError(400, "batched prompts are not supported: send one request per prompt", "prompt")
+        raise HTTPError(
+            400, "batched prompts are not supported: send one request per prompt", "prompt"
+        )
     raise HTTPError(400, "'prompt' must be a non-empty string or array of token ids", "prompt")
+
+
+_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's new name for system
 
 
 def _chat_messages(body: dict) -> list[dict]:
@@ -402,17 +512,25 @@ def _chat_messages(body: dict) -> list[dict]:
         raise HTTPError(400, "'messages' must be a non-empty array", "messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise HTTPError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise HTTPError(
+                400, f"messages[{i}] needs a role of system, user or assistant", "messages"
+            )
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise HTTPError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
+                raise HTTPError(
+                    400, f"messages[{i}].content: only text parts are supported", "messages"
+                )
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise HTTPError(400, f"messages[{i}].content must be a string", "messages")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        out.append(
+            {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
+        )
     return out
 
 
@@ -421,8 +539,11 @@ def _chat_messages(body: dict) -> list[dict]:
 
 def _usage(prompt_ids: list[int], outputs: list[CompletionOutput]) -> dict:
     n_out = sum(len(o.token_ids) for o in outputs)
-    return {"prompt_tokens": len(prompt_ids), "completion_tokens": n_out,
-            "total_tokens": len(prompt_ids) + n_out}
+    return {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": n_out,
+        "total_tokens": len(prompt_ids) + n_out,
+    }
 
 
 def _finish_reason(o: CompletionOutput) -> str | None:
@@ -449,7 +570,9 @@ class _Formatter:
             content = []
             for t, lp in zip(chosen, o.logprobs):
                 top = sorted(lp.items(), key=lambda kv: -kv[1])[: self.top_n]
-                content.append({**self._lp(t, lp[t]), "top_logprobs": [self._lp(i, v) for i, v in top]})
+                content.append(
+                    {**self._lp(t, lp[t]), "top_logprobs": [self._lp(i, v) for i, v in top]}
+                )
             return {"content": content}
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for t, lp in zip(chosen, o.logprobs):
@@ -478,13 +601,25 @@ class _Formatter:
             else:
                 c["text"] = o.text
             choices.append(c)
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices,
-                "usage": _usage(out.prompt_token_ids, out.outputs)}
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": _usage(out.prompt_token_ids, out.outputs),
+        }
 
-    def chunk(self, choices: list[dict], usage: dict | None = None, with_usage: bool = False) -> str:
-        c = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-             "created": self.created, "model": self.model, "choices": choices}
+    def chunk(
+        self, choices: list[dict], usage: dict | None = None, with_usage: bool = False
+    ) -> str:
+        c = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if with_usage:
             c["usage"] = usage
         return f"data: {json.dumps(c)}\n\n"
@@ -507,7 +642,9 @@ async def _events(handle: Handle, fmt: _Formatter, include_usage: bool) -> Async
             last = out
             choices = []
             for d in out.deltas:
-                if d.index in ended or not (d.text or d.token_ids or d.finish_reason or d.index not in started):
+                if d.index in ended or not (
+                    d.text or d.token_ids or d.finish_reason or d.index not in started
+                ):
                     continue
                 choices.append(fmt.choice_delta(d, d.index not in started))
                 started.add(d.index)
@@ -550,7 +687,9 @@ async def _until(disconnect: asyncio.Future, coro):
     except TinyServeError as e:  # RequestError, TokenizerError: this request cannot be served
         raise HTTPError(400, str(e), code="invalid_request") from None
     except Exception as e:  # noqa: BLE001 - reported to the client as a 500
-        raise HTTPError(500, f"internal error: {type(e).__name__}: {e}", type="server_error") from None
+        raise HTTPError(
+            500, f"internal error: {type(e).__name__}: {e}", type="server_error"
+        ) from None
 
 
 async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -561,7 +700,7 @@ async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
 
 
 class _Generation:
-    """One admitted request from submission to its end; `close` frees its blocks if it is cut short."""
+    """One admitted request until its end; `close` frees its blocks if it is cut short."""
 
     def __init__(self, server: _Server, request, handle: Handle):
         self.server, self.request, self.handle = server, request, handle
@@ -581,7 +720,10 @@ class _EventStream:
         self.gen, self.events = gen, events
 
     async def __call__(self, scope, receive, send) -> None:
-        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+        ]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             while True:
@@ -589,7 +731,9 @@ class _EventStream:
                     chunk = await _until(self.gen.disconnect, self.events.__anext__())
                 except (StopAsyncIteration, _ClientGone):
                     break
-                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+                )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the socket closed under us
             pass
@@ -609,7 +753,9 @@ class _Server:
 
     async def _body(self, request) -> dict:
         limit = self.config.max_body_bytes
-        too_big = HTTPError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+        too_big = HTTPError(
+            413, f"request body is larger than {limit} bytes", code="request_too_large"
+        )
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             raise too_big
@@ -629,8 +775,13 @@ class _Server:
     def _check_model(self, body: dict) -> None:
         model = _field(body, "model", "str")
         if model is not None and model != self.config.model_name:
-            raise HTTPError(404, f"the model '{model}' does not exist; this server serves "
-                            f"'{self.config.model_name}'", "model", "model_not_found")
+            raise HTTPError(
+                404,
+                f"the model '{model}' does not exist; this server serves "
+                f"'{self.config.model_name}'",
+                "model",
+                "model_not_found",
+            )
 
     # routes --------------------------------------------------------------------------------------
 
@@ -639,9 +790,20 @@ class _Server:
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, 200 if alive else 503)
 
     async def models(self, request):
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "tinyserve",
-             "max_model_len": self.llm.engine.model_config.context_len}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.config.model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "tinyserve",
+                        "max_model_len": self.llm.engine.model_config.context_len,
+                    }
+                ],
+            }
+        )
 
     async def prometheus(self, request):
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -652,9 +814,12 @@ class _Server:
         self._check_model(body)
         prepare = _completion_prompt(body, self.llm.tokenizer)
         top_n = _field(body, "logprobs", "int")
-        params = _sampling_params(body, _field(body, "max_tokens", "int"), top_n,
-                                  self.config.max_tokens_limit)
-        return await self._generate(request, body, prepare, params, False, False, top_n)
+        params = _sampling_params(
+            body, _field(body, "max_tokens", "int"), top_n, self.config.max_tokens_limit
+        )
+        return await self._generate(
+            request, body, _Submit(None, prepare, params, False, "prompt"), False, top_n
+        )
 
     async def chat(self, request):
         body = await self._body(request)
@@ -669,21 +834,28 @@ class _Server:
         elif body.get("top_logprobs") is not None:
             raise HTTPError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         max_tokens = _field(body, "max_completion_tokens", "int", _field(body, "max_tokens", "int"))
-        params = _sampling_params(body, max_tokens, top_n, self.config.max_tokens_limit, "top_logprobs")
+        params = _sampling_params(
+            body, max_tokens, top_n, self.config.max_tokens_limit, "top_logprobs"
+        )
         prepare = lambda: self.llm.chat_prompt(messages)
-        return await self._generate(request, body, prepare, params, True, max_tokens is None, top_n)
+        submit = _Submit(None, prepare, params, max_tokens is None, "messages")
+        return await self._generate(request, body, submit, True, top_n)
 
-    async def _generate(self, request, body, prepare, params, chat, default_max, top_n):
+    async def _generate(self, request, body: dict, submit: _Submit, chat: bool, top_n: int | None):
         if self.n_in_flight >= self.config.max_queue:
-            raise HTTPError(503, f"{self.n_in_flight} requests in flight, the server's limit: try "
-                            "again later", type="server_error", code="queue_full")
+            raise HTTPError(
+                503,
+                f"{self.n_in_flight} requests in flight, the server's limit: try again later",
+                type="server_error",
+                code="queue_full",
+            )
         fmt = _Formatter(chat, self.config.model_name, self.llm.tokenizer, top_n)
         handle = Handle(fmt.id, asyncio.get_running_loop())
         self.n_in_flight += 1
         gen = _Generation(self, request, handle)
         streaming = False
         try:
-            self.loop.submit(_Submit(handle, prepare, params, default_max))
+            self.loop.submit(dataclasses.replace(submit, handle=handle))
             await _until(gen.disconnect, handle.accepted())
             if body.get("stream"):
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -709,7 +881,7 @@ async def _error_response(request, exc):
 
 
 class _Guard:
-    """Outermost ASGI layer: the API key on /v1/*, and a count of every response by path and status."""
+    """Outermost ASGI layer: the API key on /v1/*; a count of responses by path and status."""
 
     def __init__(self, app, server: _Server):
         self.app, self.server = app, server
@@ -728,9 +900,16 @@ class _Guard:
 
         try:
             key = self.server.config.api_key
-            if key is not None and scope["path"].startswith("/v1/") and not self._authorized(scope, key):
-                err = HTTPError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                code="invalid_api_key")
+            if (
+                key is not None
+                and scope["path"].startswith("/v1/")
+                and not self._authorized(scope, key)
+            ):
+                err = HTTPError(
+                    401,
+                    "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                    code="invalid_api_key",
+                )
                 return await JSONResponse(err.body(), 401)(scope, receive, counting_send)
             await self.app(scope, receive, counting_send)
         finally:
@@ -770,8 +949,11 @@ def create_app(llm, config: ServerConfig = ServerConfig()):
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.prometheus, methods=["GET"]),
         ],
-        exception_handlers={HTTPError: _error_response, HTTPException: _error_response,
-                            Exception: _error_response},
+        exception_handlers={
+            HTTPError: _error_response,
+            HTTPException: _error_response,
+            Exception: _error_response,
+        },
         lifespan=lifespan,
     )
     guarded = _Guard(app, server)
@@ -783,24 +965,45 @@ def create_app(llm, config: ServerConfig = ServerConfig()):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tinyserve serve", description="OpenAI-compatible HTTP server.")
-    p.add_argument("--model", "-m", default=None, help="catalog name, HF directory or .gguf file "
-                   "(default: the catalog's default model)")
+    p = argparse.ArgumentParser(
+        prog="tinyserve serve", description="OpenAI-compatible HTTP server."
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="catalog name, HF directory or .gguf file (default: the catalog's default model)",
+    )
     p.add_argument("--backend", "-b", default="cpu", help="backend name (see `tinyserve backends`)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send "
-                   "(default: the model's name)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TINYSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $TINYSERVE_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients send (default: the model's name)",
+    )
     defaults = ServerConfig()
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context - 1")
-    p.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit,
-                   help="largest max_tokens a request may ask for")
-    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                   help="requests in flight at most; more get 503")
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=defaults.max_tokens_limit,
+        help="largest max_tokens a request may ask for",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=defaults.max_queue,
+        help="requests in flight at most; more get 503",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--log-level", default="info")
@@ -816,8 +1019,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
     except ImportError:
-        print("tinyserve: error: uvicorn is not installed: pip install 'tinyserve[serve]'",
-              file=sys.stderr)
+        print(
+            "tinyserve: error: uvicorn is not installed: pip install 'tinyserve[serve]'",
+            file=sys.stderr,
+        )
         return 1
     from pathlib import Path
 
@@ -827,16 +1032,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ServerConfig(
             model_name=args.served_model_name or Path(args.model or catalog.DEFAULT_MODEL).stem,
-            api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-            max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
+            api_key=args.api_key,
+            max_body_bytes=args.max_body_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens_limit=args.max_tokens_limit,
             max_queue=args.max_queue,
         )
     except ValueError as e:
         print(f"tinyserve: error: {e}", file=sys.stderr)
         return 2
-    llm = LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-              max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens)
-    print(f"tinyserve: serving '{config.model_name}' on http://{args.host}:{args.port}/v1",
-          file=sys.stderr)
+    llm = LLM(
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_tokens=args.kv_cache_tokens,
+    )
+    print(
+        f"tinyserve: serving '{config.model_name}' on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+    )
     uvicorn.run(create_app(llm, config), host=args.host, port=args.port, log_level=args.log_level)
     return 0
