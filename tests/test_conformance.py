@@ -13,6 +13,7 @@ from tinyserve import testing
 from tinyserve.backends import backend_names, get_backend_class
 from tinyserve.backends.numpy_backend import NumpyBackend
 from tinyserve.backends.numpy_ops import NumpyOps
+from tinyserve.errors import BackendError
 
 
 def _available(name: str) -> tuple[bool, str]:
@@ -20,7 +21,7 @@ def _available(name: str) -> tuple[bool, str]:
         return False, f"backend {name!r} is not registered"
     try:
         return get_backend_class(name).availability()
-    except Exception as e:  # an unbuilt extension reports itself this way
+    except BackendError as e:  # a plugin that fails to import reports itself this way
         return False, str(e)
 
 

@@ -331,7 +331,13 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             self.ops.begin(batch)
             try:
-                logits = model.forward(batch, kv)  # (R, V) on the device
-                return logits.float().cpu().numpy()  # the step's one wait for the device
+                logits = model.forward(batch, kv).float()  # (R, V) on the device
+                if self.torch_device.type != "cuda":
+                    return logits.cpu().numpy()
+                # through page-locked memory: several times faster than a pageable copy (R x V is
+                # 128 MB at R=256, V=128256); the block returns to torch's cache once freed
+                host = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(logits)  # the step's one wait for the device
+                return host.numpy()
             finally:
                 self.ops.end()

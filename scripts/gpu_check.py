@@ -1,0 +1,225 @@
+"""GPU check: the conformance kit on torch + the device, then a throughput sweep on a Llama-3.2-1B-
+shaped model with random bf16 weights (no download), through the Engine and its request metrics.
+
+    python scripts/gpu_check.py                      # cuda, bfloat16, 1 / 16 / 64 / 256 requests
+    python scripts/gpu_check.py --device cpu --tiny  # the same script on a tiny model, seconds (CI)
+
+Each sweep point submits N requests at once (128 prompt tokens, 128 output tokens, greedy,
+ignore_eos) and steps the engine until all finish; it prints output tokens/s over the wall time,
+TPOT p50 / p99 and TTFT p50 / p99 over the requests. Sized to finish well inside 8 minutes on one
+NVIDIA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+
+from tinyserve.backends import create_backend
+from tinyserve.config import ModelConfig
+from tinyserve.engine import Engine, EngineConfig
+from tinyserve.loading import Checkpoint
+from tinyserve.sampling import SamplingParams
+
+# Llama-3.2-1B's config.json, less the tokenizer ids
+LLAMA_3_2_1B = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "eos_token_id": 128001,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
+SWEEP = "1,16,64,256"
+TINY = {
+    **LLAMA_3_2_1B,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+}
+
+
+def random_checkpoint(cfg: ModelConfig, device: str, dtype: str, seed: int = 0) -> Checkpoint:
+    """Random weights made where they will live (torch, on the device): a 1B model in seconds."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dt = getattr(torch, dtype)
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+
+    def matrix(rows: int, cols: int, std: float | None = None):
+        w = torch.empty(rows, cols, device=device, dtype=dt)
+        return w.normal_(0.0, std or 1 / math.sqrt(cols), generator=gen)
+
+    def ones(n: int):
+        return np.ones(n, dtype=np.float32)
+
+    tensors = {"model.embed_tokens.weight": matrix(V, D, std=1.0), "model.norm.weight": ones(D)}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}"
+        tensors |= {
+            f"{p}.input_layernorm.weight": ones(D),
+            f"{p}.post_attention_layernorm.weight": ones(D),
+            f"{p}.self_attn.q_proj.weight": matrix(cfg.q_size, D),
+            f"{p}.self_attn.k_proj.weight": matrix(cfg.kv_size, D),
+            f"{p}.self_attn.v_proj.weight": matrix(cfg.kv_size, D),
+            f"{p}.self_attn.o_proj.weight": matrix(D, cfg.q_size),
+            f"{p}.mlp.gate_proj.weight": matrix(F, D),
+            f"{p}.mlp.up_proj.weight": matrix(F, D),
+            f"{p}.mlp.down_proj.weight": matrix(D, F),
+        }
+    return Checkpoint(Path("<random llama-3.2-1b-shaped>"), "safetensors", cfg, tensors)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_point(engine: Engine, n_requests: int, input_len: int, output_len: int, seed: int) -> dict:
+    """n_requests submitted at once; step until all are done; throughput and latency figures."""
+    rng = np.random.default_rng(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    ids = [
+        engine.add_request(rng.integers(0, vocab, input_len).tolist(), params)
+        for _ in range(n_requests)
+    ]
+    metrics, n_out, steps = {}, 0, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                metrics[out.request_id] = out.metrics
+                n_out += len(out.outputs[0].token_ids)
+        steps += 1
+    wall = time.perf_counter() - t0
+    assert sorted(metrics) == sorted(ids), "every request finishes"
+    tpot = [m.tpot * 1e3 for m in metrics.values() if m.tpot is not None]
+    ttft = [m.ttft * 1e3 for m in metrics.values()]
+    return {
+        "concurrency": n_requests,
+        "output_tokens": n_out,
+        "wall_s": round(wall, 3),
+        "steps": steps,
+        "output_tok_s": round(n_out / wall, 1),
+        "tpot_ms_p50": round(percentile(tpot, 50), 2),
+        "tpot_ms_p99": round(percentile(tpot, 99), 2),
+        "ttft_ms_p50": round(percentile(ttft, 50), 1),
+        "ttft_ms_p99": round(percentile(ttft, 99), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--device", default="cuda", help="torch device: cuda, cuda:N, npu, mps, xpu, cpu"
+    )
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        help="float32 / bfloat16 / float16 (default: bfloat16, float32 with --tiny on the cpu)",
+    )
+    ap.add_argument("--tiny", action="store_true", help="a tiny model of the same layout (CI)")
+    ap.add_argument("--concurrency", default=SWEEP, help="comma-separated request counts")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--skip-conformance", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.tiny:  # seconds on a CI cpu
+        args.concurrency = args.concurrency if args.concurrency != SWEEP else "1,4,16"
+        args.input_len, args.output_len = min(args.input_len, 32), min(args.output_len, 16)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    dtype = args.dtype or ("float32" if args.tiny and args.device == "cpu" else "bfloat16")
+    results: dict = {"device": args.device, "dtype": dtype, "tiny": args.tiny, "sweep": []}
+
+    if not args.skip_conformance:
+        from tinyserve.testing import run_conformance
+
+        for dt in dict.fromkeys(["float32", dtype]):  # float32 checks the ops tightly
+            t = time.perf_counter()
+            code = run_conformance(
+                "torch", args.device, dt, ("-q", "-x", "--no-header", "-p", "no:randomly")
+            )
+            results[f"conformance_{dt}"] = "passed" if code == 0 else f"failed (pytest exit {code})"
+            print(
+                f"[conformance] torch {args.device} {dt}: {results[f'conformance_{dt}']} "
+                f"({time.perf_counter() - t:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    backend = create_backend("torch", device=args.device, dtype=dtype)
+    cfg = ModelConfig.from_hf(TINY if args.tiny else LLAMA_3_2_1B)
+    t = time.perf_counter()
+    ckpt = random_checkpoint(cfg, backend.torch_device, dtype)
+    # KV room for every request's whole context at the top level at once: no preemption
+    ctx = args.input_len + args.output_len
+    blocks_per_seq = -(-ctx // 16)
+    engine_cfg = EngineConfig(
+        block_size=16,
+        max_num_seqs=max(levels),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_tokens=(max(levels) * blocks_per_seq + 16) * 16,
+        enable_prefix_caching=False,
+    )
+    engine = Engine(ckpt, None, backend, engine_cfg)
+    n_params = sum(int(np.prod(tuple(w.shape))) for w in ckpt.tensors.values())
+    print(
+        f"[model] {n_params / 1e9:.2f} B params, {cfg.n_layers} layers, D {cfg.hidden_size}, "
+        f"V {cfg.vocab_size}, {backend.describe()}; KV {engine.kv_manager.capacity_tokens} tokens; "
+        f"built in {time.perf_counter() - t:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    run_point(engine, min(4, max(levels)), 16, 8, seed=99)  # warm up: kernels, allocator, caches
+
+    print(
+        f"{'requests':>8} {'out tok/s':>10} {'TPOT p50':>9} {'TPOT p99':>9} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'wall s':>7}",
+        flush=True,
+    )
+    for n in levels:
+        r = run_point(engine, n, args.input_len, args.output_len, seed=n)
+        results["sweep"].append(r)
+        print(
+            f"{n:>8} {r['output_tok_s']:>10.1f} {r['tpot_ms_p50']:>7.2f}ms {r['tpot_ms_p99']:>7.2f}ms "
+            f"{r['ttft_ms_p50']:>7.1f}ms {r['ttft_ms_p99']:>7.1f}ms {r['wall_s']:>7.2f}",
+            flush=True,
+        )
+    print(json.dumps(results), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    failed = [k for k, v in results.items() if k.startswith("conformance") and v != "passed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
