@@ -215,6 +215,21 @@ def test_n_2_seeded_sampling_equals_llm_generate(client, ref):
     assert streamed == want
 
 
+def test_every_sampling_field_reaches_sampling_params(client, ref):
+    fields = {"temperature": 0.7, "top_p": 0.9, "seed": 3, "presence_penalty": 1.0,
+              "frequency_penalty": 0.5}  # fmt: skip
+    extra = {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3, "ignore_eos": True}
+    want = ref.generate("Story 6: the", SamplingParams(max_tokens=12, **fields, **extra))[0]
+    r = client.completions.create(
+        model=MODEL, prompt="Story 6: the", max_tokens=12, extra_body=extra, **fields
+    )
+    assert r.choices[0].text == want.outputs[0].text
+    other = client.completions.create(
+        model=MODEL, prompt="Story 6: the", max_tokens=12, extra_body=extra, **{**fields, "seed": 4}
+    )
+    assert other.choices[0].text != r.choices[0].text  # the seed is not ignored
+
+
 def test_stop_strings_cut_the_text(client, ref):
     full = ref.generate("Story 0: the", greedy(16))[0].outputs[0].text  # "ran'qqqq..."
     stop = full[3:5]
@@ -603,3 +618,4 @@ def test_tinyserve_serve_command_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+        proc.stderr.close()
