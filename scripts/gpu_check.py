@@ -8,6 +8,18 @@ Each sweep point submits N requests at once (128 prompt tokens, 128 output token
 ignore_eos) and steps the engine until all finish; it prints output tokens/s over the wall time,
 TPOT p50 / p99 and TTFT p50 / p99 over the requests. Sized to finish well inside 8 minutes on one
 NVIDIA GPU.
+
+Measured on one NVIDIA H200 (torch 2.11.0+cu130, bfloat16; conformance float32 + bfloat16 passed;
+the whole script ran in 22 s):
+
+    requests  out tok/s  TPOT p50  TPOT p99  TTFT p50  TTFT p99
+           1       63.4   15.35ms   15.35ms    67.9ms    67.9ms
+          16      912.2   17.08ms   17.08ms    75.1ms    75.5ms
+          64     3057.2   20.23ms   20.23ms   105.4ms   106.6ms
+         256     6104.5   39.89ms   40.17ms   237.3ms   310.1ms
+
+At low concurrency a step is bound by Python and kernel launches (~15 ms for 16 layers); at 256
+the host-side sampling of 256 x 128256 logits (numpy, one row at a time) is most of the step.
 """
 
 from __future__ import annotations

@@ -464,7 +464,8 @@ def run_conformance(
     import pytest
 
     with tempfile.TemporaryDirectory() as tmp:
-        module = Path(tmp) / "test_tinyserve_conformance.py"
+        # a fresh module name per run: pytest refuses a second module of the same name
+        module = Path(tmp) / f"test_conformance_{Path(tmp).name.lstrip('tmp_')}.py"
         module.write_text(
             "from tinyserve.testing import conformance_tests\n"
             f"TestConformance = conformance_tests({backend!r}, {device!r}, {dtype!r})\n"
