@@ -137,6 +137,93 @@ FIXTURES = {
     "llama_bf16": ("LlamaForCausalLM", LLAMA, True, 1),
     "llama_f16": ("LlamaForCausalLM", LLAMA, True, 1),
 }
+# -- issue 8: Gemma 3, Mixtral, Phi-3, DeepSeek-V3 ---------------------------------------------
+GEMMA3 = {
+    "vocab_size": 384,
+    "num_hidden_layers": 3,
+    "head_dim": 16,
+    "query_pre_attn_scalar": 24,  # != head_dim: the softmax scale must come from this
+    "sliding_window": 6,  # T=24 prompt: local layers see 6 tokens, the global one all
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    "rope_parameters": {  # global layers: theta 1e6 with linear scaling; local: theta 1e4
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+    "final_logit_softcapping": 10.0,
+    "hidden_activation": "gelu_pytorch_tanh",
+    # untied: a tied head on random weights keeps predicting the current token (the 270M real
+    # model covers the tied head)
+    "tie_word_embeddings": False,
+}
+MIXTRAL = {
+    "vocab_size": 384,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "intermediate_size": 96,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+}
+PHI3 = {  # Phi-4-mini-like: partial rotary, LongRoPE, tied head
+    "vocab_size": 384,
+    "partial_rotary_factor": 0.75,  # Dh 16 -> 12 rotated dims, 6 frequencies
+    "max_position_embeddings": 64,
+    "original_max_position_embeddings": 16,  # prompt 1 (T=24) uses long factors, prompt 2 short
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 16,
+        "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+        "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+    },
+    "tie_word_embeddings": True,
+}
+DEEPSEEK_V3 = {
+    "vocab_size": 384,
+    "num_hidden_layers": 3,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 24,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 12,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 3,
+    "n_group": 4,
+    "topk_group": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "rope_interleave": True,
+    "rope_parameters": {  # mscale != mscale_all_dim: both the cos/sin factor and the softmax mscale
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.8,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+    "tie_word_embeddings": False,
+}
+FIXTURES.update(
+    {
+        "gemma3": ("Gemma3ForCausalLM", GEMMA3, True, 11),
+        "mixtral": ("MixtralForCausalLM", MIXTRAL, False, 12),
+        "phi3": ("Phi3ForCausalLM", PHI3, False, 13),
+        "deepseek_v3": ("DeepseekV3ForCausalLM", DEEPSEEK_V3, False, 14),
+        "deepseek_v3_qlora": (
+            "DeepseekV3ForCausalLM",
+            {**DEEPSEEK_V3, "q_lora_rank": None},  # q projected directly, no LoRA
+            False,
+            15,
+        ),
+    }
+)
+CONFIG_CLASS = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
 STORE_DTYPE = {"llama_bf16": torch.bfloat16, "llama_f16": torch.float16}
 SHARD_SIZE = {"llama_sharded": "200KB"}
 # transformers 5 writes `rope_parameters` and `dtype`; most Hub checkpoints were saved by 4.x with
@@ -307,7 +394,7 @@ def save_tokenizer(
 
 
 def build_config(arch: str, overrides: dict):
-    cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    cfg_cls = getattr(transformers, CONFIG_CLASS.get(arch, arch.replace("ForCausalLM", "Config")))
     kw = {**BASE, **overrides}
     return cfg_cls(**kw)
 
@@ -316,8 +403,18 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
     """Seeded N(0, 0.15) matrices, N(0, 0.4) embedding/head, norms in [0.6, 1.4], biases N(0, 0.1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        gemma = "Gemma" in type(model).__name__
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek router bias: must matter
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
         for name, p in model.named_parameters():  # a tied weight appears once
             if name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1 and gemma:  # Gemma applies norms as (1 + w): gains in [0.6, 1.4]
+                p.copy_(-0.4 + 0.8 * torch.rand(p.shape, generator=g))
+            elif gemma and "embed_tokens" in name:  # scaled by sqrt(D) = 8 in the forward
+                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             elif p.ndim == 1:  # rms norm gains (input, post-attention, final, q_norm, k_norm)
                 p.copy_(0.6 + 0.8 * torch.rand(p.shape, generator=g))

@@ -73,6 +73,46 @@ class NumpyOps:
         """(N, F), (N, F) -> (N, F): silu(gate) * up, the SwiGLU feed-forward's middle."""
         return gate / (1.0 + np.exp(-gate)) * up
 
+    def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """(N, F), (N, F) -> (N, F): gelu_tanh(gate) * up, the GeGLU feed-forward's middle (Gemma)."""
+        inner = np.float32(math.sqrt(2.0 / math.pi)) * (gate + np.float32(0.044715) * gate**3)
+        return np.float32(0.5) * gate * (np.float32(1.0) + np.tanh(inner)) * up
+
+    def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
+        """(...) -> (...): cap * tanh(x / cap), a smooth clamp to (-cap, cap) (Gemma's logits)."""
+        return (np.tanh(x / np.float32(cap)) * np.float32(cap)).astype(x.dtype)
+
+    def head_matmul(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """(N, h, K), (h, M, K) -> (N, h, M): per head x[:, i] @ w[i].T (MLA's absorbed projections)."""
+        return np.einsum("nhk,hmk->nhm", x, w)
+
+    def moe(
+        self,
+        x: np.ndarray,
+        expert_ids: np.ndarray,
+        expert_weights: np.ndarray,
+        experts: list[tuple],
+        act: str = "silu",
+    ) -> np.ndarray:
+        """(N, D), (N, K) int, (N, K), E x (gate (F, D), up (F, D), down (D, F)) -> (N, D):
+        sum over k of weight[n, k] * expert[ids[n, k]](x[n]), each expert a gated MLP.
+
+        Tokens are grouped by expert: one sort, then one batched gated MLP per expert in use."""
+        act_mul = self.silu_mul if act == "silu" else self.gelu_tanh_mul
+        N, K = expert_ids.shape
+        flat = expert_ids.reshape(-1)  # (N*K,) expert of each (token, choice)
+        order = np.argsort(flat, kind="stable")  # (token, choice) pairs grouped by expert
+        bounds = np.searchsorted(flat[order], np.arange(len(experts) + 1))  # (E+1,)
+        out = np.zeros_like(x)
+        for e in np.flatnonzero(np.diff(bounds)):
+            pairs = order[bounds[e] : bounds[e + 1]]  # (n_e,) indices into the flat (N*K,)
+            tokens = pairs // K  # (n_e,) distinct: a token picks an expert at most once
+            gate, up, down = experts[e]
+            xe = x[tokens]  # (n_e, D)
+            h = self.matmul(act_mul(self.matmul(xe, gate), self.matmul(xe, up)), down)  # (n_e, D)
+            out[tokens] += h * expert_weights.reshape(-1)[pairs, None].astype(x.dtype)
+        return out
+
     def softmax(self, x: np.ndarray) -> np.ndarray:
         """(..., K) -> (..., K) over the last axis."""
         e = np.exp(x - x.max(axis=-1, keepdims=True))  # subtract the max for stability

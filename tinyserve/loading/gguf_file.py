@@ -284,8 +284,52 @@ _LLAMA_BLOCK = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_LLAMA_BLOCK_MOE = {  # Mixtral (filed as llama): router and stacked experts (E, out, in)
+    **_LLAMA_BLOCK,
+    "ffn_gate_inp": "block_sparse_moe.gate",
+    "ffn_gate_exps": "block_sparse_moe.experts.w1",  # stacked: every expert's gate, (E*F, D)
+    "ffn_down_exps": "block_sparse_moe.experts.w2",  # (E*D, F)
+    "ffn_up_exps": "block_sparse_moe.experts.w3",  # (E*F, D)
+}
+_GEMMA3_BLOCK = {
+    **_LLAMA_BLOCK,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_PHI3_GLOBAL = {
+    **_LLAMA_GLOBAL,
+    "rope_factors_long.weight": "rope_factors_long",
+    "rope_factors_short.weight": "rope_factors_short",
+}
+_PHI3_BLOCK = {
+    **_LLAMA_BLOCK,
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",  # llama.cpp keeps Phi-3's fused gate/up under ffn_up
+}
+_DEEPSEEK2_BLOCK = {
+    **_LLAMA_BLOCK,
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_q": "self_attn.q_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "exp_probs_b": "mlp.gate.e_score_correction",  # + ".bias": e_score_correction_bias
+    "ffn_gate_exps": "mlp.experts.gate_proj",  # stacked (E*F, D)
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
+}
 TENSOR_NAMES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
-    "llama": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
+    "llama": (_LLAMA_GLOBAL, _LLAMA_BLOCK_MOE),
+    "gemma3": (_LLAMA_GLOBAL, _GEMMA3_BLOCK),
+    "phi3": (_PHI3_GLOBAL, _PHI3_BLOCK),
+    "deepseek2": (_LLAMA_GLOBAL, _DEEPSEEK2_BLOCK),
     "mistral": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
     "qwen2": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
     "qwen3": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
@@ -293,6 +337,8 @@ TENSOR_NAMES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
 # Archs whose q/k llama.cpp stores permuted for its interleaved ("normal") rope; NeoX-rope archs
 # (qwen2, qwen3) are stored as in the HF checkpoint.
 PERMUTED_QK_ARCHS = {"llama", "mistral"}
+# Archs whose RMSNorm gains llama.cpp stores as 1 + w (Gemma applies norms as (1 + w)): undone at load.
+NORM_PLUS_ONE_ARCHS = {"gemma3"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _QK_RE = re.compile(r"model\.layers\.\d+\.self_attn\.[qk]_proj\.(weight|bias)")
 
@@ -304,7 +350,8 @@ def gguf_to_hf_name(name: str, arch: str) -> str:
         return global_names[name]
     m = _BLOCK_RE.fullmatch(name)
     if m and m.group(2) in block_names:
-        return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
+        hf = f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
+        return hf.replace("e_score_correction.bias", "e_score_correction_bias")  # DeepSeek's router bias
     return name
 
 
@@ -387,6 +434,10 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
         gguf_names[hf_name] = name
     if arch in PERMUTED_QK_ARCHS:
         _unpermute_qk(path, arch, metadata, tensors)
+    if arch in NORM_PLUS_ONE_ARCHS:
+        for hf_name, name in gguf_names.items():
+            if name.endswith("norm.weight"):
+                tensors[hf_name] = np.asarray(tensors[hf_name], dtype=np.float32) - np.float32(1.0)
     return GGUFModelFile(path=path, metadata=metadata, tensors=tensors, gguf_names=gguf_names)
 
 

@@ -11,6 +11,10 @@ from ..errors import WeightsError
 
 _FAMILIES = {
     "llama": "tinyserve.models.llama:LlamaModel",
+    "gemma3": "tinyserve.models.gemma3:Gemma3Model",
+    "mixtral": "tinyserve.models.mixtral:MixtralModel",
+    "phi3": "tinyserve.models.phi3:Phi3Model",
+    "deepseek_v3": "tinyserve.models.deepseek_v3:DeepseekV3Model",
 }
 
 

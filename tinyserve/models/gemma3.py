@@ -1,0 +1,141 @@
+"""Gemma 3 (text): Gemma Team 2025, "Gemma 3 Technical Report".
+
+A pre-norm decoder like Llama with Gemma's changes: embeddings scaled by sqrt(D); RMSNorm gains
+stored as w and applied as (1 + w); four norms per layer (before and after attention, before and
+after the feed-forward); q/k RMSNorm per head; softmax scale 1/sqrt(query_pre_attn_scalar);
+local sliding-window layers interleaved with global ones (five to one in the released models),
+each kind with its own rope base (rope scaling on the global ones only); a GELU-tanh gated MLP;
+optional final logit soft-capping. Reference: transformers' modeling_gemma3.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..batch import Batch
+from ..config import ModelConfig
+from ..errors import ConfigError
+from . import WeightReader, as_numpy
+from .llama import Linear
+from .rope import default_inv_freq, rope_inv_freq
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: Any  # (D,) as 1 + w
+    q: Linear  # (H*Dh, D)
+    k: Linear  # (KVH*Dh, D)
+    v: Linear  # (KVH*Dh, D)
+    o: Linear  # (D, H*Dh)
+    q_norm: Any  # (Dh,) as 1 + w
+    k_norm: Any  # (Dh,) as 1 + w
+    post_attn_norm: Any  # (D,)
+    pre_ffn_norm: Any  # (D,)
+    post_ffn_norm: Any  # (D,)
+    gate: Linear  # (F, D)
+    up: Linear  # (F, D)
+    down: Linear  # (D, F)
+    sliding: bool  # local layer: attends to the last sliding_window tokens only
+
+
+class Gemma3Model:
+    """Gemma 3 text decoder over a backend's ops. forward: Batch -> logits (R, V)."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict, ops):
+        if cfg.hidden_act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(f"Gemma 3 with activation {cfg.hidden_act!r} is not supported")
+        self.cfg, self.ops = cfg, ops
+        D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        take = WeightReader(tensors)
+
+        def linear(name: str, out_f: int, in_f: int) -> Linear:
+            b = take.optional(f"{name}.bias", (out_f,))
+            w = ops.weight(take(f"{name}.weight", (out_f, in_f)))
+            return Linear(w, None if b is None else ops.vector(b))
+
+        def norm(name: str, size: int):
+            # Gemma stores the gain as an offset from 1; add it once here, in float32 as HF does
+            return ops.vector(as_numpy(take(name, (size,))).astype(np.float32) + np.float32(1.0))
+
+        self.embed = ops.weight(take("model.embed_tokens.weight", (V, D)))
+        # HF multiplies by sqrt(D) cast to the weights' dtype (float32 here)
+        self.embed_scale = float(np.float32(math.sqrt(D)))
+        self.layers = []
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}"
+            self.layers.append(
+                LayerWeights(
+                    input_norm=norm(f"{p}.input_layernorm.weight", D),
+                    q=linear(f"{p}.self_attn.q_proj", cfg.q_size, D),
+                    k=linear(f"{p}.self_attn.k_proj", cfg.kv_size, D),
+                    v=linear(f"{p}.self_attn.v_proj", cfg.kv_size, D),
+                    o=linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
+                    q_norm=norm(f"{p}.self_attn.q_norm.weight", cfg.head_dim),
+                    k_norm=norm(f"{p}.self_attn.k_norm.weight", cfg.head_dim),
+                    post_attn_norm=norm(f"{p}.post_attention_layernorm.weight", D),
+                    pre_ffn_norm=norm(f"{p}.pre_feedforward_layernorm.weight", D),
+                    post_ffn_norm=norm(f"{p}.post_feedforward_layernorm.weight", D),
+                    gate=linear(f"{p}.mlp.gate_proj", F, D),
+                    up=linear(f"{p}.mlp.up_proj", F, D),
+                    down=linear(f"{p}.mlp.down_proj", D, F),
+                    sliding=cfg.is_sliding(i),
+                )
+            )
+        self.norm = norm("model.norm.weight", D)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        # global layers: rope_theta with the configured scaling; local layers: their own base, unscaled
+        self.inv_freq_global = ops.vector(rope_inv_freq(cfg))  # (Dh/2,)
+        local_theta = cfg.rope_local_theta or cfg.rope_theta
+        self.inv_freq_local = ops.vector(default_inv_freq(local_theta, cfg.head_dim))  # (Dh/2,)
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+
+    def kv_layout(self) -> list[dict[str, tuple[int, ...]]]:
+        """Per layer, what the paged cache stores per token."""
+        shape = (self.cfg.n_kv_heads, self.cfg.head_dim)
+        return [{"k": shape, "v": shape} for _ in range(self.cfg.n_layers)]
+
+    def _linear(self, x, lin: Linear):
+        y = self.ops.matmul(x, lin.w)
+        return y if lin.b is None else y + lin.b
+
+    def attention(self, x, w: LayerWeights, batch: Batch, kv: dict, positions):
+        """(N, D) -> (N, D): GQA with per-head q/k norms, local or global by layer."""
+        cfg, ops = self.cfg, self.ops
+        N = x.shape[0]
+        q = self._linear(x, w.q).reshape(N, cfg.n_heads, cfg.head_dim)  # (N, H, Dh)
+        k = self._linear(x, w.k).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
+        v = self._linear(x, w.v).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
+        q = ops.rms_norm(q, w.q_norm, cfg.norm_eps)
+        k = ops.rms_norm(k, w.k_norm, cfg.norm_eps)
+        inv_freq = self.inv_freq_local if w.sliding else self.inv_freq_global
+        q = ops.rope(q, positions, inv_freq)
+        k = ops.rope(k, positions, inv_freq)
+        ops.write_kv(kv["k"], k, batch.slots)
+        ops.write_kv(kv["v"], v, batch.slots)
+        window = cfg.sliding_window if w.sliding else None
+        a = ops.paged_attention(q, kv["k"], kv["v"], batch, self.scale, window)  # (N, H, Dh)
+        return self._linear(a.reshape(N, cfg.q_size), w.o)  # (N, D)
+
+    def feed_forward(self, x, w: LayerWeights):
+        """(N, D) -> (N, D): GELU-tanh gated MLP (GeGLU)."""
+        h = self.ops.gelu_tanh_mul(self._linear(x, w.gate), self._linear(x, w.up))  # (N, F)
+        return self._linear(h, w.down)
+
+    def forward(self, batch: Batch, kv: list[dict]):
+        """Batch of N tokens -> logits (R, V) for batch.logits_rows."""
+        ops, eps = self.ops, self.cfg.norm_eps
+        positions = ops.from_numpy(batch.positions)
+        x = ops.embedding(ops.from_numpy(batch.token_ids), self.embed) * self.embed_scale  # (N, D)
+        for w, layer_kv in zip(self.layers, kv):
+            h = self.attention(ops.rms_norm(x, w.input_norm, eps), w, batch, layer_kv, positions)
+            x = x + ops.rms_norm(h, w.post_attn_norm, eps)  # Gemma also norms each sublayer's output
+            h = self.feed_forward(ops.rms_norm(x, w.pre_ffn_norm, eps), w)
+            x = x + ops.rms_norm(h, w.post_ffn_norm, eps)
+        x = x[ops.from_numpy(batch.logits_rows)]  # (R, D): only the rows we sample from
+        logits = ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)
+        cap = self.cfg.final_logit_softcapping
+        return logits if cap is None else ops.softcap(logits, cap)  # cap * tanh(logits / cap)

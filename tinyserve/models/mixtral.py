@@ -1,0 +1,79 @@
+"""Mixtral: Jiang et al. 2024, "Mixtral of Experts".
+
+Mistral's decoder (GQA, rotary positions, optional sliding window) with each feed-forward replaced
+by a sparse mixture of E SwiGLU experts: a linear router scores the experts, softmax, the top K
+(two of eight in Mixtral 8x7B) are kept and their weights renormalized to sum to 1. Attention is
+the Llama family's, reused as is. Reference: transformers' modeling_mixtral.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ModelConfig
+from . import WeightReader
+from .llama import LlamaModel, Linear
+from .moe import load_experts, route_softmax
+from .rope import rope_inv_freq
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    attn_norm: Any  # (D,)
+    q: Linear  # (H*Dh, D)
+    k: Linear  # (KVH*Dh, D)
+    v: Linear  # (KVH*Dh, D)
+    o: Linear  # (D, H*Dh)
+    q_norm: Any  # None: Mixtral has no q/k norms (LlamaModel.attention reads them)
+    k_norm: Any
+    ffn_norm: Any  # (D,)
+    router: Any  # (E, D)
+    experts: list  # E x (gate (F, D), up (F, D), down (D, F))
+
+
+class MixtralModel(LlamaModel):
+    """Mixtral decoder over a backend's ops. forward: Batch -> logits (R, V)."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict, ops):
+        self.cfg, self.ops = cfg, ops
+        D, V, E = cfg.hidden_size, cfg.vocab_size, cfg.n_experts
+        F = cfg.moe_intermediate_size or cfg.intermediate_size
+        take = WeightReader(tensors)
+
+        def linear(name: str, out_f: int, in_f: int) -> Linear:
+            return Linear(ops.weight(take(f"{name}.weight", (out_f, in_f))))
+
+        self.embed = ops.weight(take("model.embed_tokens.weight", (V, D)))
+        self.layers = []
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}"
+            moe = f"{p}.block_sparse_moe"
+            self.layers.append(
+                LayerWeights(
+                    attn_norm=ops.vector(take(f"{p}.input_layernorm.weight", (D,))),
+                    q=linear(f"{p}.self_attn.q_proj", cfg.q_size, D),
+                    k=linear(f"{p}.self_attn.k_proj", cfg.kv_size, D),
+                    v=linear(f"{p}.self_attn.v_proj", cfg.kv_size, D),
+                    o=linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
+                    q_norm=None,
+                    k_norm=None,
+                    ffn_norm=ops.vector(take(f"{p}.post_attention_layernorm.weight", (D,))),
+                    router=ops.weight(take(f"{moe}.gate.weight", (E, D))),
+                    # HF: experts.{e}.w1 (gate), w3 (up), w2 (down); GGUF: all experts stacked
+                    experts=load_experts(
+                        take, f"{moe}.experts", ("w1", "w3", "w2"), E, F, D, ops, stacked=("w1", "w3", "w2")
+                    ),
+                )
+            )
+        self.norm = ops.vector(take("model.norm.weight", (D,)))
+        self.lm_head = self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        self.inv_freq = ops.vector(rope_inv_freq(cfg))  # (Dh/2,)
+        self.scale = cfg.head_dim**-0.5
+
+    def feed_forward(self, x, w: LayerWeights):
+        """(N, D) -> (N, D): each token through its top-K experts, weighted by the router."""
+        ops, cfg = self.ops, self.cfg
+        router_logits = ops.to_numpy(ops.matmul(x, w.router))  # (N, E)
+        expert_ids, weights = route_softmax(router_logits, cfg.n_experts_per_tok)  # (N, K) each
+        return ops.moe(x, expert_ids, weights, w.experts, act="silu")  # (N, D)
