@@ -32,7 +32,7 @@ enum { TS_ISA_SCALAR = 0, TS_ISA_AVX2 = 1, TS_ISA_VNNI = 2 };
 /* one activation row quantized: q (K,) int8, d and s (K/32,) f32 */
 typedef struct { const int8_t *q; const float *d; const float *s; } XQ;
 
-/* one weight row . n_x (<= 4) activation rows -> out[t * os] */
+/* one weight row . n_x (<= 8) activation rows -> out[t * os] */
 typedef void (*row_fn)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x, float *out,
                        int64_t os);
 
@@ -331,7 +331,9 @@ static void ts_row_bf16_scalar(const uint16_t *w, const float *x, int64_t xs, in
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define SFX(name) name##_vnni
 #define DOT_US(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
+#define TS_WIDE 1
 #include "quant_simd.h"
+#undef TS_WIDE
 #undef SFX
 #undef DOT_US
 #pragma GCC pop_options
@@ -379,7 +381,7 @@ static void ts_pick(int isa, int qtype, row_fn *row, quant_fn *quant, bf16_fn *b
 static int64_t ts_rows_per_task(int64_t m, int nthreads) {
     int64_t rc = (m + 8 * nthreads - 1) / (8 * nthreads);
     if (rc < 4) rc = 4;
-    if (rc > 256) rc = 256;
+    if (rc > 64) rc = 64;
     return rc;
 }
 #define TS_X_PER_TASK 64 /* activation rows per task: their int8 blocks stay in L2 */
@@ -409,14 +411,16 @@ static int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, i
     const int64_t n_rc = (m + rc - 1) / rc, n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
     const int64_t work = m * w_stride * n; /* weight bytes touched, counted per x row */
     const int par = nthreads > 1 && work >= 65536;
+    /* activation rows per weight-row visit: 8 where 32 zmm registers hold the accumulators */
+    const int tile_rows = isa == TS_ISA_VNNI ? 8 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (par)
     for (int64_t task = 0; task < n_rc * n_nc; task++) {
         const int64_t r0 = (task / n_nc) * rc, r1 = r0 + rc < m ? r0 + rc : m;
         const int64_t i0 = (task % n_nc) * TS_X_PER_TASK;
         const int64_t i1 = i0 + TS_X_PER_TASK < n ? i0 + TS_X_PER_TASK : n;
-        for (int64_t t0 = i0; t0 < i1; t0 += 4) {
-            const int n_x = (int)(i1 - t0 < 4 ? i1 - t0 : 4);
-            XQ tile[4];
+        for (int64_t t0 = i0; t0 < i1; t0 += tile_rows) {
+            const int n_x = (int)(i1 - t0 < tile_rows ? i1 - t0 : tile_rows);
+            XQ tile[8];
             for (int t = 0; t < n_x; t++) {
                 tile[t].q = xq + (t0 + t) * k;
                 tile[t].d = xd + (t0 + t) * nbx;

@@ -6,9 +6,10 @@
  *   DOT_US(u, s)    u8 (32 lanes) x s8 (32 lanes) -> 8 x int32, lane k = sum of bytes 4k..4k+3
  * and a `#pragma GCC target` that enables the instructions.
  *
- * One tile = one weight row x up to 4 activation rows: a weight block is decoded into a register
- * once and dotted with each activation row's matching int8 block, so the weights stream from
- * memory once however many rows (batched decode, prefill) the call has.
+ * One tile = one weight row x up to 4 (AVX2) or 8 (VNNI) activation rows: a weight block is
+ * decoded into a register once and dotted with each activation row's matching int8 block, so the
+ * weights stream from memory once however many rows (batched decode, prefill) the call has.
+ * With TS_WIDE (the VNNI build) Q8_0 and Q4_1 take two blocks per 512-bit register.
  * No include guard on purpose.
  */
 
@@ -48,8 +49,8 @@ static inline __m256i SFX(bits32_x10)(const uint8_t *p) {
 #define DOT_SS(w, x) DOT_US(_mm256_sign_epi8((w), (w)), _mm256_sign_epi8((x), (w)))
 
 #define TILE_BEGIN                                                          \
-    __m256 acc[4];                                                          \
-    float accm[4];                                                          \
+    __m256 acc[8];                                                          \
+    float accm[8];                                                          \
     for (int t = 0; t < NT; t++) {                                          \
         acc[t] = _mm256_setzero_ps();                                       \
         accm[t] = 0.0f;                                                     \
@@ -58,8 +59,113 @@ static inline __m256i SFX(bits32_x10)(const uint8_t *p) {
 #define TILE_END                                                            \
     for (int t = 0; t < NT; t++) out[t * os] = SFX(hsum)(acc[t]) - accm[t];
 
+#ifdef TS_WIDE
+/* AVX-512: two 32-blocks per 512-bit register, so one dpbusd/convert/FMA covers 64 values.
+ * PAIR_PS(p) spreads the floats p[0], p[1] over lanes 0..7 and 8..15. */
+#define PAIR_IDX _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+#define PAIR_PS(p) \
+    _mm512_permutexvar_ps(PAIR_IDX, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(p)))))
+#define JOIN256(lo, hi) _mm512_inserti64x4(_mm512_castsi256_si512(lo), (hi), 1)
+
+/* two blocks' 16 packed bytes -> 64 bytes: lo(p0), hi(p0), lo(p1), hi(p1) nibbles */
+static inline __m512i SFX(nibbles64)(const uint8_t *p0, const uint8_t *p1) {
+    const __m256i both = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)p1),
+                                          _mm_loadu_si128((const __m128i *)p0));
+    const __m512i dup = _mm512_shuffle_i64x2(_mm512_castsi256_si512(both),
+                                             _mm512_castsi256_si512(both), _MM_SHUFFLE(1, 1, 0, 0));
+    const __m512i shifted = _mm512_srlv_epi64(dup, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
+}
+
+#define WIDE_BEGIN                                                          \
+    __m512 acc[8];                                                          \
+    float accm[8];                                                          \
+    for (int t = 0; t < NT; t++) {                                          \
+        acc[t] = _mm512_setzero_ps();                                       \
+        accm[t] = 0.0f;                                                     \
+    }
+#define WIDE_END                                                            \
+    for (int t = 0; t < NT; t++) out[t * os] = _mm512_reduce_add_ps(acc[t]) - accm[t];
+
+static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    WIDE_BEGIN
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *b0 = w + b * 34, *b1 = b0 + 34;
+        const float dw[2] = {SFX(h2f)(b0), SFX(h2f)(b1)};
+        const __m512 dwv = PAIR_PS(dw);
+        const __m512i q = JOIN256(_mm256_loadu_si256((const __m256i *)(b0 + 2)),
+                                  _mm256_loadu_si256((const __m256i *)(b1 + 2)));
+        const __m512i aq = _mm512_abs_epi8(q);
+        const __mmask64 neg = _mm512_movepi8_mask(q);
+        for (int t = 0; t < NT; t++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(xq[t].q + b * 32));
+            const __m512i sx = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aq, sx);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dwv, PAIR_PS(xq[t].d + b)),
+                                     acc[t]);
+        }
+    }
+    if (b < nb) { /* odd block count: the last block alone */
+        const uint8_t *blk = w + b * 34;
+        const float dw = SFX(h2f)(blk);
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        const __m256i aq = _mm256_sign_epi8(q, q);
+        for (int t = 0; t < NT; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
+            const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
+            const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]));
+            acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(v));
+        }
+    }
+    WIDE_END
+}
+
+static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    WIDE_BEGIN
+    __m128 accm2[8]; /* the min terms m * dx * sum(xq) of two blocks, lanes 0 and 1 */
+    for (int t = 0; t < NT; t++) accm2[t] = _mm_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *b0 = w + b * 20, *b1 = b0 + 20;
+        const float dw[2] = {SFX(h2f)(b0), SFX(h2f)(b1)};
+        const __m128 mw2 = _mm_setr_ps(SFX(h2f)(b0 + 2), SFX(h2f)(b1 + 2), 0.0f, 0.0f);
+        const __m512 dwv = PAIR_PS(dw);
+        const __m512i q = SFX(nibbles64)(b0 + 4, b1 + 4);
+        for (int t = 0; t < NT; t++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(xq[t].q + b * 32));
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dwv, PAIR_PS(xq[t].d + b)),
+                                     acc[t]);
+            accm2[t] = _mm_fmadd_ps(mw2, _mm_castpd_ps(_mm_load_sd((const double *)(xq[t].s + b))),
+                                    accm2[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        const __m128 a = _mm_add_ps(accm2[t], _mm_movehdup_ps(accm2[t]));
+        accm[t] -= _mm_cvtss_f32(a);
+    }
+    if (b < nb) {
+        const uint8_t *blk = w + b * 20;
+        const float dw = SFX(h2f)(blk), mw = SFX(h2f)(blk + 2);
+        const __m256i q = SFX(nibbles32)(blk + 4);
+        for (int t = 0; t < NT; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
+            const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(DOT_US(q, xv)),
+                                           _mm256_set1_ps(dw * xq[t].d[b]));
+            acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(v));
+            accm[t] -= mw * xq[t].s[b];
+        }
+    }
+    WIDE_END
+}
+#endif /* TS_WIDE */
+
 /* ---- 32-value block types ---------------------------------------------------------------- */
 
+#ifndef TS_WIDE
 static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
@@ -76,6 +182,7 @@ static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
     }
     TILE_END
 }
+#endif
 
 static inline __attribute__((always_inline)) void SFX(tile_q4_0)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
@@ -113,6 +220,7 @@ static inline __attribute__((always_inline)) void SFX(tile_q5_0)(
 }
 
 /* Q4_1 / Q5_1: y = d*q + m, so w.x = d*dx*sum(q*xq) + m*dx*sum(xq); dx*sum(xq) is XQ.s */
+#ifndef TS_WIDE
 static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
@@ -129,6 +237,7 @@ static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
     }
     TILE_END
 }
+#endif
 
 static inline __attribute__((always_inline)) void SFX(tile_q5_1)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
@@ -254,11 +363,15 @@ static inline __attribute__((always_inline)) void SFX(tile_q6_k)(
     TILE_END
 }
 
-/* One weight row against n_x (<= 4) activation rows: out[t * os] = w . x_t */
+/* One weight row against n_x (<= 8) activation rows: out[t * os] = w . x_t */
 #define TILE_DISPATCH(name)                                                                 \
     static void SFX(row_##name)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x,         \
                                  float *out, int64_t os) {                                  \
         switch (n_x) {                                                                      \
+        case 8: SFX(tile_##name)(w, xq, nb, 8, out, os); break;                             \
+        case 7: SFX(tile_##name)(w, xq, nb, 7, out, os); break;                             \
+        case 6: SFX(tile_##name)(w, xq, nb, 6, out, os); break;                             \
+        case 5: SFX(tile_##name)(w, xq, nb, 5, out, os); break;                             \
         case 4: SFX(tile_##name)(w, xq, nb, 4, out, os); break;                             \
         case 3: SFX(tile_##name)(w, xq, nb, 3, out, os); break;                             \
         case 2: SFX(tile_##name)(w, xq, nb, 2, out, os); break;                             \
@@ -332,7 +445,7 @@ static void SFX(quantize_row)(const float *x, int64_t k, int8_t *q, float *d, fl
 
 static inline __attribute__((always_inline)) void SFX(tile_bf16)(
     const uint16_t *w, const float *x, int64_t xs, int64_t k, int NT, float *out, int64_t os) {
-    __m256 acc[4];
+    __m256 acc[8];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= k; i += 8) {
