@@ -1,0 +1,135 @@
+"""Phi-3 / Phi-4-mini: Abdin et al. 2024, "Phi-3 Technical Report"; Microsoft 2025, "Phi-4-Mini".
+
+The Llama decoder with fused projections (one qkv matrix, one gate_up matrix), optionally partial
+rotary (Phi-4-mini rotates 3/4 of each head), and LongRoPE (Ding et al. 2024): per-frequency
+rescaling factors, the short set while a sequence fits the pre-training context and the long set
+once it is longer, with cos/sin scaled by sqrt(1 + ln(factor) / ln(original context)).
+Like transformers, the switch is made per forward from the sequence's length: keys already cached
+keep the rotation they were written with. Reference: transformers' modeling_phi3.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..batch import Batch
+from ..config import ModelConfig
+from . import WeightReader
+from .llama import Linear
+from .rope import longrope_inv_freq, longrope_original_len, rope_attention_factor, rope_inv_freq
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    attn_norm: Any  # (D,)
+    qkv: Linear  # (H*Dh + 2*KVH*Dh, D): q, k, v stacked by rows
+    o: Linear  # (D, H*Dh)
+    ffn_norm: Any  # (D,)
+    gate_up: Linear  # (2F, D): gate rows, then up rows
+    down: Linear  # (D, F)
+
+
+class Phi3Model:
+    """Phi-3 decoder over a backend's ops. forward: Batch -> logits (R, V)."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict, ops):
+        self.cfg, self.ops = cfg, ops
+        D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        take = WeightReader(tensors)
+
+        def linear(name: str, out_f: int, in_f: int) -> Linear:
+            b = take.optional(f"{name}.bias", (out_f,))
+            w = ops.weight(take(f"{name}.weight", (out_f, in_f)))
+            return Linear(w, None if b is None else ops.vector(b))
+
+        self.embed = ops.weight(take("model.embed_tokens.weight", (V, D)))
+        self.layers = []
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}"
+            self.layers.append(
+                LayerWeights(
+                    attn_norm=ops.vector(take(f"{p}.input_layernorm.weight", (D,))),
+                    qkv=linear(f"{p}.self_attn.qkv_proj", cfg.q_size + 2 * cfg.kv_size, D),
+                    o=linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
+                    ffn_norm=ops.vector(take(f"{p}.post_attention_layernorm.weight", (D,))),
+                    gate_up=linear(f"{p}.mlp.gate_up_proj", 2 * F, D),
+                    down=linear(f"{p}.mlp.down_proj", D, F),
+                )
+            )
+        self.norm = ops.vector(take("model.norm.weight", (D,)))
+        self.lm_head = self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+
+        R = cfg.rotary_dim
+        self.longrope = bool(cfg.rope_scaling) and cfg.rope_scaling["rope_type"] == "longrope"
+        if self.longrope:  # GGUF files carry the factors as tensors, HF configs as lists
+            short, long = tensors.get("rope_factors_short"), tensors.get("rope_factors_long")
+            self.inv_freq = ops.vector(longrope_inv_freq(cfg, long=False, rotary_dim=R, factors=short))
+            self.inv_freq_long = ops.vector(longrope_inv_freq(cfg, long=True, rotary_dim=R, factors=long))
+            self.original_len = longrope_original_len(cfg)
+        else:
+            self.inv_freq = ops.vector(rope_inv_freq(cfg, rotary_dim=R))  # (R/2,)
+        self.rope_scale = rope_attention_factor(cfg)  # multiplies the rotated dims of q and k
+        self.scale = cfg.head_dim**-0.5
+
+    def kv_layout(self) -> list[dict[str, tuple[int, ...]]]:
+        """Per layer, what the paged cache stores per token."""
+        shape = (self.cfg.n_kv_heads, self.cfg.head_dim)
+        return [{"k": shape, "v": shape} for _ in range(self.cfg.n_layers)]
+
+    def _linear(self, x, lin: Linear):
+        y = self.ops.matmul(x, lin.w)
+        return y if lin.b is None else y + lin.b
+
+    def _long_rows(self, batch: Batch) -> np.ndarray | None:
+        """(n,) flat indices of tokens whose sequence has outgrown the pre-training context."""
+        if not self.longrope:
+            return None
+        seq_len_per_token = np.repeat(batch.seq_lens, np.diff(batch.query_start))  # (N,)
+        return np.flatnonzero(seq_len_per_token > self.original_len)
+
+    def _rope(self, x, positions, long_rows):
+        """(N, h, Dh) -> (N, h, Dh): the first R dims rotated, short or long LongRoPE per token."""
+        ops = self.ops
+        y = ops.rope(x, positions, self.inv_freq)
+        if long_rows is not None and len(long_rows):
+            rows = ops.from_numpy(long_rows)
+            y[rows] = ops.rope(x[rows], positions[rows], self.inv_freq_long)
+        if self.rope_scale != 1.0:  # LongRoPE scales cos and sin: only the rotated dims grow
+            y[..., : self.cfg.rotary_dim] *= self.rope_scale
+        return y
+
+    def attention(self, x, w: LayerWeights, batch: Batch, kv: dict, positions, long_rows):
+        """(N, D) -> (N, D): GQA from one fused qkv projection."""
+        cfg, ops = self.cfg, self.ops
+        N = x.shape[0]
+        qkv = self._linear(x, w.qkv)  # (N, (H + 2 KVH) Dh)
+        q = qkv[:, : cfg.q_size].reshape(N, cfg.n_heads, cfg.head_dim)  # (N, H, Dh)
+        k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].reshape(N, cfg.n_kv_heads, cfg.head_dim)
+        v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(N, cfg.n_kv_heads, cfg.head_dim)
+        q = self._rope(q, positions, long_rows)
+        k = self._rope(k, positions, long_rows)
+        ops.write_kv(kv["k"], k, batch.slots)
+        ops.write_kv(kv["v"], v, batch.slots)
+        a = ops.paged_attention(q, kv["k"], kv["v"], batch, self.scale, cfg.sliding_window)  # (N, H, Dh)
+        return self._linear(a.reshape(N, cfg.q_size), w.o)  # (N, D)
+
+    def feed_forward(self, x, w: LayerWeights):
+        """(N, D) -> (N, D): SwiGLU from one fused gate_up projection."""
+        F = self.cfg.intermediate_size
+        gate_up = self._linear(x, w.gate_up)  # (N, 2F)
+        return self._linear(self.ops.silu_mul(gate_up[:, :F], gate_up[:, F:]), w.down)
+
+    def forward(self, batch: Batch, kv: list[dict]):
+        """Batch of N tokens -> logits (R, V) for batch.logits_rows."""
+        ops, eps = self.ops, self.cfg.norm_eps
+        positions = ops.from_numpy(batch.positions)
+        long_rows = self._long_rows(batch)
+        x = ops.embedding(ops.from_numpy(batch.token_ids), self.embed)  # (N, D)
+        for w, layer_kv in zip(self.layers, kv):
+            x = x + self.attention(ops.rms_norm(x, w.attn_norm, eps), w, batch, layer_kv, positions, long_rows)
+            x = x + self.feed_forward(ops.rms_norm(x, w.ffn_norm, eps), w)
+        x = x[ops.from_numpy(batch.logits_rows)]  # (R, D): only the rows we sample from
+        return ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)
