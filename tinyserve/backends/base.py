@@ -32,8 +32,13 @@ class Backend:
         """(available, reason): whether this backend can run here and, if not, why."""
         return True, ""
 
+    @classmethod
+    def summary(cls) -> str:
+        """One line for `tinyserve backends` when available: what it would run on here."""
+        return ""
+
     def describe(self) -> str:
-        """One line for `tinyserve backends`: what this backend runs on."""
+        """One line about this instance: what it runs on, in which dtype."""
         return ""
 
     def allocate_kv(
