@@ -30,14 +30,14 @@ def _quant_weight(qtype_name: str, rows: int, cols: int, rng):
 
 
 class Kernels:
-    params = (["numpy", "cpu"], [1, 512])
-    param_names = ("impl", "n_tokens")
+    params = (["numpy", "cpu"], [1, 512], _common.THREADS)
+    param_names = ("impl", "n_tokens", "threads")
     timeout = 120
 
-    def setup(self, impl, n_tokens):
+    def setup(self, impl, n_tokens, threads):
         from tinyserve.batch import Batch
 
-        backend = _common.backend_for(impl)
+        backend = _common.backend_for(impl, threads)
         ops = self.ops = backend.ops
         rng = np.random.default_rng(0)
         N = n_tokens
@@ -63,29 +63,29 @@ class Kernels:
         self.batch = Batch.build([(list(range(N)), CONTEXT - N, table)], BLOCK)
         self.scale = Dh**-0.5
 
-    def time_matmul_f32(self, impl, n_tokens):
+    def time_matmul_f32(self, impl, n_tokens, threads):
         self.ops.matmul(self.x, self.w_f32)  # (N, D) @ (F, D).T -> (N, F)
 
-    def time_matmul_q4_1(self, impl, n_tokens):
+    def time_matmul_q4_1(self, impl, n_tokens, threads):
         self.ops.matmul(self.x, self.w_q4_1)
 
-    def time_matmul_q8_0(self, impl, n_tokens):
+    def time_matmul_q8_0(self, impl, n_tokens, threads):
         self.ops.matmul(self.x, self.w_q8_0)
 
-    def time_rms_norm(self, impl, n_tokens):
+    def time_rms_norm(self, impl, n_tokens, threads):
         self.ops.rms_norm(self.x, self.norm_w, 1e-5)
 
-    def time_rope(self, impl, n_tokens):
+    def time_rope(self, impl, n_tokens, threads):
         self.ops.rope(self.q, self.positions, self.inv_freq)
 
-    def time_silu_mul(self, impl, n_tokens):
+    def time_silu_mul(self, impl, n_tokens, threads):
         self.ops.silu_mul(self.gate, self.up)
 
-    def time_paged_attention(self, impl, n_tokens):
+    def time_paged_attention(self, impl, n_tokens, threads):
         self.ops.paged_attention(self.q, self.k_pool, self.v_pool, self.batch, self.scale)
 
-    def peakmem_matmul_q4_1(self, impl, n_tokens):
+    def peakmem_matmul_q4_1(self, impl, n_tokens, threads):
         self.ops.matmul(self.x, self.w_q4_1)
 
-    def peakmem_paged_attention(self, impl, n_tokens):
+    def peakmem_paged_attention(self, impl, n_tokens, threads):
         self.ops.paged_attention(self.q, self.k_pool, self.v_pool, self.batch, self.scale)

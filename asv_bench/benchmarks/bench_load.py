@@ -26,7 +26,7 @@ class Load:
         self.path = tiny_path if model == "tiny" else _common.default_model_path()
         if self.path is None:
             raise NotImplementedError(f"{model} not pulled")
-        _common.pin_threads()
+        _common.use_threads(1)  # loading is single-threaded NumPy work; keep it comparable
 
     def _load(self, backend):
         from tinyserve import LLM
