@@ -1,0 +1,156 @@
+"""The torch backend on the CPU: options and errors, weights, KV pools, transformers' logits, the
+GPU check script in its CI size. Its op and model parity with the reference is tests/test_conformance.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinyserve import LLM, SamplingParams
+from tinyserve.backends import create_backend
+from tinyserve.errors import BackendError
+from tinyserve.testing import tiny_checkpoint
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parent.parent
+HF = ROOT / "tests" / "fixtures" / "hf"
+
+
+def test_defaults_and_description():
+    b = create_backend("torch")
+    assert (b.device, b.dtype, b.kv_itemsize) == ("cpu", "float32", 4)
+    assert b.describe() == f"torch {torch.__version__} on cpu (float32)"
+    assert create_backend("torch", dtype="bfloat16").kv_itemsize == 2
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "message"),
+    [
+        ("cpu", "float64", "dtype must be one of float32, bfloat16, float16"),
+        ("tpu", None, "unknown device kind 'tpu'; known: cpu, cuda, npu, mps, xpu"),
+        pytest.param(
+            "cuda",
+            None,
+            "no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present"),
+        ),
+        pytest.param(
+            "npu",
+            None,
+            "torch_npu is not installed",
+            marks=pytest.mark.skipif(
+                __import__("importlib").util.find_spec("torch_npu") is not None,
+                reason="torch_npu present",
+            ),
+        ),
+    ],
+)
+def test_bad_options_are_one_line_errors(device, dtype, message):
+    with pytest.raises(BackendError, match=message) as err:
+        create_backend("torch", device=device, dtype=dtype)
+    assert "\n" not in str(err.value)
+
+
+def test_weights_are_dequantized_to_the_dtype_once():
+    ckpt = tiny_checkpoint("llama_q8_0")
+    q = ckpt.tensors["model.layers.0.mlp.up_proj.weight"]
+    for dtype in ("float32", "bfloat16", "float16"):
+        w = create_backend("torch", dtype=dtype).ops.weight(q)
+        assert w.dtype == getattr(torch, dtype) and tuple(w.shape) == q.shape
+        np.testing.assert_allclose(
+            w.float().numpy(), q.dequantize(), rtol=1e-2 if dtype != "float32" else 0
+        )
+    bf16 = tiny_checkpoint("llama_bf16").tensors["lm_head.weight"]
+    w = create_backend("torch", dtype="bfloat16").ops.weight(bf16)
+    assert np.array_equal(w.float().numpy(), bf16.dequantize())  # bf16 -> bf16 is exact
+
+
+def test_kv_pools_live_on_the_device_in_the_dtype():
+    b = create_backend("torch", dtype="float16")
+    (layer,) = b.allocate_kv([{"k": (2, 8), "v": (2, 8)}], num_blocks=5, block_size=4)
+    assert layer["k"].shape == (5, 4, 2, 8) and layer["k"].dtype == torch.float16
+    layer["v"][1] = 3.0
+    b.copy_blocks([layer], [1], [4])
+    assert torch.all(layer["v"][4] == 3.0) and torch.all(layer["v"][0] == 0)
+
+
+def test_forward_with_no_rows_to_sample():
+    """A step that only advances a prefill chunk asks for no logits."""
+    from tinyserve.batch import Batch
+    from tinyserve.models import build_model
+
+    b = create_backend("torch")
+    ckpt = tiny_checkpoint("llama")
+    model = build_model(ckpt.config, ckpt.tensors, b.ops)
+    kv = b.allocate_kv(model.kv_layout(), 4, 4)
+    out = b.forward(model, Batch.build([([3, 4, 5], 0, [2])], 4, logits_rows=[]), kv)
+    assert out.shape == (0, ckpt.config.vocab_size) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral"])
+def test_logits_match_transformers(name):
+    """Second route to the answer: transformers' own logits on the HF fixtures."""
+    with np.load(HF / name / "reference.npz") as ref:
+        ids, want = ref["input_ids"].tolist(), ref["logits"]
+        greedy = ref["greedy_ids"].tolist()
+    llm = LLM(model=str(HF / name), backend="torch", device="cpu", dtype="float32")
+    np.testing.assert_allclose(llm.logits(ids), want, atol=2e-3, rtol=1e-3)
+    out = llm.generate(
+        [ids], SamplingParams(max_tokens=len(greedy), temperature=0, ignore_eos=True)
+    )
+    assert list(out[0].outputs[0].token_ids) == greedy
+
+
+def test_reports_torch_missing():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
+        "from tinyserve.backends import list_backends, create_backend\n"
+        "info = {i.name: i for i in list_backends()}['torch']; print(info.available, info.reason)\n"
+        "try: create_backend('torch')\nexcept Exception as e: print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first.startswith("False torch is not installed")
+    assert second.startswith(
+        "BackendError backend 'torch' is not available: torch is not installed"
+    )
+
+
+def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
+    """scripts/gpu_check.py in its CI size: the same code path as the GPU sweep."""
+    out_json = tmp_path / "r.json"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--skip-conformance",
+            "--concurrency",
+            "1,3",
+            "--json",
+            str(out_json),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert (result["device"], result["dtype"], result["tiny"]) == ("cpu", "float32", True)
+    sweep = {r["concurrency"]: r for r in result["sweep"]}
+    assert sorted(sweep) == [1, 3]
+    assert sweep[3]["output_tokens"] == 3 * 16 and sweep[1]["output_tokens"] == 16
+    assert all(r["output_tok_s"] > 0 and r["tpot_ms_p50"] > 0 for r in sweep.values())
+    assert "out tok/s" in out.stdout and "TPOT p50" in out.stdout
