@@ -13,7 +13,7 @@ cimport cython
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, cos, exp, expf, sin, sqrtf
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -425,3 +425,127 @@ def filtered_probs(logits, p):
     if _filtered_probs(z, float(p.top_p), float(p.min_p), int(p.top_k or 0), probs) != 0:
         raise MemoryError("filtered_probs: out of memory")
     return probs
+
+
+# -- fused Llama-family layer stack (decode and prefill) -----------------------------------------
+# The model file (tinyserve/models/llama.py) stays the readable reference; this runs the SAME
+# weights through the same maths with one Python call per forward instead of ~15 per layer, the
+# quantized matmuls coming from ext/quant.h (the kernels of tinyserve._ext.quant).
+
+cdef extern from "quant.h" nogil:
+    int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, int64_t m,
+                    int64_t w_stride, int qtype, float *out, int nthreads, int isa)
+
+
+DEF W_Q = 0
+DEF W_K = 1
+DEF W_V = 2
+DEF W_O = 3
+DEF W_GATE = 4
+DEF W_UP = 5
+DEF W_DOWN = 6
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef inline int _mm(const float[:, ::1] x, const int64_t[:, ::1] wptr, const int64_t[:, ::1] wstride,
+                    const int32_t[:, ::1] wtype, Py_ssize_t l, int which, float[:, ::1] out,
+                    int isa) noexcept nogil:
+    return ts_matmul_q(&x[0, 0], x.shape[0], x.shape[1], <const uint8_t *>wptr[l, which],
+                       out.shape[1], wstride[l, which], wtype[l, which], &out[0, 0], _n_threads, isa)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _llama_layers(
+    float[:, ::1] x,  # (N, D) residual stream, updated in place
+    const int64_t[:, ::1] wptr, const int64_t[:, ::1] wstride, const int32_t[:, ::1] wtype,  # (L, 7)
+    const float[:, ::1] attn_norm, const float[:, ::1] ffn_norm,  # (L, D)
+    const float[:, ::1] q_bias, const float[:, ::1] k_bias, const float[:, ::1] v_bias,  # (L, *) or (0, 0)
+    const float[:, ::1] q_norm, const float[:, ::1] k_norm,  # (L, Dh) or (0, 0)
+    float[:, :, :, :, :, ::1] kv,  # (L, 2, NB, BS, KVH, Dh)
+    const int64_t[::1] positions, const int64_t[::1] slots, const int64_t[::1] seq_of,
+    const int64_t[::1] seq_lens, const int32_t[:, ::1] block_tables, const float[::1] inv_freq,
+    float eps, float scale, int64_t window, int heads_per_item, int isa,
+    float[:, ::1] h, float[:, :, ::1] q, float[:, :, ::1] k, float[:, :, ::1] v,
+    float[:, :, ::1] a, float[:, ::1] gate, float[:, ::1] up,
+    float[:, ::1] q2, float[:, ::1] k2, float[:, ::1] v2, float[:, ::1] a2,  # 2-D views of q k v a
+    float[:, ::1] qh, float[:, ::1] kh,  # (N*H, Dh), (N*KVH, Dh) views of q, k
+) noexcept nogil:
+    cdef Py_ssize_t L = wptr.shape[0], N = x.shape[0], D = x.shape[1], n, i, l
+    cdef Py_ssize_t H = q.shape[1], KVH = k.shape[1], Dh = q.shape[2], F = gate.shape[1]
+    cdef Py_ssize_t W = KVH * Dh
+    cdef float *kp
+    cdef float *vp
+    for l in range(L):
+        # attention ------------------------------------------------------------------------
+        _rms_norm(x, attn_norm[l], eps, h)
+        if _mm(h, wptr, wstride, wtype, l, W_Q, q2, isa) or _mm(h, wptr, wstride, wtype, l, W_K, k2, isa) \
+                or _mm(h, wptr, wstride, wtype, l, W_V, v2, isa):
+            return -1
+        if q_bias.shape[0]:  # Qwen2's q/k/v bias
+            for n in range(N):
+                for i in range(H * Dh):
+                    q2[n, i] += q_bias[l, i]
+                for i in range(W):
+                    k2[n, i] += k_bias[l, i]
+                    v2[n, i] += v_bias[l, i]
+        if q_norm.shape[0]:  # Qwen3 normalizes each head before rotating it
+            _rms_norm(qh, q_norm[l], eps, qh)
+            _rms_norm(kh, k_norm[l], eps, kh)
+        _rope(q, positions, inv_freq)
+        _rope(k, positions, inv_freq)
+        kp = &kv[l, 0, 0, 0, 0, 0]
+        vp = &kv[l, 1, 0, 0, 0, 0]
+        for n in range(N):
+            memcpy(kp + slots[n] * W, &k2[n, 0], W * sizeof(float))
+            memcpy(vp + slots[n] * W, &v2[n, 0], W * sizeof(float))
+        _paged_attention(q, kv[l, 0], kv[l, 1], seq_of, seq_lens, positions, block_tables, scale,
+                         window, heads_per_item, a)
+        if _mm(a2, wptr, wstride, wtype, l, W_O, h, isa):
+            return -1
+        for n in range(N):
+            for i in range(D):
+                x[n, i] += h[n, i]
+        # feed-forward (SwiGLU) ------------------------------------------------------------
+        _rms_norm(x, ffn_norm[l], eps, h)
+        if _mm(h, wptr, wstride, wtype, l, W_GATE, gate, isa) or _mm(h, wptr, wstride, wtype, l, W_UP, up, isa):
+            return -1
+        _silu_mul(gate, up, gate)
+        if _mm(gate, wptr, wstride, wtype, l, W_DOWN, h, isa):
+            return -1
+        for n in range(N):
+            for i in range(D):
+                x[n, i] += h[n, i]
+    return 0
+
+
+def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v_bias, q_norm, k_norm,
+                 kv, positions, slots, query_start, seq_lens, block_tables, inv_freq, float eps,
+                 float scale, sliding_window, int n_heads, int intermediate_size, int isa):
+    """(N, D) residual stream through every layer, in place: the fused twin of LlamaModel's loop.
+    kv: (L, 2, NB, BS, KVH, Dh) pools; w*: (L, 7) pointers / row strides / qtypes of q k v o gate
+    up down (ggml blocks, kept alive by the caller)."""
+    cdef Py_ssize_t N = x.shape[0], D = x.shape[1]
+    KVH, Dh = kv.shape[4], kv.shape[5]
+    if N == 0:
+        return x
+    S = seq_lens.shape[0]
+    seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
+    h = np.empty((N, D), np.float32)
+    q = np.empty((N, n_heads, Dh), np.float32)
+    k = np.empty((N, KVH, Dh), np.float32)
+    v = np.empty((N, KVH, Dh), np.float32)
+    a = np.empty((N, n_heads, Dh), np.float32)
+    gate = np.empty((N, intermediate_size), np.float32)
+    up = np.empty((N, intermediate_size), np.float32)
+    gi = (n_heads // KVH) if N * KVH >= 4 * _n_threads else 1
+    cdef int rc
+    rc = _llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v_bias, q_norm,
+                       k_norm, kv, positions, slots, seq_of, seq_lens, block_tables, inv_freq, eps,
+                       scale, int(sliding_window or 0), gi, isa, h, q, k, v, a, gate, up,
+                       q.reshape(N, -1), k.reshape(N, -1), v.reshape(N, -1), a.reshape(N, -1),
+                       q.reshape(-1, Dh), k.reshape(-1, Dh))
+    if rc != 0:
+        raise MemoryError("llama_layers: out of memory for the quantized activations")
+    return x

@@ -3,7 +3,10 @@
 Weights stay as the checkpoint holds them: GGUF blocks stay quantized (resident memory ~ file size)
 and are read directly by `tinyserve._ext.quant.matmul_q`; bf16 stays bf16; float32 goes to BLAS.
 Every op has the name and shape contract of its NumPy reference (numpy_ops.py), checked by
-tests/test_cpu_kernels.py; `forward` runs the model file op by op through `CpuOps`.
+tests/test_cpu_kernels.py. `forward` runs the model file op by op through `CpuOps`, except for a
+Llama-family model whose matrices are all quantized: its layer stack then runs in one native call
+(kernels.llama_layers, the same weights and maths), because at batch 1 a Python call per op per
+layer costs more than the arithmetic. tests/test_cpu_backend.py holds both routes to the same logits.
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ import numpy as np
 from ..batch import Batch
 from .base import Backend
 from .numpy_ops import NumpyOps
+
+# OpenMP workers that spin between parallel regions (libgomp's default) steal the core of the
+# thread doing the work whenever the machine is shared: measured here under load, one quantized
+# GEMV went from 0.04 ms to 6.6 ms. Sleeping workers cost a few microseconds per region instead.
+# Read once when libgomp loads, so it is set before the extension is imported; the user's own
+# OMP_WAIT_POLICY / GOMP_SPINCOUNT win.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 try:
     if os.environ.get("TINYSERVE_PURE_PYTHON") == "1":
@@ -182,3 +193,105 @@ class CpuBackend(Backend):
 
     def describe(self) -> str:
         return f"native kernels ({_kernels.simd_level()}), {self.num_threads} threads"
+
+    # -- KV pools and the fused forward -----------------------------------------------------------
+
+    def allocate_kv(self, layer_specs, num_blocks: int, block_size: int):
+        """One (L, 2, NB, BS, KVH, Dh) array when every layer stores k and v alike, handed out as
+        per-layer views, so the fused path reaches all layers through one buffer."""
+        shapes = {tuple(spec.get("k", ())) for spec in layer_specs}
+        if len(shapes) != 1 or any(set(spec) != {"k", "v"} or spec["k"] != spec["v"] for spec in layer_specs):
+            return super().allocate_kv(layer_specs, num_blocks, block_size)
+        pools = np.zeros((len(layer_specs), 2, num_blocks, block_size, *shapes.pop()), dtype=np.float32)
+        self._kv_all = pools
+        return [{"k": pools[i, 0], "v": pools[i, 1]} for i in range(len(layer_specs))]
+
+    def forward(self, model, batch: Batch, kv) -> np.ndarray:
+        """Logits (R, V) of batch.logits_rows; the fused layer stack when the model allows it."""
+        fused = self._fused_weights(model, kv)
+        if fused is None:
+            return super().forward(model, batch, kv)
+        ops, cfg = self.ops, model.cfg
+        x = ops.embedding(batch.token_ids, model.embed)  # (N, D)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        _kernels.llama_layers(
+            x, *fused, self._kv_all, batch.positions, batch.slots, batch.query_start, batch.seq_lens,
+            batch.block_tables, model.inv_freq, cfg.norm_eps, model.scale, cfg.sliding_window,
+            cfg.n_heads, cfg.intermediate_size, _QUANT_ISA.index(_quant.get_isa()),
+        )
+        x = x[batch.logits_rows]  # (R, D): only the rows we sample from
+        logits = ops.matmul(ops.rms_norm(x, model.norm, cfg.norm_eps), model.lm_head)  # (R, V)
+        return np.asarray(logits, dtype=np.float32)
+
+    def _fused_weights(self, model, kv):
+        """The layer stack as pointer tables for kernels.llama_layers, or None when it does not
+        apply (not the Llama family, a dense matrix, separate KV pools)."""
+        if os.environ.get("TINYSERVE_CPU_FUSED") == "0":
+            return None
+        cache = getattr(model, "_cpu_fused", False)
+        if cache is False:
+            cache = _build_fused(model)
+            try:
+                model._cpu_fused = cache
+            except AttributeError:
+                return cache
+        pools = getattr(self, "_kv_all", None)
+        if cache is None or pools is None or kv[0]["k"].base is not pools or len(kv) != pools.shape[0]:
+            return None
+        return cache
+
+
+_QUANT_ISA = ["scalar", "avx2", "vnni"]
+_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _build_fused(model):
+    """(wptr, wstride, wtype, norms, biases, qk norms) tables for a Llama model with every matrix
+    quantized in a type the matmul kernel reads; None otherwise."""
+    from ..models.llama import LlamaModel
+
+    if _quant is None or not isinstance(model, LlamaModel):
+        return None
+    L, D = len(model.layers), model.cfg.hidden_size
+    wptr = np.zeros((L, 7), np.int64)
+    wstride = np.zeros((L, 7), np.int64)
+    wtype = np.zeros((L, 7), np.int32)
+    for i, w in enumerate(model.layers):
+        for j, name in enumerate(_MATRICES):
+            lin = getattr(w, name)
+            if not _is_quant(lin.w) or not _quant_supports(lin.w.qtype) or lin.w.data.strides[1] != 1:
+                return None
+            if name in ("o", "gate", "up", "down") and lin.b is not None:
+                return None
+            wptr[i, j] = lin.w.data.ctypes.data
+            wstride[i, j] = lin.w.data.strides[0]
+            wtype[i, j] = int(lin.w.qtype)
+
+    def stack(values, width):
+        if all(v is None for v in values):
+            return np.zeros((0, 0), np.float32)
+        if any(v is None for v in values):
+            raise _NotFusable
+        return np.ascontiguousarray(np.stack([np.asarray(v, np.float32).reshape(width) for v in values]))
+
+    H, KVH, Dh = model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.head_dim
+    try:
+        tables = (
+            wptr, wstride, wtype,
+            stack([w.attn_norm for w in model.layers], D),
+            stack([w.ffn_norm for w in model.layers], D),
+            stack([w.q.b for w in model.layers], H * Dh),
+            stack([w.k.b for w in model.layers], KVH * Dh),
+            stack([w.v.b for w in model.layers], KVH * Dh),
+            stack([w.q_norm for w in model.layers], Dh),
+            stack([w.k_norm for w in model.layers], Dh),
+        )
+    except _NotFusable:
+        return None
+    if tables[5].shape[0] != tables[6].shape[0] or tables[8].shape[0] != tables[9].shape[0]:
+        return None
+    return tables
+
+
+class _NotFusable(Exception):
+    """Some layers have an optional weight that others lack."""
