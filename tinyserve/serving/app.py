@@ -1,0 +1,366 @@
+"""The ASGI app (starlette): routes, client-disconnect handling, SSE streams, error responses,
+and the outermost layer that checks the API key and counts responses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+from collections.abc import AsyncIterator
+
+from ..errors import TinyServeError
+from ..outputs import RequestOutput
+from .engine_loop import EngineLoop, Handle, _Submit
+from .metrics import Metrics
+from .protocol import (
+    _CHAT,
+    _COMMON,
+    _COMPLETION,
+    _SAMPLING,
+    HTTPError,
+    ServerConfig,
+    _chat_messages,
+    _check_fields,
+    _completion_prompt,
+    _field,
+    _Formatter,
+    _sampling_params,
+    _usage,
+)
+
+try:  # the `serve` extra; the rest of tinyserve does without it
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+except ImportError as e:
+    _MISSING_EXTRA: str | None = f"{e.name} is not installed: pip install 'tinyserve[serve]'"
+else:
+    _MISSING_EXTRA = None
+
+
+async def _events(handle: Handle, fmt: _Formatter, include_usage: bool) -> AsyncIterator[str]:
+    """SSE chunks of one streamed request, [DONE] last."""
+    started, ended = set(), set()
+    last = None
+    try:
+        async for out in handle.outputs():
+            last = out
+            choices = []
+            for d in out.deltas:
+                if d.index in ended or not (
+                    d.text or d.token_ids or d.finish_reason or d.index not in started
+                ):
+                    continue
+                choices.append(fmt.choice_delta(d, d.index not in started))
+                started.add(d.index)
+                if d.finish_reason is not None:
+                    ended.add(d.index)
+            if choices:
+                yield fmt.chunk(choices, None, include_usage)
+    except HTTPError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+        return
+    if include_usage and last is not None:
+        yield fmt.chunk([], _usage(last.prompt_token_ids, last.outputs), True)
+    yield "data: [DONE]\n\n"
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready: nothing to send."""
+
+
+async def _wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until(disconnect: asyncio.Future, coro):
+    """Await coro unless the client disconnects first; errors come back as HTTPError."""
+    task = asyncio.ensure_future(coro)
+    await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})  # let it unwind before anyone touches what it was awaiting
+        raise _ClientGone()
+    try:
+        return task.result()
+    except (HTTPError, StopAsyncIteration):
+        raise
+    except TinyServeError as e:  # RequestError, TokenizerError: this request cannot be served
+        raise HTTPError(400, str(e), code="invalid_request") from None
+    except Exception as e:  # noqa: BLE001 - reported to the client as a 500
+        raise HTTPError(
+            500, f"internal error: {type(e).__name__}: {e}", type="server_error"
+        ) from None
+
+
+async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    async for out in outputs:
+        if out.finished:
+            return out
+    raise HTTPError(500, "the engine ended the request without an output", type="server_error")
+
+
+class _Generation:
+    """One admitted request until its end; `close` frees its blocks if it is cut short."""
+
+    def __init__(self, server: _Server, request, handle: Handle):
+        self.server, self.request, self.handle = server, request, handle
+        self.disconnect = asyncio.ensure_future(_wait_disconnect(request.receive))
+
+    def close(self) -> None:
+        self.disconnect.cancel()
+        self.server.n_in_flight -= 1
+        if not self.handle.done:  # the client went away (or we failed) mid-request
+            self.server.loop.abort(self.handle.request_id)
+
+
+class _EventStream:
+    """An SSE response that stops, and aborts its request, the moment the client disconnects."""
+
+    def __init__(self, gen: _Generation, events: AsyncIterator[str]):
+        self.gen, self.events = gen, events
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+        ]
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            while True:
+                try:
+                    chunk = await _until(self.gen.disconnect, self.events.__anext__())
+                except (StopAsyncIteration, _ClientGone):
+                    break
+                await send(
+                    {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the socket closed under us
+            pass
+        finally:
+            await self.events.aclose()
+            self.gen.close()
+
+
+class _Server:
+    """Route handlers over one EngineLoop."""
+
+    def __init__(self, llm, config: ServerConfig):
+        self.llm, self.config = llm, config
+        self.metrics = Metrics()
+        self.loop = EngineLoop(llm, config, self.metrics)
+        self.n_in_flight = 0  # event-loop thread only
+
+    async def _body(self, request) -> dict:
+        limit = self.config.max_body_bytes
+        too_big = HTTPError(
+            413, f"request body is larger than {limit} bytes", code="request_too_large"
+        )
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+        try:
+            obj = json.loads(body)
+        except ValueError as e:
+            raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise HTTPError(400, "request body must be a JSON object")
+        return obj
+
+    def _check_model(self, body: dict) -> None:
+        model = _field(body, "model", "str")
+        if model is not None and model != self.config.model_name:
+            raise HTTPError(
+                404,
+                f"the model '{model}' does not exist; this server serves "
+                f"'{self.config.model_name}'",
+                "model",
+                "model_not_found",
+            )
+
+    # routes --------------------------------------------------------------------------------------
+
+    async def health(self, request):
+        alive = self.loop.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, 200 if alive else 503)
+
+    async def models(self, request):
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.config.model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "tinyserve",
+                        "max_model_len": self.llm.engine.model_config.context_len,
+                    }
+                ],
+            }
+        )
+
+    async def prometheus(self, request):
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def completions(self, request):
+        body = await self._body(request)
+        _check_fields(body, {**_COMMON, **_SAMPLING, **_COMPLETION})
+        self._check_model(body)
+        prepare = _completion_prompt(body, self.llm.tokenizer)
+        top_n = _field(body, "logprobs", "int")
+        params = _sampling_params(
+            body, _field(body, "max_tokens", "int"), top_n, self.config.max_tokens_limit
+        )
+        return await self._generate(
+            request, body, _Submit(None, prepare, params, False, "prompt"), False, top_n
+        )
+
+    async def chat(self, request):
+        body = await self._body(request)
+        _check_fields(body, {**_COMMON, **_SAMPLING, **_CHAT})
+        self._check_model(body)
+        messages = _chat_messages(body)
+        if self.llm.tokenizer is None or not self.llm.tokenizer.has_chat_template:
+            raise HTTPError(400, "this model has no chat template: use /v1/completions", "messages")
+        top_n = None
+        if _field(body, "logprobs", "bool", False):
+            top_n = _field(body, "top_logprobs", "int", 0)
+        elif body.get("top_logprobs") is not None:
+            raise HTTPError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        max_tokens = _field(body, "max_completion_tokens", "int", _field(body, "max_tokens", "int"))
+        params = _sampling_params(
+            body, max_tokens, top_n, self.config.max_tokens_limit, "top_logprobs"
+        )
+        prepare = lambda: self.llm.chat_prompt(messages)
+        submit = _Submit(None, prepare, params, max_tokens is None, "messages")
+        return await self._generate(request, body, submit, True, top_n)
+
+    async def _generate(self, request, body: dict, submit: _Submit, chat: bool, top_n: int | None):
+        if self.n_in_flight >= self.config.max_queue:
+            raise HTTPError(
+                503,
+                f"{self.n_in_flight} requests in flight, the server's limit: try again later",
+                type="server_error",
+                code="queue_full",
+            )
+        fmt = _Formatter(chat, self.config.model_name, self.llm.tokenizer, top_n)
+        handle = Handle(fmt.id, asyncio.get_running_loop())
+        self.n_in_flight += 1
+        gen = _Generation(self, request, handle)
+        streaming = False
+        try:
+            self.loop.submit(dataclasses.replace(submit, handle=handle))
+            await _until(gen.disconnect, handle.accepted())
+            if body.get("stream"):
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                streaming = True  # from here on the stream owns gen and closes it
+                return _EventStream(gen, _events(handle, fmt, usage))
+            final = await _until(gen.disconnect, _last(handle.outputs()))
+            return JSONResponse(fmt.response(final))
+        except _ClientGone:
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            if not streaming:
+                gen.close()
+
+
+async def _error_response(request, exc):
+    if isinstance(exc, HTTPError):
+        return JSONResponse(exc.body(), exc.status)
+    if not hasattr(exc, "status_code"):  # a bug of ours: still an OpenAI-shaped 500
+        err = HTTPError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(err.body(), 500)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(HTTPError(exc.status_code, exc.detail, code=code).body(), exc.status_code)
+
+
+class _Guard:
+    """Outermost ASGI layer: the API key on /v1/*; a count of responses by path and status."""
+
+    def __init__(self, app, server: _Server):
+        self.app, self.server = app, server
+        self.paths = {r.path for r in app.routes}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def counting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            key = self.server.config.api_key
+            if (
+                key is not None
+                and scope["path"].startswith("/v1/")
+                and not self._authorized(scope, key)
+            ):
+                err = HTTPError(
+                    401,
+                    "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                    code="invalid_api_key",
+                )
+                return await JSONResponse(err.body(), 401)(scope, receive, counting_send)
+            await self.app(scope, receive, counting_send)
+        finally:
+            path = scope["path"] if scope["path"] in self.paths else "other"
+            self.server.metrics.count_http(path, status)
+
+    @staticmethod
+    def _authorized(scope, key: str) -> bool:
+        got = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        token = got[7:] if got[:7].lower() == "bearer " else ""
+        return hmac.compare_digest(token.encode(), key.encode())
+
+
+_DEFAULT_CONFIG = ServerConfig()  # frozen: one shared default is safe
+
+
+def create_app(llm, config: ServerConfig = _DEFAULT_CONFIG):
+    """The ASGI app serving `llm`; its engine thread starts and stops with the app's lifespan."""
+    if _MISSING_EXTRA is not None:
+        raise ImportError(_MISSING_EXTRA)
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    server = _Server(llm, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.loop.start()
+        try:
+            yield
+        finally:
+            server.loop.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/completions", server.completions, methods=["POST"]),
+            Route("/v1/chat/completions", server.chat, methods=["POST"]),
+            Route("/v1/models", server.models, methods=["GET"]),
+            Route("/health", server.health, methods=["GET"]),
+            Route("/metrics", server.prometheus, methods=["GET"]),
+        ],
+        exception_handlers={
+            HTTPError: _error_response,
+            HTTPException: _error_response,
+            Exception: _error_response,
+        },
+        lifespan=lifespan,
+    )
+    guarded = _Guard(app, server)
+    guarded.server_state = server  # for tests and embedding: the engine loop, metrics, limits
+    return guarded

@@ -1,0 +1,103 @@
+"""`tinyserve serve`: parse the flags, load the model, run uvicorn on the app."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .app import _MISSING_EXTRA, create_app
+from .protocol import ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tinyserve serve", description="OpenAI-compatible HTTP server."
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="catalog name, HF directory or .gguf file (default: the catalog's default model)",
+    )
+    p.add_argument("--backend", "-b", default="cpu", help="backend name (see `tinyserve backends`)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TINYSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $TINYSERVE_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients send (default: the model's name)",
+    )
+    defaults = ServerConfig()
+    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context - 1")
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=defaults.max_tokens_limit,
+        help="largest max_tokens a request may ask for",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=defaults.max_queue,
+        help="requests in flight at most; more get 503",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
+    p.add_argument("--kv-cache-tokens", type=int, default=None)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`tinyserve serve ...`: load the model, then serve until Ctrl-C. Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if _MISSING_EXTRA is not None:
+        print(f"tinyserve: error: {_MISSING_EXTRA}", file=sys.stderr)
+        return 1
+    try:
+        import uvicorn
+    except ImportError:
+        print(
+            "tinyserve: error: uvicorn is not installed: pip install 'tinyserve[serve]'",
+            file=sys.stderr,
+        )
+        return 1
+    from pathlib import Path
+
+    from .. import catalog
+    from ..api import LLM
+
+    try:
+        config = ServerConfig(
+            model_name=args.served_model_name or Path(args.model or catalog.DEFAULT_MODEL).stem,
+            api_key=args.api_key,
+            max_body_bytes=args.max_body_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens_limit=args.max_tokens_limit,
+            max_queue=args.max_queue,
+        )
+    except ValueError as e:
+        print(f"tinyserve: error: {e}", file=sys.stderr)
+        return 2
+    llm = LLM(
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_tokens=args.kv_cache_tokens,
+    )
+    print(
+        f"tinyserve: serving '{config.model_name}' on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+    )
+    uvicorn.run(create_app(llm, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
