@@ -1,6 +1,9 @@
 /* Quantized matmul for ggml blocks, as llama.cpp does it: each activation row is quantized once
- * per call to int8 blocks of 32 (an f32 scale d and the scaled block sum s = d * sum(q)), then
- * every weight block meets its activation block in an integer dot product, scaled in float.
+ * per call to int8 blocks, then every weight block meets its activation block in an integer dot
+ * product, scaled in float. Legacy types (Q4_0 ... Q8_0) get Q8_0-style activations: one f32
+ * scale per 32 values (llama.cpp's Q8_0/Q8_1). K-quants get Q8_K-style ones: one scale per 256
+ * values, so a whole super-block (its 6/8-bit sub-block scales applied in integers) costs one
+ * float step; the 32-value block sums serve the K-quant mins.
  *
  * Three implementations of one contract, picked at run time (ts_best_isa): portable scalar C,
  * AVX2 (maddubs/madd) and AVX-512 VNNI (dpbusd); the SIMD twins live in quant_simd.h.
@@ -29,8 +32,9 @@ enum { TS_Q4_0 = 2, TS_Q4_1 = 3, TS_Q5_0 = 6, TS_Q5_1 = 7, TS_Q8_0 = 8,
        TS_Q4_K = 12, TS_Q5_K = 13, TS_Q6_K = 14 };
 enum { TS_ISA_SCALAR = 0, TS_ISA_AVX2 = 1, TS_ISA_VNNI = 2 };
 
-/* one activation row quantized: q (K,) int8, d and s (K/32,) f32 */
-typedef struct { const int8_t *q; const float *d; const float *s; } XQ;
+/* one activation row quantized: q (K,) int8; d (K/qk,) f32 scales, qk = 32 (legacy types) or
+ * 256 (K-quants); per 32 values: bs = sum(q) and s = d * bs */
+typedef struct { const int8_t *q; const float *d; const float *s; const int16_t *bs; } XQ;
 
 /* one weight row . n_x (<= 8) activation rows -> out[t * os] */
 typedef void (*row_fn)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x, float *out,
@@ -212,25 +216,27 @@ static inline float ts_sdot_q4q5(int qtype, const uint8_t *w, const XQ *x, int64
     return acc;
 }
 
+/* K-quants against Q8_K-style activations (x->d one scale per 256 values) */
 static inline float ts_sdot_q45_k(int qtype, const uint8_t *w, const XQ *x, int64_t nb) {
     const int five = qtype == TS_Q5_K, ts = ts_type_size(qtype);
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * ts, *qh = blk + 16, *qs = blk + (five ? 48 : 16);
-        const float d = ts_load_f16(blk), dmin = ts_load_f16(blk + 2);
         uint8_t sc[8], mn[8];
         ts_scale_min_k4(blk + 4, sc, mn);
+        int isum = 0, imin = 0;
         for (int s = 0; s < 8; s++) {
-            const int64_t g = b * 8 + s;
-            const int8_t *xq = x->q + g * 32;
-            int isum = 0;
+            const int8_t *xq = x->q + b * 256 + s * 32;
+            int sub = 0;
             for (int l = 0; l < 32; l++) {
                 int q = (s & 1) ? qs[32 * (s / 2) + l] >> 4 : qs[32 * (s / 2) + l] & 0x0F;
                 if (five) q |= ((qh[l] >> s) & 1) << 4;
-                isum += q * xq[l];
+                sub += q * xq[l];
             }
-            acc += d * (float)sc[s] * x->d[g] * (float)isum - dmin * (float)mn[s] * x->s[g];
+            isum += sc[s] * sub;
+            imin += mn[s] * x->bs[b * 8 + s];
         }
+        acc += x->d[b] * (ts_load_f16(blk) * (float)isum - ts_load_f16(blk + 2) * (float)imin);
     }
     return acc;
 }
@@ -239,23 +245,22 @@ static inline float ts_sdot_q6_k(const uint8_t *w, const XQ *x, int64_t nb) {
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 210;
-        const float d = ts_load_f16(blk + 208);
         const int8_t *sc = (const int8_t *)(blk + 192);
+        int isum = 0;
         for (int h = 0; h < 2; h++) {
             const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
             for (int j = 0; j < 4; j++) {
-                const int64_t g = b * 8 + 4 * h + j;
-                const int8_t *xq = x->q + g * 32;
-                int isum[2] = {0, 0};
+                const int8_t *xq = x->q + b * 256 + 128 * h + 32 * j;
+                int sub[2] = {0, 0};
                 for (int l = 0; l < 32; l++) {
                     const int lo = (j & 2) ? ql[32 * (j & 1) + l] >> 4 : ql[32 * (j & 1) + l] & 0x0F;
                     const int q = (lo | (((qh[l] >> (2 * j)) & 3) << 4)) - 32;
-                    isum[l / 16] += q * xq[l];
+                    sub[l / 16] += q * xq[l];
                 }
-                const int scaled = sc[8 * h + 2 * j] * isum[0] + sc[8 * h + 2 * j + 1] * isum[1];
-                acc += d * x->d[g] * (float)scaled;
+                isum += sc[8 * h + 2 * j] * sub[0] + sc[8 * h + 2 * j + 1] * sub[1];
             }
         }
+        acc += ts_load_f16(blk + 208) * x->d[b] * (float)isum;
     }
     return acc;
 }
@@ -289,21 +294,26 @@ static row_fn ts_row_fn_scalar(int qtype) {
     }
 }
 
-/* x row -> int8 blocks of 32: d = max|x| / 127, q = round-half-even(x / d), s = d * sum(q) */
-static void ts_quantize_row_scalar(const float *x, int64_t k, int8_t *q, float *d, float *s) {
-    for (int64_t b = 0; b < k / 32; b++) {
-        const float *xb = x + b * 32;
+/* x row -> int8 blocks of qk (32 or 256): d = max|x| / 127, q = round-half-even(x / d); per
+ * 32 values bs = sum(q) and s = d * bs */
+static void ts_quantize_row_scalar(const float *x, int64_t k, int qk, int8_t *q, float *d,
+                                   float *s, int16_t *bs) {
+    for (int64_t b = 0; b < k / qk; b++) {
+        const float *xb = x + b * qk;
         float amax = 0.0f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        for (int i = 0; i < qk; i++) amax = fmaxf(amax, fabsf(xb[i]));
         const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
-        int sum = 0;
-        for (int i = 0; i < 32; i++) {
-            const int v = (int)nearbyintf(xb[i] * id);
-            q[b * 32 + i] = (int8_t)v;
-            sum += v;
+        for (int g = 0; g < qk / 32; g++) {
+            int sum = 0;
+            for (int i = 32 * g; i < 32 * g + 32; i++) {
+                const int v = (int)nearbyintf(xb[i] * id);
+                q[b * qk + i] = (int8_t)v;
+                sum += v;
+            }
+            bs[b * (qk / 32) + g] = (int16_t)sum;
+            s[b * (qk / 32) + g] = db * (float)sum;
         }
         d[b] = db;
-        s[b] = db * (float)sum;
     }
 }
 
@@ -322,20 +332,24 @@ static void ts_row_bf16_scalar(const uint16_t *w, const float *x, int64_t xs, in
 #pragma GCC target("avx2,fma,f16c")
 #define SFX(name) name##_avx2
 #define DOT_US(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1))
+#define ACC16(acc, p, sc) _mm256_add_epi32((acc), _mm256_madd_epi16((p), (sc)))
 #include "quant_simd.h"
 #undef SFX
 #undef DOT_US
+#undef ACC16
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define SFX(name) name##_vnni
 #define DOT_US(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
+#define ACC16(acc, p, sc) _mm256_dpwssd_epi32((acc), (p), (sc))
 #define TS_WIDE 1
 #include "quant_simd.h"
 #undef TS_WIDE
 #undef SFX
 #undef DOT_US
+#undef ACC16
 #pragma GCC pop_options
 #endif
 
@@ -353,7 +367,8 @@ static int ts_best_isa(void) {
     return TS_ISA_SCALAR;
 }
 
-typedef void (*quant_fn)(const float *x, int64_t k, int8_t *q, float *d, float *s);
+typedef void (*quant_fn)(const float *x, int64_t k, int qk, int8_t *q, float *d, float *s,
+                         int16_t *bs);
 typedef void (*bf16_fn)(const uint16_t *w, const float *x, int64_t xs, int64_t k, int n_x,
                         float *out, int64_t os);
 
@@ -393,18 +408,21 @@ static int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, i
     quant_fn quant;
     bf16_fn unused;
     ts_pick(isa, qtype, &row, &quant, &unused);
-    const int64_t nbx = k / 32, nb = k / ts_block_size(qtype);
-    int8_t *xq = (int8_t *)malloc((size_t)(n * k + 8 * n * nbx + 64));
+    const int qk = ts_block_size(qtype) == 256 ? 256 : 32; /* Q8_K- or Q8_0-style */
+    const int64_t nbx = k / 32, nd = k / qk, nb = k / ts_block_size(qtype);
+    /* one buffer: q (n, k) int8 | d (n, nd) f32 | s (n, nbx) f32 | bs (n, nbx) int16 */
+    int8_t *xq = (int8_t *)malloc((size_t)(n * k + 4 * n * nd + 6 * n * nbx + 64));
     if (!xq) return -1;
-    float *xd = (float *)(xq + ((n * k + 63) & ~(int64_t)63)), *xs = xd + n * nbx;
+    float *xd = (float *)(xq + ((n * k + 63) & ~(int64_t)63)), *xs = xd + n * nd;
+    int16_t *xb = (int16_t *)(xs + n * nbx);
 
     if (n * k >= 32768 && nthreads > 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t i = 0; i < n; i++)
-            quant(x + i * k, k, xq + i * k, xd + i * nbx, xs + i * nbx);
+            quant(x + i * k, k, qk, xq + i * k, xd + i * nd, xs + i * nbx, xb + i * nbx);
     } else {
         for (int64_t i = 0; i < n; i++)
-            quant(x + i * k, k, xq + i * k, xd + i * nbx, xs + i * nbx);
+            quant(x + i * k, k, qk, xq + i * k, xd + i * nd, xs + i * nbx, xb + i * nbx);
     }
 
     const int64_t rc = ts_rows_per_task(m, nthreads);
@@ -423,8 +441,9 @@ static int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, i
             XQ tile[8];
             for (int t = 0; t < n_x; t++) {
                 tile[t].q = xq + (t0 + t) * k;
-                tile[t].d = xd + (t0 + t) * nbx;
+                tile[t].d = xd + (t0 + t) * nd;
                 tile[t].s = xs + (t0 + t) * nbx;
+                tile[t].bs = xb + (t0 + t) * nbx;
             }
             for (int64_t r = r0; r < r1; r++) row(w + r * w_stride, tile, nb, n_x, out + t0 * m + r, m);
         }

@@ -256,86 +256,88 @@ static inline __attribute__((always_inline)) void SFX(tile_q5_1)(
     TILE_END
 }
 
-/* ---- K-quants: 256-value super-blocks; activations keep their 32-blocks ------------------- */
+/* ---- K-quants against Q8_K-style activations (one scale per 256 values) -------------------
+ * maddubs gives int16 pair sums (no saturation: |q| <= 32, |x| <= 127); ACC16 multiplies them by
+ * the sub-block's integer scale and accumulates int32, so a super-block needs one float step. */
 
-/* Q4_K / Q5_K: sub-block j (32 values) is y = d*sc_j*q - dmin*m_j */
-static inline __attribute__((always_inline)) void SFX(tile_q4_k)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
-    TILE_BEGIN
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
+#define K_BEGIN                                                             \
+    __m256 acc[8];                                                          \
+    float accm[8];                                                          \
+    for (int t = 0; t < NT; t++) {                                          \
+        acc[t] = _mm256_setzero_ps();                                       \
+        accm[t] = 0.0f;                                                     \
+    }
+
+/* Q4_K / Q5_K: sub-block s (32 values) is y = d*sc_s*q - dmin*m_s */
+static inline __attribute__((always_inline)) void SFX(tile_q45_k)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os, int five) {
+    K_BEGIN
+    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    const int ts = five ? 176 : 144;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * 144;
+        const uint8_t *blk = w + b * ts, *qs = blk + (five ? 48 : 16);
         const float d = SFX(h2f)(blk), dmin = SFX(h2f)(blk + 2);
         uint8_t sc[8], mn[8];
         ts_scale_min_k4(blk + 4, sc, mn);
+        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+        __m256i isum[8];
+        for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
-            const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
-            const __m256i lo = _mm256_and_si256(raw, m4);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-            const int64_t g = b * 8 + 2 * j;
-            const float dlo = d * sc[2 * j], dhi = d * sc[2 * j + 1];
-            const float mlo = dmin * mn[2 * j], mhi = dmin * mn[2 * j + 1];
-            for (int t = 0; t < NT; t++) {
-                const __m256i xlo = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32));
-                const __m256i xhi = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32 + 32));
-                const __m256 plo = _mm256_cvtepi32_ps(DOT_US(lo, xlo));
-                const __m256 phi = _mm256_cvtepi32_ps(DOT_US(hi, xhi));
-                acc[t] = _mm256_fmadd_ps(plo, _mm256_set1_ps(dlo * xq[t].d[g]), acc[t]);
-                acc[t] = _mm256_fmadd_ps(phi, _mm256_set1_ps(dhi * xq[t].d[g + 1]), acc[t]);
-                accm[t] += mlo * xq[t].s[g] + mhi * xq[t].s[g + 1];
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            __m256i lo = _mm256_and_si256(raw, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            if (five) { /* bit s of qh[l] is the 5th bit of value l of sub-block s */
+                const __m256i hlo = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one);
+                const __m256i hhi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one);
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(hlo, 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(hhi, 4));
             }
+            const __m256i slo = _mm256_set1_epi16(sc[2 * j]), shi = _mm256_set1_epi16(sc[2 * j + 1]);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *x = xq[t].q + b * 256 + 64 * j;
+                const __m256i xlo = _mm256_loadu_si256((const __m256i *)x);
+                const __m256i xhi = _mm256_loadu_si256((const __m256i *)(x + 32));
+                isum[t] = ACC16(isum[t], _mm256_maddubs_epi16(lo, xlo), slo);
+                isum[t] = ACC16(isum[t], _mm256_maddubs_epi16(hi, xhi), shi);
+            }
+        }
+        /* mins: dmin * dx * sum_s m_s * sum(xq of sub-block s) */
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
+        for (int t = 0; t < NT; t++) {
+            const float dx = xq[t].d[b];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * dx), acc[t]);
+            __m128i m = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(xq[t].bs + b * 8)));
+            m = _mm_add_epi32(m, _mm_unpackhi_epi64(m, m));
+            m = _mm_add_epi32(m, _mm_shuffle_epi32(m, 1));
+            accm[t] += dmin * dx * (float)_mm_cvtsi128_si32(m);
         }
     }
     TILE_END
+}
+
+static inline __attribute__((always_inline)) void SFX(tile_q4_k)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+    SFX(tile_q45_k)(w, xq, nb, NT, out, os, 0);
 }
 
 static inline __attribute__((always_inline)) void SFX(tile_q5_k)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
-    TILE_BEGIN
-    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * 176;
-        const float d = SFX(h2f)(blk), dmin = SFX(h2f)(blk + 2);
-        uint8_t sc[8], mn[8];
-        ts_scale_min_k4(blk + 4, sc, mn);
-        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
-        for (int j = 0; j < 4; j++) {
-            const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 48 + 32 * j));
-            /* bit s of qh[l] is the 5th bit of value l of sub-block s */
-            const __m256i hlo = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one);
-            const __m256i hhi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one);
-            const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, m4), _mm256_slli_epi16(hlo, 4));
-            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4),
-                                               _mm256_slli_epi16(hhi, 4));
-            const int64_t g = b * 8 + 2 * j;
-            const float dlo = d * sc[2 * j], dhi = d * sc[2 * j + 1];
-            const float mlo = dmin * mn[2 * j], mhi = dmin * mn[2 * j + 1];
-            for (int t = 0; t < NT; t++) {
-                const __m256i xlo = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32));
-                const __m256i xhi = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32 + 32));
-                const __m256 plo = _mm256_cvtepi32_ps(DOT_US(lo, xlo));
-                const __m256 phi = _mm256_cvtepi32_ps(DOT_US(hi, xhi));
-                acc[t] = _mm256_fmadd_ps(plo, _mm256_set1_ps(dlo * xq[t].d[g]), acc[t]);
-                acc[t] = _mm256_fmadd_ps(phi, _mm256_set1_ps(dhi * xq[t].d[g + 1]), acc[t]);
-                accm[t] += mlo * xq[t].s[g] + mhi * xq[t].s[g + 1];
-            }
-        }
-    }
-    TILE_END
+    SFX(tile_q45_k)(w, xq, nb, NT, out, os, 1);
 }
 
-/* Q6_K: value 128h + 32j + l = (6-bit q) - 32 with an int8 scale per 16 values; int32 lanes
- * 0..3 of a dot hold values 0..15 of a 32-group and lanes 4..7 values 16..31, so the two
- * scales multiply lane-wise before the float step */
+/* Q6_K: value 128h + 32j + l = (6-bit q) - 32 with an int8 scale per 16 values; the int16 pair
+ * sums of values 0..15 of a 32-group sit in the low 128 bits, of values 16..31 in the high */
 static inline __attribute__((always_inline)) void SFX(tile_q6_k)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
-    TILE_BEGIN
+    K_BEGIN
     const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
     const __m256i off = _mm256_set1_epi8(32);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 210;
         const float d = SFX(h2f)(blk + 208);
         const int8_t *scales = (const int8_t *)(blk + 192);
+        __m256i isum[8];
+        for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
             const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
@@ -348,20 +350,22 @@ static inline __attribute__((always_inline)) void SFX(tile_q6_k)(
                 const __m256i q = _mm256_sub_epi8(
                     _mm256_or_si256(low, _mm256_slli_epi16(high, 4)), off); /* [-32, 31] */
                 const __m256i aq = _mm256_sign_epi8(q, q);
-                const int s0 = scales[8 * h + 2 * j], s1 = scales[8 * h + 2 * j + 1];
-                const __m256i sv = _mm256_set_epi32(s1, s1, s1, s1, s0, s0, s0, s0);
-                const int64_t g = b * 8 + 4 * h + j;
+                const __m256i sv = _mm256_set_m128i(_mm_set1_epi16(scales[8 * h + 2 * j + 1]),
+                                                    _mm_set1_epi16(scales[8 * h + 2 * j]));
                 for (int t = 0; t < NT; t++) {
-                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + g * 32));
-                    const __m256i p = _mm256_mullo_epi32(DOT_US(aq, _mm256_sign_epi8(xv, q)), sv);
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xq[t].d[g]),
-                                             acc[t]);
+                    const __m256i xv =
+                        _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 256 + 128 * h + 32 * j));
+                    isum[t] = ACC16(isum[t], _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv, q)), sv);
                 }
             }
         }
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * xq[t].d[b]),
+                                     acc[t]);
     }
     TILE_END
 }
+#undef K_BEGIN
 
 /* One weight row against n_x (<= 8) activation rows: out[t * os] = w . x_t */
 #define TILE_DISPATCH(name)                                                                 \
@@ -405,39 +409,43 @@ static row_fn SFX(row_fn_for)(int qtype) {
 
 /* ---- activations: x row -> int8 32-blocks (round to nearest even, like the scalar twin) --- */
 
-static void SFX(quantize_row)(const float *x, int64_t k, int8_t *q, float *d, float *s) {
+static void SFX(quantize_row)(const float *x, int64_t k, int qk, int8_t *q, float *d, float *s,
+                              int16_t *bs) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t b = 0; b < k / 32; b++) {
-        const float *xb = x + b * 32;
-        __m256 v[4];
+    for (int64_t b = 0; b < k / qk; b++) {
+        const float *xb = x + b * qk;
         __m256 amax = _mm256_setzero_ps();
-        for (int i = 0; i < 4; i++) {
-            v[i] = _mm256_loadu_ps(xb + 8 * i);
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-        }
+        for (int i = 0; i < qk; i += 8)
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        const float mx = _mm_cvtss_f32(m);
-        const float db = mx / 127.0f;
+        const float db = _mm_cvtss_f32(m) / 127.0f;
         const __m256 id = _mm256_set1_ps(db != 0.0f ? 1.0f / db : 0.0f);
-        __m256i i32[4];
-        for (int i = 0; i < 4; i++)
-            i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id),
-                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]),
-                                               _mm256_add_epi32(i32[2], i32[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
-        s4 = _mm_hadd_epi32(s4, s4);
-        s4 = _mm_hadd_epi32(s4, s4);
-        /* pack 4 x 8 int32 -> 32 int8 in order (packs interleave 128-bit lanes: permute back) */
-        const __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]);
-        const __m256i p16b = _mm256_packs_epi32(i32[2], i32[3]);
-        __m256i p8 = _mm256_packs_epi16(p16a, p16b);
-        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(q + b * 32), p8);
         d[b] = db;
-        s[b] = db * (float)_mm_cvtsi128_si32(s4);
+        for (int g = 0; g < qk / 32; g++) {
+            const float *xg = xb + 32 * g;
+            __m256i i32[4];
+            for (int i = 0; i < 4; i++)
+                i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(
+                    _mm256_mul_ps(_mm256_loadu_ps(xg + 8 * i), id),
+                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]),
+                                                   _mm256_add_epi32(i32[2], i32[3]));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32),
+                                       _mm256_extracti128_si256(sum32, 1));
+            s4 = _mm_hadd_epi32(s4, s4);
+            s4 = _mm_hadd_epi32(s4, s4);
+            /* pack 4 x 8 int32 -> 32 int8 (packs interleave 128-bit lanes: permute back) */
+            const __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]);
+            const __m256i p16b = _mm256_packs_epi32(i32[2], i32[3]);
+            __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+            p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(q + b * qk + 32 * g), p8);
+            const int sum = _mm_cvtsi128_si32(s4);
+            bs[b * (qk / 32) + g] = (int16_t)sum;
+            s[b * (qk / 32) + g] = db * (float)sum;
+        }
     }
 }
 

@@ -1,12 +1,13 @@
 """Quantized matmul kernels (ext/quant.pyx) against the NumPy reference.
 
 Reference: QuantTensor.dequantize (tinyserve/loading/gguf_file.py, itself checked against gguf-py)
-and x @ W.T in float64. The kernels quantize each activation row to int8 blocks of 32 with
-d = max|x_block| / 127, so each activation carries a rounding error of at most d/2: the kernel's
-result must lie within sum_blocks (d_b / 2) * sum_{i in b} |W_i| of the reference (plus float32
-accumulation slack), its relative Frobenius error must be ~1/127/sqrt(12) of the block range
-(asserted < 1e-2), and activations that are exactly representable as int8 blocks must give the
-reference up to float32 rounding.
+and x @ W.T in float64. The kernels quantize each activation row to int8 blocks (32 values for
+the legacy types, 256 for K-quants) with d = max|x_block| / 127, so each activation carries a
+rounding error of at most d/2: the kernel's result must lie within
+sum_blocks (d_b / 2) * sum_{i in b} |W_i| of the reference (plus float32 accumulation slack), its
+relative Frobenius error must be ~1/127/sqrt(12) of the block range (asserted < 1e-2), and
+activations that are exactly representable as int8 blocks must give the reference up to float32
+rounding.
 """
 
 from __future__ import annotations
@@ -82,11 +83,15 @@ def reference(x, qt: QuantTensor) -> np.ndarray:
 
 
 def rounding_bound(x, qt: QuantTensor) -> np.ndarray:
-    """(N, M): the most the int8 rounding of x can move x @ W.T, plus float32 slack."""
+    """(N, M): the most the int8 rounding of x can move x @ W.T, plus float32 slack.
+
+    Activations share one scale per 32 values for the legacy types (llama.cpp's Q8_0) and per
+    256 for K-quants (Q8_K)."""
     n, k = x.shape
+    qk = 256 if qt.qtype in K_QUANTS else 32
     w = np.abs(qt.dequantize().astype(np.float64))  # (M, K)
-    d = np.abs(x.astype(np.float64)).reshape(n, k // 32, 32).max(axis=2) / 127  # (N, K/32)
-    w_blocks = w.reshape(w.shape[0], k // 32, 32).sum(axis=2)  # (M, K/32)
+    d = np.abs(x.astype(np.float64)).reshape(n, k // qk, qk).max(axis=2) / 127  # (N, K/qk)
+    w_blocks = w.reshape(w.shape[0], k // qk, qk).sum(axis=2)  # (M, K/qk)
     return 0.5 * 1.001 * d @ w_blocks.T + 1e-5 * np.abs(x.astype(np.float64)) @ w.T
 
 
