@@ -19,14 +19,7 @@ from ..batch import Batch
 from .base import Backend
 from .numpy_ops import NumpyOps
 
-# OpenMP workers that spin between parallel regions (libgomp's default) steal the core of the
-# thread doing the work whenever the machine is shared: measured here under load, one quantized
-# GEMV went from 0.04 ms to 6.6 ms. Sleeping workers cost a few microseconds per region instead.
-# Read once when libgomp loads, so it is set before the extension is imported; the user's own
-# OMP_WAIT_POLICY / GOMP_SPINCOUNT win.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
+# (tinyserve/_ext/__init__.py makes idle OpenMP workers sleep unless OMP_WAIT_POLICY is set)
 try:
     if os.environ.get("TINYSERVE_PURE_PYTHON") == "1":
         raise ImportError("TINYSERVE_PURE_PYTHON=1")
