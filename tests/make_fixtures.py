@@ -648,6 +648,59 @@ def make_smollm2_reference() -> None:
     )
 
 
+GEMMA3_NPZ = HERE / "fixtures" / "gemma3_270m_reference.npz"
+
+
+def make_gemma3_reference() -> None:
+    """Gemma-3-270M Q4_K_M through transformers' GGUF loader -> gemma3_270m_reference.npz."""
+    gguf = Path(
+        os.environ.get(
+            "TINYSERVE_GEMMA3_GGUF", HERE.parent / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
+        )
+    )
+    if not gguf.exists():
+        sys.exit(f"no GGUF at {gguf}: `tinyserve pull gemma3-270m` or set TINYSERVE_GEMMA3_GGUF")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, attn_implementation="eager", **{DTYPE_KW: torch.float32}
+    ).eval()
+    prompt = "The capital of France is"
+    ids = tok(prompt)["input_ids"]
+    logits = forward_logits(model, ids)  # (T, 262144)
+    greedy = greedy_generate(model, ids, 8)
+    recomputed, margins = greedy_by_recompute(model, ids, 8)
+    assert greedy == recomputed, (greedy, recomputed)
+    text = tok.decode(greedy)
+    with torch.no_grad():
+        logits64 = model.double()(torch.tensor([ids])).logits[0].numpy()
+    f32_err = float(np.abs(logits - logits64).max())
+    top = np.argsort(-logits, axis=-1)[:, :32]  # (T, 32): the logits that decide sampling
+    save_npz(
+        GEMMA3_NPZ,
+        {
+            "prompt": np.array(prompt),
+            "input_ids": np.array(ids, dtype=np.int64),
+            "logits_last": logits[-1].astype(np.float32),  # (V,) every logit of the last position
+            "top_ids": top.astype(np.int64),
+            "top_logits": np.take_along_axis(logits, top, axis=-1).astype(np.float32),
+            "argmax": logits.argmax(-1).astype(np.int64),
+            "greedy_ids": np.array(greedy, dtype=np.int64),
+            "greedy_margins": margins,
+            "greedy_text": np.array(text),
+            "f32_vs_f64_max_abs": np.array(f32_err, dtype=np.float32),
+            "versions": versions(),
+        },
+    )
+    print(
+        f"ok gemma3_270m_reference: ids={ids} greedy={greedy} {text!r} margins={margins.round(2)} "
+        f"|f32-f64|max={f32_err:.2e} logit range=[{logits.min():.1f}, {logits.max():.1f}] "
+        f"size={GEMMA3_NPZ.stat().st_size} B"
+    )
+
+
+REAL = {"smollm2_real": make_smollm2_reference, "gemma3_real": make_gemma3_reference}
+
+
 def write_readme() -> None:
     (HF_DIR / "README.md").write_text(
         "# Golden fixtures from Hugging Face transformers\n\n"
@@ -681,20 +734,20 @@ def write_readme() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("names", nargs="*", help=f"subset of {list(FIXTURES)} and 'smollm2_real'")
+    parser.add_argument("names", nargs="*", help=f"subset of {list(FIXTURES)} and {list(REAL)}")
     parser.add_argument("--check", action="store_true", help="only verify the committed fixtures")
     args = parser.parse_args(argv)
-    names = args.names or [*FIXTURES, "smollm2_real"]
-    unknown = [n for n in names if n not in FIXTURES and n != "smollm2_real"]
+    names = args.names or [*FIXTURES, *REAL]
+    unknown = [n for n in names if n not in FIXTURES and n not in REAL]
     if unknown:
-        parser.error(f"unknown fixture(s) {unknown}; known: {[*FIXTURES, 'smollm2_real']}")
+        parser.error(f"unknown fixture(s) {unknown}; known: {[*FIXTURES, *REAL]}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     transformers.utils.logging.disable_progress_bar()
     base_tok = None if args.check else train_tokenizer()
     for name in names:
-        if name == "smollm2_real":
+        if name in REAL:
             if not args.check:
-                make_smollm2_reference()
+                REAL[name]()
         elif args.check:
             check(name)
         else:

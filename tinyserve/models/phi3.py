@@ -5,7 +5,9 @@ rotary (Phi-4-mini rotates 3/4 of each head), and LongRoPE (Ding et al. 2024): p
 rescaling factors, the short set while a sequence fits the pre-training context and the long set
 once it is longer, with cos/sin scaled by sqrt(1 + ln(factor) / ln(original context)).
 Like transformers, the switch is made per forward from the sequence's length: keys already cached
-keep the rotation they were written with. Reference: transformers' modeling_phi3.py.
+keep the rotation they were written with. So under LongRoPE a cached prefix block is only valid for
+sequences on the same side of the switch: the model says so with `prefix_cacheable = False`.
+Reference: transformers' modeling_phi3.py.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class Phi3Model:
         else:
             self.inv_freq = ops.vector(rope_inv_freq(cfg, rotary_dim=R))  # (R/2,)
         self.rope_scale = rope_attention_factor(cfg)  # multiplies the rotated dims of q and k
+        # a block's keys depend on its sequence's length (short or long factors), not only its tokens
+        self.prefix_cacheable = not self.longrope
         self.scale = cfg.head_dim**-0.5
 
     def kv_layout(self) -> list[dict[str, tuple[int, ...]]]:
