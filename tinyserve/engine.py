@@ -18,7 +18,7 @@ from .errors import RequestError
 from .kv_cache import KVCacheManager
 from .models import build_model
 from .outputs import CompletionOutput, RequestOutput
-from .sampling import SamplingParams, sample_row
+from .sampling import Sample, SamplingParams, sample_row
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Request, Sequence, Status
 
@@ -172,7 +172,9 @@ class Engine:
                 m.first_scheduled_time = now
         for seq in sched.preempted:
             self.requests[seq.request_id].metrics.n_preemptions += 1
-        logits = self.backend.forward(self.model, batch, self.kv)  # (R, V); R may be 0 mid-prefill
+        # rows that need only an argmax get it on the backend's device; the rest come back as logits
+        fast = np.array([self._argmax_only(seq) for seq in sampled], dtype=bool)  # (R,)
+        greedy_ids, logits = self.backend.forward_greedy(self.model, batch, self.kv, fast)
         self.n_steps += 1
         for seq, n in zip(sched.seqs, sched.n_tokens):
             if seq.num_computed < seq.prompt_len:
@@ -183,15 +185,33 @@ class Engine:
             self.kv_manager.cache_full_blocks(seq)
         now = time.perf_counter()
         touched: dict[str, Request] = {}
-        for row, seq in enumerate(sampled):
+        rows_of = iter(logits)
+        ids_of = iter(greedy_ids)
+        for seq, is_fast in zip(sampled, fast):
             req = self.requests[seq.request_id]
             touched[req.request_id] = req
+            if is_fast:
+                self._append(seq, Sample(int(next(ids_of)), float("nan"), None), now)
+                continue
+            row = next(rows_of)
             if not req.forked:
                 self._fork(req)
                 for sibling in req.seqs[1:]:
-                    self._append(sibling, logits[row], now)
-            self._append(seq, logits[row], now)
+                    self._append(sibling, self._sample(sibling, row), now)
+            self._append(seq, self._sample(seq, row), now)
         return [self._output(req) for req in touched.values()]
+
+    def _argmax_only(self, seq: Sequence) -> bool:
+        """Greedy with nothing that needs the whole row: no penalties, logprobs or siblings to fork."""
+        p = seq.params
+        return (
+            p.greedy and p.logprobs is None and p.n == 1 and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty
+        )
+
+    @staticmethod
+    def _sample(seq: Sequence, logits: np.ndarray) -> Sample:
+        return sample_row(logits, seq.params, seq.rng, seq.token_ids[: seq.prompt_len], seq.output_ids)
 
     def _fork(self, req: Request) -> None:
         """n > 1: siblings share the computed prompt's blocks and sample their own tokens."""
@@ -207,10 +227,9 @@ class Engine:
             req.seqs.append(child)
         req.forked = True
 
-    def _append(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
-        """Sample seq's next token from its logits row and check every stop condition."""
+    def _append(self, seq: Sequence, s: Sample, now: float) -> None:
+        """Append seq's next token and check every stop condition."""
         p = seq.params
-        s = sample_row(logits, p, seq.rng, seq.token_ids[: seq.prompt_len], seq.output_ids)
         seq.token_ids.append(s.token_id)
         if seq.logprobs is not None:
             seq.logprobs.append({**(s.top_logprobs or {}), s.token_id: s.logprob})

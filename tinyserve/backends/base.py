@@ -59,3 +59,15 @@ class Backend:
     def forward(self, model, batch: Batch, kv: list[dict[str, Any]]) -> np.ndarray:
         """Run the model over one batch; returns float32 logits (R, V) of batch.logits_rows."""
         return np.asarray(self.ops.to_numpy(model.forward(batch, kv)), dtype=np.float32)
+
+    def forward_greedy(
+        self, model, batch: Batch, kv: list[dict[str, Any]], greedy: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Forward, then pick argmax tokens where the device can: (R,) bool -> (ids (G,), logits (R-G, V)).
+
+        Rows marked in `greedy` need only their argmax (greedy, no penalties, no logprobs); the
+        others come back as float32 logits, in row order. A device backend overrides this so only
+        R token ids (and the few rows the sampler needs) cross to the host."""
+        logits = self.forward(model, batch, kv)
+        return logits[greedy].argmax(axis=-1), logits[~greedy]
+
