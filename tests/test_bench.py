@@ -46,7 +46,8 @@ def test_json_keys_and_sane_values(capsys):
     assert [r["batch_size"] for r in results] == [1, 4]
     for r in results:
         assert {"ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "output_tok_s", "prefill_tok_s",
-                "request_s", "goodput_req_s", "duration_s", "n_output_tokens"} <= r.keys()
+                "decode_tok_s", "request_s", "goodput_req_s", "duration_s",
+                "n_output_tokens"} <= r.keys()
         assert set(r["tpot_ms"]) == {"mean", "p50", "p99"}
         bs = r["batch_size"]
         assert r["num_prompts"] == bs
@@ -79,6 +80,8 @@ def test_itl_mean_is_tpot_mean_and_duration_is_wall_time(llm):
     assert r.e2e_ms.p99 <= r.duration_s * 1e3
     assert r.ttft_ms.mean < r.e2e_ms.mean
     assert r.n_steps == 6  # all three prefill together, then 5 batched decode steps
+    # each decode step samples one token per request: 3 tokens per mean decode step
+    assert r.decode_tok_s == pytest.approx(3 / (r.decode_step_ms / 1e3), rel=1e-9)
 
 
 def test_closed_loop_serves_num_prompts(llm):

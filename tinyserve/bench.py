@@ -8,8 +8,9 @@ script measure the same thing:
     TTFT     first token time - arrival (add_request), so queueing inside the engine counts
     TPOT     (last token time - first token time) / (output tokens - 1), per request
     ITL      every gap between two consecutive tokens of a request, pooled over requests
-    output tok/s   output tokens / wall time of the run
+    output tok/s   output tokens / wall time of the run (prefill included)
     prefill tok/s  prompt tokens computed / wall time of the steps that computed some
+    decode tok/s   tokens sampled by the steps that computed no prompt token / their wall time
     goodput  requests per second whose TPOT met the --tpot-slo-ms target
 """
 
@@ -72,6 +73,7 @@ class BenchResult:
     e2e_ms: Stats
     output_tok_s: float
     prefill_tok_s: float | None
+    decode_tok_s: float | None  # tokens sampled by steps that computed no prompt token / their time
     request_s: float
     tpot_slo_ms: float | None
     goodput_req_s: float | None  # requests/s whose TPOT <= tpot_slo_ms
@@ -230,6 +232,7 @@ class _Steps:
     prefill_s: float = 0.0
     prefill_tokens: int = 0
     decode_s: list[float] = dataclasses.field(default_factory=list)
+    decode_tokens: int = 0
     preemptions: int = 0
 
 
@@ -250,13 +253,15 @@ def _drive(engine, prompts, params, batch_size: int, bar):
             outs = engine.step()
             dt = time.perf_counter() - s0
             steps.n += 1
+            n_new = sum(len(out.deltas[0].token_ids) for out in outs if out.deltas)
+            bar.update(n_new)
             if engine.n_prefilled_tokens > prefilled0:
                 steps.prefill_s += dt
                 steps.prefill_tokens += engine.n_prefilled_tokens - prefilled0
             else:
                 steps.decode_s.append(dt)
+                steps.decode_tokens += n_new
             for out in outs:
-                bar.update(len(out.deltas[0].token_ids) if out.deltas else 0)
                 if out.finished:
                     live.discard(out.request_id)
                     done.append(out)
@@ -294,6 +299,7 @@ def _summarize(llm, outputs, duration, steps: _Steps, batch_size, output_len, sl
         e2e_ms=Stats.of_seconds([m.e2e for m in metrics]),
         output_tok_s=n_out / duration,
         prefill_tok_s=steps.prefill_tokens / steps.prefill_s if steps.prefill_s > 0 else None,
+        decode_tok_s=steps.decode_tokens / sum(steps.decode_s) if steps.decode_s else None,
         request_s=len(outputs) / duration,
         tpot_slo_ms=slo,
         goodput_req_s=goodput,
@@ -324,6 +330,7 @@ _ROWS = [  # (label, getter, format)
     ("ITL p99 (ms)", lambda r: r.itl_ms.p99, "{:.2f}"),
     ("output tok/s", lambda r: r.output_tok_s, "{:.1f}"),
     ("prefill tok/s", lambda r: r.prefill_tok_s, "{:.1f}"),
+    ("decode tok/s", lambda r: r.decode_tok_s, "{:.1f}"),
     ("requests/s", lambda r: r.request_s, "{:.3f}"),
     ("goodput (req/s)", lambda r: r.goodput_req_s, "{:.3f}"),
     ("decode step (ms)", lambda r: r.decode_step_ms, "{:.2f}"),
@@ -370,7 +377,8 @@ def plot(results: Sequence[BenchResult], path: str | Path) -> None:
 
     bs = [r.batch_size for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(bs, [r.output_tok_s for r in results], "o-", label="output tok/s")
+    ax1.plot(bs, [r.output_tok_s for r in results], "o-", label="output (prefill included)")
+    ax1.plot(bs, [r.decode_tok_s or float("nan") for r in results], "s--", label="decode steps only")
     ax1.set(xlabel="concurrent requests", ylabel="tokens/s", title="throughput")
     nan = float("nan")
     ax2.plot(bs, [r.tpot_ms.mean or nan for r in results], "o-", label="mean")
