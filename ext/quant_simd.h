@@ -9,7 +9,7 @@
  * One tile = one weight row x up to 4 (AVX2) or 8 (VNNI) activation rows: a weight block is
  * decoded into a register once and dotted with each activation row's matching int8 block, so the
  * weights stream from memory once however many rows (batched decode, prefill) the call has.
- * With TS_WIDE (the VNNI build) Q8_0 and Q4_1 take two blocks per 512-bit register.
+ * With TS_WIDE (the VNNI build) the 32-block types take two blocks per 512-bit register.
  * No include guard on purpose.
  */
 
@@ -122,18 +122,27 @@ static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
     WIDE_END
 }
 
-static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+/* Q4_0, Q4_1, Q5_0, Q5_1 as unsigned values u (0..15 / 0..31) with y = d*u + m, where m is the
+ * stored min or -8d / -16d; w.x = d*dx*sum(u*xq) + m*s with s = dx*sum(xq) */
+static inline __attribute__((always_inline)) void SFX(tile_wide_u)(
+    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os, int qtype) {
+    const int has_min = qtype == TS_Q4_1 || qtype == TS_Q5_1;
+    const int five = qtype == TS_Q5_0 || qtype == TS_Q5_1;
+    const float offset = has_min ? 0.0f : (five ? -16.0f : -8.0f);
+    const int ts = ts_type_size(qtype), qh_at = 2 + 2 * has_min, qs_at = qh_at + 4 * five;
     WIDE_BEGIN
-    __m128 accm2[8]; /* the min terms m * dx * sum(xq) of two blocks, lanes 0 and 1 */
+    __m128 accm2[8]; /* the min terms m * s of two blocks, lanes 0 and 1 */
     for (int t = 0; t < NT; t++) accm2[t] = _mm_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        const uint8_t *b0 = w + b * 20, *b1 = b0 + 20;
+        const uint8_t *b0 = w + b * ts, *b1 = b0 + ts;
         const float dw[2] = {SFX(h2f)(b0), SFX(h2f)(b1)};
-        const __m128 mw2 = _mm_setr_ps(SFX(h2f)(b0 + 2), SFX(h2f)(b1 + 2), 0.0f, 0.0f);
+        const __m128 mw2 = has_min ? _mm_setr_ps(SFX(h2f)(b0 + 2), SFX(h2f)(b1 + 2), 0.0f, 0.0f)
+                                   : _mm_setr_ps(offset * dw[0], offset * dw[1], 0.0f, 0.0f);
         const __m512 dwv = PAIR_PS(dw);
-        const __m512i q = SFX(nibbles64)(b0 + 4, b1 + 4);
+        __m512i q = SFX(nibbles64)(b0 + qs_at, b1 + qs_at);
+        if (five)
+            q = _mm512_or_si512(q, JOIN256(SFX(bits32_x10)(b0 + qh_at), SFX(bits32_x10)(b1 + qh_at)));
         for (int t = 0; t < NT; t++) {
             const __m512i xv = _mm512_loadu_si512((const void *)(xq[t].q + b * 32));
             const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv);
@@ -147,10 +156,12 @@ static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
         const __m128 a = _mm_add_ps(accm2[t], _mm_movehdup_ps(accm2[t]));
         accm[t] -= _mm_cvtss_f32(a);
     }
-    if (b < nb) {
-        const uint8_t *blk = w + b * 20;
-        const float dw = SFX(h2f)(blk), mw = SFX(h2f)(blk + 2);
-        const __m256i q = SFX(nibbles32)(blk + 4);
+    if (b < nb) { /* odd block count: the last block alone */
+        const uint8_t *blk = w + b * ts;
+        const float dw = SFX(h2f)(blk);
+        const float mw = has_min ? SFX(h2f)(blk + 2) : offset * dw;
+        __m256i q = SFX(nibbles32)(blk + qs_at);
+        if (five) q = _mm256_or_si256(q, SFX(bits32_x10)(blk + qh_at));
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
             const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(DOT_US(q, xv)),
@@ -161,6 +172,17 @@ static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
     }
     WIDE_END
 }
+
+#define WIDE_U(name, qt)                                                                    \
+    static inline __attribute__((always_inline)) void SFX(tile_##name)(                     \
+        const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {       \
+        SFX(tile_wide_u)(w, xq, nb, NT, out, os, qt);                                       \
+    }
+WIDE_U(q4_0, TS_Q4_0)
+WIDE_U(q4_1, TS_Q4_1)
+WIDE_U(q5_0, TS_Q5_0)
+WIDE_U(q5_1, TS_Q5_1)
+#undef WIDE_U
 #endif /* TS_WIDE */
 
 /* ---- 32-value block types ---------------------------------------------------------------- */
@@ -184,6 +206,7 @@ static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
 }
 #endif
 
+#ifndef TS_WIDE
 static inline __attribute__((always_inline)) void SFX(tile_q4_0)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
@@ -200,7 +223,9 @@ static inline __attribute__((always_inline)) void SFX(tile_q4_0)(
     }
     TILE_END
 }
+#endif
 
+#ifndef TS_WIDE
 static inline __attribute__((always_inline)) void SFX(tile_q5_0)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
@@ -218,6 +243,7 @@ static inline __attribute__((always_inline)) void SFX(tile_q5_0)(
     }
     TILE_END
 }
+#endif
 
 /* Q4_1 / Q5_1: y = d*q + m, so w.x = d*dx*sum(q*xq) + m*dx*sum(xq); dx*sum(xq) is XQ.s */
 #ifndef TS_WIDE
@@ -239,6 +265,7 @@ static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
 }
 #endif
 
+#ifndef TS_WIDE
 static inline __attribute__((always_inline)) void SFX(tile_q5_1)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
@@ -255,6 +282,7 @@ static inline __attribute__((always_inline)) void SFX(tile_q5_1)(
     }
     TILE_END
 }
+#endif
 
 /* ---- K-quants against Q8_K-style activations (one scale per 256 values) -------------------
  * maddubs gives int16 pair sums (no saturation: |q| <= 32, |x| <= 127); ACC16 multiplies them by
