@@ -148,3 +148,13 @@ def test_run_bench_rejects_bad_values(llm):
         run_bench(llm, batch_size=0)
     with pytest.raises(RequestError, match="max_num_seqs"):
         run_bench(llm, batch_size=10_000)
+
+
+def test_tinyserve_bench_subcommand(capsys):
+    from tinyserve.cli import main as cli_main
+
+    assert cli_main(["bench", *ARGS, "--batch-size", "2", "--json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    assert (r["batch_size"], r["n_output_tokens"]) == (2, 16)
+    assert cli_main(["bench", "--help"]) == 0
+    assert "--tpot-slo-ms" in capsys.readouterr().out
