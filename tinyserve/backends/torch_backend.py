@@ -337,10 +337,11 @@ class TorchBackend(Backend):
             self.ops.begin(batch)
             try:
                 logits = model.forward(batch, kv)  # (R, V) on the device
-                mask = torch.from_numpy(greedy).to(logits.device, non_blocking=True)
-                ids = logits[mask].argmax(dim=-1)  # (G,)
-                rest = logits[~mask].float()  # (R - G, V)
-                return ids.cpu().numpy(), self._to_host(rest)
+                ids = logits.argmax(dim=-1)  # (R,): cheap, and no data-dependent shapes (no sync)
+                rest = np.nonzero(~greedy)[0]
+                rows = logits.index_select(0, torch.from_numpy(rest).to(logits.device)).float()  # (R-G, V)
+                host_rows = self._to_host(rows)
+                return ids.cpu().numpy()[greedy], host_rows
             finally:
                 self.ops.end()
 
