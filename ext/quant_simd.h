@@ -77,6 +77,17 @@ static inline __m512i SFX(nibbles64)(const uint8_t *p0, const uint8_t *p1) {
     return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
 }
 
+/* Eight 32-blocks at once: four dpbusd results p_k (blocks 2k, 2k+1 in 256-bit halves) fold
+ * into one register whose lane 4L + k holds 128-bit lane L of p_k summed; lane 4L + k belongs to
+ * block 2k + L/2 (OCT_IDX), so one convert and one FMA scale eight blocks. */
+static inline __m512i SFX(fold4)(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
+    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
+    const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(p2, p3), _mm512_unpackhi_epi32(p2, p3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
+#define OCT_IDX _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7)
+#define OCT_PS(p) _mm512_permutexvar_ps(OCT_IDX, _mm512_castps256_ps512(_mm256_loadu_ps(p)))
+
 #define WIDE_BEGIN                                                          \
     __m512 acc[8];                                                          \
     float accm[8];                                                          \
@@ -91,6 +102,32 @@ static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
     const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     WIDE_BEGIN
     int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        float dw[8];
+        __m512i aq[4];
+        __mmask64 neg[4];
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *b0 = w + (b + 2 * k) * 34, *b1 = b0 + 34;
+            dw[2 * k] = SFX(h2f)(b0);
+            dw[2 * k + 1] = SFX(h2f)(b1);
+            const __m512i q = JOIN256(_mm256_loadu_si256((const __m256i *)(b0 + 2)),
+                                      _mm256_loadu_si256((const __m256i *)(b1 + 2)));
+            aq[k] = _mm512_abs_epi8(q);
+            neg[k] = _mm512_movepi8_mask(q);
+        }
+        const __m512 dwv = OCT_PS(dw);
+        for (int t = 0; t < NT; t++) {
+            __m512i p[4];
+            for (int k = 0; k < 4; k++) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(xq[t].q + (b + 2 * k) * 32));
+                const __m512i sx = _mm512_mask_sub_epi8(xv, neg[k], _mm512_setzero_si512(), xv);
+                p[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aq[k], sx);
+            }
+            const __m512i f = SFX(fold4)(p[0], p[1], p[2], p[3]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(dwv, OCT_PS(xq[t].d + b)),
+                                     acc[t]);
+        }
+    }
     for (; b + 2 <= nb; b += 2) {
         const uint8_t *b0 = w + b * 34, *b1 = b0 + 34;
         const float dw[2] = {SFX(h2f)(b0), SFX(h2f)(b1)};
@@ -133,7 +170,38 @@ static inline __attribute__((always_inline)) void SFX(tile_wide_u)(
     WIDE_BEGIN
     __m128 accm2[8]; /* the min terms m * s of two blocks, lanes 0 and 1 */
     for (int t = 0; t < NT; t++) accm2[t] = _mm_setzero_ps();
+    __m256 accm8[8]; /* min terms of eight blocks */
+    for (int t = 0; t < NT; t++) accm8[t] = _mm256_setzero_ps();
     int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        float dw[8], mw[8];
+        __m512i q[4];
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *b0 = w + (b + 2 * k) * ts, *b1 = b0 + ts;
+            dw[2 * k] = SFX(h2f)(b0);
+            dw[2 * k + 1] = SFX(h2f)(b1);
+            mw[2 * k] = has_min ? SFX(h2f)(b0 + 2) : offset * dw[2 * k];
+            mw[2 * k + 1] = has_min ? SFX(h2f)(b1 + 2) : offset * dw[2 * k + 1];
+            q[k] = SFX(nibbles64)(b0 + qs_at, b1 + qs_at);
+            if (five)
+                q[k] = _mm512_or_si512(
+                    q[k], JOIN256(SFX(bits32_x10)(b0 + qh_at), SFX(bits32_x10)(b1 + qh_at)));
+        }
+        const __m512 dwv = OCT_PS(dw);
+        const __m256 mwv = _mm256_loadu_ps(mw);
+        for (int t = 0; t < NT; t++) {
+            __m512i p[4];
+            for (int k = 0; k < 4; k++) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(xq[t].q + (b + 2 * k) * 32));
+                p[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], xv);
+            }
+            const __m512i f = SFX(fold4)(p[0], p[1], p[2], p[3]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(dwv, OCT_PS(xq[t].d + b)),
+                                     acc[t]);
+            accm8[t] = _mm256_fmadd_ps(mwv, _mm256_loadu_ps(xq[t].s + b), accm8[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) accm[t] -= SFX(hsum)(accm8[t]);
     for (; b + 2 <= nb; b += 2) {
         const uint8_t *b0 = w + b * ts, *b1 = b0 + ts;
         const float dw[2] = {SFX(h2f)(b0), SFX(h2f)(b1)};
