@@ -581,6 +581,19 @@ def check(name: str) -> None:
         plain = load(out, config=plain_cfg)
         diff = np.abs(forward_logits(plain, ids) - logits).max()
         assert diff > 0.1, f"llama3 rope scaling has no effect (max diff {diff})"
+    if name == "gemma3":  # the local layers' window must matter: T > window, logits change without
+        window = cfg["sliding_window"]
+        assert len(ids) > 3 * window and "full_attention" in cfg["layer_types"]
+        full_cfg = AutoConfig.from_pretrained(out)
+        full_cfg.sliding_window = 4096  # local layers keep their rope base, lose the window
+        diff = np.abs(forward_logits(load(out, config=full_cfg), ids) - logits)
+        assert diff[:window].max() < 1e-5 and diff[window:].max() > 0.1, diff.max()
+    if name == "phi3":  # prompt 1 past the LongRoPE switch, prompt 2 before it
+        orig = cfg["rope_parameters"]["original_max_position_embeddings"]
+        assert len(ids) > orig >= len(ids_2), (len(ids), orig, len(ids_2))
+    if name.startswith("deepseek_v3"):
+        assert (cfg["q_lora_rank"] is None) == name.endswith("_qlora")
+        assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["n_group"] > cfg["topk_group"]
     if name == "llama_sharded":
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) >= 2
@@ -724,11 +737,23 @@ def write_readme() -> None:
         "| qwen3 | q/k RMSNorm, head_dim 32 != hidden/heads |\n"
         "| llama_sharded | llama's weights in >= 2 shards + index json |\n"
         "| llama_bf16 / llama_f16 | llama's weights stored rounded to bf16 / f16; reference "
-        "logits in f32 from the rounded weights |\n\n"
+        "logits in f32 from the rounded weights |\n"
+        "| gemma3 | layers sliding(6)/full/sliding, local theta 1e4 vs global 1e6 + linear x4, "
+        "query_pre_attn_scalar 24, (1 + w) norms, GELU-tanh, softcap 10, untied |\n"
+        "| mixtral | 4 experts, top-2 renormalized (HF per-expert w1/w2/w3 layout) |\n"
+        "| phi3 | fused qkv/gate_up, partial rotary 0.75, LongRoPE (original 16: prompt 1 long, "
+        "prompt 2 short), tied |\n"
+        "| deepseek_v3 | MLA (q LoRA 24, kv rank 16, dn 8, dr 8, dv 12), YaRN x4 with mscale 1.0 / "
+        "mscale_all_dim 0.8, interleaved rope, 8 experts in 4 groups (top-2 groups, top-3 experts), "
+        "sigmoid + correction bias, 1 shared expert, first layer dense |\n"
+        "| deepseek_v3_qlora | the same without q LoRA (q_proj) |\n\n"
         "`../smollm2_reference.npz` (name `smollm2_real`): the real SmolLM2-135M-Instruct Q4_1 "
         'GGUF loaded by\ntransformers\' GGUF support, prompt "The capital of France is": '
         "`input_ids`, `logits` at `logit_positions`\n(last 4), `argmax` of every position, "
-        "8 `greedy_ids` (+ margins, text) and `f32_vs_f64_max_abs`.\n"
+        "8 `greedy_ids` (+ margins, text) and `f32_vs_f64_max_abs`.\n\n"
+        "`../gemma3_270m_reference.npz` (name `gemma3_real`): Gemma-3-270M Q4_K_M GGUF through "
+        "transformers' GGUF support,\nsame prompt: `logits_last` (V,), `top_ids`/`top_logits` "
+        "(T, 32), `argmax`, 8 `greedy_ids` (+ margins, text), `f32_vs_f64_max_abs`.\n"
     )
 
 

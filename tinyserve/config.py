@@ -118,12 +118,18 @@ class ModelConfig:
             )
         for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"config field {name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"config field {name} must be positive, got {getattr(self, name)}"
+                )
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
         if self.layer_types:
             if len(self.layer_types) != self.n_layers:
-                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+                raise ConfigError(
+                    f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers"
+                )
             bad = sorted(set(self.layer_types) - {FULL, SLIDING})
             if bad:
                 raise ConfigError(f"unknown layer types {bad}; expected {FULL!r} or {SLIDING!r}")
@@ -138,7 +144,9 @@ class ModelConfig:
                     f"choosing {self.topk_group}"
                 )
         if not 0.0 < self.partial_rotary_factor <= 1.0:
-            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+            raise ConfigError(
+                f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}"
+            )
 
     # -- constructors ------------------------------------------------------------------------
 
@@ -161,25 +169,25 @@ class ModelConfig:
             if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
                 sliding = None  # Qwen configs carry a window they do not use
             family_kw = _FAMILY_FROM_HF.get(FAMILIES[model_type], lambda hf: {})(hf)
-            kw = dict(
-                model_type=model_type,
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=hidden,
-                n_layers=int(hf["num_hidden_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                head_dim=int(hf.get("head_dim") or hidden // n_heads),
-                intermediate_size=int(hf["intermediate_size"]),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-                rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling") or rope),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                sliding_window=int(sliding) if sliding else None,
-                qk_norm=model_type == "qwen3",
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-            )
+            kw = {
+                "model_type": model_type,
+                "vocab_size": int(hf["vocab_size"]),
+                "hidden_size": hidden,
+                "n_layers": int(hf["num_hidden_layers"]),
+                "n_heads": n_heads,
+                "n_kv_heads": int(hf.get("num_key_value_heads") or n_heads),
+                "head_dim": int(hf.get("head_dim") or hidden // n_heads),
+                "intermediate_size": int(hf["intermediate_size"]),
+                "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+                "rope_theta": float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                "rope_scaling": _rope_scaling_from_hf(hf.get("rope_scaling") or rope),
+                "max_position_embeddings": int(hf.get("max_position_embeddings", 2048)),
+                "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+                "sliding_window": int(sliding) if sliding else None,
+                "qk_norm": model_type == "qwen3",
+                "bos_token_id": hf.get("bos_token_id"),
+                "eos_token_ids": eos_ids,
+            }
             return cls(**{**kw, **family_kw})
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -236,26 +244,28 @@ class ModelConfig:
         if eot is not None and int(eot) not in eos_ids:
             eos_ids.append(int(eot))
         sliding = meta.get(f"{arch}.attention.sliding_window")
-        family_kw = _FAMILY_FROM_GGUF.get(FAMILIES[model_type], lambda get, n: {})(get, int(get("block_count")))
-        kw = dict(
-            model_type=model_type,
-            vocab_size=vocab,
-            hidden_size=hidden,
-            n_layers=int(get("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(n_kv if not isinstance(n_kv, list) else n_kv[0]),
-            head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // n_heads),
-            intermediate_size=int(get("feed_forward_length")),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
-            max_position_embeddings=int(get("context_length", 2048)),
-            tie_word_embeddings="output.weight" not in tensor_names,
-            sliding_window=int(sliding) if sliding else None,
-            qk_norm=arch == "qwen3",
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=tuple(eos_ids),
+        family_kw = _FAMILY_FROM_GGUF.get(FAMILIES[model_type], lambda get, n: {})(
+            get, int(get("block_count"))
         )
+        kw = {
+            "model_type": model_type,
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "n_layers": int(get("block_count")),
+            "n_heads": n_heads,
+            "n_kv_heads": int(n_kv if not isinstance(n_kv, list) else n_kv[0]),
+            "head_dim": int(meta.get(f"{arch}.attention.key_length") or hidden // n_heads),
+            "intermediate_size": int(get("feed_forward_length")),
+            "norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(get("rope.freq_base", 10000.0)),
+            "rope_scaling": scaling,
+            "max_position_embeddings": int(get("context_length", 2048)),
+            "tie_word_embeddings": "output.weight" not in tensor_names,
+            "sliding_window": int(sliding) if sliding else None,
+            "qk_norm": arch == "qwen3",
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_ids": tuple(eos_ids),
+        }
         return cls(**{**kw, **family_kw})
 
 
@@ -279,7 +289,9 @@ def _gemma3_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
             "use a text-only (gemma3_text) checkpoint or GGUF"
         )
     if hf.get("attn_logit_softcapping") is not None or hf.get("use_bidirectional_attention"):
-        raise ConfigError("Gemma 3 attention logit soft-capping / bidirectional attention is not supported")
+        raise ConfigError(
+            "Gemma 3 attention logit soft-capping / bidirectional attention is not supported"
+        )
     n = int(hf["num_hidden_layers"])
     types = hf.get("layer_types")
     if not types:  # older configs: every `sliding_window_pattern`-th layer is global
@@ -295,27 +307,27 @@ def _gemma3_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         local_theta = hf.get("rope_local_base_freq") or 1e4
         scaling = _rope_scaling_from_hf(hf.get("rope_scaling"))
     cap = hf.get("final_logit_softcapping")
-    return dict(
-        head_dim=int(hf.get("head_dim") or 256),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        hidden_act=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
-        layer_types=tuple(types),
-        rope_theta=float(theta),
-        rope_local_theta=float(local_theta),
-        rope_scaling=scaling,
-        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256),
-        final_logit_softcapping=None if cap is None else float(cap),
-    )
+    return {
+        "head_dim": int(hf.get("head_dim") or 256),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "hidden_act": hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
+        "layer_types": tuple(types),
+        "rope_theta": float(theta),
+        "rope_local_theta": float(local_theta),
+        "rope_scaling": scaling,
+        "query_pre_attn_scalar": float(hf.get("query_pre_attn_scalar") or 256),
+        "final_logit_softcapping": None if cap is None else float(cap),
+    }
 
 
 def _mixtral_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    return dict(
-        hidden_act=hf.get("hidden_act", "silu"),
-        n_experts=int(hf["num_local_experts"]),
-        n_experts_per_tok=int(hf["num_experts_per_tok"]),
-        moe_intermediate_size=int(hf["intermediate_size"]),
-    )
+    return {
+        "hidden_act": hf.get("hidden_act", "silu"),
+        "n_experts": int(hf["num_local_experts"]),
+        "n_experts_per_tok": int(hf["num_experts_per_tok"]),
+        "moe_intermediate_size": int(hf["intermediate_size"]),
+    }
 
 
 def _phi3_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -325,37 +337,37 @@ def _phi3_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     if "original_max_position_embeddings" in hf:
         rp.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
     factor = hf.get("partial_rotary_factor") or rp.get("partial_rotary_factor") or 1.0
-    return dict(
-        hidden_act=hf.get("hidden_act", "silu"),
-        rope_scaling=_rope_scaling_from_hf(rp),
-        partial_rotary_factor=float(factor),
-    )
+    return {
+        "hidden_act": hf.get("hidden_act", "silu"),
+        "rope_scaling": _rope_scaling_from_hf(rp),
+        "partial_rotary_factor": float(factor),
+    }
 
 
 def _deepseek_v3_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     dn, dr = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
     q_lora = hf.get("q_lora_rank")
-    return dict(
-        n_kv_heads=int(hf["num_attention_heads"]),  # MLA: every head has its own k/v
-        head_dim=dn + dr,
-        hidden_act=hf.get("hidden_act", "silu"),
-        q_lora_rank=None if q_lora is None else int(q_lora),
-        kv_lora_rank=int(hf["kv_lora_rank"]),
-        qk_nope_head_dim=dn,
-        qk_rope_head_dim=dr,
-        v_head_dim=int(hf["v_head_dim"]),
-        rope_interleave=bool(hf.get("rope_interleave", True)),
-        n_experts=int(hf.get("n_routed_experts") or 0),
-        n_experts_per_tok=int(hf.get("num_experts_per_tok") or 0),
-        moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0),
-        n_shared_experts=int(hf.get("n_shared_experts") or 0),
-        first_k_dense_replace=int(hf.get("first_k_dense_replace") or 0),
-        scoring_func=hf.get("scoring_func", "sigmoid"),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        n_group=int(hf.get("n_group") or 1),
-        topk_group=int(hf.get("topk_group") or 1),
-    )
+    return {
+        "n_kv_heads": int(hf["num_attention_heads"]),  # MLA: every head has its own k/v
+        "head_dim": dn + dr,
+        "hidden_act": hf.get("hidden_act", "silu"),
+        "q_lora_rank": None if q_lora is None else int(q_lora),
+        "kv_lora_rank": int(hf["kv_lora_rank"]),
+        "qk_nope_head_dim": dn,
+        "qk_rope_head_dim": dr,
+        "v_head_dim": int(hf["v_head_dim"]),
+        "rope_interleave": bool(hf.get("rope_interleave", True)),
+        "n_experts": int(hf.get("n_routed_experts") or 0),
+        "n_experts_per_tok": int(hf.get("num_experts_per_tok") or 0),
+        "moe_intermediate_size": int(hf.get("moe_intermediate_size") or 0),
+        "n_shared_experts": int(hf.get("n_shared_experts") or 0),
+        "first_k_dense_replace": int(hf.get("first_k_dense_replace") or 0),
+        "scoring_func": hf.get("scoring_func", "sigmoid"),
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
+        "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+        "n_group": int(hf.get("n_group") or 1),
+        "topk_group": int(hf.get("topk_group") or 1),
+    }
 
 
 _FAMILY_FROM_HF = {
@@ -378,21 +390,21 @@ def _gemma3_from_gguf(get, n_layers: int) -> dict[str, Any]:
         types = [SLIDING if (i + 1) % int(pattern) else FULL for i in range(n_layers)]
     head_dim = int(get("attention.key_length"))
     cap = get("final_logit_softcapping", 0.0)
-    return dict(
-        hidden_act="gelu_pytorch_tanh",
-        layer_types=tuple(types),
-        rope_local_theta=float(get("rope.freq_base_swa", 10000.0)),
-        query_pre_attn_scalar=float(head_dim),
-        final_logit_softcapping=float(cap) if cap else None,
-    )
+    return {
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_types": tuple(types),
+        "rope_local_theta": float(get("rope.freq_base_swa", 10000.0)),
+        "query_pre_attn_scalar": float(head_dim),
+        "final_logit_softcapping": float(cap) if cap else None,
+    }
 
 
 def _mixtral_from_gguf(get, n_layers: int) -> dict[str, Any]:
-    return dict(
-        n_experts=int(get("expert_count")),
-        n_experts_per_tok=int(get("expert_used_count")),
-        moe_intermediate_size=int(get("feed_forward_length")),
-    )
+    return {
+        "n_experts": int(get("expert_count")),
+        "n_experts_per_tok": int(get("expert_used_count")),
+        "moe_intermediate_size": int(get("feed_forward_length")),
+    }
 
 
 def _phi3_from_gguf(get, n_layers: int) -> dict[str, Any]:
@@ -401,7 +413,7 @@ def _phi3_from_gguf(get, n_layers: int) -> dict[str, Any]:
     orig = int(get("rope.scaling.original_context_length", 0))
     # LongRoPE factors come as tensors (rope_factors_long/short); the model reads them there
     scaling = {"rope_type": "longrope", "original_max_position_embeddings": orig} if orig else None
-    return dict(head_dim=head_dim, partial_rotary_factor=rot / head_dim, rope_scaling=scaling)
+    return {"head_dim": head_dim, "partial_rotary_factor": rot / head_dim, "rope_scaling": scaling}
 
 
 def _deepseek_v3_from_gguf(get, n_layers: int) -> dict[str, Any]:
@@ -410,26 +422,26 @@ def _deepseek_v3_from_gguf(get, n_layers: int) -> dict[str, Any]:
     dv = int(get("attention.value_length_mla", 0) or get("attention.value_length"))
     q_lora = int(get("attention.q_lora_rank", 0))
     n_heads = int(get("attention.head_count"))
-    kw = dict(
-        n_kv_heads=n_heads,
-        head_dim=dk,
-        q_lora_rank=q_lora or None,
-        kv_lora_rank=int(get("attention.kv_lora_rank")),
-        qk_nope_head_dim=dk - dr,
-        qk_rope_head_dim=dr,
-        v_head_dim=dv,
-        rope_interleave=True,
-        n_experts=int(get("expert_count", 0)),
-        n_experts_per_tok=int(get("expert_used_count", 0)),
-        moe_intermediate_size=int(get("expert_feed_forward_length", 0)),
-        n_shared_experts=int(get("expert_shared_count", 0)),
-        first_k_dense_replace=int(get("leading_dense_block_count", 0)),
-        scoring_func={1: "softmax", 2: "sigmoid"}[int(get("expert_gating_func", 1))],
-        norm_topk_prob=bool(get("expert_weights_norm", False)),
-        routed_scaling_factor=float(get("expert_weights_scale", 1.0)),
-        n_group=int(get("expert_group_count", 1)),
-        topk_group=int(get("expert_group_used_count", 1)),
-    )
+    kw = {
+        "n_kv_heads": n_heads,
+        "head_dim": dk,
+        "q_lora_rank": q_lora or None,
+        "kv_lora_rank": int(get("attention.kv_lora_rank")),
+        "qk_nope_head_dim": dk - dr,
+        "qk_rope_head_dim": dr,
+        "v_head_dim": dv,
+        "rope_interleave": True,
+        "n_experts": int(get("expert_count", 0)),
+        "n_experts_per_tok": int(get("expert_used_count", 0)),
+        "moe_intermediate_size": int(get("expert_feed_forward_length", 0)),
+        "n_shared_experts": int(get("expert_shared_count", 0)),
+        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
+        "scoring_func": {1: "softmax", 2: "sigmoid"}[int(get("expert_gating_func", 1))],
+        "norm_topk_prob": bool(get("expert_weights_norm", False)),
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
+        "n_group": int(get("expert_group_count", 1)),
+        "topk_group": int(get("expert_group_used_count", 1)),
+    }
     stype = get("rope.scaling.type", "none")
     if stype == "yarn":
         # llama.cpp stores 0.1 * mscale_all_dim as yarn_log_multiplier

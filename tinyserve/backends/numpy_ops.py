@@ -99,7 +99,7 @@ class NumpyOps:
 
         Tokens are grouped by expert: one sort, then one batched gated MLP per expert in use."""
         act_mul = self.silu_mul if act == "silu" else self.gelu_tanh_mul
-        N, K = expert_ids.shape
+        K = expert_ids.shape[1]
         flat = expert_ids.reshape(-1)  # (N*K,) expert of each (token, choice)
         order = np.argsort(flat, kind="stable")  # (token, choice) pairs grouped by expert
         bounds = np.searchsorted(flat[order], np.arange(len(experts) + 1))  # (E+1,)

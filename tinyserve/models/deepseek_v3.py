@@ -22,7 +22,6 @@ from ..batch import Batch
 from ..config import ModelConfig
 from ..errors import WeightsError
 from . import WeightReader, as_numpy
-from .llama import Linear
 from .moe import load_experts, route_sigmoid_grouped, route_softmax
 from .rope import interleaved_to_halves, rope_attention_factor, rope_inv_freq, yarn_softmax_mscale
 
@@ -100,7 +99,9 @@ class DeepseekV3Model:
                 q_a = q_a_norm = None
                 q_b = take(f"{a}.q_proj.weight", (H * (dn + dr), D))
             if not take.has(f"{a}.kv_b_proj.weight") and take.has(f"{a}.k_b_proj.weight"):
-                raise WeightsError("GGUF files with kv_b split into k_b / v_b are not supported yet")
+                raise WeightsError(
+                    "GGUF files with kv_b split into k_b / v_b are not supported yet"
+                )
             kv_b = as_numpy(take(f"{a}.kv_b_proj.weight", (H * (dn + dv), r))).astype(np.float32)
             kv_b = kv_b.reshape(H, dn + dv, r)
             w_uk, w_uv = kv_b[:, :dn, :], kv_b[:, dn:, :]  # (H, dn, r), (H, dv, r)
@@ -114,7 +115,9 @@ class DeepseekV3Model:
                 bias = take.optional(f"{p}.mlp.gate.e_score_correction_bias", (E,))
                 ffn = MoE(
                     router=ops.weight(take(f"{p}.mlp.gate.weight", (E, D))),
-                    bias=np.zeros(E, np.float32) if bias is None else as_numpy(bias).astype(np.float32),
+                    bias=np.zeros(E, np.float32)
+                    if bias is None
+                    else as_numpy(bias).astype(np.float32),
                     experts=load_experts(
                         take,
                         f"{p}.mlp.experts",
@@ -135,7 +138,9 @@ class DeepseekV3Model:
                     q_a=q_a,
                     q_a_norm=q_a_norm,
                     q_b=ops.weight(_take_rows(q_b, q_order)),
-                    kv_a=ops.weight(_take_rows(take(f"{a}.kv_a_proj_with_mqa.weight", (r + dr, D)), kv_order)),
+                    kv_a=ops.weight(
+                        _take_rows(take(f"{a}.kv_a_proj_with_mqa.weight", (r + dr, D)), kv_order)
+                    ),
                     kv_a_norm=ops.vector(take(f"{a}.kv_a_layernorm.weight", (r,))),
                     q_absorb=ops.vector(absorb),
                     v_up=ops.vector(np.ascontiguousarray(w_uv)),
@@ -145,7 +150,9 @@ class DeepseekV3Model:
                 )
             )
         self.norm = ops.vector(take("model.norm.weight", (D,)))
-        self.lm_head = self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        self.lm_head = (
+            self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        )
         self.inv_freq = ops.vector(rope_inv_freq(cfg, rotary_dim=dr))  # (dr/2,)
         self.rope_scale = rope_attention_factor(cfg)  # YaRN scales cos/sin of q_rope and k_rope
         # the softmax scale of the uncompressed head (dn + dr), times YaRN's mscale^2
@@ -153,7 +160,10 @@ class DeepseekV3Model:
 
     def kv_layout(self) -> list[dict[str, tuple[int, ...]]]:
         """Per layer and token: one shared "head" of [k_rope (dr), c_kv (r)], not full K/V."""
-        return [{"kv": (1, self.cfg.qk_rope_head_dim + self.cfg.kv_lora_rank)} for _ in range(self.cfg.n_layers)]
+        return [
+            {"kv": (1, self.cfg.qk_rope_head_dim + self.cfg.kv_lora_rank)}
+            for _ in range(self.cfg.n_layers)
+        ]
 
     def _rope(self, x, positions):
         """(N, h, dr + rest) -> same: rotate the first dr dims, scaled as YaRN says."""

@@ -86,7 +86,9 @@ class Gemma3Model:
                 )
             )
         self.norm = norm("model.norm.weight", D)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        self.lm_head = (
+            self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        )
         # global layers: rope_theta with the configured scaling; local layers: their own base, unscaled
         self.inv_freq_global = ops.vector(rope_inv_freq(cfg))  # (Dh/2,)
         local_theta = cfg.rope_local_theta or cfg.rope_theta
@@ -132,7 +134,9 @@ class Gemma3Model:
         x = ops.embedding(ops.from_numpy(batch.token_ids), self.embed) * self.embed_scale  # (N, D)
         for w, layer_kv in zip(self.layers, kv):
             h = self.attention(ops.rms_norm(x, w.input_norm, eps), w, batch, layer_kv, positions)
-            x = x + ops.rms_norm(h, w.post_attn_norm, eps)  # Gemma also norms each sublayer's output
+            x = x + ops.rms_norm(
+                h, w.post_attn_norm, eps
+            )  # Gemma also norms each sublayer's output
             h = self.feed_forward(ops.rms_norm(x, w.pre_ffn_norm, eps), w)
             x = x + ops.rms_norm(h, w.post_ffn_norm, eps)
         x = x[ops.from_numpy(batch.logits_rows)]  # (R, D): only the rows we sample from

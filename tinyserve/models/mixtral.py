@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from . import WeightReader
-from .llama import LlamaModel, Linear
+from .llama import Linear, LlamaModel
 from .moe import load_experts, route_softmax
 from .rope import rope_inv_freq
 
@@ -62,12 +62,21 @@ class MixtralModel(LlamaModel):
                     router=ops.weight(take(f"{moe}.gate.weight", (E, D))),
                     # HF: experts.{e}.w1 (gate), w3 (up), w2 (down); GGUF: all experts stacked
                     experts=load_experts(
-                        take, f"{moe}.experts", ("w1", "w3", "w2"), E, F, D, ops, stacked=("w1", "w3", "w2")
+                        take,
+                        f"{moe}.experts",
+                        ("w1", "w3", "w2"),
+                        E,
+                        F,
+                        D,
+                        ops,
+                        stacked=("w1", "w3", "w2"),
                     ),
                 )
             )
         self.norm = ops.vector(take("model.norm.weight", (D,)))
-        self.lm_head = self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        self.lm_head = (
+            self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        )
         self.inv_freq = ops.vector(rope_inv_freq(cfg))  # (Dh/2,)
         self.scale = cfg.head_dim**-0.5
 

@@ -48,7 +48,9 @@ def route_sigmoid_grouped(
     choice = scores + bias.astype(np.float32)  # (N, E)
     per_group = np.sort(choice.reshape(N, n_group, E // n_group), axis=-1)  # (N, G, E/G)
     group_merit = per_group[..., -2:].sum(axis=-1)  # (N, G)
-    best_groups = np.argsort(-group_merit, axis=-1, kind="stable")[:, :topk_group]  # (N, topk_group)
+    best_groups = np.argsort(-group_merit, axis=-1, kind="stable")[
+        :, :topk_group
+    ]  # (N, topk_group)
     allowed = np.zeros((N, n_group), dtype=bool)
     np.put_along_axis(allowed, best_groups, True, axis=-1)
     choice = np.where(np.repeat(allowed, E // n_group, axis=1), choice, -np.inf)  # (N, E)
@@ -63,7 +65,10 @@ def split_experts(t, n_experts: int) -> list:
     """A stacked GGUF tensor (E*out, in) QuantTensor or (E, out, in) array -> E (out, in) tensors."""
     if hasattr(t, "qtype"):  # quantized: per-expert row ranges of the raw blocks, no copy
         rows = t.shape[0] // n_experts
-        return [type(t)(t.qtype, (rows, t.shape[1]), t.data[e * rows : (e + 1) * rows]) for e in range(n_experts)]
+        return [
+            type(t)(t.qtype, (rows, t.shape[1]), t.data[e * rows : (e + 1) * rows])
+            for e in range(n_experts)
+        ]
     arr = np.asarray(t.dequantize() if hasattr(t, "dequantize") else t)
     arr = arr.reshape(n_experts, -1, arr.shape[-1])  # (E, out, in)
     return [arr[e] for e in range(n_experts)]
@@ -93,6 +98,9 @@ def load_experts(
             per_kind.append(split_experts(t, n_experts))
         return [tuple(ops.weight(kind[e]) for kind in per_kind) for e in range(n_experts)]
     return [
-        tuple(ops.weight(take(f"{prefix}.{e}.{name}.weight", shape)) for name, shape in zip(names, shapes))
+        tuple(
+            ops.weight(take(f"{prefix}.{e}.{name}.weight", shape))
+            for name, shape in zip(names, shapes)
+        )
         for e in range(n_experts)
     ]

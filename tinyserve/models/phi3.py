@@ -62,14 +62,20 @@ class Phi3Model:
                 )
             )
         self.norm = ops.vector(take("model.norm.weight", (D,)))
-        self.lm_head = self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        self.lm_head = (
+            self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        )
 
         R = cfg.rotary_dim
         self.longrope = bool(cfg.rope_scaling) and cfg.rope_scaling["rope_type"] == "longrope"
         if self.longrope:  # GGUF files carry the factors as tensors, HF configs as lists
             short, long = tensors.get("rope_factors_short"), tensors.get("rope_factors_long")
-            self.inv_freq = ops.vector(longrope_inv_freq(cfg, long=False, rotary_dim=R, factors=short))
-            self.inv_freq_long = ops.vector(longrope_inv_freq(cfg, long=True, rotary_dim=R, factors=long))
+            self.inv_freq = ops.vector(
+                longrope_inv_freq(cfg, long=False, rotary_dim=R, factors=short)
+            )
+            self.inv_freq_long = ops.vector(
+                longrope_inv_freq(cfg, long=True, rotary_dim=R, factors=long)
+            )
             self.original_len = longrope_original_len(cfg)
         else:
             self.inv_freq = ops.vector(rope_inv_freq(cfg, rotary_dim=R))  # (R/2,)
@@ -117,7 +123,9 @@ class Phi3Model:
         k = self._rope(k, positions, long_rows)
         ops.write_kv(kv["k"], k, batch.slots)
         ops.write_kv(kv["v"], v, batch.slots)
-        a = ops.paged_attention(q, kv["k"], kv["v"], batch, self.scale, cfg.sliding_window)  # (N, H, Dh)
+        a = ops.paged_attention(
+            q, kv["k"], kv["v"], batch, self.scale, cfg.sliding_window
+        )  # (N, H, Dh)
         return self._linear(a.reshape(N, cfg.q_size), w.o)  # (N, D)
 
     def feed_forward(self, x, w: LayerWeights):
@@ -133,7 +141,9 @@ class Phi3Model:
         long_rows = self._long_rows(batch)
         x = ops.embedding(ops.from_numpy(batch.token_ids), self.embed)  # (N, D)
         for w, layer_kv in zip(self.layers, kv):
-            x = x + self.attention(ops.rms_norm(x, w.attn_norm, eps), w, batch, layer_kv, positions, long_rows)
+            x = x + self.attention(
+                ops.rms_norm(x, w.attn_norm, eps), w, batch, layer_kv, positions, long_rows
+            )
             x = x + self.feed_forward(ops.rms_norm(x, w.ffn_norm, eps), w)
         x = x[ops.from_numpy(batch.logits_rows)]  # (R, D): only the rows we sample from
         return ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)
