@@ -53,7 +53,10 @@ class Engine:
         layout = self.model.kv_layout()
         num_blocks = self._num_blocks(layout)
         self.kv = backend.allocate_kv(layout, num_blocks, config.block_size)
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # a model whose cached K/V depend on more than the prefix (Phi-3's LongRoPE switches on the
+        # whole length) opts out of prefix caching
+        prefix_caching = config.enable_prefix_caching and getattr(self.model, "prefix_cacheable", True)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.chunk_size),
             self.kv_manager,
