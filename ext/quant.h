@@ -20,7 +20,8 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__x86_64__) && defined(__GNUC__)
+/* SIMD twins need GCC (#pragma GCC target); clang and TS_NO_SIMD builds get the portable C */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TS_NO_SIMD)
 #include <immintrin.h>
 #define TS_X86 1
 #else
