@@ -88,6 +88,16 @@ static inline __m512i SFX(fold4)(__m512i p0, __m512i p1, __m512i p2, __m512i p3)
 #define OCT_IDX _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7)
 #define OCT_PS(p) _mm512_permutexvar_ps(OCT_IDX, _mm512_castps256_ps512(_mm256_loadu_ps(p)))
 
+/* eight consecutive blocks of ts bytes: the f16 at bytes 0-1 (d) and 2-3 (m, when wanted) of each
+ * -> (8,) f32, one gather and one conversion instead of sixteen scalar ones */
+static inline __m256 SFX(f16x8)(const uint8_t *blk, int ts, __m256 *m) {
+    const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                          _mm256_set1_epi32(ts));
+    const __m256i dm = _mm256_i32gather_epi32((const int *)blk, at, 1);
+    if (m) *m = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(dm, 16)));
+    return _mm256_cvtph_ps(_mm256_cvtepi32_epi16(dm));
+}
+
 #define WIDE_BEGIN                                                          \
     __m512 acc[8];                                                          \
     float accm[8];                                                          \
@@ -103,19 +113,17 @@ static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
     WIDE_BEGIN
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        float dw[8];
         __m512i aq[4];
         __mmask64 neg[4];
         for (int k = 0; k < 4; k++) {
             const uint8_t *b0 = w + (b + 2 * k) * 34, *b1 = b0 + 34;
-            dw[2 * k] = SFX(h2f)(b0);
-            dw[2 * k + 1] = SFX(h2f)(b1);
             const __m512i q = JOIN256(_mm256_loadu_si256((const __m256i *)(b0 + 2)),
                                       _mm256_loadu_si256((const __m256i *)(b1 + 2)));
             aq[k] = _mm512_abs_epi8(q);
             neg[k] = _mm512_movepi8_mask(q);
         }
-        const __m512 dwv = OCT_PS(dw);
+        const __m512 dwv =
+            _mm512_permutexvar_ps(OCT_IDX, _mm512_castps256_ps512(SFX(f16x8)(w + b * 34, 34, 0)));
         for (int t = 0; t < NT; t++) {
             __m512i p[4];
             for (int k = 0; k < 4; k++) {
@@ -174,21 +182,18 @@ static inline __attribute__((always_inline)) void SFX(tile_wide_u)(
     for (int t = 0; t < NT; t++) accm8[t] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        float dw[8], mw[8];
+        __m256 mw8;
+        const __m256 dw8 = SFX(f16x8)(w + b * ts, ts, &mw8);
+        const __m512 dwv = _mm512_permutexvar_ps(OCT_IDX, _mm512_castps256_ps512(dw8));
+        const __m256 mwv = has_min ? mw8 : _mm256_mul_ps(_mm256_set1_ps(offset), dw8);
         __m512i q[4];
         for (int k = 0; k < 4; k++) {
             const uint8_t *b0 = w + (b + 2 * k) * ts, *b1 = b0 + ts;
-            dw[2 * k] = SFX(h2f)(b0);
-            dw[2 * k + 1] = SFX(h2f)(b1);
-            mw[2 * k] = has_min ? SFX(h2f)(b0 + 2) : offset * dw[2 * k];
-            mw[2 * k + 1] = has_min ? SFX(h2f)(b1 + 2) : offset * dw[2 * k + 1];
             q[k] = SFX(nibbles64)(b0 + qs_at, b1 + qs_at);
             if (five)
                 q[k] = _mm512_or_si512(
                     q[k], JOIN256(SFX(bits32_x10)(b0 + qh_at), SFX(bits32_x10)(b1 + qh_at)));
         }
-        const __m512 dwv = OCT_PS(dw);
-        const __m256 mwv = _mm256_loadu_ps(mw);
         for (int t = 0; t < NT; t++) {
             __m512i p[4];
             for (int k = 0; k < 4; k++) {
