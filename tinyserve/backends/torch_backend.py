@@ -195,6 +195,58 @@ class TorchOps:
         """(N, F), (N, F) -> (N, F): silu(gate) * up."""
         return F.silu(gate) * up
 
+    def gelu_tanh_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """(N, F), (N, F) -> (N, F): gelu_tanh(gate) * up, the GeGLU feed-forward's middle (Gemma)."""
+        return F.gelu(gate, approximate="tanh") * up
+
+    def softcap(self, x: torch.Tensor, cap: float) -> torch.Tensor:
+        """(...) -> (...): cap * tanh(x / cap), in float32, a smooth clamp to (-cap, cap)."""
+        return (torch.tanh(x.float() / cap) * cap).to(x.dtype)
+
+    def head_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(N, h, K), (h, M, K) -> (N, h, M): per head x[:, i] @ w[i].T, in w's dtype (MLA)."""
+        y = torch.bmm(x.to(w.dtype).transpose(0, 1), w.transpose(1, 2))  # (h, N, M)
+        return y.transpose(0, 1).to(x.dtype)  # (N, h, M)
+
+    def moe(self, x: torch.Tensor, expert_ids, expert_weights, experts: list[tuple], act="silu"):
+        """(N, D), (N, K) int, (N, K), E x (gate (F, D), up (F, D), down (D, F)) -> (N, D):
+        sum over k of weight[n, k] * expert[ids[n, k]](x[n]), each expert a gated MLP.
+
+        The (token, choice) pairs are sorted by expert: one gather of the tokens, then one batched
+        gated MLP per expert in use on its contiguous run of rows, then each token's K results
+        summed in float32 (no atomics: the same sum batched or alone). Routing decided on the host
+        (NumPy ids) is grouped there and sent over once; ids on the device cost one sync (counts)."""
+        act_mul = self.silu_mul if act == "silu" else self.gelu_tanh_mul
+        N, K = expert_ids.shape
+        if isinstance(expert_ids, torch.Tensor):
+            flat = expert_ids.reshape(-1).to(self.device, torch.int64)  # (N*K,)
+            order = torch.argsort(flat, stable=True)  # (N*K,) pairs grouped by expert
+            counts = torch.bincount(flat, minlength=len(experts)).tolist()  # the one sync
+        else:
+            flat = np.asarray(expert_ids, dtype=np.int64).reshape(-1)  # (N*K,)
+            counts = np.bincount(flat, minlength=len(experts)).tolist()
+            order = torch.from_numpy(np.argsort(flat, kind="stable")).to(self.device)
+        if isinstance(expert_weights, torch.Tensor):
+            weights = expert_weights.to(self.device, torch.float32)
+        else:
+            weights = torch.from_numpy(np.asarray(expert_weights, np.float32)).to(self.device)
+        xs = x.index_select(0, torch.div(order, K, rounding_mode="floor"))  # (N*K, D) by expert
+        D = x.shape[1]
+        ys = torch.empty((N * K, D), dtype=torch.float32, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up, down = experts[e]
+                xe = xs[start : start + n]  # (n_e, D) the tokens routed to expert e
+                ys[start : start + n] = self.matmul(
+                    act_mul(self.matmul(xe, gate), self.matmul(xe, up)), down
+                )  # (n_e, D)
+                start += n
+        # back in (token, choice) order: each token's K rows next to each other
+        ys = torch.empty_like(ys).index_copy_(0, order, ys)  # (N*K, D)
+        out = (ys.view(N, K, D) * weights.view(N, K, 1)).sum(dim=1)  # (N, D)
+        return out.to(x.dtype)
+
     def softmax(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., K) over the last axis, accumulated in float32."""
         return torch.softmax(x.float(), dim=-1).to(x.dtype)
@@ -328,10 +380,14 @@ class TorchBackend(Backend):
 
     def forward(self, model, batch: Batch, kv: list[dict[str, Any]]) -> np.ndarray:
         """Run the model over one batch; float32 logits (R, V) of batch.logits_rows, on the host."""
-        ids, logits = self.forward_greedy(model, batch, kv, np.zeros(len(batch.logits_rows), dtype=bool))
+        _, logits = self.forward_greedy(
+            model, batch, kv, np.zeros(len(batch.logits_rows), dtype=bool)
+        )
         return logits
 
-    def forward_greedy(self, model, batch: Batch, kv, greedy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def forward_greedy(
+        self, model, batch: Batch, kv, greedy: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Argmax on the device for the greedy rows; only the other rows' logits cross to the host."""
         with torch.inference_mode():
             self.ops.begin(batch)
@@ -339,7 +395,9 @@ class TorchBackend(Backend):
                 logits = model.forward(batch, kv)  # (R, V) on the device
                 ids = logits.argmax(dim=-1)  # (R,): cheap, and no data-dependent shapes (no sync)
                 rest = np.nonzero(~greedy)[0]
-                rows = logits.index_select(0, torch.from_numpy(rest).to(logits.device)).float()  # (R-G, V)
+                rows = logits.index_select(
+                    0, torch.from_numpy(rest).to(logits.device)
+                ).float()  # (R-G, V)
                 host_rows = self._to_host(rows)
                 return ids.cpu().numpy()[greedy], host_rows
             finally:
