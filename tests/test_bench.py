@@ -148,6 +148,8 @@ def test_run_bench_rejects_bad_values(llm):
         run_bench(llm, batch_size=0)
     with pytest.raises(RequestError, match="max_num_seqs"):
         run_bench(llm, batch_size=10_000)
+    with pytest.raises(RequestError, match="no prompts"):
+        run_bench(llm, batch_size=1, prompts=[])
 
 
 def test_tinyserve_bench_subcommand(capsys):

@@ -207,6 +207,8 @@ def run_bench(
                 f"input_len + output_len = {input_len + output_len} exceeds the model's context of {ctx}"
             )
         prompts = random_prompts(_vocab_size(llm), num_prompts, input_len, seed)
+    elif not prompts:
+        raise RequestError("no prompts given")
     else:
         prompts = [prompts[i % len(prompts)] for i in range(num_prompts)]
 
