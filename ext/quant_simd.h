@@ -557,6 +557,19 @@ static inline __attribute__((always_inline)) void SFX(tile_bf16)(
     __m256 acc[8];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     int64_t i = 0;
+#ifdef TS_WIDE
+    __m512 acc16[8];
+    for (int t = 0; t < NT; t++) acc16[t] = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + i));
+        const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        for (int t = 0; t < NT; t++)
+            acc16[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * xs + i), acc16[t]);
+    }
+    for (int t = 0; t < NT; t++)
+        acc[t] = _mm256_add_ps(_mm512_castps512_ps256(acc16[t]),
+                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc16[t]), 1)));
+#endif
     for (; i + 8 <= k; i += 8) {
         const __m128i raw = _mm_loadu_si128((const __m128i *)(w + i));
         const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));

@@ -247,7 +247,7 @@ def test_dequantize_rows_matches_numpy(qtype, scale):
 
 
 @pytest.mark.parametrize("n", [1, 3, 17])
-@pytest.mark.parametrize("cols", [100, 576])  # 100: a tail after the 8-wide SIMD loop
+@pytest.mark.parametrize("cols", [100, 120, 576])  # tails after the 16- and 8-wide loops
 def test_matmul_bf16_matches_reference(n, cols, isa, threads):
     rng = np.random.default_rng(n + cols)
     w = rng.standard_normal((37, cols)).astype(np.float32)
