@@ -20,8 +20,15 @@ ASV_DIR = Path(__file__).resolve().parents[1] / "asv_bench"
 def _asv(args: list[str], cwd: Path, home: Path, timeout: float = 120):
     """Run asv with a private HOME (its machine file lives there); returns the CompletedProcess."""
     env = {**os.environ, "HOME": str(home), "TINYSERVE_BENCH_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "asv", *args], cwd=cwd, env=env, timeout=timeout,
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "asv", *args],
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +56,21 @@ def test_asv_check_passes(home):
 
 @pytest.mark.slow
 def test_quick_run_of_one_benchmark(home):
-    done = _asv(["run", "--python=same", "--quick", "--dry-run", "--show-stderr",
-                 "--machine", "test", "--bench", r"Kernels.time_rms_norm"], ASV_DIR, home)
+    done = _asv(
+        [
+            "run",
+            "--python=same",
+            "--quick",
+            "--dry-run",
+            "--show-stderr",
+            "--machine",
+            "test",
+            "--bench",
+            r"Kernels.time_rms_norm",
+        ],
+        ASV_DIR,
+        home,
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "bench_kernels.Kernels.time_rms_norm" in out and "failed" not in out
@@ -74,7 +94,20 @@ def broken_suite(tmp_path) -> Path:
 def test_broken_benchmark_fails_check_and_run(broken_suite, home):
     done = _asv(["check", "--python=same"], broken_suite, home)
     assert done.returncode != 0, done.stdout
-    done = _asv(["run", "--python=same", "--quick", "--dry-run", "--show-stderr",
-                 "--machine", "test", "--bench", "time_raises"], broken_suite, home)
+    done = _asv(
+        [
+            "run",
+            "--python=same",
+            "--quick",
+            "--dry-run",
+            "--show-stderr",
+            "--machine",
+            "test",
+            "--bench",
+            "time_raises",
+        ],
+        broken_suite,
+        home,
+    )
     assert done.returncode != 0, done.stdout
     assert "broken on purpose" in done.stdout + done.stderr

@@ -19,8 +19,19 @@ from tinyserve.bench import Stats, main, pin_threads, read_prompt_file, run_benc
 from tinyserve.errors import RequestError
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "hf" / "smollm2")
-ARGS = ["--model", FIXTURE, "--backend", "numpy", "--input-len", "16", "--output-len", "8",
-        "--no-progress", "--threads", "1"]
+ARGS = [
+    "--model",
+    FIXTURE,
+    "--backend",
+    "numpy",
+    "--input-len",
+    "16",
+    "--output-len",
+    "8",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +56,19 @@ def test_json_keys_and_sane_values(capsys):
     results = json.loads(capsys.readouterr().out)["results"]
     assert [r["batch_size"] for r in results] == [1, 4]
     for r in results:
-        assert {"ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "output_tok_s", "prefill_tok_s",
-                "decode_tok_s", "request_s", "goodput_req_s", "duration_s",
-                "n_output_tokens"} <= r.keys()
+        assert {
+            "ttft_ms",
+            "tpot_ms",
+            "itl_ms",
+            "e2e_ms",
+            "output_tok_s",
+            "prefill_tok_s",
+            "decode_tok_s",
+            "request_s",
+            "goodput_req_s",
+            "duration_s",
+            "n_output_tokens",
+        } <= r.keys()
         assert set(r["tpot_ms"]) == {"mean", "p50", "p99"}
         bs = r["batch_size"]
         assert r["num_prompts"] == bs
@@ -92,8 +113,9 @@ def test_closed_loop_serves_num_prompts(llm):
 
 
 def test_goodput_counts_requests_under_the_slo(llm):
-    r = run_bench(llm, batch_size=2, input_len=8, output_len=4, tpot_slo_ms=1e-6, seed=3,
-                  warmup=False)
+    r = run_bench(
+        llm, batch_size=2, input_len=8, output_len=4, tpot_slo_ms=1e-6, seed=3, warmup=False
+    )
     assert r.goodput_req_s == 0.0
     r = run_bench(llm, batch_size=2, input_len=8, output_len=4, seed=4, warmup=False)
     assert r.goodput_req_s is None
@@ -130,12 +152,15 @@ def test_pin_threads_sets_and_restores():
         pass
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "batch sizes must be integers >= 1"),
-    (["--batch-size", "1,x"], "comma list of integers"),
-    (["--output-len", "300"], "exceeds the model's context of 256"),
-    (["--prompt-file", "/nonexistent/prompts.txt"], "cannot read prompt file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "batch sizes must be integers >= 1"),
+        (["--batch-size", "1,x"], "comma list of integers"),
+        (["--output-len", "300"], "exceeds the model's context of 256"),
+        (["--prompt-file", "/nonexistent/prompts.txt"], "cannot read prompt file"),
+    ],
+)
 def test_bad_input_is_one_clear_line(capsys, argv, message):
     assert main([*ARGS, *argv]) != 0
     err = capsys.readouterr().err

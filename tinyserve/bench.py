@@ -108,8 +108,11 @@ def pin_threads(n: int) -> Iterator[None]:
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:
-            print("tinyserve bench: warning: threadpoolctl missing, BLAS threads not pinned "
-                  "(pip install threadpoolctl)", file=sys.stderr)
+            print(
+                "tinyserve bench: warning: threadpoolctl missing, BLAS threads not pinned "
+                "(pip install threadpoolctl)",
+                file=sys.stderr,
+            )
             yield
             return
         with threadpool_limits(limits=n):
@@ -124,7 +127,9 @@ def pin_threads(n: int) -> Iterator[None]:
 # -- prompts ----------------------------------------------------------------------------------------
 
 
-def random_prompts(vocab_size: int, n: int, input_len: int, seed: int | list[int]) -> list[list[int]]:
+def random_prompts(
+    vocab_size: int, n: int, input_len: int, seed: int | list[int]
+) -> list[list[int]]:
     """n prompts of input_len token ids drawn uniformly from [0, vocab_size), seeded."""
     if input_len < 1:
         raise RequestError(f"input_len must be >= 1, got {input_len}")
@@ -221,8 +226,14 @@ def run_bench(
 
     from tqdm import tqdm
 
-    bar = tqdm(total=num_prompts * output_len, unit="tok", desc=f"batch {batch_size}",
-               file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(
+        total=num_prompts * output_len,
+        unit="tok",
+        desc=f"batch {batch_size}",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
     with pin_threads(threads) if threads else contextlib.nullcontext(), bar:
         outputs, duration, steps = _drive(engine, prompts, params, batch_size, bar)
     return _summarize(llm, outputs, duration, steps, batch_size, output_len, tpot_slo_ms, threads)
@@ -345,15 +356,19 @@ def format_table(results: Sequence[BenchResult]) -> str:
     """Metrics as rows, one column per batch size."""
     r0 = results[0]
     slo = f"  TPOT SLO {r0.tpot_slo_ms:g} ms" if r0.tpot_slo_ms is not None else ""
-    head = (f"model {r0.model}  backend {r0.backend}  threads {r0.threads}  "
-            f"output {r0.output_len} tok/request{slo}")
+    head = (
+        f"model {r0.model}  backend {r0.backend}  threads {r0.threads}  "
+        f"output {r0.output_len} tok/request{slo}"
+    )
     cols = [f"batch {r.batch_size}" for r in results]
     width = max(12, *(len(c) for c in cols))
     lines = [head, f"{'':<24}" + "".join(f"{c:>{width}}" for c in cols)]
     for label, get, fmt in _ROWS:
         cells = [get(r) for r in results]
-        lines.append(f"{label:<24}" + "".join(
-            f"{'-' if v is None else fmt.format(v):>{width}}" for v in cells))
+        lines.append(
+            f"{label:<24}"
+            + "".join(f"{'-' if v is None else fmt.format(v):>{width}}" for v in cells)
+        )
     return "\n".join(lines)
 
 
@@ -380,7 +395,9 @@ def plot(results: Sequence[BenchResult], path: str | Path) -> None:
     bs = [r.batch_size for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(bs, [r.output_tok_s for r in results], "o-", label="output (prefill included)")
-    ax1.plot(bs, [r.decode_tok_s or float("nan") for r in results], "s--", label="decode steps only")
+    ax1.plot(
+        bs, [r.decode_tok_s or float("nan") for r in results], "s--", label="decode steps only"
+    )
     ax1.set(xlabel="concurrent requests", ylabel="tokens/s", title="throughput")
     nan = float("nan")
     ax2.plot(bs, [r.tpot_ms.mean or nan for r in results], "o-", label="mean")
@@ -410,7 +427,9 @@ def _batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of integers, got {text!r}"
+        ) from None
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be integers >= 1, got {text!r}")
     return sizes
@@ -430,31 +449,61 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tinyserve bench",
         description="Measure TTFT, TPOT, inter-token latency and throughput with N concurrent "
-                    "requests (a table on stdout, progress on stderr).",
+        "requests (a table on stdout, progress on stderr).",
     )
-    p.add_argument("--model", "-m", default=None, help="catalog name, HF directory or .gguf file "
-                   "(default: the catalog's default model)")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="catalog name, HF directory or .gguf file (default: the catalog's default model)",
+    )
     p.add_argument("--backend", "-b", default="cpu", help="backend name (see `tinyserve backends`)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--batch-size", type=_batch_sizes, default=[1], metavar="N[,N...]",
-                   help="concurrent requests; a comma list sweeps, e.g. 1,8,32 (default 1)")
-    p.add_argument("--input-len", type=_positive, default=128, help="random prompt length (default 128)")
-    p.add_argument("--output-len", type=_positive, default=64, help="tokens per request (default 64)")
-    p.add_argument("--num-prompts", type=_positive, default=None,
-                   help="requests per batch size (default: the batch size)")
-    p.add_argument("--prompt-file", default=None,
-                   help="prompts, one per line (or .jsonl), instead of random ids")
+    p.add_argument(
+        "--batch-size",
+        type=_batch_sizes,
+        default=[1],
+        metavar="N[,N...]",
+        help="concurrent requests; a comma list sweeps, e.g. 1,8,32 (default 1)",
+    )
+    p.add_argument(
+        "--input-len", type=_positive, default=128, help="random prompt length (default 128)"
+    )
+    p.add_argument(
+        "--output-len", type=_positive, default=64, help="tokens per request (default 64)"
+    )
+    p.add_argument(
+        "--num-prompts",
+        type=_positive,
+        default=None,
+        help="requests per batch size (default: the batch size)",
+    )
+    p.add_argument(
+        "--prompt-file",
+        default=None,
+        help="prompts, one per line (or .jsonl), instead of random ids",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    p.add_argument("--tpot-slo-ms", type=float, default=50.0, help="TPOT target for goodput (default 50)")
-    p.add_argument("--threads", type=_positive, default=available_cores(),
-                   help="BLAS / OpenMP threads (default: all cores available)")
+    p.add_argument(
+        "--tpot-slo-ms", type=float, default=50.0, help="TPOT target for goodput (default 50)"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=available_cores(),
+        help="BLAS / OpenMP threads (default: all cores available)",
+    )
     p.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="plot throughput and TPOT against batch size")
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="plot throughput and TPOT against batch size",
+    )
     return p
 
 
@@ -469,25 +518,42 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import matplotlib  # noqa: F401  (fail now, not after minutes of measuring)
         except ImportError:
-            print("tinyserve bench: error: --plot needs matplotlib (pip install matplotlib)",
-                  file=sys.stderr)
+            print(
+                "tinyserve bench: error: --plot needs matplotlib (pip install matplotlib)",
+                file=sys.stderr,
+            )
             return 2
     try:
         prompts = read_prompt_file(args.prompt_file) if args.prompt_file else None
         with pin_threads(args.threads):
             from .api import LLM
 
-            llm = LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                      max_num_seqs=max(64, *args.batch_size),
-                      max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+            llm = LLM(
+                args.model,
+                backend=args.backend,
+                device=args.device,
+                dtype=args.dtype,
+                max_num_seqs=max(64, *args.batch_size),
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                seed=args.seed,
+            )
             results = []
             for i, bs in enumerate(args.batch_size):
-                results.append(run_bench(
-                    llm, bs, args.input_len, args.output_len, num_prompts=args.num_prompts,
-                    prompts=prompts, seed=args.seed + i, tpot_slo_ms=args.tpot_slo_ms,
-                    warmup=not args.no_warmup and i == 0, progress=not args.no_progress,
-                    threads=args.threads,
-                ))
+                results.append(
+                    run_bench(
+                        llm,
+                        bs,
+                        args.input_len,
+                        args.output_len,
+                        num_prompts=args.num_prompts,
+                        prompts=prompts,
+                        seed=args.seed + i,
+                        tpot_slo_ms=args.tpot_slo_ms,
+                        warmup=not args.no_warmup and i == 0,
+                        progress=not args.no_progress,
+                        threads=args.threads,
+                    )
+                )
     except TinyServeError as e:
         print(f"tinyserve bench: error: {e}", file=sys.stderr)
         return 1

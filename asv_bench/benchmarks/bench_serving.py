@@ -28,8 +28,12 @@ def _measure(model_path: str, input_len: int, output_len: int) -> dict:
                 figures.update({(backend, bs, threads): reason for bs in BATCH_SIZES})
                 continue
             _common.use_threads(threads)
-            llm = LLM(model_path, backend=backend, max_num_seqs=max(BATCH_SIZES),
-                      kv_cache_tokens=max(BATCH_SIZES) * 2 * (input_len + output_len))
+            llm = LLM(
+                model_path,
+                backend=backend,
+                max_num_seqs=max(BATCH_SIZES),
+                kv_cache_tokens=max(BATCH_SIZES) * 2 * (input_len + output_len),
+            )
             _common.use_threads(threads)
             for i, bs in enumerate(BATCH_SIZES):
                 r = run_bench(llm, bs, input_len, output_len, seed=i, warmup=i == 0)
@@ -91,7 +95,9 @@ class ServingDefault(_Serving):
         path = _common.default_model_path()
         if path is None:
             reason = f"{_common.DEFAULT_MODEL} not pulled (tinyserve pull)"
-            return {(b, bs, t): reason for b in BACKENDS for bs in BATCH_SIZES for t in _common.THREADS}
+            return {
+                (b, bs, t): reason for b in BACKENDS for bs in BATCH_SIZES for t in _common.THREADS
+            }
         return _measure(path, input_len=64, output_len=32)
 
     setup_cache.timeout = 600
