@@ -141,3 +141,42 @@ def test_conformance_tests_names_the_class():
     cls = testing.conformance_tests("torch", "cuda:0", "bfloat16")
     assert cls.__name__ == "TestTorchCuda0Bfloat16Conformance"
     assert (cls.backend, cls.device, cls.dtype) == ("torch", "cuda:0", "bfloat16")
+
+
+class _MoeIgnoresWeights(NumpyOps):
+    def moe(self, x, expert_ids, expert_weights, experts, act="silu"):
+        return super().moe(x, expert_ids, np.ones_like(expert_weights), experts, act)
+
+
+def test_kit_fails_a_moe_that_ignores_router_weights():
+    backend = _Broken(_MoeIgnoresWeights())
+    with pytest.raises(AssertionError, match="moe"):
+        testing.check_ops(backend)
+    with pytest.raises(AssertionError, match="mixtral logits"):
+        testing.check_logits(backend, "mixtral")
+    testing.check_logits(backend, "gemma3")  # no experts there
+
+
+@pytest.mark.parametrize("arch", testing.MOE_ARCHITECTURES)
+def test_pinned_routing_replays_the_reference_exactly(arch):
+    """Replaying a run's own expert choices (the low-precision MoE path) changes no logit, and the
+    recorded choices are real ones: several experts, not a constant."""
+    from tinyserve.backends.numpy_backend import NumpyBackend
+
+    ckpt = testing.tiny_checkpoint(arch)
+    ids = testing._prompts(1, lengths=(29,))[0]
+    choices: list = []
+    with testing._pinned_routing(choices, replay=False):
+        free = testing._engine(ckpt, NumpyBackend()).logits(ids)
+    with testing._pinned_routing(choices, replay=True):
+        pinned = testing._engine(ckpt, NumpyBackend()).logits(ids)
+    np.testing.assert_allclose(pinned, free, rtol=1e-5, atol=1e-5)
+    assert choices and len(np.unique(np.concatenate([c.ravel() for c in choices]))) >= 3
+
+
+def test_tiny_checkpoints_of_the_newer_families():
+    cfgs = {n: testing.tiny_checkpoint(n).config for n in ("gemma3", "phi3", "deepseek_v3")}
+    assert cfgs["gemma3"].final_logit_softcapping and cfgs["gemma3"].is_sliding(0)
+    assert cfgs["phi3"].rotary_dim < cfgs["phi3"].head_dim and cfgs["phi3"].rope_scaling
+    assert cfgs["deepseek_v3"].q_lora_rank and cfgs["deepseek_v3"].first_k_dense_replace == 1
+    assert testing.tiny_checkpoint("deepseek_v3_qlora").config.q_lora_rank is None

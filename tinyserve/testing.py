@@ -7,15 +7,17 @@ A backend author runs it with pytest from a test module of their own:
 
 or subclasses `BackendConformance`, or calls the `check_*` functions directly. What it checks:
 op parity against NumpyOps on random inputs (tolerances by dtype); logits parity on tiny random
-checkpoints of every supported architecture variant (built in-process, so nothing to download; the
-numpy backend is itself checked against transformers by tests/test_hf_parity.py); greedy decoding
-picking the reference's argmax; a batch of sequences == each sequence alone; a fragmented block
-pool == a contiguous one; chunked prefill + cached decode == one full forward.
+checkpoints of every supported architecture variant - the Llama family, Gemma 3, Mixtral, Phi-3,
+DeepSeek-V3 (built in-process, so nothing to download; the numpy backend is itself checked against
+transformers by tests/test_hf_parity.py and tests/test_models_extra.py); greedy decoding picking
+the reference's argmax; a batch of sequences == each sequence alone; a fragmented block pool == a
+contiguous one; chunked prefill + cached decode == one full forward.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,37 @@ _BASE = {
     "eos_token_id": 1,
     "bos_token_id": 0,
 }
+_DEEPSEEK_V3 = {
+    "model_type": "deepseek_v3",
+    "num_hidden_layers": 3,
+    "num_key_value_heads": 4,
+    "head_dim": 8,
+    "q_lora_rank": 24,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 12,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 3,
+    "n_group": 4,
+    "topk_group": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "rope_interleave": True,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.8,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+}
 # name -> (config.json overrides, how the weights are stored). The variants of tests/fixtures/hf.
 ARCHITECTURES: dict[str, tuple[dict[str, Any], str]] = {
     "llama": (
@@ -99,10 +132,54 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], str]] = {
     "llama_f16": ({"model_type": "llama"}, "float16"),
     "llama_q8_0": ({"model_type": "llama"}, "Q8_0"),  # GGUF blocks, dequantized by the backend
     "llama_q4_0": ({"model_type": "llama"}, "Q4_0"),
+    # the newer families, as tests/fixtures/hf has them (tests/make_fixtures.py), vocab 128
+    "gemma3": (
+        {
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 3,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,  # != head_dim: the softmax scale comes from this
+            "sliding_window": 6,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {  # global: theta 1e6, linear x4; local: theta 1e4, unscaled
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            "final_logit_softcapping": 10.0,
+            "hidden_activation": "gelu_pytorch_tanh",
+        },
+        "float32",
+    ),
+    "mixtral": (
+        {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2},
+        "float32",
+    ),
+    "phi3": (  # fused qkv / gate_up, partial rotary, LongRoPE switching at 16 tokens
+        {
+            "model_type": "phi3",
+            "partial_rotary_factor": 0.75,
+            "max_position_embeddings": 64,
+            "original_max_position_embeddings": 16,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "original_max_position_embeddings": 16,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            },
+            "tie_word_embeddings": True,
+        },
+        "float32",
+    ),
+    "deepseek_v3": (_DEEPSEEK_V3, "float32"),  # MLA with q LoRA, YaRN, grouped sigmoid MoE
+    "deepseek_v3_qlora": ({**_DEEPSEEK_V3, "q_lora_rank": None}, "float32"),  # q_proj, no LoRA
 }
+# mixtures of experts: a router's top-k is a discrete choice (see _pinned_routing)
+MOE_ARCHITECTURES = ("mixtral", "deepseek_v3", "deepseek_v3_qlora")
 
 
-GREEDY_ARCHITECTURES = ["llama", "mistral", "qwen3", "llama_q8_0"]
+GREEDY_ARCHITECTURES = ["llama", "mistral", "qwen3", "llama_q8_0", "gemma3", "phi3", "deepseek_v3"]
 
 
 def tiny_checkpoint(arch: str = "llama", seed: int = 0) -> Checkpoint:
@@ -114,7 +191,7 @@ def tiny_checkpoint(arch: str = "llama", seed: int = 0) -> Checkpoint:
     overrides, storage = ARCHITECTURES[arch]
     cfg = ModelConfig.from_hf({**_BASE, **overrides})
     rng = np.random.default_rng(seed)
-    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    D, V = cfg.hidden_size, cfg.vocab_size
     tensors: dict[str, Any] = {}
 
     def matrix(name: str, rows: int, cols: int, std: float | None = None) -> None:
@@ -127,6 +204,14 @@ def tiny_checkpoint(arch: str = "llama", seed: int = 0) -> Checkpoint:
         )
 
     matrix("model.embed_tokens.weight", V, D, std=1.0)
+    _FAMILY_TENSORS.get(cfg.model_type, _llama_tensors)(cfg, matrix, vector)
+    if not cfg.tie_word_embeddings:
+        matrix("lm_head.weight", V, D, std=2 / math.sqrt(D))
+    return Checkpoint(Path(f"<tiny {arch}>"), "safetensors", cfg, tensors)
+
+
+def _llama_tensors(cfg: ModelConfig, matrix, vector) -> None:
+    D, F = cfg.hidden_size, cfg.intermediate_size
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}"
         vector(f"{p}.input_layernorm.weight", D)
@@ -143,9 +228,96 @@ def tiny_checkpoint(arch: str = "llama", seed: int = 0) -> Checkpoint:
         matrix(f"{p}.mlp.up_proj.weight", F, D)
         matrix(f"{p}.mlp.down_proj.weight", D, F)
     vector("model.norm.weight", D)
-    if not cfg.tie_word_embeddings:
-        matrix("lm_head.weight", V, D, std=2 / math.sqrt(D))
-    return Checkpoint(Path(f"<tiny {arch}>"), "safetensors", cfg, tensors)
+
+
+def _gemma3_tensors(cfg: ModelConfig, matrix, vector) -> None:
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}"
+        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+            vector(f"{p}.{norm}_layernorm.weight", D, mean=0.0)  # Gemma applies 1 + w
+        for name, rows in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
+            matrix(f"{p}.self_attn.{name}_proj.weight", rows, D)
+        matrix(f"{p}.self_attn.o_proj.weight", D, cfg.q_size)
+        vector(f"{p}.self_attn.q_norm.weight", cfg.head_dim, mean=0.0)
+        vector(f"{p}.self_attn.k_norm.weight", cfg.head_dim, mean=0.0)
+        matrix(f"{p}.mlp.gate_proj.weight", F, D)
+        matrix(f"{p}.mlp.up_proj.weight", F, D)
+        matrix(f"{p}.mlp.down_proj.weight", D, F)
+    vector("model.norm.weight", D, mean=0.0)
+
+
+def _mixtral_tensors(cfg: ModelConfig, matrix, vector) -> None:
+    D, F = cfg.hidden_size, cfg.moe_intermediate_size or cfg.intermediate_size
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}"
+        vector(f"{p}.input_layernorm.weight", D)
+        vector(f"{p}.post_attention_layernorm.weight", D)
+        for name, rows in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
+            matrix(f"{p}.self_attn.{name}_proj.weight", rows, D)
+        matrix(f"{p}.self_attn.o_proj.weight", D, cfg.q_size)
+        moe = f"{p}.block_sparse_moe"
+        matrix(f"{moe}.gate.weight", cfg.n_experts, D, std=1.0)  # router: spread-out choices
+        for e in range(cfg.n_experts):
+            matrix(f"{moe}.experts.{e}.w1.weight", F, D)
+            matrix(f"{moe}.experts.{e}.w3.weight", F, D)
+            matrix(f"{moe}.experts.{e}.w2.weight", D, F)
+    vector("model.norm.weight", D)
+
+
+def _phi3_tensors(cfg: ModelConfig, matrix, vector) -> None:
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}"
+        vector(f"{p}.input_layernorm.weight", D)
+        vector(f"{p}.post_attention_layernorm.weight", D)
+        matrix(f"{p}.self_attn.qkv_proj.weight", cfg.q_size + 2 * cfg.kv_size, D)
+        matrix(f"{p}.self_attn.o_proj.weight", D, cfg.q_size)
+        matrix(f"{p}.mlp.gate_up_proj.weight", 2 * F, D)
+        matrix(f"{p}.mlp.down_proj.weight", D, F)
+    vector("model.norm.weight", D)
+
+
+def _deepseek_v3_tensors(cfg: ModelConfig, matrix, vector) -> None:
+    D, H, E = cfg.hidden_size, cfg.n_heads, cfg.n_experts
+    dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    for i in range(cfg.n_layers):
+        p, a = f"model.layers.{i}", f"model.layers.{i}.self_attn"
+        vector(f"{p}.input_layernorm.weight", D)
+        vector(f"{p}.post_attention_layernorm.weight", D)
+        if cfg.q_lora_rank is not None:
+            matrix(f"{a}.q_a_proj.weight", cfg.q_lora_rank, D)
+            vector(f"{a}.q_a_layernorm.weight", cfg.q_lora_rank)
+            matrix(f"{a}.q_b_proj.weight", H * (dn + dr), cfg.q_lora_rank)
+        else:
+            matrix(f"{a}.q_proj.weight", H * (dn + dr), D)
+        matrix(f"{a}.kv_a_proj_with_mqa.weight", r + dr, D)
+        vector(f"{a}.kv_a_layernorm.weight", r)
+        matrix(f"{a}.kv_b_proj.weight", H * (dn + dv), r)
+        matrix(f"{a}.o_proj.weight", D, H * dv)
+        mlp = f"{p}.mlp"
+        if i < cfg.first_k_dense_replace:
+            experts, F = [mlp], cfg.intermediate_size
+        else:
+            F = cfg.moe_intermediate_size
+            matrix(f"{mlp}.gate.weight", E, D, std=1.0)  # router
+            vector(f"{mlp}.gate.e_score_correction_bias", E, mean=0.0)
+            experts = [f"{mlp}.experts.{e}" for e in range(E)]
+            experts.append(f"{mlp}.shared_experts")  # F x n_shared_experts (1 here)
+        for m in experts:
+            matrix(f"{m}.gate_proj.weight", F, D)
+            matrix(f"{m}.up_proj.weight", F, D)
+            matrix(f"{m}.down_proj.weight", D, F)
+    vector("model.norm.weight", D)
+
+
+# model_type -> the weights it reads beyond the embedding and lm_head (default: the Llama family)
+_FAMILY_TENSORS = {
+    "gemma3_text": _gemma3_tensors,
+    "mixtral": _mixtral_tensors,
+    "phi3": _phi3_tensors,
+    "deepseek_v3": _deepseek_v3_tensors,
+}
 
 
 def _stored(w: np.ndarray, storage: str):
@@ -260,9 +432,36 @@ def check_ops(backend, seed: int = 0) -> None:
     gate, gr = put(rand(5, 96) * 3)
     up, ur = put(rand(5, 96))
     same(ops.silu_mul(gate, up), ref.silu_mul(gr, ur), "silu_mul", 4)
+    same(ops.gelu_tanh_mul(gate, up), ref.gelu_tanh_mul(gr, ur), "gelu_tanh_mul", 4)
     x, xr = put(rand(4, 3, 17) * 4)
     same(ops.softmax(x), ref.softmax(xr), "softmax")
+    x, xr = put(rand(6, 50) * 20)
+    same(ops.softcap(x, 10.0), ref.softcap(xr, 10.0), "softcap", 4)
+    x, xr = put(rand(7, 3, 24) / 3)
+    w = ops.vector(rand(3, 10, 24))  # MLA's absorbed projections are held as vectors (float32)
+    same(ops.head_matmul(x, w), ref.head_matmul(xr, ops.to_numpy(w)), "head_matmul", 4)
+    _check_moe(ops, rng, put, same)
     _check_kv_ops(backend, rng, same)
+
+
+def _check_moe(ops, rng, put, same) -> None:
+    """moe with router output as the models pass it (NumPy ids and weights), one expert unused."""
+    ref = NumpyOps()
+    N, D, F, E, K = 11, 32, 24, 5, 2
+    x, xr = put(rng.standard_normal((N, D), dtype=np.float32))
+    experts = [
+        tuple(
+            ops.weight(rng.standard_normal(shape, dtype=np.float32) / math.sqrt(shape[1]))
+            for shape in ((F, D), (F, D), (D, F))
+        )
+        for _ in range(E)
+    ]
+    dense = [tuple(np.asarray(ops.to_numpy(m), np.float32) for m in e) for e in experts]
+    ids = np.stack([rng.choice(E - 1, K, replace=False) for _ in range(N)])  # (N, K): E-1 unused
+    weights = rng.random((N, K)).astype(np.float32)
+    for act in ("silu", "gelu_tanh"):
+        want = ref.moe(xr, ids, weights, dense, act)
+        same(ops.moe(x, ids, weights, experts, act), want, f"moe ({act})", 4)
 
 
 def _check_kv_ops(backend, rng, same) -> None:
@@ -292,23 +491,109 @@ def _check_kv_ops(backend, rng, same) -> None:
         got = ops.paged_attention(q, pools["k"], pools["v"], batch, 0.25, window)
         want = ref.paged_attention(qr, k_ref, v_ref, batch, 0.25, window)
         same(got, want, f"paged_attention (window {window})", 2)
+    # MLA (DeepSeek): one pool of [k_rope, c_kv] per token; values are a strided view of it
+    (mla,) = backend.allocate_kv([{"kv": (1, Dh + 8)}], NB, BS)
+    latent = ops.from_numpy(rng.standard_normal((batch.n_tokens, 1, Dh + 8), dtype=np.float32))
+    ops.write_kv(mla["kv"], latent, ops.from_numpy(batch.slots))
+    mla_ref = np.asarray(ops.to_numpy(mla["kv"]), np.float32)
+    qm = ops.from_numpy(rng.standard_normal((batch.n_tokens, H, Dh + 8), dtype=np.float32))
+    got = ops.paged_attention(qm, mla["kv"], mla["kv"][..., 8:], batch, 0.25)
+    want = ref.paged_attention(
+        np.asarray(ops.to_numpy(qm), np.float32), mla_ref, mla_ref[..., 8:], batch, 0.25
+    )
+    same(got, want, "paged_attention (strided value view)", 2)
     backend.copy_blocks([pools], [7, 0], [3, 4])
     ref.copy_blocks(v_ref, np.array([7, 0]), np.array([3, 4]))
     same(pools["v"], v_ref, "copy_blocks")
 
 
 def check_logits(backend, arch: str, seed: int = 0) -> None:
-    """The backend's logits of every position match the numpy backend's on a random checkpoint."""
+    """The backend's logits of every position match the numpy backend's on a random checkpoint:
+    one prompt of 29 tokens, one of 11 (Phi-3's LongRoPE: both sides of its switch at 16).
+
+    Mixtures of experts below float32 get the reference's expert choices (_pinned_routing): a
+    near-tie between two experts may flip under rounding and move whole rows, a discrete event
+    that says nothing about the backend's arithmetic."""
     ckpt = tiny_checkpoint(arch, seed)
-    ids = _prompts(seed + 1, lengths=(29,))[0]
-    want = _engine(ckpt, NumpyBackend()).logits(ids)  # (T, V)
-    got = _engine(ckpt, backend).logits(ids)
-    _close(np.asarray(got), want, _logits_atol(backend, want, arch), f"{arch} logits")
+    pin = arch in MOE_ARCHITECTURES and _dtype(backend) != "float32"
+    for ids in _prompts(seed + 1, lengths=(29, 11)):
+        choices: list[np.ndarray] = []
+        with _pinned_routing(choices, replay=False):
+            want = _engine(ckpt, NumpyBackend()).logits(ids)  # (T, V)
+        with _pinned_routing(choices if pin else None, replay=True):
+            got = _engine(ckpt, backend).logits(ids)
+        _close(np.asarray(got), want, _logits_atol(backend, want, arch), f"{arch} logits")
+
+
+def _dtype(backend) -> str:
+    return getattr(backend, "dtype", None) or "float32"
+
+
+@contextmanager
+def _pinned_routing(choices: list | None, replay: bool):
+    """Record each router call's expert ids into `choices`, or (replay) make each call pick the
+    recorded experts, weighted from this run's own router logits. choices None: routers untouched."""
+    if choices is None:
+        yield
+        return
+    from .models import deepseek_v3, mixtral
+
+    calls = iter(choices)
+
+    def pinned_softmax(route):
+        def call(logits, k, renormalize=True):
+            ids, weights = route(logits, k, renormalize)
+            if not replay:
+                choices.append(ids)
+                return ids, weights
+            ids = next(calls)
+            assert ids.shape == (logits.shape[0], k), "router calls differ from the reference's"
+            z = logits.astype(np.float32)
+            p = np.exp(z - z.max(axis=-1, keepdims=True))  # softmax, as route_softmax
+            weights = np.take_along_axis(p / p.sum(axis=-1, keepdims=True), ids, axis=-1)
+            if renormalize:
+                weights /= weights.sum(axis=-1, keepdims=True)
+            return ids, weights
+
+        return call
+
+    def pinned_sigmoid(route):
+        def call(logits, bias, k, *args):
+            if not replay:
+                ids, weights = route(logits, bias, k, *args)
+                choices.append(ids)
+                return ids, weights
+            ids = next(calls)
+            assert ids.shape == (logits.shape[0], k), "router calls differ from the reference's"
+            # the bias steers only the choice: a large one on the recorded experts picks them
+            # (and their groups) while their weights still come from this run's scores
+            push = np.zeros(logits.shape, np.float32)  # (N, E)
+            np.put_along_axis(push, ids, np.float32(1e4), axis=-1)
+            return route(logits, np.asarray(bias, np.float32)[None, :] + push, k, *args)
+
+        return call
+
+    patches = [
+        (mixtral, "route_softmax", pinned_softmax),
+        (deepseek_v3, "route_softmax", pinned_softmax),
+        (deepseek_v3, "route_sigmoid_grouped", pinned_sigmoid),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    try:
+        for module, name, wrap in patches:
+            setattr(module, name, wrap(getattr(module, name)))
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+    if replay:
+        assert next(calls, None) is None, "fewer router calls than in the reference run"
 
 
 def check_greedy(backend, arch: str = "llama", n_tokens: int = 12, seed: int = 0) -> None:
     """Greedy decoding through the engine picks, at every step, the reference's argmax (up to the
-    dtype's tolerance when two logits are that close)."""
+    dtype's tolerance when two logits are that close). Below float32, a mixture of experts may
+    legitimately fail this where a router's near-tie flips (check_logits pins the routing)."""
     ckpt = tiny_checkpoint(arch, seed)
     prompts = _prompts(seed + 2)
     got = _greedy(_engine(ckpt, backend), prompts, n_tokens)
@@ -425,7 +710,12 @@ class BackendConformance:
         check_logits(self.make_backend(), conformance_arch)
 
     def test_greedy(self, conformance_greedy_arch):
-        check_greedy(self.make_backend(), conformance_greedy_arch)
+        backend = self.make_backend()
+        if conformance_greedy_arch in MOE_ARCHITECTURES and _dtype(backend) != "float32":
+            import pytest
+
+            pytest.skip("a router's near-tie may flip below float32 (test_logits pins routing)")
+        check_greedy(backend, conformance_greedy_arch)
 
     def test_batched_equals_alone(self):
         check_batched_equals_alone(self.make_backend())
