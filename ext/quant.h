@@ -13,6 +13,7 @@
 #ifndef TINYSERVE_QUANT_H
 #define TINYSERVE_QUANT_H
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -302,8 +303,13 @@ static void ts_quantize_row_scalar(const float *x, int64_t k, int qk, int8_t *q,
     for (int64_t b = 0; b < k / qk; b++) {
         const float *xb = x + b * qk;
         float amax = 0.0f;
-        for (int i = 0; i < qk; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        int bad = 0; /* a nan or inf: the block's scale becomes nan so the outputs show it */
+        for (int i = 0; i < qk; i++) {
+            amax = fmaxf(amax, fabsf(xb[i]));
+            bad |= !(fabsf(xb[i]) <= FLT_MAX);
+        }
+        const float db = bad ? NAN : amax / 127.0f;
+        const float id = bad || db == 0.0f ? 0.0f : 1.0f / db;
         for (int g = 0; g < qk / 32; g++) {
             int sum = 0;
             for (int i = 32 * g; i < 32 * g + 32; i++) {

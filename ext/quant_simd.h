@@ -515,14 +515,18 @@ static void SFX(quantize_row)(const float *x, int64_t k, int qk, int8_t *q, floa
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < k / qk; b++) {
         const float *xb = x + b * qk;
-        __m256 amax = _mm256_setzero_ps();
-        for (int i = 0; i < qk; i += 8)
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+        __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int i = 0; i < qk; i += 8) {
+            const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i));
+            amax = _mm256_max_ps(amax, a);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, _mm256_set1_ps(FLT_MAX), _CMP_NLE_UQ));
+        }
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        const float db = _mm_cvtss_f32(m) / 127.0f;
-        const __m256 id = _mm256_set1_ps(db != 0.0f ? 1.0f / db : 0.0f);
+        const int nonfinite = _mm256_movemask_ps(bad) != 0; /* nan/inf: scale nan, as scalar */
+        const float db = nonfinite ? NAN : _mm_cvtss_f32(m) / 127.0f;
+        const __m256 id = _mm256_set1_ps(nonfinite || db == 0.0f ? 0.0f : 1.0f / db);
         d[b] = db;
         for (int g = 0; g < qk / 32; g++) {
             const float *xg = xb + 32 * g;

@@ -177,6 +177,19 @@ def test_zero_rows_give_exact_zeros(qtype, isa):
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_nan_and_inf_activations_propagate(qtype, isa):
+    # the int8 rounding must not turn a nan/inf row into finite numbers
+    rng = np.random.default_rng(4)
+    cols = cols_for(qtype)[0]
+    qt = weight(qtype, 5, cols, rng)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    x[0, 7], x[2, -1] = np.nan, np.inf
+    got = quant.matmul_q(x, qt.data, int(qtype), cols)
+    assert np.all(np.isnan(got[0])) and np.all(np.isnan(got[2]))
+    assert np.all(np.abs(got[1] - reference(x[1:2], qt)[0]) <= rounding_bound(x[1:2], qt)[0])
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
 def test_implementations_agree(qtype):
     # same integer dot products on every ISA: only the float summation order may differ
     rng = np.random.default_rng(int(qtype) + 50)
