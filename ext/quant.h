@@ -469,13 +469,14 @@ static void ts_matmul_bf16(const float *x, int64_t n, int64_t k, const uint16_t 
     const int64_t rc = ts_rows_per_task(m, nthreads);
     const int64_t n_rc = (m + rc - 1) / rc, n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
     const int par = nthreads > 1 && m * k * 2 * n >= 65536;
+    const int tile_rows = isa == TS_ISA_VNNI ? 8 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (par)
     for (int64_t task = 0; task < n_rc * n_nc; task++) {
         const int64_t r0 = (task / n_nc) * rc, r1 = r0 + rc < m ? r0 + rc : m;
         const int64_t i0 = (task % n_nc) * TS_X_PER_TASK;
         const int64_t i1 = i0 + TS_X_PER_TASK < n ? i0 + TS_X_PER_TASK : n;
-        for (int64_t t0 = i0; t0 < i1; t0 += 4) {
-            const int n_x = (int)(i1 - t0 < 4 ? i1 - t0 : 4);
+        for (int64_t t0 = i0; t0 < i1; t0 += tile_rows) {
+            const int n_x = (int)(i1 - t0 < tile_rows ? i1 - t0 : tile_rows);
             for (int64_t r = r0; r < r1; r++)
                 row(w + r * w_stride, x + t0 * k, k, k, n_x, out + t0 * m + r, m);
         }

@@ -590,6 +590,10 @@ static inline __attribute__((always_inline)) void SFX(tile_bf16)(
 static void SFX(row_bf16)(const uint16_t *w, const float *x, int64_t xs, int64_t k, int n_x,
                           float *out, int64_t os) {
     switch (n_x) {
+    case 8: SFX(tile_bf16)(w, x, xs, k, 8, out, os); break;
+    case 7: SFX(tile_bf16)(w, x, xs, k, 7, out, os); break;
+    case 6: SFX(tile_bf16)(w, x, xs, k, 6, out, os); break;
+    case 5: SFX(tile_bf16)(w, x, xs, k, 5, out, os); break;
     case 4: SFX(tile_bf16)(w, x, xs, k, 4, out, os); break;
     case 3: SFX(tile_bf16)(w, x, xs, k, 3, out, os); break;
     case 2: SFX(tile_bf16)(w, x, xs, k, 2, out, os); break;
