@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,11 +26,39 @@ def build_model(cfg: ModelConfig, tensors: dict, ops):
     return getattr(importlib.import_module(module), name)(cfg, tensors, ops)
 
 
-class WeightReader:
-    """Takes named tensors from a checkpoint, checking each against the shape the config implies."""
+@dataclass(slots=True)
+class Linear:
+    """y = x @ w.T (+ b): an nn.Linear, its weight held the way the backend wants it."""
 
-    def __init__(self, tensors: dict):
+    w: Any  # (out, in)
+    b: Any = None  # (out,) or None
+
+
+def linear(ops, x, lin: Linear):
+    """(N, in) -> (N, out)."""
+    y = ops.matmul(x, lin.w)
+    return y if lin.b is None else y + lin.b
+
+
+class WeightReader:
+    """Takes named tensors from a checkpoint, checking each against the shape the config implies,
+    and hands them to the backend's ops."""
+
+    def __init__(self, tensors: dict, ops=None):
         self.tensors = tensors
+        self.ops = ops
+
+    def linear(self, name: str, out_f: int, in_f: int) -> Linear:
+        """`name.weight` (out, in) and, if the checkpoint has one, `name.bias` (out,)."""
+        b = self.optional(f"{name}.bias", (out_f,))
+        w = self.ops.weight(self(f"{name}.weight", (out_f, in_f)))
+        return Linear(w, None if b is None else self.ops.vector(b))
+
+    def lm_head(self, cfg: ModelConfig, embed):
+        """The output head (V, D); small models tie it to the embedding."""
+        if cfg.tie_word_embeddings:
+            return embed
+        return self.ops.weight(self("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
 
     def __call__(self, name: str, shape: tuple[int, ...]):
         t = self.tensors.get(name)

@@ -70,7 +70,7 @@ class DeepseekV3Model:
         self.cfg, self.ops = cfg, ops
         D, V, H = cfg.hidden_size, cfg.vocab_size, cfg.n_heads
         dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        take = WeightReader(tensors)
+        take = WeightReader(tensors, ops)
 
         # the rope op rotates the first dims in halves: move each head's rope dims first and, for
         # interleaved checkpoints, turn their pairs into halves (q.k is unchanged by the reorder)
@@ -150,9 +150,7 @@ class DeepseekV3Model:
                 )
             )
         self.norm = ops.vector(take("model.norm.weight", (D,)))
-        self.lm_head = (
-            self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
-        )
+        self.lm_head = take.lm_head(cfg, self.embed)
         self.inv_freq = ops.vector(rope_inv_freq(cfg, rotary_dim=dr))  # (dr/2,)
         self.rope_scale = rope_attention_factor(cfg)  # YaRN scales cos/sin of q_rope and k_rope
         # the softmax scale of the uncompressed head (dn + dr), times YaRN's mscale^2

@@ -19,8 +19,7 @@ import numpy as np
 from ..batch import Batch
 from ..config import ModelConfig
 from ..errors import ConfigError
-from . import WeightReader, as_numpy
-from .llama import Linear
+from . import Linear, WeightReader, as_numpy, linear
 from .rope import default_inv_freq, rope_inv_freq
 
 
@@ -50,12 +49,7 @@ class Gemma3Model:
             raise ConfigError(f"Gemma 3 with activation {cfg.hidden_act!r} is not supported")
         self.cfg, self.ops = cfg, ops
         D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-        take = WeightReader(tensors)
-
-        def linear(name: str, out_f: int, in_f: int) -> Linear:
-            b = take.optional(f"{name}.bias", (out_f,))
-            w = ops.weight(take(f"{name}.weight", (out_f, in_f)))
-            return Linear(w, None if b is None else ops.vector(b))
+        take = WeightReader(tensors, ops)
 
         def norm(name: str, size: int):
             # Gemma stores the gain as an offset from 1; add it once here, in float32 as HF does
@@ -70,25 +64,23 @@ class Gemma3Model:
             self.layers.append(
                 LayerWeights(
                     input_norm=norm(f"{p}.input_layernorm.weight", D),
-                    q=linear(f"{p}.self_attn.q_proj", cfg.q_size, D),
-                    k=linear(f"{p}.self_attn.k_proj", cfg.kv_size, D),
-                    v=linear(f"{p}.self_attn.v_proj", cfg.kv_size, D),
-                    o=linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
+                    q=take.linear(f"{p}.self_attn.q_proj", cfg.q_size, D),
+                    k=take.linear(f"{p}.self_attn.k_proj", cfg.kv_size, D),
+                    v=take.linear(f"{p}.self_attn.v_proj", cfg.kv_size, D),
+                    o=take.linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
                     q_norm=norm(f"{p}.self_attn.q_norm.weight", cfg.head_dim),
                     k_norm=norm(f"{p}.self_attn.k_norm.weight", cfg.head_dim),
                     post_attn_norm=norm(f"{p}.post_attention_layernorm.weight", D),
                     pre_ffn_norm=norm(f"{p}.pre_feedforward_layernorm.weight", D),
                     post_ffn_norm=norm(f"{p}.post_feedforward_layernorm.weight", D),
-                    gate=linear(f"{p}.mlp.gate_proj", F, D),
-                    up=linear(f"{p}.mlp.up_proj", F, D),
-                    down=linear(f"{p}.mlp.down_proj", D, F),
+                    gate=take.linear(f"{p}.mlp.gate_proj", F, D),
+                    up=take.linear(f"{p}.mlp.up_proj", F, D),
+                    down=take.linear(f"{p}.mlp.down_proj", D, F),
                     sliding=cfg.is_sliding(i),
                 )
             )
         self.norm = norm("model.norm.weight", D)
-        self.lm_head = (
-            self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
-        )
+        self.lm_head = take.lm_head(cfg, self.embed)
         # global layers: rope_theta with the configured scaling; local layers: their own base, unscaled
         self.inv_freq_global = ops.vector(rope_inv_freq(cfg))  # (Dh/2,)
         local_theta = cfg.rope_local_theta or cfg.rope_theta
@@ -100,17 +92,13 @@ class Gemma3Model:
         shape = (self.cfg.n_kv_heads, self.cfg.head_dim)
         return [{"k": shape, "v": shape} for _ in range(self.cfg.n_layers)]
 
-    def _linear(self, x, lin: Linear):
-        y = self.ops.matmul(x, lin.w)
-        return y if lin.b is None else y + lin.b
-
     def attention(self, x, w: LayerWeights, batch: Batch, kv: dict, positions):
         """(N, D) -> (N, D): GQA with per-head q/k norms, local or global by layer."""
         cfg, ops = self.cfg, self.ops
         N = x.shape[0]
-        q = self._linear(x, w.q).reshape(N, cfg.n_heads, cfg.head_dim)  # (N, H, Dh)
-        k = self._linear(x, w.k).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
-        v = self._linear(x, w.v).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
+        q = linear(self.ops, x, w.q).reshape(N, cfg.n_heads, cfg.head_dim)  # (N, H, Dh)
+        k = linear(self.ops, x, w.k).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
+        v = linear(self.ops, x, w.v).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
         q = ops.rms_norm(q, w.q_norm, cfg.norm_eps)
         k = ops.rms_norm(k, w.k_norm, cfg.norm_eps)
         inv_freq = self.inv_freq_local if w.sliding else self.inv_freq_global
@@ -120,12 +108,12 @@ class Gemma3Model:
         ops.write_kv(kv["v"], v, batch.slots)
         window = cfg.sliding_window if w.sliding else None
         a = ops.paged_attention(q, kv["k"], kv["v"], batch, self.scale, window)  # (N, H, Dh)
-        return self._linear(a.reshape(N, cfg.q_size), w.o)  # (N, D)
+        return linear(self.ops, a.reshape(N, cfg.q_size), w.o)  # (N, D)
 
     def feed_forward(self, x, w: LayerWeights):
         """(N, D) -> (N, D): GELU-tanh gated MLP (GeGLU)."""
-        h = self.ops.gelu_tanh_mul(self._linear(x, w.gate), self._linear(x, w.up))  # (N, F)
-        return self._linear(h, w.down)
+        h = self.ops.gelu_tanh_mul(linear(self.ops, x, w.gate), linear(self.ops, x, w.up))  # (N, F)
+        return linear(self.ops, h, w.down)
 
     def forward(self, batch: Batch, kv: list[dict]):
         """Batch of N tokens -> logits (R, V) for batch.logits_rows."""

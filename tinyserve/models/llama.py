@@ -14,14 +14,8 @@ from typing import Any
 
 from ..batch import Batch
 from ..config import ModelConfig
-from . import WeightReader
+from . import Linear, WeightReader, linear
 from .rope import rope_inv_freq
-
-
-@dataclass(slots=True)
-class Linear:
-    w: Any  # (out, in), as the backend holds it
-    b: Any = None  # (out,) or None
 
 
 @dataclass(slots=True)
@@ -45,11 +39,7 @@ class LlamaModel:
     def __init__(self, cfg: ModelConfig, tensors: dict, ops):
         self.cfg, self.ops = cfg, ops
         D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-        take = WeightReader(tensors)
-
-        def linear(name: str, out_f: int, in_f: int) -> Linear:
-            b = take.optional(f"{name}.bias", (out_f,))
-            return Linear(ops.weight(take(f"{name}.weight", (out_f, in_f))), None if b is None else ops.vector(b))
+        take = WeightReader(tensors, ops)
 
         def norm(name: str, size: int):
             t = take.optional(name, (size,))
@@ -62,21 +52,21 @@ class LlamaModel:
             self.layers.append(
                 LayerWeights(
                     attn_norm=ops.vector(take(f"{p}.input_layernorm.weight", (D,))),
-                    q=linear(f"{p}.self_attn.q_proj", cfg.q_size, D),
-                    k=linear(f"{p}.self_attn.k_proj", cfg.kv_size, D),
-                    v=linear(f"{p}.self_attn.v_proj", cfg.kv_size, D),
-                    o=linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
+                    q=take.linear(f"{p}.self_attn.q_proj", cfg.q_size, D),
+                    k=take.linear(f"{p}.self_attn.k_proj", cfg.kv_size, D),
+                    v=take.linear(f"{p}.self_attn.v_proj", cfg.kv_size, D),
+                    o=take.linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
                     q_norm=norm(f"{p}.self_attn.q_norm.weight", cfg.head_dim),
                     k_norm=norm(f"{p}.self_attn.k_norm.weight", cfg.head_dim),
                     ffn_norm=ops.vector(take(f"{p}.post_attention_layernorm.weight", (D,))),
-                    gate=linear(f"{p}.mlp.gate_proj", F, D),
-                    up=linear(f"{p}.mlp.up_proj", F, D),
-                    down=linear(f"{p}.mlp.down_proj", D, F),
+                    gate=take.linear(f"{p}.mlp.gate_proj", F, D),
+                    up=take.linear(f"{p}.mlp.up_proj", F, D),
+                    down=take.linear(f"{p}.mlp.down_proj", D, F),
                 )
             )
         self.norm = ops.vector(take("model.norm.weight", (D,)))
         # SmolLM2 and small Qwens tie the output head to the embedding
-        self.lm_head = self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
+        self.lm_head = take.lm_head(cfg, self.embed)
         freq_factors = tensors.get("rope_freqs")
         self.inv_freq = ops.vector(rope_inv_freq(cfg, freq_factors=freq_factors))  # (Dh/2,)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
@@ -86,17 +76,13 @@ class LlamaModel:
         shape = (self.cfg.n_kv_heads, self.cfg.head_dim)
         return [{"k": shape, "v": shape} for _ in range(self.cfg.n_layers)]
 
-    def _linear(self, x, lin: Linear):
-        y = self.ops.matmul(x, lin.w)
-        return y if lin.b is None else y + lin.b
-
     def attention(self, x, w: LayerWeights, batch: Batch, kv: dict, positions):
         """(N, D) -> (N, D): grouped-query attention over the paged cache."""
         cfg, ops = self.cfg, self.ops
         N = x.shape[0]
-        q = self._linear(x, w.q).reshape(N, cfg.n_heads, cfg.head_dim)  # (N, H, Dh)
-        k = self._linear(x, w.k).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
-        v = self._linear(x, w.v).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
+        q = linear(self.ops, x, w.q).reshape(N, cfg.n_heads, cfg.head_dim)  # (N, H, Dh)
+        k = linear(self.ops, x, w.k).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
+        v = linear(self.ops, x, w.v).reshape(N, cfg.n_kv_heads, cfg.head_dim)  # (N, KVH, Dh)
         if w.q_norm is not None:  # Qwen3 normalizes each head before rotating it
             q = ops.rms_norm(q, w.q_norm, cfg.norm_eps)
             k = ops.rms_norm(k, w.k_norm, cfg.norm_eps)
@@ -104,12 +90,18 @@ class LlamaModel:
         k = ops.rope(k, positions, self.inv_freq)
         ops.write_kv(kv["k"], k, batch.slots)
         ops.write_kv(kv["v"], v, batch.slots)
-        a = ops.paged_attention(q, kv["k"], kv["v"], batch, self.scale, cfg.sliding_window)  # (N, H, Dh)
-        return self._linear(a.reshape(N, cfg.q_size), w.o)  # (N, D)
+        a = ops.paged_attention(
+            q, kv["k"], kv["v"], batch, self.scale, cfg.sliding_window
+        )  # (N, H, Dh)
+        return linear(self.ops, a.reshape(N, cfg.q_size), w.o)  # (N, D)
 
     def feed_forward(self, x, w: LayerWeights):
         """(N, D) -> (N, D): SwiGLU."""
-        return self._linear(self.ops.silu_mul(self._linear(x, w.gate), self._linear(x, w.up)), w.down)
+        return linear(
+            self.ops,
+            self.ops.silu_mul(linear(self.ops, x, w.gate), linear(self.ops, x, w.up)),
+            w.down,
+        )
 
     def forward(self, batch: Batch, kv: list[dict]):
         """Batch of N tokens -> logits (R, V) for batch.logits_rows."""

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ModelConfig
-from . import WeightReader
-from .llama import Linear, LlamaModel
+from . import Linear, WeightReader
+from .llama import LlamaModel
 from .moe import load_experts, route_softmax
 from .rope import rope_inv_freq
 
@@ -39,10 +39,7 @@ class MixtralModel(LlamaModel):
         self.cfg, self.ops = cfg, ops
         D, V, E = cfg.hidden_size, cfg.vocab_size, cfg.n_experts
         F = cfg.moe_intermediate_size or cfg.intermediate_size
-        take = WeightReader(tensors)
-
-        def linear(name: str, out_f: int, in_f: int) -> Linear:
-            return Linear(ops.weight(take(f"{name}.weight", (out_f, in_f))))
+        take = WeightReader(tensors, ops)
 
         self.embed = ops.weight(take("model.embed_tokens.weight", (V, D)))
         self.layers = []
@@ -52,10 +49,10 @@ class MixtralModel(LlamaModel):
             self.layers.append(
                 LayerWeights(
                     attn_norm=ops.vector(take(f"{p}.input_layernorm.weight", (D,))),
-                    q=linear(f"{p}.self_attn.q_proj", cfg.q_size, D),
-                    k=linear(f"{p}.self_attn.k_proj", cfg.kv_size, D),
-                    v=linear(f"{p}.self_attn.v_proj", cfg.kv_size, D),
-                    o=linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
+                    q=take.linear(f"{p}.self_attn.q_proj", cfg.q_size, D),
+                    k=take.linear(f"{p}.self_attn.k_proj", cfg.kv_size, D),
+                    v=take.linear(f"{p}.self_attn.v_proj", cfg.kv_size, D),
+                    o=take.linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
                     q_norm=None,
                     k_norm=None,
                     ffn_norm=ops.vector(take(f"{p}.post_attention_layernorm.weight", (D,))),
@@ -74,9 +71,7 @@ class MixtralModel(LlamaModel):
                 )
             )
         self.norm = ops.vector(take("model.norm.weight", (D,)))
-        self.lm_head = (
-            self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
-        )
+        self.lm_head = take.lm_head(cfg, self.embed)
         self.inv_freq = ops.vector(rope_inv_freq(cfg))  # (Dh/2,)
         self.scale = cfg.head_dim**-0.5
 

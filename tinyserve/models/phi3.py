@@ -19,8 +19,7 @@ import numpy as np
 
 from ..batch import Batch
 from ..config import ModelConfig
-from . import WeightReader
-from .llama import Linear
+from . import Linear, WeightReader, linear
 from .rope import longrope_inv_freq, longrope_original_len, rope_attention_factor, rope_inv_freq
 
 
@@ -40,12 +39,7 @@ class Phi3Model:
     def __init__(self, cfg: ModelConfig, tensors: dict, ops):
         self.cfg, self.ops = cfg, ops
         D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-        take = WeightReader(tensors)
-
-        def linear(name: str, out_f: int, in_f: int) -> Linear:
-            b = take.optional(f"{name}.bias", (out_f,))
-            w = ops.weight(take(f"{name}.weight", (out_f, in_f)))
-            return Linear(w, None if b is None else ops.vector(b))
+        take = WeightReader(tensors, ops)
 
         self.embed = ops.weight(take("model.embed_tokens.weight", (V, D)))
         self.layers = []
@@ -54,17 +48,15 @@ class Phi3Model:
             self.layers.append(
                 LayerWeights(
                     attn_norm=ops.vector(take(f"{p}.input_layernorm.weight", (D,))),
-                    qkv=linear(f"{p}.self_attn.qkv_proj", cfg.q_size + 2 * cfg.kv_size, D),
-                    o=linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
+                    qkv=take.linear(f"{p}.self_attn.qkv_proj", cfg.q_size + 2 * cfg.kv_size, D),
+                    o=take.linear(f"{p}.self_attn.o_proj", D, cfg.q_size),
                     ffn_norm=ops.vector(take(f"{p}.post_attention_layernorm.weight", (D,))),
-                    gate_up=linear(f"{p}.mlp.gate_up_proj", 2 * F, D),
-                    down=linear(f"{p}.mlp.down_proj", D, F),
+                    gate_up=take.linear(f"{p}.mlp.gate_up_proj", 2 * F, D),
+                    down=take.linear(f"{p}.mlp.down_proj", D, F),
                 )
             )
         self.norm = ops.vector(take("model.norm.weight", (D,)))
-        self.lm_head = (
-            self.embed if cfg.tie_word_embeddings else ops.weight(take("lm_head.weight", (V, D)))
-        )
+        self.lm_head = take.lm_head(cfg, self.embed)
 
         R = cfg.rotary_dim
         self.longrope = bool(cfg.rope_scaling) and cfg.rope_scaling["rope_type"] == "longrope"
@@ -89,10 +81,6 @@ class Phi3Model:
         shape = (self.cfg.n_kv_heads, self.cfg.head_dim)
         return [{"k": shape, "v": shape} for _ in range(self.cfg.n_layers)]
 
-    def _linear(self, x, lin: Linear):
-        y = self.ops.matmul(x, lin.w)
-        return y if lin.b is None else y + lin.b
-
     def _long_rows(self, batch: Batch) -> np.ndarray | None:
         """(n,) flat indices of tokens whose sequence has outgrown the pre-training context."""
         if not self.longrope:
@@ -115,7 +103,7 @@ class Phi3Model:
         """(N, D) -> (N, D): GQA from one fused qkv projection."""
         cfg, ops = self.cfg, self.ops
         N = x.shape[0]
-        qkv = self._linear(x, w.qkv)  # (N, (H + 2 KVH) Dh)
+        qkv = linear(self.ops, x, w.qkv)  # (N, (H + 2 KVH) Dh)
         q = qkv[:, : cfg.q_size].reshape(N, cfg.n_heads, cfg.head_dim)  # (N, H, Dh)
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].reshape(N, cfg.n_kv_heads, cfg.head_dim)
         v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(N, cfg.n_kv_heads, cfg.head_dim)
@@ -126,13 +114,13 @@ class Phi3Model:
         a = ops.paged_attention(
             q, kv["k"], kv["v"], batch, self.scale, cfg.sliding_window
         )  # (N, H, Dh)
-        return self._linear(a.reshape(N, cfg.q_size), w.o)  # (N, D)
+        return linear(self.ops, a.reshape(N, cfg.q_size), w.o)  # (N, D)
 
     def feed_forward(self, x, w: LayerWeights):
         """(N, D) -> (N, D): SwiGLU from one fused gate_up projection."""
         F = self.cfg.intermediate_size
-        gate_up = self._linear(x, w.gate_up)  # (N, 2F)
-        return self._linear(self.ops.silu_mul(gate_up[:, :F], gate_up[:, F:]), w.down)
+        gate_up = linear(self.ops, x, w.gate_up)  # (N, 2F)
+        return linear(self.ops, self.ops.silu_mul(gate_up[:, :F], gate_up[:, F:]), w.down)
 
     def forward(self, batch: Batch, kv: list[dict]):
         """Batch of N tokens -> logits (R, V) for batch.logits_rows."""
