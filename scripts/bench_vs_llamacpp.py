@@ -59,8 +59,6 @@ def blas_info() -> list[dict]:
 
 def tinyserve_child(a) -> dict:
     """Runs in a child: one backend, every measurement; prints JSON."""
-    import numpy as np
-
     from tinyserve import LLM, SamplingParams
 
     os.environ["TINYSERVE_NUM_THREADS"] = str(a.threads)
@@ -217,8 +215,9 @@ def main(argv=None) -> int:
 def table(r: dict, lens: list[int]) -> str:
     engines = [e for e in ("numpy", "cpu", "llama.cpp") if e in r]
     peer = r.get("llama.cpp")
-    rows = [f"model {Path(r['model']).name} ({r['file_mb']:.1f} MiB), {r['threads']} threads, greedy, EOS ignored, "
-            f"{r['gen']} output tokens; medians; load avg {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f}",
+    rows = [(f"model {Path(r['model']).name} ({r['file_mb']:.1f} MiB), {r['threads']} threads, greedy, "
+             f"EOS ignored, {r['gen']} output tokens; medians; "
+             f"load avg {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f}"),
             f"children ran with {', '.join(r['unset_in_children'])} unset; BLAS: "
             + "; ".join(f"{e}: {r[e].get('blas')}" for e in engines if e != "llama.cpp"),
             "", f"| metric | {' | '.join(engines)} | cpu / llama.cpp |", "|---|" + "---|" * (len(engines) + 1)]
