@@ -30,22 +30,40 @@
 #endif
 
 /* gguf.GGMLQuantizationType values */
-enum { TS_Q4_0 = 2, TS_Q4_1 = 3, TS_Q5_0 = 6, TS_Q5_1 = 7, TS_Q8_0 = 8,
-       TS_Q4_K = 12, TS_Q5_K = 13, TS_Q6_K = 14 };
+enum {
+    TS_Q4_0 = 2,
+    TS_Q4_1 = 3,
+    TS_Q5_0 = 6,
+    TS_Q5_1 = 7,
+    TS_Q8_0 = 8,
+    TS_Q4_K = 12,
+    TS_Q5_K = 13,
+    TS_Q6_K = 14
+};
 enum { TS_ISA_SCALAR = 0, TS_ISA_AVX2 = 1, TS_ISA_VNNI = 2 };
 
 /* one activation row quantized: q (K,) int8; d (K/qk,) f32 scales, qk = 32 (legacy types) or
  * 256 (K-quants); per 32 values: bs = sum(q) and s = d * bs */
-typedef struct { const int8_t *q; const float *d; const float *s; const int16_t *bs; } XQ;
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const float *s;
+    const int16_t *bs;
+} XQ;
 
 /* one weight row . n_x (<= 8) activation rows -> out[t * os] */
-typedef void (*row_fn)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x, float *out,
-                       int64_t os);
+typedef void (*row_fn)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x, float *out, int64_t os);
 
 static inline int ts_block_size(int qtype) {
     switch (qtype) {
-    case TS_Q4_0: case TS_Q4_1: case TS_Q5_0: case TS_Q5_1: case TS_Q8_0: return 32;
-    case TS_Q4_K: case TS_Q5_K: case TS_Q6_K: return 256;
+    case TS_Q4_0:
+    case TS_Q4_1:
+    case TS_Q5_0:
+    case TS_Q5_1:
+    case TS_Q8_0: return 32;
+    case TS_Q4_K:
+    case TS_Q5_K:
+    case TS_Q6_K: return 256;
     default: return 0;
     }
 }
@@ -131,7 +149,8 @@ static void ts_dequant_block(int qtype, const uint8_t *b, float *y) {
         }
         break;
     }
-    case TS_Q5_0: case TS_Q5_1: {
+    case TS_Q5_0:
+    case TS_Q5_1: {
         const int has_min = qtype == TS_Q5_1, o = has_min ? 2 : 0;
         const float d = ts_load_f16(b), m = has_min ? ts_load_f16(b + 2) : 0.0f;
         uint32_t qh;
@@ -145,7 +164,8 @@ static void ts_dequant_block(int qtype, const uint8_t *b, float *y) {
         }
         break;
     }
-    case TS_Q4_K: case TS_Q5_K: {
+    case TS_Q4_K:
+    case TS_Q5_K: {
         const int five = qtype == TS_Q5_K;
         const float d = ts_load_f16(b), dmin = ts_load_f16(b + 2);
         uint8_t sc[8], mn[8];
@@ -168,7 +188,8 @@ static void ts_dequant_block(int qtype, const uint8_t *b, float *y) {
             const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
             for (int j = 0; j < 4; j++) {
                 for (int l = 0; l < 32; l++) {
-                    const int lo = (j & 2) ? ql[32 * (j & 1) + l] >> 4 : ql[32 * (j & 1) + l] & 0x0F;
+                    const int lo =
+                        (j & 2) ? ql[32 * (j & 1) + l] >> 4 : ql[32 * (j & 1) + l] & 0x0F;
                     const int q = (lo | (((qh[l] >> (2 * j)) & 3) << 4)) - 32;
                     y[128 * h + 32 * j + l] = d * (float)sc[8 * h + 2 * j + l / 16] * (float)q;
                 }
@@ -255,7 +276,8 @@ static inline float ts_sdot_q6_k(const uint8_t *w, const XQ *x, int64_t nb) {
                 const int8_t *xq = x->q + b * 256 + 128 * h + 32 * j;
                 int sub[2] = {0, 0};
                 for (int l = 0; l < 32; l++) {
-                    const int lo = (j & 2) ? ql[32 * (j & 1) + l] >> 4 : ql[32 * (j & 1) + l] & 0x0F;
+                    const int lo =
+                        (j & 2) ? ql[32 * (j & 1) + l] >> 4 : ql[32 * (j & 1) + l] & 0x0F;
                     const int q = (lo | (((qh[l] >> (2 * j)) & 3) << 4)) - 32;
                     sub[l / 16] += q * xq[l];
                 }
@@ -267,10 +289,10 @@ static inline float ts_sdot_q6_k(const uint8_t *w, const XQ *x, int64_t nb) {
     return acc;
 }
 
-#define TS_SCALAR_ROW(name, expr)                                                           \
-    static void ts_row_##name##_scalar(const uint8_t *w, const XQ *xq, int64_t nb, int n_x, \
-                                       float *out, int64_t os) {                            \
-        for (int t = 0; t < n_x; t++) out[t * os] = (expr);                                 \
+#define TS_SCALAR_ROW(name, expr)                                                                  \
+    static void ts_row_##name##_scalar(const uint8_t *w, const XQ *xq, int64_t nb, int n_x,        \
+                                       float *out, int64_t os) {                                   \
+        for (int t = 0; t < n_x; t++) out[t * os] = (expr);                                        \
     }
 TS_SCALAR_ROW(q8_0, ts_sdot_q8_0(w, xq + t, nb))
 TS_SCALAR_ROW(q4_0, ts_sdot_q4q5(TS_Q4_0, w, xq + t, nb))
@@ -298,8 +320,8 @@ static row_fn ts_row_fn_scalar(int qtype) {
 
 /* x row -> int8 blocks of qk (32 or 256): d = max|x| / 127, q = round-half-even(x / d); per
  * 32 values bs = sum(q) and s = d * bs */
-static void ts_quantize_row_scalar(const float *x, int64_t k, int qk, int8_t *q, float *d,
-                                   float *s, int16_t *bs) {
+static void ts_quantize_row_scalar(const float *x, int64_t k, int qk, int8_t *q, float *d, float *s,
+                                   int16_t *bs) {
     for (int64_t b = 0; b < k / qk; b++) {
         const float *xb = x + b * qk;
         float amax = 0.0f;
@@ -452,7 +474,8 @@ static int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, i
                 tile[t].s = xs + (t0 + t) * nbx;
                 tile[t].bs = xb + (t0 + t) * nbx;
             }
-            for (int64_t r = r0; r < r1; r++) row(w + r * w_stride, tile, nb, n_x, out + t0 * m + r, m);
+            for (int64_t r = r0; r < r1; r++)
+                row(w + r * w_stride, tile, nb, n_x, out + t0 * m + r, m);
         }
     }
     free(xq);
@@ -492,7 +515,8 @@ static void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, in
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = w + ids[i] * w_stride;
-        for (int64_t b = 0; b < nb; b++) ts_dequant_block(qtype, row + b * ts, out + i * cols + b * bs);
+        for (int64_t b = 0; b < nb; b++)
+            ts_dequant_block(qtype, row + b * ts, out + i * cols + b * bs);
     }
 }
 

@@ -48,23 +48,24 @@ static inline __m256i SFX(bits32_x10)(const uint8_t *p) {
 /* signed weights w (int8) . activations x: |w| (as u8) times x with w's sign */
 #define DOT_SS(w, x) DOT_US(_mm256_sign_epi8((w), (w)), _mm256_sign_epi8((x), (w)))
 
-#define TILE_BEGIN                                                          \
-    __m256 acc[8];                                                          \
-    float accm[8];                                                          \
-    for (int t = 0; t < NT; t++) {                                          \
-        acc[t] = _mm256_setzero_ps();                                       \
-        accm[t] = 0.0f;                                                     \
+#define TILE_BEGIN                                                                                 \
+    __m256 acc[8];                                                                                 \
+    float accm[8];                                                                                 \
+    for (int t = 0; t < NT; t++) {                                                                 \
+        acc[t] = _mm256_setzero_ps();                                                              \
+        accm[t] = 0.0f;                                                                            \
     }
 
-#define TILE_END                                                            \
+#define TILE_END                                                                                   \
     for (int t = 0; t < NT; t++) out[t * os] = SFX(hsum)(acc[t]) - accm[t];
 
 #ifdef TS_WIDE
 /* AVX-512: two 32-blocks per 512-bit register, so one dpbusd/convert/FMA covers 64 values.
  * PAIR_PS(p) spreads the floats p[0], p[1] over lanes 0..7 and 8..15. */
 #define PAIR_IDX _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-#define PAIR_PS(p) \
-    _mm512_permutexvar_ps(PAIR_IDX, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(p)))))
+#define PAIR_PS(p)                                                                                 \
+    _mm512_permutexvar_ps(PAIR_IDX,                                                                \
+                          _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(p)))))
 #define JOIN256(lo, hi) _mm512_inserti64x4(_mm512_castsi256_si512(lo), (hi), 1)
 
 /* two blocks' 16 packed bytes -> 64 bytes: lo(p0), hi(p0), lo(p1), hi(p1) nibbles */
@@ -81,8 +82,10 @@ static inline __m512i SFX(nibbles64)(const uint8_t *p0, const uint8_t *p1) {
  * into one register whose lane 4L + k holds 128-bit lane L of p_k summed; lane 4L + k belongs to
  * block 2k + L/2 (OCT_IDX), so one convert and one FMA scale eight blocks. */
 static inline __m512i SFX(fold4)(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
-    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
-    const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(p2, p3), _mm512_unpackhi_epi32(p2, p3));
+    const __m512i a =
+        _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
+    const __m512i b =
+        _mm512_add_epi32(_mm512_unpacklo_epi32(p2, p3), _mm512_unpackhi_epi32(p2, p3));
     return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
 }
 #define OCT_IDX _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7)
@@ -91,25 +94,25 @@ static inline __m512i SFX(fold4)(__m512i p0, __m512i p1, __m512i p2, __m512i p3)
 /* eight consecutive blocks of ts bytes: the f16 at bytes 0-1 (d) and 2-3 (m, when wanted) of each
  * -> (8,) f32, one gather and one conversion instead of sixteen scalar ones */
 static inline __m256 SFX(f16x8)(const uint8_t *blk, int ts, __m256 *m) {
-    const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                          _mm256_set1_epi32(ts));
+    const __m256i at =
+        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(ts));
     const __m256i dm = _mm256_i32gather_epi32((const int *)blk, at, 1);
     if (m) *m = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(dm, 16)));
     return _mm256_cvtph_ps(_mm256_cvtepi32_epi16(dm));
 }
 
-#define WIDE_BEGIN                                                          \
-    __m512 acc[8];                                                          \
-    float accm[8];                                                          \
-    for (int t = 0; t < NT; t++) {                                          \
-        acc[t] = _mm512_setzero_ps();                                       \
-        accm[t] = 0.0f;                                                     \
+#define WIDE_BEGIN                                                                                 \
+    __m512 acc[8];                                                                                 \
+    float accm[8];                                                                                 \
+    for (int t = 0; t < NT; t++) {                                                                 \
+        acc[t] = _mm512_setzero_ps();                                                              \
+        accm[t] = 0.0f;                                                                            \
     }
-#define WIDE_END                                                            \
+#define WIDE_END                                                                                   \
     for (int t = 0; t < NT; t++) out[t * os] = _mm512_reduce_add_ps(acc[t]) - accm[t];
 
-static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void
+SFX(tile_q8_0)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     WIDE_BEGIN
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
@@ -148,8 +151,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
             const __m512i xv = _mm512_loadu_si512((const void *)(xq[t].q + b * 32));
             const __m512i sx = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
             const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aq, sx);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dwv, PAIR_PS(xq[t].d + b)),
-                                     acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                                     _mm512_mul_ps(dwv, PAIR_PS(xq[t].d + b)), acc[t]);
         }
     }
     if (b < nb) { /* odd block count: the last block alone */
@@ -169,8 +172,9 @@ static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
 
 /* Q4_0, Q4_1, Q5_0, Q5_1 as unsigned values u (0..15 / 0..31) with y = d*u + m, where m is the
  * stored min or -8d / -16d; w.x = d*dx*sum(u*xq) + m*s with s = dx*sum(xq) */
-static inline __attribute__((always_inline)) void SFX(tile_wide_u)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os, int qtype) {
+static inline __attribute__((always_inline)) void SFX(tile_wide_u)(const uint8_t *w, const XQ *xq,
+                                                                   int64_t nb, int NT, float *out,
+                                                                   int64_t os, int qtype) {
     const int has_min = qtype == TS_Q4_1 || qtype == TS_Q5_1;
     const int five = qtype == TS_Q5_0 || qtype == TS_Q5_1;
     const float offset = has_min ? 0.0f : (five ? -16.0f : -8.0f);
@@ -215,12 +219,13 @@ static inline __attribute__((always_inline)) void SFX(tile_wide_u)(
         const __m512 dwv = PAIR_PS(dw);
         __m512i q = SFX(nibbles64)(b0 + qs_at, b1 + qs_at);
         if (five)
-            q = _mm512_or_si512(q, JOIN256(SFX(bits32_x10)(b0 + qh_at), SFX(bits32_x10)(b1 + qh_at)));
+            q = _mm512_or_si512(q,
+                                JOIN256(SFX(bits32_x10)(b0 + qh_at), SFX(bits32_x10)(b1 + qh_at)));
         for (int t = 0; t < NT; t++) {
             const __m512i xv = _mm512_loadu_si512((const void *)(xq[t].q + b * 32));
             const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dwv, PAIR_PS(xq[t].d + b)),
-                                     acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                                     _mm512_mul_ps(dwv, PAIR_PS(xq[t].d + b)), acc[t]);
             accm2[t] = _mm_fmadd_ps(mw2, _mm_castpd_ps(_mm_load_sd((const double *)(xq[t].s + b))),
                                     accm2[t]);
         }
@@ -237,8 +242,8 @@ static inline __attribute__((always_inline)) void SFX(tile_wide_u)(
         if (five) q = _mm256_or_si256(q, SFX(bits32_x10)(blk + qh_at));
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
-            const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(DOT_US(q, xv)),
-                                           _mm256_set1_ps(dw * xq[t].d[b]));
+            const __m256 v =
+                _mm256_mul_ps(_mm256_cvtepi32_ps(DOT_US(q, xv)), _mm256_set1_ps(dw * xq[t].d[b]));
             acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(v));
             accm[t] -= mw * xq[t].s[b];
         }
@@ -246,10 +251,10 @@ static inline __attribute__((always_inline)) void SFX(tile_wide_u)(
     WIDE_END
 }
 
-#define WIDE_U(name, qt)                                                                    \
-    static inline __attribute__((always_inline)) void SFX(tile_##name)(                     \
-        const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {       \
-        SFX(tile_wide_u)(w, xq, nb, NT, out, os, qt);                                       \
+#define WIDE_U(name, qt)                                                                           \
+    static inline __attribute__((always_inline)) void SFX(tile_##name)(                            \
+        const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {              \
+        SFX(tile_wide_u)(w, xq, nb, NT, out, os, qt);                                              \
     }
 WIDE_U(q4_0, TS_Q4_0)
 WIDE_U(q4_1, TS_Q4_1)
@@ -261,8 +266,8 @@ WIDE_U(q5_1, TS_Q5_1)
 /* ---- 32-value block types ---------------------------------------------------------------- */
 
 #ifndef TS_WIDE
-static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void
+SFX(tile_q8_0)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 34;
@@ -272,7 +277,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
             const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+            acc[t] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
         }
     }
     TILE_END
@@ -280,8 +286,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q8_0)(
 #endif
 
 #ifndef TS_WIDE
-static inline __attribute__((always_inline)) void SFX(tile_q4_0)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void
+SFX(tile_q4_0)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 18;
@@ -291,7 +297,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q4_0)(
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
             const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+            acc[t] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
         }
     }
     TILE_END
@@ -299,8 +306,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q4_0)(
 #endif
 
 #ifndef TS_WIDE
-static inline __attribute__((always_inline)) void SFX(tile_q5_0)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void
+SFX(tile_q5_0)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 22;
@@ -311,7 +318,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q5_0)(
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
             const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+            acc[t] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
         }
     }
     TILE_END
@@ -320,8 +328,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q5_0)(
 
 /* Q4_1 / Q5_1: y = d*q + m, so w.x = d*dx*sum(q*xq) + m*dx*sum(xq); dx*sum(xq) is XQ.s */
 #ifndef TS_WIDE
-static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void
+SFX(tile_q4_1)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 20;
@@ -330,7 +338,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
             const __m256i p = DOT_US(q, xv);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+            acc[t] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
             accm[t] -= mw * xq[t].s[b];
         }
     }
@@ -339,8 +348,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q4_1)(
 #endif
 
 #ifndef TS_WIDE
-static inline __attribute__((always_inline)) void SFX(tile_q5_1)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void
+SFX(tile_q5_1)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     TILE_BEGIN
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 24;
@@ -349,7 +358,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q5_1)(
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
             const __m256i p = DOT_US(q, xv);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+            acc[t] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
             accm[t] -= mw * xq[t].s[b];
         }
     }
@@ -361,17 +371,18 @@ static inline __attribute__((always_inline)) void SFX(tile_q5_1)(
  * maddubs gives int16 pair sums (no saturation: |q| <= 32, |x| <= 127); ACC16 multiplies them by
  * the sub-block's integer scale and accumulates int32, so a super-block needs one float step. */
 
-#define K_BEGIN                                                             \
-    __m256 acc[8];                                                          \
-    float accm[8];                                                          \
-    for (int t = 0; t < NT; t++) {                                          \
-        acc[t] = _mm256_setzero_ps();                                       \
-        accm[t] = 0.0f;                                                     \
+#define K_BEGIN                                                                                    \
+    __m256 acc[8];                                                                                 \
+    float accm[8];                                                                                 \
+    for (int t = 0; t < NT; t++) {                                                                 \
+        acc[t] = _mm256_setzero_ps();                                                              \
+        accm[t] = 0.0f;                                                                            \
     }
 
 /* Q4_K / Q5_K: sub-block s (32 values) is y = d*sc_s*q - dmin*m_s */
-static inline __attribute__((always_inline)) void SFX(tile_q45_k)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os, int five) {
+static inline __attribute__((always_inline)) void SFX(tile_q45_k)(const uint8_t *w, const XQ *xq,
+                                                                  int64_t nb, int NT, float *out,
+                                                                  int64_t os, int five) {
     K_BEGIN
     const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     const int ts = five ? 176 : 144;
@@ -380,7 +391,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q45_k)(
         const float d = SFX(h2f)(blk), dmin = SFX(h2f)(blk + 2);
         uint8_t sc[8], mn[8];
         ts_scale_min_k4(blk + 4, sc, mn);
-        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+        const __m256i qh =
+            five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
         __m256i isum[8];
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
@@ -393,7 +405,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q45_k)(
                 lo = _mm256_or_si256(lo, _mm256_slli_epi16(hlo, 4));
                 hi = _mm256_or_si256(hi, _mm256_slli_epi16(hhi, 4));
             }
-            const __m256i slo = _mm256_set1_epi16(sc[2 * j]), shi = _mm256_set1_epi16(sc[2 * j + 1]);
+            const __m256i slo = _mm256_set1_epi16(sc[2 * j]),
+                          shi = _mm256_set1_epi16(sc[2 * j + 1]);
             for (int t = 0; t < NT; t++) {
                 const int8_t *x = xq[t].q + b * 256 + 64 * j;
                 const __m256i xlo = _mm256_loadu_si256((const __m256i *)x);
@@ -416,20 +429,20 @@ static inline __attribute__((always_inline)) void SFX(tile_q45_k)(
     TILE_END
 }
 
-static inline __attribute__((always_inline)) void SFX(tile_q4_k)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void
+SFX(tile_q4_k)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     SFX(tile_q45_k)(w, xq, nb, NT, out, os, 0);
 }
 
-static inline __attribute__((always_inline)) void SFX(tile_q5_k)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void
+SFX(tile_q5_k)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     SFX(tile_q45_k)(w, xq, nb, NT, out, os, 1);
 }
 
 /* Q6_K: value 128h + 32j + l = (6-bit q) - 32 with an int8 scale per 16 values; the int16 pair
  * sums of values 0..15 of a 32-group sit in the low 128 bits, of values 16..31 in the high */
-static inline __attribute__((always_inline)) void SFX(tile_q6_k)(
-    const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void
+SFX(tile_q6_k)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
     K_BEGIN
     const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
     const __m256i off = _mm256_set1_epi8(32);
@@ -448,8 +461,8 @@ static inline __attribute__((always_inline)) void SFX(tile_q6_k)(
                 const __m256i low = (j & 2) ? _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4)
                                             : _mm256_and_si256(ql, m4);
                 const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), m3);
-                const __m256i q = _mm256_sub_epi8(
-                    _mm256_or_si256(low, _mm256_slli_epi16(high, 4)), off); /* [-32, 31] */
+                const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)),
+                                                  off); /* [-32, 31] */
                 const __m256i aq = _mm256_sign_epi8(q, q);
                 const __m256i sv = _mm256_set_m128i(_mm_set1_epi16(scales[8 * h + 2 * j + 1]),
                                                     _mm_set1_epi16(scales[8 * h + 2 * j]));
@@ -469,19 +482,19 @@ static inline __attribute__((always_inline)) void SFX(tile_q6_k)(
 #undef K_BEGIN
 
 /* One weight row against n_x (<= 8) activation rows: out[t * os] = w . x_t */
-#define TILE_DISPATCH(name)                                                                 \
-    static void SFX(row_##name)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x,         \
-                                 float *out, int64_t os) {                                  \
-        switch (n_x) {                                                                      \
-        case 8: SFX(tile_##name)(w, xq, nb, 8, out, os); break;                             \
-        case 7: SFX(tile_##name)(w, xq, nb, 7, out, os); break;                             \
-        case 6: SFX(tile_##name)(w, xq, nb, 6, out, os); break;                             \
-        case 5: SFX(tile_##name)(w, xq, nb, 5, out, os); break;                             \
-        case 4: SFX(tile_##name)(w, xq, nb, 4, out, os); break;                             \
-        case 3: SFX(tile_##name)(w, xq, nb, 3, out, os); break;                             \
-        case 2: SFX(tile_##name)(w, xq, nb, 2, out, os); break;                             \
-        default: SFX(tile_##name)(w, xq, nb, 1, out, os); break;                            \
-        }                                                                                   \
+#define TILE_DISPATCH(name)                                                                        \
+    static void SFX(row_##name)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x, float *out,   \
+                                int64_t os) {                                                      \
+        switch (n_x) {                                                                             \
+        case 8: SFX(tile_##name)(w, xq, nb, 8, out, os); break;                                    \
+        case 7: SFX(tile_##name)(w, xq, nb, 7, out, os); break;                                    \
+        case 6: SFX(tile_##name)(w, xq, nb, 6, out, os); break;                                    \
+        case 5: SFX(tile_##name)(w, xq, nb, 5, out, os); break;                                    \
+        case 4: SFX(tile_##name)(w, xq, nb, 4, out, os); break;                                    \
+        case 3: SFX(tile_##name)(w, xq, nb, 3, out, os); break;                                    \
+        case 2: SFX(tile_##name)(w, xq, nb, 2, out, os); break;                                    \
+        default: SFX(tile_##name)(w, xq, nb, 1, out, os); break;                                   \
+        }                                                                                          \
     }
 
 TILE_DISPATCH(q8_0)
@@ -532,13 +545,13 @@ static void SFX(quantize_row)(const float *x, int64_t k, int qk, int8_t *q, floa
             const float *xg = xb + 32 * g;
             __m256i i32[4];
             for (int i = 0; i < 4; i++)
-                i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(
-                    _mm256_mul_ps(_mm256_loadu_ps(xg + 8 * i), id),
-                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                i32[i] = _mm256_cvtps_epi32(
+                    _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + 8 * i), id),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
             const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]),
                                                    _mm256_add_epi32(i32[2], i32[3]));
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32),
-                                       _mm256_extracti128_si256(sum32, 1));
+            __m128i s4 =
+                _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
             s4 = _mm_hadd_epi32(s4, s4);
             s4 = _mm_hadd_epi32(s4, s4);
             /* pack 4 x 8 int32 -> 32 int8 (packs interleave 128-bit lanes: permute back) */
@@ -556,8 +569,9 @@ static void SFX(quantize_row)(const float *x, int64_t k, int qk, int8_t *q, floa
 
 /* ---- bf16 weights: float FMA against bf16 bits widened to f32 --------------------------- */
 
-static inline __attribute__((always_inline)) void SFX(tile_bf16)(
-    const uint16_t *w, const float *x, int64_t xs, int64_t k, int NT, float *out, int64_t os) {
+static inline __attribute__((always_inline)) void SFX(tile_bf16)(const uint16_t *w, const float *x,
+                                                                 int64_t xs, int64_t k, int NT,
+                                                                 float *out, int64_t os) {
     __m256 acc[8];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     int64_t i = 0;
@@ -571,8 +585,9 @@ static inline __attribute__((always_inline)) void SFX(tile_bf16)(
             acc16[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * xs + i), acc16[t]);
     }
     for (int t = 0; t < NT; t++)
-        acc[t] = _mm256_add_ps(_mm512_castps512_ps256(acc16[t]),
-                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc16[t]), 1)));
+        acc[t] =
+            _mm256_add_ps(_mm512_castps512_ps256(acc16[t]),
+                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc16[t]), 1)));
 #endif
     for (; i + 8 <= k; i += 8) {
         const __m128i raw = _mm_loadu_si128((const __m128i *)(w + i));
