@@ -133,3 +133,35 @@ def test_default_model_agrees_with_numpy(smollm2_pair):
     assert top1_rate >= MIN_TOP1, f"top-1 agreement {top1_rate:.4f} < {MIN_TOP1}"
     assert mean_kl <= MAX_KL, f"mean KL(numpy || cpu) {mean_kl:.2e} > {MAX_KL:.0e}"
     assert "Paris" in cpu_llm.tokenizer.decode(cpu_out[0])
+
+
+# -- the fused layer stack vs the model file, op by op -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama_mqa", "mistral", "qwen2", "qwen3"])
+def test_fused_layers_equal_op_by_op(name, tmp_path, monkeypatch):
+    """Two routes over the same Q8_0 weights: kernels.llama_layers vs LlamaModel.forward through
+    CpuOps (GQA/MQA, sliding window, q/k/v bias, q/k norm); prefill, then a batched decode step."""
+    import sys
+
+    import gguf
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_util import write_gguf_from_hf_dir
+
+    def q8(hf_name, arr):
+        ok = arr.ndim == 2 and arr.shape[1] % 32 == 0
+        return gguf.GGMLQuantizationType.Q8_0 if ok else gguf.GGMLQuantizationType.F32
+
+    path = write_gguf_from_hf_dir(HF_DIR / name, tmp_path / f"{name}.gguf", qtype_for=q8)
+    llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
+    ref = load_reference(HF_DIR / name / "reference.npz")
+    ids = ref["input_ids"].tolist()
+    fused = llm.logits(ids)
+    if llm.engine.model._cpu_fused is None:
+        pytest.skip(f"{name}: some matrix is not quantized (dims not multiples of 32)")
+    prompts = [ids, ref["input_ids_2"].tolist()]
+    fused_greedy = greedy(llm, prompts, 5)
+    monkeypatch.setenv("TINYSERVE_CPU_FUSED", "0")
+    np.testing.assert_allclose(fused, llm.logits(ids), rtol=1e-5, atol=1e-5)
+    assert greedy(llm, prompts, 5) == fused_greedy
