@@ -2,20 +2,24 @@
 """Quantized and bf16 matmul kernels over ggml blocks as they lie in a GGUF file (no repack).
 
 matmul_q(x, data, qtype, cols) computes x @ dequantize(data).T the way llama.cpp does: each
-activation row is quantized once per call to int8 blocks of 32 (scale max|x|/127), and every
-weight block meets its activation block in an integer dot product scaled in float. The error
-against the float reference is the activation rounding: per block at most d/2 per element,
-d = max|x_block|/127, i.e. a relative error of the dot product around 1/127 per block, which
-averages down over blocks (a relative Frobenius error ~1e-3 on random data).
+activation row is quantized once per call to int8 blocks, scale d = max|x_block| / 127 (blocks
+of 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 like llama.cpp's Q8_0/Q8_1, of 256 for Q4_K/Q5_K/Q6_K like
+Q8_K), and every weight block meets its activation block in an integer dot product scaled in
+float. The error against the float reference is the activation rounding, at most d/2 per
+element: a relative error of a block's dot product of order 1/127, which averages down over
+blocks (relative Frobenius error ~5e-3 on Gaussian data).
 
-The work is in ext/quant.h (portable C, AVX2 and AVX-512 VNNI twins picked at run time; OpenMP
-over output rows, each weight row read once for up to 4 activation rows at a time). The
-wrappers here only check arguments and release the GIL.
+The work is in ext/quant.h and ext/quant_simd.h: portable C, AVX2 and AVX-512 VNNI twins picked
+at run time (get_isa / set_isa, env TINYSERVE_QUANT_ISA), OpenMP over chunks of output rows, each
+weight row read once for a tile of 4 (AVX2) or 8 (VNNI) activation rows. The wrappers here only
+check arguments (ValueError) and release the GIL.
 """
 
 import os
 
 import numpy as np
+
+from tinyserve.errors import ConfigError
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint16_t
@@ -47,12 +51,13 @@ cdef int _num_threads = 1
 def _default_threads() -> int:
     env = os.environ.get("TINYSERVE_NUM_THREADS")
     if env:
+        msg = f"TINYSERVE_NUM_THREADS must be a positive integer, got {env!r}"
         try:
             n = int(env)
         except ValueError:
-            raise ValueError(f"TINYSERVE_NUM_THREADS must be a positive integer, got {env!r}") from None
+            raise ConfigError(msg) from None
         if n < 1:
-            raise ValueError(f"TINYSERVE_NUM_THREADS must be a positive integer, got {env!r}")
+            raise ConfigError(msg)
         return n
     return os.cpu_count() or 1
 
@@ -84,7 +89,9 @@ def set_isa(str name) -> None:
     """Force an implementation (tests, benchmarks); one this CPU lacks raises ValueError."""
     global _isa
     if name not in _ISA_NAMES[: _best_isa + 1]:
-        raise ValueError(f"implementation {name!r} not available here (available: {available_isas()})")
+        raise ValueError(
+            f"implementation {name!r} not available here (available: {available_isas()})"
+        )
     _isa = _ISA_NAMES.index(name)
 
 
@@ -96,7 +103,9 @@ if os.environ.get("TINYSERVE_QUANT_ISA"):
 cdef inline int _check_qtype(int qtype) except -1:
     if ts_block_size(qtype) == 0:
         names = ", ".join(QTYPES.values())
-        raise ValueError(f"quantization type {qtype} is not supported by the kernels (supported: {names})")
+        raise ValueError(
+            f"quantization type {qtype} is not supported by the kernels (supported: {names})"
+        )
     return 0
 
 
@@ -104,22 +113,27 @@ cdef inline int _check_blocks(cnp.ndarray data, int qtype, Py_ssize_t cols) exce
     """data must be (rows, cols / block_size * type_size) uint8 with contiguous rows."""
     cdef int bs = ts_block_size(qtype)
     if cols <= 0 or cols % bs:
-        raise ValueError(f"{QTYPES[qtype]} needs cols to be a positive multiple of {bs}, got {cols}")
+        raise ValueError(
+            f"{QTYPES[qtype]} needs cols to be a positive multiple of {bs}, got {cols}"
+        )
     if cnp.PyArray_TYPE(data) != cnp.NPY_UINT8 or cnp.PyArray_NDIM(data) != 2:
-        raise ValueError(f"data must be 2-D uint8 ggml blocks, got {data.dtype} with shape {(<object>data).shape}")
+        raise ValueError(
+            f"data must be 2-D uint8 ggml blocks, got {data.dtype} {(<object>data).shape}"
+        )
     cdef Py_ssize_t bpr = cols // bs * ts_type_size(qtype)
     if data.shape[1] != bpr:
         raise ValueError(
-            f"{QTYPES[qtype]} rows of {cols} values take {bpr} bytes, but data rows have {data.shape[1]}"
+            f"{QTYPES[qtype]} rows of {cols} values take {bpr} bytes, "
+            f"but data rows have {data.shape[1]}"
         )
     if data.strides[1] != 1 or data.strides[0] < bpr:
-        raise ValueError(f"data rows must be contiguous bytes, got strides {(<object>data).strides}")
+        raise ValueError(f"data rows must be contiguous bytes, strides {(<object>data).strides}")
     return 0
 
 
 cdef inline int _check_x(cnp.ndarray x, Py_ssize_t cols) except -1:
     if cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32 or cnp.PyArray_NDIM(x) != 2:
-        raise ValueError(f"x must be a 2-D float32 array, got {x.dtype} with shape {(<object>x).shape}")
+        raise ValueError(f"x must be a 2-D float32 array, got {x.dtype} {(<object>x).shape}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(x):
         raise ValueError("x must be C-contiguous")
     if x.shape[1] != cols:
@@ -138,12 +152,15 @@ cdef cnp.ndarray _out(object out, Py_ssize_t n, Py_ssize_t m):
     cdef cnp.ndarray o = out
     if (cnp.PyArray_TYPE(o) != cnp.NPY_FLOAT32 or cnp.PyArray_NDIM(o) != 2
             or o.shape[0] != n or o.shape[1] != m or not cnp.PyArray_IS_C_CONTIGUOUS(o)):
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {(n, m)}, got {o.dtype} {(<object>o).shape}")
+        raise ValueError(
+            f"out must be a C-contiguous float32 array of shape {(n, m)}, "
+            f"got {o.dtype} {(<object>o).shape}"
+        )
     return o
 
 
 def matmul_q(cnp.ndarray x, cnp.ndarray data, int qtype, Py_ssize_t cols, out=None):
-    """(N, K) float32, (M, bytes_per_row) uint8 ggml blocks -> (N, M) float32 = x @ W.T, K = cols."""
+    """(N, K) float32, (M, bytes_per_row) uint8 ggml blocks -> (N, M) float32 x @ W.T; K = cols."""
     _check_qtype(qtype)
     _check_blocks(data, qtype, cols)
     _check_x(x, cols)
@@ -166,7 +183,9 @@ def matmul_q(cnp.ndarray x, cnp.ndarray data, int qtype, Py_ssize_t cols, out=No
 def matmul_bf16(cnp.ndarray x, cnp.ndarray w_bits, out=None):
     """(N, K) float32, (M, K) uint16 bf16 bits -> (N, M) float32 = x @ W.T."""
     if cnp.PyArray_TYPE(w_bits) != cnp.NPY_UINT16 or cnp.PyArray_NDIM(w_bits) != 2:
-        raise ValueError(f"w_bits must be 2-D uint16 bf16 bits, got {w_bits.dtype} with shape {(<object>w_bits).shape}")
+        raise ValueError(
+            f"w_bits must be 2-D uint16 bf16 bits, got {w_bits.dtype} {(<object>w_bits).shape}"
+        )
     if w_bits.strides[1] != 2:
         raise ValueError(f"w_bits rows must be contiguous, got strides {(<object>w_bits).strides}")
     cdef Py_ssize_t k = w_bits.shape[1]
@@ -187,7 +206,7 @@ def matmul_bf16(cnp.ndarray x, cnp.ndarray w_bits, out=None):
 
 
 def dequantize_rows(cnp.ndarray data, int qtype, Py_ssize_t cols, ids):
-    """(M, bytes_per_row) uint8 ggml blocks, (n,) row ids -> (n, cols) float32 (embedding lookup)."""
+    """(M, bytes_per_row) uint8 ggml blocks, (n,) row ids -> (n, cols) float32 (embeddings)."""
     _check_qtype(qtype)
     _check_blocks(data, qtype, cols)
     cdef cnp.ndarray idx = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)

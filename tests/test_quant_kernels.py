@@ -338,3 +338,5 @@ def test_thread_count_from_environment():
     env = {k: v for k, v in os.environ.items() if k != "TINYSERVE_NUM_THREADS"}
     assert threads_in_child(dict(env, TINYSERVE_NUM_THREADS="3")) == "3"
     assert threads_in_child(env) == str(os.cpu_count())
+    bad = threads_in_child(dict(env, TINYSERVE_NUM_THREADS="0"))
+    assert "ConfigError: TINYSERVE_NUM_THREADS must be a positive integer, got '0'" in bad
