@@ -430,9 +430,10 @@ static int64_t ts_rows_per_task(int64_t m, int nthreads) {
 }
 #define TS_X_PER_TASK 64 /* activation rows per task: their int8 blocks stay in L2 */
 
-/* out (n, m) = x (n, k) @ dequant(w).T; w row r at w + r * w_stride. 0, or -1: out of memory */
-static int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, int64_t m,
-                       int64_t w_stride, int qtype, float *out, int nthreads, int isa) {
+/* out (n, m) = x (n, k) @ dequant(w).T; x row i at x + i * x_stride, w row r at w + r * w_stride.
+ * 0, or -1: out of memory */
+static int ts_matmul_q(const float *x, int64_t n, int64_t k, int64_t x_stride, const uint8_t *w,
+                       int64_t m, int64_t w_stride, int qtype, float *out, int nthreads, int isa) {
     row_fn row;
     quant_fn quant;
     bf16_fn unused;
@@ -448,10 +449,10 @@ static int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, i
     if (n * k >= 32768 && nthreads > 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t i = 0; i < n; i++)
-            quant(x + i * k, k, qk, xq + i * k, xd + i * nd, xs + i * nbx, xb + i * nbx);
+            quant(x + i * x_stride, k, qk, xq + i * k, xd + i * nd, xs + i * nbx, xb + i * nbx);
     } else {
         for (int64_t i = 0; i < n; i++)
-            quant(x + i * k, k, qk, xq + i * k, xd + i * nd, xs + i * nbx, xb + i * nbx);
+            quant(x + i * x_stride, k, qk, xq + i * k, xd + i * nd, xs + i * nbx, xb + i * nbx);
     }
 
     const int64_t rc = ts_rows_per_task(m, nthreads);
@@ -482,9 +483,11 @@ static int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, i
     return 0;
 }
 
-/* out (n, m) = x (n, k) @ bf16(w).T; w (m, k) uint16 bf16 bits, row r at w + r * w_stride */
-static void ts_matmul_bf16(const float *x, int64_t n, int64_t k, const uint16_t *w, int64_t m,
-                           int64_t w_stride, float *out, int nthreads, int isa) {
+/* out (n, m) = x (n, k) @ bf16(w).T; w (m, k) uint16 bf16 bits; x row i at x + i * x_stride,
+ * w row r at w + r * w_stride */
+static void ts_matmul_bf16(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                           const uint16_t *w, int64_t m, int64_t w_stride, float *out, int nthreads,
+                           int isa) {
     row_fn unused_row;
     quant_fn unused_quant;
     bf16_fn row;
@@ -501,7 +504,7 @@ static void ts_matmul_bf16(const float *x, int64_t n, int64_t k, const uint16_t 
         for (int64_t t0 = i0; t0 < i1; t0 += tile_rows) {
             const int n_x = (int)(i1 - t0 < tile_rows ? i1 - t0 : tile_rows);
             for (int64_t r = r0; r < r1; r++)
-                row(w + r * w_stride, x + t0 * k, k, k, n_x, out + t0 * m + r, m);
+                row(w + r * w_stride, x + t0 * x_stride, x_stride, k, n_x, out + t0 * m + r, m);
         }
     }
 }

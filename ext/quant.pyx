@@ -31,10 +31,11 @@ cdef extern from "quant.h" nogil:
     int ts_block_size(int qtype)
     int ts_type_size(int qtype)
     int ts_best_isa()
-    int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, int64_t m,
-                    int64_t w_stride, int qtype, float *out, int nthreads, int isa)
-    void ts_matmul_bf16(const float *x, int64_t n, int64_t k, const uint16_t *w, int64_t m,
-                        int64_t w_stride, float *out, int nthreads, int isa)
+    int ts_matmul_q(const float *x, int64_t n, int64_t k, int64_t x_stride, const uint8_t *w,
+                    int64_t m, int64_t w_stride, int qtype, float *out, int nthreads, int isa)
+    void ts_matmul_bf16(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                        const uint16_t *w, int64_t m, int64_t w_stride, float *out, int nthreads,
+                        int isa)
     void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
                             const int64_t *ids, int64_t n, float *out, int nthreads)
 
@@ -131,14 +132,17 @@ cdef inline int _check_blocks(cnp.ndarray data, int qtype, Py_ssize_t cols) exce
     return 0
 
 
-cdef inline int _check_x(cnp.ndarray x, Py_ssize_t cols) except -1:
+cdef inline int64_t _check_x(cnp.ndarray x, Py_ssize_t cols) except -1:
+    """x must be (N, cols) float32 with contiguous rows; -> its row stride in floats."""
     if cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32 or cnp.PyArray_NDIM(x) != 2:
         raise ValueError(f"x must be a 2-D float32 array, got {x.dtype} {(<object>x).shape}")
-    if not cnp.PyArray_IS_C_CONTIGUOUS(x):
-        raise ValueError("x must be C-contiguous")
     if x.shape[1] != cols:
         raise ValueError(f"x has {x.shape[1]} columns, the weight has {cols}")
-    return 0
+    if x.shape[0] <= 1:
+        return cols  # a single row's stride is meaningless
+    if x.strides[1] != 4 or x.strides[0] % 4 or x.strides[0] < 4 * cols:
+        raise ValueError(f"x rows must be contiguous float32, got strides {(<object>x).strides}")
+    return x.strides[0] // 4
 
 
 cdef cnp.ndarray _out(object out, Py_ssize_t n, Py_ssize_t m):
@@ -163,7 +167,7 @@ def matmul_q(cnp.ndarray x, cnp.ndarray data, int qtype, Py_ssize_t cols, out=No
     """(N, K) float32, (M, bytes_per_row) uint8 ggml blocks -> (N, M) float32 x @ W.T; K = cols."""
     _check_qtype(qtype)
     _check_blocks(data, qtype, cols)
-    _check_x(x, cols)
+    cdef int64_t x_stride = _check_x(x, cols)
     cdef Py_ssize_t n = x.shape[0], m = data.shape[0]
     cdef cnp.ndarray o = _out(out, n, m)
     if n == 0 or m == 0:
@@ -174,7 +178,7 @@ def matmul_q(cnp.ndarray x, cnp.ndarray data, int qtype, Py_ssize_t cols, out=No
     cdef int64_t w_stride = data.strides[0]
     cdef int rc
     with nogil:
-        rc = ts_matmul_q(xp, n, cols, wp, m, w_stride, qtype, op, _num_threads, _isa)
+        rc = ts_matmul_q(xp, n, cols, x_stride, wp, m, w_stride, qtype, op, _num_threads, _isa)
     if rc != 0:
         raise MemoryError(f"cannot allocate {n * cols} bytes for the quantized activations")
     return o
@@ -189,7 +193,7 @@ def matmul_bf16(cnp.ndarray x, cnp.ndarray w_bits, out=None):
     if w_bits.strides[1] != 2:
         raise ValueError(f"w_bits rows must be contiguous, got strides {(<object>w_bits).strides}")
     cdef Py_ssize_t k = w_bits.shape[1]
-    _check_x(x, k)
+    cdef int64_t x_stride = _check_x(x, k)
     cdef Py_ssize_t n = x.shape[0], m = w_bits.shape[0]
     cdef cnp.ndarray o = _out(out, n, m)
     if n == 0 or m == 0:
@@ -201,7 +205,7 @@ def matmul_bf16(cnp.ndarray x, cnp.ndarray w_bits, out=None):
     if w_bits.strides[0] % 2:
         raise ValueError(f"w_bits rows are not uint16 aligned (strides {(<object>w_bits).strides})")
     with nogil:
-        ts_matmul_bf16(xp, n, k, wp, m, w_stride, op, _num_threads, _isa)
+        ts_matmul_bf16(xp, n, k, x_stride, wp, m, w_stride, op, _num_threads, _isa)
     return o
 
 

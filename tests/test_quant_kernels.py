@@ -230,7 +230,7 @@ def test_batched_equals_alone_and_threads_agree(qtype, isa):
         np.testing.assert_array_equal(alone[0], one[i])
 
 
-def test_out_buffer_is_reused_and_memmap_rows_read_in_place(tmp_path):
+def test_out_buffer_reused_and_strided_rows_read_in_place(tmp_path):
     rng = np.random.default_rng(11)
     qt = weight(Q.Q4_1, 40, 96, rng)
     path = tmp_path / "w.bin"
@@ -238,11 +238,16 @@ def test_out_buffer_is_reused_and_memmap_rows_read_in_place(tmp_path):
     padded[:, : qt.data.shape[1]] = qt.data
     padded.tofile(path)
     mm = np.memmap(path, np.uint8, "r", shape=(40, 64))[:, :60]
-    x = rng.standard_normal((3, 96)).astype(np.float32)
+    wide = rng.standard_normal((3, 128)).astype(np.float32)
+    x = wide[:, 16:112]  # rows strided: read in place, no copy
     out = np.full((3, 40), np.nan, np.float32)
     got = quant.matmul_q(x, mm, int(Q.Q4_1), 96, out)
     assert got is out
-    np.testing.assert_array_equal(out, quant.matmul_q(x, qt.data, int(Q.Q4_1), 96))
+    np.testing.assert_array_equal(out, quant.matmul_q(x.copy(), qt.data, int(Q.Q4_1), 96))
+    bits = (rng.standard_normal((40, 96)).astype(np.float32).view(np.uint32) >> 16).astype(
+        np.uint16
+    )
+    np.testing.assert_array_equal(quant.matmul_bf16(x, bits), quant.matmul_bf16(x.copy(), bits))
 
 
 # -- dequantize_rows and matmul_bf16 -----------------------------------------------------------
@@ -309,8 +314,10 @@ def test_bad_input_raises_clear_value_errors():
         quant.matmul_q(x[:, :32].copy(), data, int(Q.Q8_0), 32)
     with pytest.raises(ValueError, match="float32"):
         quant.matmul_q(x.astype(np.float64), data, int(Q.Q8_0), 64)
-    with pytest.raises(ValueError, match="C-contiguous"):
+    with pytest.raises(ValueError, match="rows must be contiguous"):
         quant.matmul_q(np.asfortranarray(x), data, int(Q.Q8_0), 64)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        quant.matmul_q(np.repeat(x, 2, axis=1)[:, ::2], data, int(Q.Q8_0), 64)
     with pytest.raises(ValueError, match="x has 32 columns"):
         quant.matmul_q(np.zeros((2, 32), np.float32), data, int(Q.Q8_0), 64)
     with pytest.raises(ValueError, match="uint8"):
