@@ -1,0 +1,163 @@
+"""A GGUF vocab (tokenizer.ggml.* metadata) rebuilt as a `tokenizers.Tokenizer`.
+
+Two vocab kinds: "gpt2", a byte-level BPE split first by llama.cpp's pre-tokenizer regexes
+(chosen by tokenizer.ggml.pre), and "llama", an SPM vocab rebuilt as a BPE with byte fallback
+whose merges follow the piece scores, as HF's LlamaConverter builds it.
+
+References: llama.cpp src/llama-vocab.cpp (pre-tokenizer regexes, SPM space prefix),
+transformers convert_slow_tokenizer.py (LlamaConverter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import TokenizerError
+
+SPIECE_UNDERLINE = "\u2581"  # "▁": sentencepiece's visible space
+
+# GGUF tokenizer.ggml.token_type values (llama.cpp llama_token_type).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(
+    1, 7
+)
+
+
+# -- llama.cpp pre-tokenizers ----------------------------------------------------------------
+# llama.cpp applies its regexes one after another, each splitting the pieces the previous one
+# produced (matches and the gaps between them both stay pieces): a tokenizers Split with
+# behavior="isolated" per regex reproduces that. Strings copied from llama-vocab.cpp; where
+# llama.cpp notes an "original regex from tokenizer.json" we use that original (onig handles
+# the (?i:...) group llama.cpp had to expand).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_REGEXES: dict[str, tuple[str, ...]] = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "gpt-2": (_GPT2,),
+    "llama-bpe": (_LLAMA3,),
+    "smollm": (r"\p{N}", _GPT2),
+    "qwen2": (_QWEN2,),
+}
+_PRE_ALIASES = {
+    "": "default",
+    "gpt2": "gpt-2",
+    "phi-2": "gpt-2",
+    "mpt": "gpt-2",
+    "olmo": "gpt-2",
+    "jais": "gpt-2",
+    "llama3": "llama-bpe",
+    "llama-v3": "llama-bpe",
+    "falcon3": "llama-bpe",
+    "dbrx": "llama-bpe",
+    "smaug-bpe": "llama-bpe",
+    "starcoder": "smollm",
+    "refact": "smollm",
+    "command-r": "smollm",
+    "codeshell": "smollm",
+    "exaone": "smollm",
+    "minerva-7b": "smollm",
+    "stablelm2": "qwen2",
+    "qwen35": "qwen2",
+}
+_IGNORE_MERGES = {"llama-bpe"}  # llama.cpp: a word already in the vocab is one token
+_ADD_BOS_DEFAULT = {"llama-bpe"}
+
+
+def gguf_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> tuple[Any, bool]:
+    """Byte-level BPE with the pre-tokenizer llama.cpp uses for tokenizer.ggml.pre."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    pre = str(meta.get("tokenizer.ggml.pre", "") or "")
+    pre = _PRE_ALIASES.get(pre, pre)
+    if pre not in _PRE_REGEXES:
+        known = sorted(set(_PRE_REGEXES) | set(_PRE_ALIASES) - {""})
+        raise TokenizerError(
+            f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(known)}"
+        )
+    raw_merges = meta.get("tokenizer.ggml.merges")
+    if raw_merges is None:
+        raise TokenizerError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
+    merges = []
+    for m in raw_merges:
+        left, sep, right = str(m).partition(" ")
+        if not sep:
+            raise TokenizerError(f"malformed GGUF merge {m!r} (expected 'left right')")
+        merges.append((left, right))
+    vocab = _vocab_dict(tokens)
+    tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre in _IGNORE_MERGES))
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_REGEXES[pre]]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    _add_gguf_special_tokens(tok, tokens, types)
+    return tok, pre in _ADD_BOS_DEFAULT
+
+
+def gguf_spm(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> Any:
+    """SPM vocab as a BPE with byte fallback whose merges follow the piece scores (LlamaConverter)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    n = len(tokens)
+    scores = [float(s) for s in meta.get("tokenizer.ggml.scores", [0.0] * n)]
+    if len(scores) != n:
+        raise TokenizerError(f"GGUF scores has {len(scores)} entries for {n} tokens")
+    vocab = _vocab_dict(tokens)
+    normal = {t: i for i, t in enumerate(tokens) if types[i] == TOKEN_NORMAL and vocab[t] == i}
+    # sentencepiece BPE merges the adjacent pair whose union scores highest; a merge list sorted
+    # by the union's score gives the same order (ties: lower ids first, as in HF's extractor).
+    merges = []
+    for piece, i in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                merges.append((-scores[i], normal[left], normal[right], left, right))
+    merges.sort()
+    unk_id = next((i for i, t in enumerate(types) if t == TOKEN_UNKNOWN), None)
+    bpe = models.BPE(
+        vocab,
+        [(m[3], m[4]) for m in merges],
+        unk_token=tokens[unk_id] if unk_id is not None else None,
+        byte_fallback=True,
+        fuse_unk=True,
+    )
+    tok = HFTokenizer(bpe)
+    add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    norm = [normalizers.Replace(" ", SPIECE_UNDERLINE)]
+    steps = [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        # llama.cpp prefixes a space to the text and after every special token, as the
+        # per-segment Prepend normalizer does.
+        norm.insert(0, normalizers.Prepend(SPIECE_UNDERLINE))
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.normalizer = normalizers.Sequence(norm)
+    tok.decoder = decoders.Sequence(steps)
+    _add_gguf_special_tokens(tok, tokens, types)
+    return tok
+
+
+def _add_gguf_special_tokens(tok: Any, tokens: list[str], types: list[int]) -> None:
+    """Control/unknown tokens become special added tokens (skipped on decode); user-defined ones plain added tokens."""
+    from tokenizers import AddedToken
+
+    special = [i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
+    user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED]
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+
+
+def _vocab_dict(tokens: list[str]) -> dict[str, int]:
+    """token -> id; a duplicated string keeps its first id (as llama.cpp's text_to_token does)."""
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    return vocab
