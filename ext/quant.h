@@ -383,7 +383,7 @@ static void ts_row_bf16_scalar(const uint16_t *w, const float *x, int64_t xs, in
 #endif
 
 /* the best implementation this CPU runs */
-static int ts_best_isa(void) {
+static inline int ts_best_isa(void) {
 #if TS_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
@@ -432,8 +432,9 @@ static int64_t ts_rows_per_task(int64_t m, int nthreads) {
 
 /* out (n, m) = x (n, k) @ dequant(w).T; x row i at x + i * x_stride, w row r at w + r * w_stride.
  * 0, or -1: out of memory */
-static int ts_matmul_q(const float *x, int64_t n, int64_t k, int64_t x_stride, const uint8_t *w,
-                       int64_t m, int64_t w_stride, int qtype, float *out, int nthreads, int isa) {
+static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                                      const uint8_t *w, int64_t m, int64_t w_stride, int qtype,
+                                      float *out, int nthreads, int isa) {
     row_fn row;
     quant_fn quant;
     bf16_fn unused;
@@ -485,9 +486,9 @@ static int ts_matmul_q(const float *x, int64_t n, int64_t k, int64_t x_stride, c
 
 /* out (n, m) = x (n, k) @ bf16(w).T; w (m, k) uint16 bf16 bits; x row i at x + i * x_stride,
  * w row r at w + r * w_stride */
-static void ts_matmul_bf16(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                           const uint16_t *w, int64_t m, int64_t w_stride, float *out, int nthreads,
-                           int isa) {
+static inline void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                                          const uint16_t *w, int64_t m, int64_t w_stride,
+                                          float *out, int nthreads, int isa) {
     row_fn unused_row;
     quant_fn unused_quant;
     bf16_fn row;
@@ -509,8 +510,19 @@ static void ts_matmul_bf16(const float *x, int64_t n, int64_t k, int64_t x_strid
     }
 }
 
+/* the same two with C-contiguous x (n, k): the C API ext/kernels.pyx calls */
+static inline int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, int64_t m,
+                              int64_t w_stride, int qtype, float *out, int nthreads, int isa) {
+    return ts_matmul_q_strided(x, n, k, k, w, m, w_stride, qtype, out, nthreads, isa);
+}
+
+static inline void ts_matmul_bf16(const float *x, int64_t n, int64_t k, const uint16_t *w,
+                                  int64_t m, int64_t w_stride, float *out, int nthreads, int isa) {
+    ts_matmul_bf16_strided(x, n, k, k, w, m, w_stride, out, nthreads, isa);
+}
+
 /* out (n, cols) = rows ids of w dequantized; ids already checked against the row count */
-static void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
+static inline void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
                                const int64_t *ids, int64_t n, float *out, int nthreads) {
     const int bs = ts_block_size(qtype), ts = ts_type_size(qtype);
     const int64_t nb = cols / bs;

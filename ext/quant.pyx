@@ -31,11 +31,12 @@ cdef extern from "quant.h" nogil:
     int ts_block_size(int qtype)
     int ts_type_size(int qtype)
     int ts_best_isa()
-    int ts_matmul_q(const float *x, int64_t n, int64_t k, int64_t x_stride, const uint8_t *w,
-                    int64_t m, int64_t w_stride, int qtype, float *out, int nthreads, int isa)
-    void ts_matmul_bf16(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                        const uint16_t *w, int64_t m, int64_t w_stride, float *out, int nthreads,
-                        int isa)
+    int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                            const uint8_t *w, int64_t m, int64_t w_stride, int qtype, float *out,
+                            int nthreads, int isa)
+    void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                                const uint16_t *w, int64_t m, int64_t w_stride, float *out,
+                                int nthreads, int isa)
     void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
                             const int64_t *ids, int64_t n, float *out, int nthreads)
 
@@ -178,7 +179,8 @@ def matmul_q(cnp.ndarray x, cnp.ndarray data, int qtype, Py_ssize_t cols, out=No
     cdef int64_t w_stride = data.strides[0]
     cdef int rc
     with nogil:
-        rc = ts_matmul_q(xp, n, cols, x_stride, wp, m, w_stride, qtype, op, _num_threads, _isa)
+        rc = ts_matmul_q_strided(xp, n, cols, x_stride, wp, m, w_stride, qtype, op,
+                                 _num_threads, _isa)
     if rc != 0:
         raise MemoryError(f"cannot allocate {n * cols} bytes for the quantized activations")
     return o
@@ -205,7 +207,7 @@ def matmul_bf16(cnp.ndarray x, cnp.ndarray w_bits, out=None):
     if w_bits.strides[0] % 2:
         raise ValueError(f"w_bits rows are not uint16 aligned (strides {(<object>w_bits).strides})")
     with nogil:
-        ts_matmul_bf16(xp, n, k, x_stride, wp, m, w_stride, op, _num_threads, _isa)
+        ts_matmul_bf16_strided(xp, n, k, x_stride, wp, m, w_stride, op, _num_threads, _isa)
     return o
 
 
