@@ -9,6 +9,11 @@
  * AVX2 (maddubs/madd) and AVX-512 VNNI (dpbusd); the SIMD twins live in quant_simd.h.
  * Block layouts: ggml-common.h (block_q4_0 ... block_q6_K); values follow ggml's
  * dequantize_row_* in ggml-quants.c (and tinyserve/loading/gguf_file.py, the NumPy twin).
+ *
+ * C API (ext/quant.pyx wraps it; ext/kernels.pyx includes this header and calls it directly, so
+ * keep these signatures): ts_matmul_q, ts_matmul_q_strided, ts_matmul_bf16,
+ * ts_matmul_bf16_strided, ts_dequantize_rows, ts_best_isa, ts_block_size, ts_type_size and the
+ * TS_ISA_* values (0 scalar, 1 avx2, 2 vnni: the index of quant.get_isa() in available_isas()).
  */
 #ifndef TINYSERVE_QUANT_H
 #define TINYSERVE_QUANT_H
