@@ -207,19 +207,25 @@ static void ts_dequant_block(int qtype, const uint8_t *b, float *y) {
 
 /* ---- scalar twins: integer block dots, the same arithmetic as the SIMD paths -------------- */
 
+/* n int8 x int8 -> int32: plain loops the compiler vectorizes (pmaddwd, NEON smlal/sdot) */
+static inline int ts_dot_i8(const int8_t *a, const int8_t *b, int n) {
+    int s = 0;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 static inline float ts_sdot_q8_0(const uint8_t *w, const XQ *x, int64_t nb) {
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 34;
-        const int8_t *xq = x->q + b * 32;
-        int isum = 0;
-        for (int i = 0; i < 32; i++) isum += (int8_t)blk[2 + i] * xq[i];
+        const int isum = ts_dot_i8((const int8_t *)(blk + 2), x->q + b * 32, 32);
         acc += ts_load_f16(blk) * x->d[b] * (float)isum;
     }
     return acc;
 }
 
-/* Q4_0, Q4_1, Q5_0, Q5_1: offset is 8 / 16 for the symmetric types, 0 where a min is stored */
+/* Q4_0, Q4_1, Q5_0, Q5_1 (qtype a constant where inlined): sum(q * xq) over the unsigned values,
+ * minus 8 / 16 * sum(xq) for the symmetric types; the stored min meets s = dx * sum(xq) */
 static inline float ts_sdot_q4q5(int qtype, const uint8_t *w, const XQ *x, int64_t nb) {
     const int ts = ts_type_size(qtype);
     const int has_min = qtype == TS_Q4_1 || qtype == TS_Q5_1;
@@ -230,13 +236,12 @@ static inline float ts_sdot_q4q5(int qtype, const uint8_t *w, const XQ *x, int64
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * ts, *qs = blk + qs_at;
         const int8_t *xq = x->q + b * 32;
-        uint32_t qh = 0;
-        if (five) memcpy(&qh, blk + 2 + 2 * has_min, 4);
-        int isum = 0;
-        for (int i = 0; i < 16; i++) {
-            const int lo = (qs[i] & 0x0F) | (((qh >> i) & 1) << 4);
-            const int hi = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
-            isum += (lo - offset) * xq[i] + (hi - offset) * xq[i + 16];
+        int isum = -offset * x->bs[b];
+        for (int i = 0; i < 16; i++) isum += (qs[i] & 0x0F) * xq[i] + (qs[i] >> 4) * xq[i + 16];
+        if (five) {
+            uint32_t qh;
+            memcpy(&qh, blk + 2 + 2 * has_min, 4);
+            for (int i = 0; i < 32; i++) isum += (int)(((qh >> i) & 1) << 4) * xq[i];
         }
         acc += ts_load_f16(blk) * x->d[b] * (float)isum;
         if (has_min) acc += ts_load_f16(blk + 2) * x->s[b];
@@ -248,20 +253,18 @@ static inline float ts_sdot_q4q5(int qtype, const uint8_t *w, const XQ *x, int64
 static inline float ts_sdot_q45_k(int qtype, const uint8_t *w, const XQ *x, int64_t nb) {
     const int five = qtype == TS_Q5_K, ts = ts_type_size(qtype);
     float acc = 0.0f;
+    int8_t q[32];
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * ts, *qh = blk + 16, *qs = blk + (five ? 48 : 16);
         uint8_t sc[8], mn[8];
         ts_scale_min_k4(blk + 4, sc, mn);
         int isum = 0, imin = 0;
         for (int s = 0; s < 8; s++) {
-            const int8_t *xq = x->q + b * 256 + s * 32;
-            int sub = 0;
-            for (int l = 0; l < 32; l++) {
-                int q = (s & 1) ? qs[32 * (s / 2) + l] >> 4 : qs[32 * (s / 2) + l] & 0x0F;
-                if (five) q |= ((qh[l] >> s) & 1) << 4;
-                sub += q * xq[l];
-            }
-            isum += sc[s] * sub;
+            const uint8_t *src = qs + 32 * (s / 2);
+            const int shift = 4 * (s & 1);
+            for (int l = 0; l < 32; l++)
+                q[l] = (int8_t)(((src[l] >> shift) & 0x0F) | (five ? ((qh[l] >> s) & 1) << 4 : 0));
+            isum += sc[s] * ts_dot_i8(q, x->q + b * 256 + s * 32, 32);
             imin += mn[s] * x->bs[b * 8 + s];
         }
         acc += x->d[b] * (ts_load_f16(blk) * (float)isum - ts_load_f16(blk + 2) * (float)imin);
@@ -278,13 +281,15 @@ static inline float ts_sdot_q6_k(const uint8_t *w, const XQ *x, int64_t nb) {
         for (int h = 0; h < 2; h++) {
             const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
             for (int j = 0; j < 4; j++) {
+                const uint8_t *src = ql + 32 * (j & 1);
+                const int shift = 4 * (j >> 1);
                 const int8_t *xq = x->q + b * 256 + 128 * h + 32 * j;
                 int sub[2] = {0, 0};
-                for (int l = 0; l < 32; l++) {
-                    const int lo =
-                        (j & 2) ? ql[32 * (j & 1) + l] >> 4 : ql[32 * (j & 1) + l] & 0x0F;
-                    const int q = (lo | (((qh[l] >> (2 * j)) & 3) << 4)) - 32;
-                    sub[l / 16] += q * xq[l];
+                for (int half = 0; half < 2; half++) {
+                    for (int l = 16 * half; l < 16 * half + 16; l++) {
+                        const int q = ((src[l] >> shift) & 0x0F) | (((qh[l] >> (2 * j)) & 3) << 4);
+                        sub[half] += (q - 32) * xq[l];
+                    }
                 }
                 isum += sc[8 * h + 2 * j] * sub[0] + sc[8 * h + 2 * j + 1] * sub[1];
             }
