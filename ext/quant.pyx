@@ -164,7 +164,8 @@ cdef cnp.ndarray _out(object out, Py_ssize_t n, Py_ssize_t m):
     return o
 
 
-def matmul_q(cnp.ndarray x, cnp.ndarray data, int qtype, Py_ssize_t cols, out=None):
+def matmul_q(cnp.ndarray x not None, cnp.ndarray data not None, int qtype, Py_ssize_t cols,
+             out=None):
     """(N, K) float32, (M, bytes_per_row) uint8 ggml blocks -> (N, M) float32 x @ W.T; K = cols."""
     _check_qtype(qtype)
     _check_blocks(data, qtype, cols)
@@ -186,7 +187,7 @@ def matmul_q(cnp.ndarray x, cnp.ndarray data, int qtype, Py_ssize_t cols, out=No
     return o
 
 
-def matmul_bf16(cnp.ndarray x, cnp.ndarray w_bits, out=None):
+def matmul_bf16(cnp.ndarray x not None, cnp.ndarray w_bits not None, out=None):
     """(N, K) float32, (M, K) uint16 bf16 bits -> (N, M) float32 = x @ W.T."""
     if cnp.PyArray_TYPE(w_bits) != cnp.NPY_UINT16 or cnp.PyArray_NDIM(w_bits) != 2:
         raise ValueError(
@@ -211,7 +212,7 @@ def matmul_bf16(cnp.ndarray x, cnp.ndarray w_bits, out=None):
     return o
 
 
-def dequantize_rows(cnp.ndarray data, int qtype, Py_ssize_t cols, ids):
+def dequantize_rows(cnp.ndarray data not None, int qtype, Py_ssize_t cols, ids):
     """(M, bytes_per_row) uint8 ggml blocks, (n,) row ids -> (n, cols) float32 (embeddings)."""
     _check_qtype(qtype)
     _check_blocks(data, qtype, cols)

@@ -21,6 +21,8 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tinyserve.loading.gguf_file import QuantTensor
 
@@ -132,6 +134,30 @@ def test_matmul_within_rounding_bound(qtype, n, isa, threads):
         ref = reference(x, qt)
         assert np.all(np.abs(got - ref) <= rounding_bound(x, qt))
         assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    qtype=st.sampled_from(ALL),
+    n=st.integers(1, 20),
+    m=st.integers(1, 70),
+    blocks=st.integers(1, 12),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_shape_within_rounding_bound(qtype, n, m, blocks, threads, seed):
+    # shapes the hand-picked cases miss: every tile remainder, task split and block-loop tail
+    cols = blocks * GGML_QUANT_SIZES[qtype][0]
+    rng = np.random.default_rng(seed)
+    qt = QuantTensor(qtype, (m, cols), random_blocks(qtype, m, cols, rng))
+    x = (rng.standard_normal((n, cols)) * rng.uniform(0.01, 100)).astype(np.float32)
+    before = quant.get_num_threads()
+    quant.set_num_threads(threads)
+    try:
+        got = quant.matmul_q(x, qt.data, int(qtype), cols)
+    finally:
+        quant.set_num_threads(before)
+    assert np.all(np.abs(got - reference(x, qt)) <= rounding_bound(x, qt))
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
@@ -328,6 +354,10 @@ def test_bad_input_raises_clear_value_errors():
         quant.dequantize_rows(data, int(Q.Q8_0), 64, [0, 4])
     with pytest.raises(ValueError, match="uint16"):
         quant.matmul_bf16(x, np.zeros((3, 64), np.float32))
+    with pytest.raises(TypeError):
+        quant.matmul_q(None, data, int(Q.Q8_0), 64)
+    with pytest.raises(TypeError):
+        quant.matmul_q(x.tolist(), data, int(Q.Q8_0), 64)
     with pytest.raises(ValueError, match=">= 1"):
         quant.set_num_threads(0)
     with pytest.raises(ValueError, match="not available"):
