@@ -469,7 +469,9 @@ static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int6
     const int64_t rc = ts_rows_per_task(m, nthreads);
     const int64_t n_rc = (m + rc - 1) / rc, n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
     const int64_t work = m * w_stride * n; /* weight bytes touched, counted per x row */
-    const int par = nthreads > 1 && work >= 65536;
+    /* below ~256 KB of weight traffic a fork/join (and waiting on a busy core) costs more than
+     * the second thread saves: a 576 x 576 Q4_1 (207 KB) at N = 1 takes ~11 us on one core */
+    const int par = nthreads > 1 && work >= (1 << 18);
     /* activation rows per weight-row visit: 8 where 32 zmm registers hold the accumulators */
     const int tile_rows = isa == TS_ISA_VNNI ? 8 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (par)
@@ -505,7 +507,7 @@ static inline void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, 
     ts_pick(isa, TS_Q8_0, &unused_row, &unused_quant, &row);
     const int64_t rc = ts_rows_per_task(m, nthreads);
     const int64_t n_rc = (m + rc - 1) / rc, n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
-    const int par = nthreads > 1 && m * k * 2 * n >= 65536;
+    const int par = nthreads > 1 && m * k * 2 * n >= (1 << 18);
     const int tile_rows = isa == TS_ISA_VNNI ? 8 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (par)
     for (int64_t task = 0; task < n_rc * n_nc; task++) {
