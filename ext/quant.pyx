@@ -10,7 +10,8 @@ element: a relative error of a block's dot product of order 1/127, which average
 blocks (relative Frobenius error ~5e-3 on Gaussian data).
 
 The work is in ext/quant.h (driver, C API) with quant_scalar.h (portable C) and quant_simd.h
-(+ quant_simd_wide.h, quant_simd_k.h): portable C, AVX2 and AVX-512 VNNI twins picked at run time (get_isa / set_isa, env TINYSERVE_QUANT_ISA), OpenMP over chunks of output rows, each
+(+ quant_simd_wide.h, quant_simd_k.h): portable C, AVX2 and AVX-512 VNNI twins picked at run
+time (get_isa / set_isa, env TINYSERVE_QUANT_ISA), OpenMP over chunks of output rows, each
 weight row read once for a tile of 4 (AVX2) or 8 (VNNI) activation rows. The wrappers here only
 check arguments (ValueError) and release the GIL.
 """
