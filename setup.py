@@ -49,7 +49,7 @@ def extensions():
         return []
     from setuptools import Extension
 
-    flags = ["-O3", "-fopenmp", "-ffast-math" if os.environ.get("TINYSERVE_FAST_MATH") else "-O3"]
+    flags = ["-O3", "-fopenmp"]
     if os.environ.get("TINYSERVE_NATIVE") == "1":  # opt-in: tune for this very CPU
         flags.append("-march=native")
     else:
@@ -59,6 +59,8 @@ def extensions():
             f"tinyserve._ext.{src.stem}",
             [str(src.relative_to(HERE))],
             include_dirs=[numpy.get_include(), str(HERE / "ext")],
+            # every header: kernels.pyx compiles quant.h in too, so a header edit rebuilds both
+            depends=[str(h.relative_to(HERE)) for h in sorted((HERE / "ext").glob("*.h"))],
             extra_compile_args=flags,
             extra_link_args=["-fopenmp"],
         )
