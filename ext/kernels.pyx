@@ -435,6 +435,32 @@ def filtered_probs(logits, p):
 cdef extern from "quant.h" nogil:
     int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, int64_t m,
                     int64_t w_stride, int qtype, float *out, int nthreads, int isa)
+    int ts_set_sgemm(void *fn, int ilp64, int64_t min_n)
+    int64_t ts_blas_min_n
+
+
+def set_blas_min_rows(Py_ssize_t n) -> bool:
+    """llama_layers' quantized matmuls of >= n rows go through BLAS sgemm (0: never); the twin of
+    quant.set_blas_min_rows (each module holds its own copy of ext/quant.h)."""
+    from tinyserve._ext import find_sgemm
+
+    if n < 0:
+        raise ValueError(f"row threshold must be >= 0, got {n}")
+    addr, ilp64 = find_sgemm()
+    return bool(ts_set_sgemm(<void *><size_t>addr, ilp64, n)) and n > 0
+
+
+def get_blas_min_rows() -> int:
+    return ts_blas_min_n
+
+
+def _init_blas():
+    from tinyserve._ext import blas_min_rows
+
+    set_blas_min_rows(blas_min_rows())
+
+
+_init_blas()
 
 
 DEF W_Q = 0

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from tinyserve._ext import blas_min_rows, find_sgemm
 from tinyserve.errors import ConfigError
 
 cimport numpy as cnp
@@ -40,6 +41,8 @@ cdef extern from "quant.h" nogil:
                                 int nthreads, int isa)
     void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
                             const int64_t *ids, int64_t n, float *out, int nthreads)
+    int ts_set_sgemm(void *fn, int ilp64, int64_t min_n)
+    int64_t ts_blas_min_n
 
 # gguf.GGMLQuantizationType value -> name, for the types these kernels run
 QTYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
@@ -98,7 +101,22 @@ def set_isa(str name) -> None:
     _isa = _ISA_NAMES.index(name)
 
 
+def set_blas_min_rows(Py_ssize_t n) -> bool:
+    """Quantized matmuls of >= n activation rows dequantize the weight and call BLAS sgemm
+    (0: never). -> whether a usable cblas_sgemm was found."""
+    if n < 0:
+        raise ValueError(f"row threshold must be >= 0, got {n}")
+    addr, ilp64 = find_sgemm()
+    return bool(ts_set_sgemm(<void *><size_t>addr, ilp64, n)) and n > 0
+
+
+def get_blas_min_rows() -> int:
+    """The row count from which sgemm is used; 0 when never (none found, or disabled)."""
+    return ts_blas_min_n
+
+
 set_num_threads(_default_threads())
+set_blas_min_rows(blas_min_rows())
 if os.environ.get("TINYSERVE_QUANT_ISA"):
     set_isa(os.environ["TINYSERVE_QUANT_ISA"])
 

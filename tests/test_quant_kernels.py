@@ -102,6 +102,16 @@ def cols_for(qtype) -> list[int]:
     return [96, 160, 352] if qtype in LEGACY else [256, 512]
 
 
+@pytest.fixture(autouse=True)
+def integer_path():
+    """The integer kernels everywhere (big batches would otherwise go to sgemm); the sgemm route
+    has its own tests below, which switch it on."""
+    before = quant.get_blas_min_rows()
+    quant.set_blas_min_rows(0)
+    yield
+    quant.set_blas_min_rows(before)
+
+
 @pytest.fixture(params=quant.available_isas())
 def isa(request):
     """Each implementation this CPU runs (scalar, avx2, vnni): all must meet the reference."""
@@ -377,3 +387,44 @@ def test_thread_count_from_environment():
     assert threads_in_child(env) == str(os.cpu_count())
     bad = threads_in_child(dict(env, TINYSERVE_NUM_THREADS="0"))
     assert "ConfigError: TINYSERVE_NUM_THREADS must be a positive integer, got '0'" in bad
+
+
+# -- large batches: dequantize + BLAS sgemm ------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_sgemm_route_matches_float_reference(qtype, threads):
+    # from the threshold on, float activations times the dequantized weight: float32 rounding
+    # only, no int8 activation error (and the rows below the threshold keep the integer tiles)
+    if not quant.set_blas_min_rows(16):
+        pytest.skip("no cblas_sgemm loaded in this process")
+    rng = np.random.default_rng(int(qtype) + 90)
+    cols = cols_for(qtype)[-1]
+    qt = weight(qtype, 77, cols, rng)
+    x = rng.standard_normal((40, cols)).astype(np.float32)
+    got = quant.matmul_q(x, qt.data, int(qtype), cols)
+    want = reference(x, qt)
+    scale = np.abs(x.astype(np.float64)) @ np.abs(qt.dequantize().astype(np.float64)).T
+    assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30)
+    small = quant.matmul_q(x[:15].copy(), qt.data, int(qtype), cols)  # below: integer tiles
+    assert np.all(np.abs(small - want[:15]) <= rounding_bound(x[:15], qt))
+    assert not np.array_equal(small, got[:15])  # a different route, not the same numbers
+
+
+def test_sgemm_route_strided_rows_and_out_buffer():
+    if not quant.set_blas_min_rows(4):
+        pytest.skip("no cblas_sgemm loaded in this process")
+    rng = np.random.default_rng(12)
+    qt = weight(Q.Q4_0, 33, 64, rng)
+    wide = rng.standard_normal((9, 100)).astype(np.float32)
+    x = wide[:, 10:74]  # (9, 64) rows 100 floats apart, read in place
+    out = np.full((9, 33), np.nan, dtype=np.float32)
+    assert quant.matmul_q(x, qt.data, int(Q.Q4_0), 64, out) is out
+    np.testing.assert_allclose(out, reference(np.ascontiguousarray(x), qt), rtol=1e-4, atol=1e-4)
+
+
+def test_blas_threshold_is_checked():
+    with pytest.raises(ValueError, match="threshold"):
+        quant.set_blas_min_rows(-1)
+    quant.set_blas_min_rows(0)
+    assert quant.get_blas_min_rows() == 0
