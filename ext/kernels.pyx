@@ -35,6 +35,13 @@ cdef extern from "kernels_simd.h" nogil:
     const char *ts_simd_level()
 
 
+cdef extern from "kernels_attn.h" nogil:
+    void ts_attn_token(const float *q, int gi, int G, int64_t Dh, int64_t Dv, const float *k,
+                       const float *v, int64_t block_stride, int64_t row_stride,
+                       int64_t v_block_stride, int64_t v_row_stride, const int32_t *table, int64_t BS, int64_t lo, int64_t hi, float scale,
+                       float *out, float *work)
+
+
 cdef extern from "kernels_sample.h" nogil:
     ctypedef struct ts_prob_idx:
         double p
@@ -229,29 +236,20 @@ cdef void _paged_attention(
     const int32_t[:, ::1] block_tables,  # (S, max_blocks)
     float scale,
     int64_t window,  # 0: none
-    int heads_per_item,  # query heads of one kv head handled by one work item (divides G)
+    int heads_per_item,  # query heads handled by one work item (divides G, or H: whole tokens)
     float[:, :, ::1] out,  # (N, H, Dv)
 ) noexcept nogil:
     cdef Py_ssize_t N = q.shape[0], H = q.shape[1], Dh = q.shape[2]
     cdef Py_ssize_t BS = k_pool.shape[1], KVH = k_pool.shape[2], Dv = v_pool.shape[3]
     cdef Py_ssize_t G = H // KVH, gi = heads_per_item, per_tok = H // gi
-    cdef Py_ssize_t item, t, kvh, g0, g, s, c_lo, c_hi, b, j, j0, j1, h, d
+    cdef Py_ssize_t item, t, kvh, g0, s, c_lo, c_hi
     cdef int64_t pos
-    cdef float *acc
-    cdef float *m
-    cdef float *l
-    cdef float *sc
-    cdef float bm, m_new, corr, p
-    cdef const float *kp
-    cdef const float *vp
+    cdef float *work
     with parallel(num_threads=_threads_for(N * H * 4096)):
-        acc = <float *>malloc((gi * Dv + 2 * gi + BS) * sizeof(float))
-        m = acc + gi * Dv
-        l = m + gi
-        sc = l + gi
+        work = <float *>malloc((gi * (Dv + BS + 2)) * sizeof(float))
         for item in prange(N * per_tok, schedule="dynamic"):
             t = item // per_tok
-            kvh = (item % per_tok) * gi // G
+            kvh = (item % per_tok) * gi // G  # gi = H: the whole token, kvh = g0 = 0
             g0 = (item % per_tok) * gi % G
             s = seq_of[t]
             pos = positions[t]
@@ -261,39 +259,20 @@ cdef void _paged_attention(
             c_lo = 0
             if window > 0 and pos - window + 1 > 0:
                 c_lo = pos - window + 1  # the last `window` tokens, self included
-            memset(acc, 0, gi * Dv * sizeof(float))
-            for g in range(gi):
-                m[g] = -INFINITY
-                l[g] = 0
-            for b in range(c_lo // BS, c_hi // BS + 1):
-                j0 = c_lo - b * BS if b * BS < c_lo else 0
-                j1 = c_hi - b * BS + 1 if c_hi - b * BS + 1 < BS else BS
-                for g in range(gi):
-                    h = kvh * G + g0 + g
-                    bm = -INFINITY
-                    for j in range(j0, j1):
-                        kp = &k_pool[block_tables[s, b], j, kvh, 0]
-                        sc[j] = ts_dot(&q[t, h, 0], kp, Dh) * scale
-                        if sc[j] > bm:
-                            bm = sc[j]
-                    # online softmax: rescale what came before to the new running max
-                    m_new = m[g] if m[g] > bm else bm
-                    corr = expf(m[g] - m_new)
-                    l[g] = l[g] * corr
-                    for j in range(j0, j1):
-                        p = expf(sc[j] - m_new)
-                        l[g] = l[g] + p
-                        vp = &v_pool[block_tables[s, b], j, kvh, 0]
-                        if j == j0:
-                            ts_scale_axpy(&acc[g * Dv], corr, p, vp, Dv)
-                        else:
-                            ts_axpy(&acc[g * Dv], p, vp, Dv)
-                    m[g] = m_new
-            for g in range(gi):
-                h = kvh * G + g0 + g
-                for d in range(Dv):
-                    out[t, h, d] = acc[g * Dv + d] / l[g]
-        free(acc)
+            ts_attn_token(&q[t, kvh * G + g0, 0], <int>gi, <int>G, Dh, Dv, &k_pool[0, 0, kvh, 0],
+                          &v_pool[0, 0, kvh, 0], BS * KVH * Dh, KVH * Dh, BS * KVH * Dv, KVH * Dv,
+                          &block_tables[s, 0], BS,
+                          c_lo, c_hi, scale, &out[t, kvh * G + g0, 0], work)
+        free(work)
+
+
+def _heads_per_item(N, H, KVH):
+    """Query heads per attention work item: whole tokens when there are enough of them for the
+    threads (each KV row then read whole, in order); else one kv head's group; else single heads
+    (a decode step of one sequence still spreads over the threads)."""
+    if N >= 4 * _n_threads:
+        return H
+    return H // KVH if N * KVH >= 4 * _n_threads else 1
 
 
 def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, block_tables,
@@ -323,9 +302,7 @@ def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, 
     seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
     if out is None:
         out = np.empty((N, H, Dv), dtype=np.float32)
-    G = H // KVH
-    # few (token, kv head) items (decode): split a kv head's query heads over the threads too
-    gi = G if N * KVH >= 4 * _n_threads else 1
+    gi = _heads_per_item(N, H, KVH)
     if N:
         _paged_attention(q, k_pool, v_pool, seq_of, seq_lens, positions, block_tables, scale,
                          int(sliding_window or 0), gi, out)
@@ -565,7 +542,7 @@ def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v
     a = np.empty((N, n_heads, Dh), np.float32)
     gate = np.empty((N, intermediate_size), np.float32)
     up = np.empty((N, intermediate_size), np.float32)
-    gi = (n_heads // KVH) if N * KVH >= 4 * _n_threads else 1
+    gi = _heads_per_item(N, n_heads, KVH)
     cdef int rc
     rc = _llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v_bias, q_norm,
                        k_norm, kv, positions, slots, seq_of, seq_lens, block_tables, inv_freq, eps,
