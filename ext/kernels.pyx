@@ -440,6 +440,8 @@ def _init_blas():
 _init_blas()
 
 
+LAYERS_CHUNK = 512  # tokens per pass through the layer stack (bounds the activations)
+
 DEF W_Q = 0
 DEF W_K = 1
 DEF W_V = 2
@@ -529,10 +531,41 @@ def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v
     """(N, D) residual stream through every layer, in place: the fused twin of LlamaModel's loop.
     kv: (L, 2, NB, BS, KVH, Dh) pools; w*: (L, 7) pointers / row strides / qtypes of q k v o gate
     up down (ggml blocks, kept alive by the caller)."""
-    cdef Py_ssize_t N = x.shape[0], D = x.shape[1]
+    cdef Py_ssize_t N = x.shape[0], D = x.shape[1], c0, c1, n
     KVH, Dh = kv.shape[4], kv.shape[5]
     if N == 0:
         return x
+    S = seq_lens.shape[0]
+    seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    # At most LAYERS_CHUNK tokens go through the stack at a time: a chunk writes its K/V before
+    # the next one attends to them (causal by position), so the result is the same, and the
+    # activations stay bounded (~11 MB at 512 rows of SmolLM2 instead of ~45 MB for 2048).
+    C = min(N, LAYERS_CHUNK)
+    h = np.empty((C, D), np.float32)
+    q = np.empty((C, n_heads, Dh), np.float32)
+    k = np.empty((C, KVH, Dh), np.float32)
+    v = np.empty((C, KVH, Dh), np.float32)
+    a = np.empty((C, n_heads, Dh), np.float32)
+    gate = np.empty((C, intermediate_size), np.float32)
+    up = np.empty((C, intermediate_size), np.float32)
+    cdef int rc
+    for c0 in range(0, N, C):
+        c1 = min(c0 + C, N)
+        n = c1 - c0
+        gi = _heads_per_item(n, n_heads, KVH)
+        qn, kn = q[:n], k[:n]
+        rc = _llama_layers(x[c0:c1], wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias,
+                           v_bias, q_norm, k_norm, kv, positions[c0:c1], slots[c0:c1],
+                           seq_of[c0:c1], seq_lens, block_tables, inv_freq, eps, scale,
+                           int(sliding_window or 0), gi, isa, h[:n], qn, kn, v[:n], a[:n],
+                           gate[:n], up[:n], qn.reshape(n, -1), kn.reshape(n, -1),
+                           v[:n].reshape(n, -1), a[:n].reshape(n, -1), qn.reshape(-1, Dh),
+                           kn.reshape(-1, Dh))
+        if rc != 0:
+            raise MemoryError("llama_layers: out of memory for the quantized activations")
+    return x
     S = seq_lens.shape[0]
     seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
     h = np.empty((N, D), np.float32)

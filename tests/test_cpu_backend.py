@@ -165,3 +165,33 @@ def test_fused_layers_equal_op_by_op(name, tmp_path, monkeypatch):
     monkeypatch.setenv("TINYSERVE_CPU_FUSED", "0")
     np.testing.assert_allclose(fused, llm.logits(ids), rtol=1e-5, atol=1e-5)
     assert greedy(llm, prompts, 5) == fused_greedy
+
+
+def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):
+    """llama_layers runs at most LAYERS_CHUNK tokens through the stack at a time: a prompt split
+    mid-sequence (chunks of 5) and two prompts in one batch must give the unsplit logits (same
+    kernels, same row counts per matmul below the BLAS threshold: equal to float rounding)."""
+    import sys
+
+    import gguf
+
+    from tinyserve._ext import kernels
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_util import write_gguf_from_hf_dir
+
+    path = write_gguf_from_hf_dir(
+        HF_DIR / "qwen2", tmp_path / "q.gguf", qtype_for=lambda n, a: gguf.GGMLQuantizationType.Q8_0
+        if a.ndim == 2 and a.shape[1] % 32 == 0 else gguf.GGMLQuantizationType.F32,
+    )
+    llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
+    ref = load_reference(HF_DIR / "qwen2" / "reference.npz")
+    ids = ref["input_ids"].tolist()
+    whole = llm.logits(ids)
+    assert llm.engine.model._cpu_fused is not None, "the fused path did not apply"
+    prompts = [ids, ref["input_ids_2"].tolist()]
+    whole_greedy = greedy(llm, prompts, 4)
+    monkeypatch.setattr(kernels, "LAYERS_CHUNK", 5)
+    assert len(ids) > 5
+    np.testing.assert_allclose(llm.logits(ids), whole, rtol=1e-5, atol=1e-5)
+    assert greedy(llm, prompts, 4) == whole_greedy
