@@ -1,0 +1,65 @@
+"""The quantized matmul (tinyserve._ext.quant.matmul_q) on the default model's shapes.
+
+SmolLM2-135M Q4_1: q/o (576 x 576), k/v (192 x 576), gate/up (1536 x 576), down (576 x 1536),
+and the tied Q8_0 output head (49152 x 576). N = 1 (decode), 16 (a batched decode step) and 512
+(a prefill chunk): N = 1 and 16 run the int8 tiles, N = 512 the dequantize + BLAS sgemm route
+(from $TINYSERVE_BLAS_MIN_N rows, default 64). Skipped when the extension is not built.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _common
+
+# name -> (rows, cols, ggml type)
+SHAPES = {
+    "q_proj": (576, 576, "Q4_1"),
+    "k_proj": (192, 576, "Q4_1"),
+    "gate_proj": (1536, 576, "Q4_1"),
+    "down_proj": (576, 1536, "Q4_1"),
+    "lm_head": (49152, 576, "Q8_0"),
+}
+
+
+def _blocks(qtype_name: str, rows: int, cols: int, rng) -> np.ndarray:
+    """(rows, bytes_per_row) uint8: random ggml blocks with small finite f16 scales (the kernel's
+    time does not depend on the values; quantizing 28M floats in setup would)."""
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype_name]]
+    data = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    n_f16 = 2 if qtype_name in ("Q4_1", "Q5_1") else 1  # d (and m) lead each block
+    f16 = (rng.standard_normal((data.shape[0], n_f16)) * 0.01).astype(np.float16)
+    data[:, : 2 * n_f16] = f16.view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+class MatmulQ:
+    params = (list(SHAPES), [1, 16, 512], _common.THREADS)
+    param_names = ("weight", "n_tokens", "threads")
+    timeout = 120
+
+    def setup(self, weight, n_tokens, threads):
+        try:
+            from tinyserve._ext import quant
+        except ImportError as e:
+            raise NotImplementedError(f"native kernels not built: {e}") from None
+        from gguf import GGMLQuantizationType
+
+        if weight == "lm_head" and n_tokens == 512:
+            raise NotImplementedError("the head only sees the sampled rows")
+        _common.use_threads(threads)
+        quant.set_num_threads(threads)
+        rows, cols, qtype_name = SHAPES[weight]
+        rng = np.random.default_rng(0)
+        self.quant = quant
+        self.data = _blocks(qtype_name, rows, cols, rng)
+        self.qtype = int(GGMLQuantizationType[qtype_name])
+        self.cols = cols
+        self.x = rng.standard_normal((n_tokens, cols), dtype=np.float32)  # (N, K)
+        self.out = np.empty((n_tokens, rows), dtype=np.float32)  # (N, M)
+
+    def time_matmul_q(self, weight, n_tokens, threads):
+        self.quant.matmul_q(self.x, self.data, self.qtype, self.cols, self.out)  # (N, M)
