@@ -412,6 +412,10 @@ def filtered_probs(logits, p):
 cdef extern from "quant.h" nogil:
     int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, int64_t m,
                     int64_t w_stride, int qtype, float *out, int nthreads, int isa)
+    int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_t x_stride, int nw,
+                          const uint8_t *const *w, const int64_t *m, const int64_t *w_stride,
+                          const int *qtype, float *const *out, int nthreads, int isa)
+    int ts_block_size(int qtype)
     int ts_set_sgemm(void *fn, int ilp64, int64_t min_n)
     int64_t ts_blas_min_n
 
@@ -462,6 +466,43 @@ cdef inline int _mm(const float[:, ::1] x, const int64_t[:, ::1] wptr, const int
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
+cdef inline int _mm3(const float[:, ::1] x, const int64_t[:, ::1] wptr, const int64_t[:, ::1] wstride,
+                     const int32_t[:, ::1] wtype, Py_ssize_t l, int first, int nw,
+                     float[:, ::1] o0, float[:, ::1] o1, float[:, ::1] o2, int isa) noexcept nogil:
+    """Matrices first .. first + nw - 1 of layer l (nw <= 3) against one x: one activation
+    quantization and one parallel region when their types share an activation format."""
+    cdef const uint8_t *w[3]
+    cdef int64_t m[3]
+    cdef int64_t ws[3]
+    cdef int qt[3]
+    cdef float *out[3]
+    cdef int j
+    cdef bint same = True
+    out[0] = &o0[0, 0]
+    m[0] = o0.shape[1]
+    out[1] = &o1[0, 0]
+    m[1] = o1.shape[1]
+    if nw > 2:
+        out[2] = &o2[0, 0]
+        m[2] = o2.shape[1]
+    for j in range(nw):
+        w[j] = <const uint8_t *>wptr[l, first + j]
+        ws[j] = wstride[l, first + j]
+        qt[j] = wtype[l, first + j]
+        if (ts_block_size(qt[j]) == 256) != (ts_block_size(qt[0]) == 256):
+            same = False
+    if same:
+        return ts_matmul_q_multi(&x[0, 0], x.shape[0], x.shape[1], x.shape[1], nw, w, m, ws, qt,
+                                 out, _n_threads, isa)
+    for j in range(nw):
+        if ts_matmul_q_multi(&x[0, 0], x.shape[0], x.shape[1], x.shape[1], 1, &w[j], &m[j],
+                             &ws[j], &qt[j], &out[j], _n_threads, isa):
+            return -1
+    return 0
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cdef int _llama_layers(
     float[:, ::1] x,  # (N, D) residual stream, updated in place
     const int64_t[:, ::1] wptr, const int64_t[:, ::1] wstride, const int32_t[:, ::1] wtype,  # (L, 7)
@@ -485,8 +526,7 @@ cdef int _llama_layers(
     for l in range(L):
         # attention ------------------------------------------------------------------------
         _rms_norm(x, attn_norm[l], eps, h)
-        if _mm(h, wptr, wstride, wtype, l, W_Q, q2, isa) or _mm(h, wptr, wstride, wtype, l, W_K, k2, isa) \
-                or _mm(h, wptr, wstride, wtype, l, W_V, v2, isa):
+        if _mm3(h, wptr, wstride, wtype, l, W_Q, 3, q2, k2, v2, isa):  # W_Q, W_K, W_V in a row
             return -1
         if q_bias.shape[0]:  # Qwen2's q/k/v bias
             for n in range(N):
@@ -514,7 +554,7 @@ cdef int _llama_layers(
                 x[n, i] += h[n, i]
         # feed-forward (SwiGLU) ------------------------------------------------------------
         _rms_norm(x, ffn_norm[l], eps, h)
-        if _mm(h, wptr, wstride, wtype, l, W_GATE, gate, isa) or _mm(h, wptr, wstride, wtype, l, W_UP, up, isa):
+        if _mm3(h, wptr, wstride, wtype, l, W_GATE, 2, gate, up, up, isa):  # W_GATE, W_UP
             return -1
         _silu_mul(gate, up, gate)
         if _mm(gate, wptr, wstride, wtype, l, W_DOWN, h, isa):

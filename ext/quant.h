@@ -280,19 +280,35 @@ static inline int ts_matmul_q_blas(const float *x, int64_t n, int64_t k, int64_t
     return 0;
 }
 
-/* out (n, m) = x (n, k) @ dequant(w).T; x row i at x + i * x_stride, w row r at w + r * w_stride.
- * 0, or -1: out of memory */
-static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                                      const uint8_t *w, int64_t m, int64_t w_stride, int qtype,
-                                      float *out, int nthreads, int isa) {
-    if (ts_sgemm_ptr && ts_blas_min_n > 0 && n >= ts_blas_min_n)
-        return ts_matmul_q_blas(x, n, k, x_stride, w, m, w_stride, qtype, out, nthreads);
-    row_fn row;
+/* out_j (n, m_j) = x (n, k) @ dequant(w_j).T for nw <= 4 weights that read the same x (q/k/v,
+ * gate/up): the activations are quantized once and every matrix's rows share one parallel region,
+ * so a decode step pays one fork/join where it paid nw (small k/v matrices alone stayed on one
+ * thread). The weights' types must share one activation format (all 32-blocks or all K-quants);
+ * each output element is computed exactly as by a single-matrix call. x row i at x + i *
+ * x_stride, w_j row r at w_j + r * w_stride_j. 0, or -1: out of memory */
+static inline int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_t x_stride, int nw,
+                                    const uint8_t *const *w, const int64_t *m,
+                                    const int64_t *w_stride, const int *qtype, float *const *out,
+                                    int nthreads, int isa) {
+    if (ts_sgemm_ptr && ts_blas_min_n > 0 && n >= ts_blas_min_n) {
+        for (int j = 0; j < nw; j++)
+            if (ts_matmul_q_blas(x, n, k, x_stride, w[j], m[j], w_stride[j], qtype[j], out[j],
+                                 nthreads))
+                return -1;
+        return 0;
+    }
+    row_fn row[4];
     quant_fn quant;
     bf16_fn unused;
-    ts_pick(isa, qtype, &row, &quant, &unused);
-    const int qk = ts_block_size(qtype) == 256 ? 256 : 32; /* Q8_K- or Q8_0-style */
-    const int64_t nbx = k / 32, nd = k / qk, nb = k / ts_block_size(qtype);
+    int64_t nb[4], m_all = 0, work = 0;
+    for (int j = 0; j < nw; j++) {
+        ts_pick(isa, qtype[j], &row[j], &quant, &unused);
+        nb[j] = k / ts_block_size(qtype[j]);
+        m_all += m[j];
+        work += m[j] * w_stride[j] * n; /* weight bytes touched, counted per x row */
+    }
+    const int qk = ts_block_size(qtype[0]) == 256 ? 256 : 32; /* Q8_K- or Q8_0-style */
+    const int64_t nbx = k / 32, nd = k / qk;
     /* one buffer: q (n, k) int8 | d (n, nd) f32 | s (n, nbx) f32 | bs (n, nbx) int16 */
     int8_t *xq = (int8_t *)ts_scratch(0, (size_t)(n * k + 4 * n * nd + 6 * n * nbx + 64));
     if (!xq) return -1;
@@ -308,9 +324,11 @@ static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int6
             quant(x + i * x_stride, k, qk, xq + i * k, xd + i * nd, xs + i * nbx, xb + i * nbx);
     }
 
-    const int64_t rc = ts_rows_per_task(m, nthreads);
-    const int64_t n_rc = (m + rc - 1) / rc, n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
-    const int64_t work = m * w_stride * n; /* weight bytes touched, counted per x row */
+    /* row chunks of every matrix in one task list: matrix j's chunks follow matrix j-1's */
+    const int64_t rc = ts_rows_per_task(m_all, nthreads);
+    int64_t first[5] = {0};
+    for (int j = 0; j < nw; j++) first[j + 1] = first[j] + (m[j] + rc - 1) / rc;
+    const int64_t n_rc = first[nw], n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
     /* below ~256 KB of weight traffic a fork/join (and waiting on a busy core) costs more than
      * the second thread saves: a 576 x 576 Q4_1 (207 KB) at N = 1 takes ~11 us on one core */
     const int par = nthreads > 1 && work >= (1 << 18);
@@ -318,9 +336,14 @@ static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int6
     const int tile_rows = isa == TS_ISA_VNNI ? 8 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (par)
     for (int64_t task = 0; task < n_rc * n_nc; task++) {
-        const int64_t r0 = (task / n_nc) * rc, r1 = r0 + rc < m ? r0 + rc : m;
+        const int64_t c = task / n_nc;
+        int j = 0;
+        while (c >= first[j + 1]) j++;
+        const int64_t r0 = (c - first[j]) * rc, r1 = r0 + rc < m[j] ? r0 + rc : m[j];
         const int64_t i0 = (task % n_nc) * TS_X_PER_TASK;
         const int64_t i1 = i0 + TS_X_PER_TASK < n ? i0 + TS_X_PER_TASK : n;
+        const uint8_t *wj = w[j];
+        float *oj = out[j];
         for (int64_t t0 = i0; t0 < i1; t0 += tile_rows) {
             const int n_x = (int)(i1 - t0 < tile_rows ? i1 - t0 : tile_rows);
             XQ tile[8];
@@ -331,10 +354,19 @@ static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int6
                 tile[t].bs = xb + (t0 + t) * nbx;
             }
             for (int64_t r = r0; r < r1; r++)
-                row(w + r * w_stride, tile, nb, n_x, out + t0 * m + r, m);
+                row[j](wj + r * w_stride[j], tile, nb[j], n_x, oj + t0 * m[j] + r, m[j]);
         }
     }
     return 0;
+}
+
+/* out (n, m) = x (n, k) @ dequant(w).T; x row i at x + i * x_stride, w row r at w + r * w_stride.
+ * 0, or -1: out of memory */
+static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                                      const uint8_t *w, int64_t m, int64_t w_stride, int qtype,
+                                      float *out, int nthreads, int isa) {
+    return ts_matmul_q_multi(x, n, k, x_stride, 1, &w, &m, &w_stride, &qtype, &out, nthreads,
+                             isa);
 }
 
 /* out (n, m) = x (n, k) @ bf16(w).T; w (m, k) uint16 bf16 bits; x row i at x + i * x_stride,

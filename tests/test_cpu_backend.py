@@ -193,5 +193,9 @@ def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):
     whole_greedy = greedy(llm, prompts, 4)
     monkeypatch.setattr(kernels, "LAYERS_CHUNK", 5)
     assert len(ids) > 5
+    calls = []
+    fused_stack = kernels.llama_layers
+    monkeypatch.setattr(kernels, "llama_layers", lambda x, *a: calls.append(len(x)) or fused_stack(x, *a))
     np.testing.assert_allclose(llm.logits(ids), whole, rtol=1e-5, atol=1e-5)
     assert greedy(llm, prompts, 4) == whole_greedy
+    assert calls and max(calls) > 5, f"the fused stack ran on {calls} tokens"

@@ -229,7 +229,9 @@ class CpuBackend(Backend):
             except AttributeError:
                 return cache
         pools = getattr(self, "_kv_all", None)
-        if cache is None or pools is None or kv[0]["k"].base is not pools or len(kv) != pools.shape[0]:
+        if cache is None or pools is None or len(kv) != pools.shape[0]:
+            return None
+        if kv[0]["k"].ctypes.data != pools.ctypes.data:  # not the views allocate_kv handed out
             return None
         return cache
 
