@@ -11,7 +11,17 @@ import pytest
 from tinyserve import LLM, SamplingParams
 
 HF_DIR = Path(__file__).parent / "fixtures" / "hf"
-NAMES = ["llama", "llama_mqa", "smollm2", "mistral", "qwen2", "qwen3", "llama_sharded", "llama_bf16", "llama_f16"]
+NAMES = [
+    "llama",
+    "llama_mqa",
+    "smollm2",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "llama_sharded",
+    "llama_bf16",
+    "llama_f16",
+]
 ATOL, RTOL = 2e-3, 1e-3  # as tests/test_hf_parity.py
 
 
@@ -60,7 +70,11 @@ def test_greedy_ids_match_transformers(case):
 
 def test_batched_equals_alone(case):
     llm, ref = case
-    prompts = [ref["input_ids"].tolist(), ref["input_ids_2"].tolist(), ref["input_ids"].tolist()[:3]]
+    prompts = [
+        ref["input_ids"].tolist(),
+        ref["input_ids_2"].tolist(),
+        ref["input_ids"].tolist()[:3],
+    ]
     alone = [greedy(llm, [p], 6)[0] for p in prompts]
     assert greedy(llm, prompts, 6) == alone
 
@@ -129,7 +143,9 @@ def test_default_model_agrees_with_numpy(smollm2_pair):
         kls.append(_kl(a, b))
         same_prefix.append(next((i for i, (x, y) in enumerate(zip(r, c)) if x != y), N_TOKENS))
     top1_rate, mean_kl = float(np.mean(np.concatenate(top1))), float(np.mean(np.concatenate(kls)))
-    print(f"top-1 agreement {top1_rate:.4f}, mean KL {mean_kl:.2e}, identical greedy prefixes {same_prefix}")
+    print(
+        f"top-1 agreement {top1_rate:.4f}, mean KL {mean_kl:.2e}, identical greedy prefixes {same_prefix}"
+    )
     assert top1_rate >= MIN_TOP1, f"top-1 agreement {top1_rate:.4f} < {MIN_TOP1}"
     assert mean_kl <= MAX_KL, f"mean KL(numpy || cpu) {mean_kl:.2e} > {MAX_KL:.0e}"
     assert "Paris" in cpu_llm.tokenizer.decode(cpu_out[0])
@@ -181,8 +197,13 @@ def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):
     from gguf_util import write_gguf_from_hf_dir
 
     path = write_gguf_from_hf_dir(
-        HF_DIR / "qwen2", tmp_path / "q.gguf", qtype_for=lambda n, a: gguf.GGMLQuantizationType.Q8_0
-        if a.ndim == 2 and a.shape[1] % 32 == 0 else gguf.GGMLQuantizationType.F32,
+        HF_DIR / "qwen2",
+        tmp_path / "q.gguf",
+        qtype_for=lambda n, a: (
+            gguf.GGMLQuantizationType.Q8_0
+            if a.ndim == 2 and a.shape[1] % 32 == 0
+            else gguf.GGMLQuantizationType.F32
+        ),
     )
     llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
     ref = load_reference(HF_DIR / "qwen2" / "reference.npz")
@@ -195,7 +216,9 @@ def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):
     assert len(ids) > 5
     calls = []
     fused_stack = kernels.llama_layers
-    monkeypatch.setattr(kernels, "llama_layers", lambda x, *a: calls.append(len(x)) or fused_stack(x, *a))
+    monkeypatch.setattr(
+        kernels, "llama_layers", lambda x, *a: calls.append(len(x)) or fused_stack(x, *a)
+    )
     np.testing.assert_allclose(llm.logits(ids), whole, rtol=1e-5, atol=1e-5)
     assert greedy(llm, prompts, 4) == whole_greedy
     assert calls and max(calls) > 5, f"the fused stack ran on {calls} tokens"

@@ -151,7 +151,9 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, num_threads: int | None = None):
+    def __init__(
+        self, device: str | None = None, dtype: str | None = None, num_threads: int | None = None
+    ):
         if device not in (None, "cpu"):
             raise ValueError(f"the cpu backend runs on the cpu only, not {device!r}")
         if dtype not in (None, "float32"):
@@ -178,7 +180,11 @@ class CpuBackend(Backend):
     @classmethod
     def summary(cls) -> str:
         """One line for `tinyserve backends`: native kernels active, SIMD level, threads."""
-        quant = "quantized matmul" if _quant is not None else "no quantized matmul (weights dequantized)"
+        quant = (
+            "quantized matmul"
+            if _quant is not None
+            else "no quantized matmul (weights dequantized)"
+        )
         return (
             f"native kernels active ({_kernels.simd_level()}), {quant}, "
             f"{_default_threads()} threads"
@@ -193,7 +199,9 @@ class CpuBackend(Backend):
         """One (L, 2, NB, BS, KVH, Dh) array when every layer stores k and v alike, handed out as
         per-layer views, so the fused path reaches all layers through one buffer."""
         shapes = {tuple(spec.get("k", ())) for spec in layer_specs}
-        if len(shapes) != 1 or any(set(spec) != {"k", "v"} or spec["k"] != spec["v"] for spec in layer_specs):
+        if len(shapes) != 1 or any(
+            set(spec) != {"k", "v"} or spec["k"] != spec["v"] for spec in layer_specs
+        ):
             return super().allocate_kv(layer_specs, num_blocks, block_size)
         pools = _lazy_zeros((len(layer_specs), 2, num_blocks, block_size, *shapes.pop()))
         self._kv_all = pools
@@ -208,9 +216,21 @@ class CpuBackend(Backend):
         x = ops.embedding(batch.token_ids, model.embed)  # (N, D)
         x = np.ascontiguousarray(x, dtype=np.float32)
         _kernels.llama_layers(
-            x, *fused, self._kv_all, batch.positions, batch.slots, batch.query_start, batch.seq_lens,
-            batch.block_tables, model.inv_freq, cfg.norm_eps, model.scale, cfg.sliding_window,
-            cfg.n_heads, cfg.intermediate_size, _QUANT_ISA.index(_quant.get_isa()),
+            x,
+            *fused,
+            self._kv_all,
+            batch.positions,
+            batch.slots,
+            batch.query_start,
+            batch.seq_lens,
+            batch.block_tables,
+            model.inv_freq,
+            cfg.norm_eps,
+            model.scale,
+            cfg.sliding_window,
+            cfg.n_heads,
+            cfg.intermediate_size,
+            _QUANT_ISA.index(_quant.get_isa()),
         )
         x = x[batch.logits_rows]  # (R, D): only the rows we sample from
         logits = ops.matmul(ops.rms_norm(x, model.norm, cfg.norm_eps), model.lm_head)  # (R, V)
@@ -268,7 +288,11 @@ def _build_fused(model):
     for i, w in enumerate(model.layers):
         for j, name in enumerate(_MATRICES):
             lin = getattr(w, name)
-            if not _is_quant(lin.w) or not _quant_supports(lin.w.qtype) or lin.w.data.strides[1] != 1:
+            if (
+                not _is_quant(lin.w)
+                or not _quant_supports(lin.w.qtype)
+                or lin.w.data.strides[1] != 1
+            ):
                 return None
             if name in ("o", "gate", "up", "down") and lin.b is not None:
                 return None
@@ -281,12 +305,16 @@ def _build_fused(model):
             return np.zeros((0, 0), np.float32)
         if any(v is None for v in values):
             raise _NotFusable
-        return np.ascontiguousarray(np.stack([np.asarray(v, np.float32).reshape(width) for v in values]))
+        return np.ascontiguousarray(
+            np.stack([np.asarray(v, np.float32).reshape(width) for v in values])
+        )
 
     H, KVH, Dh = model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.head_dim
     try:
         tables = (
-            wptr, wstride, wtype,
+            wptr,
+            wstride,
+            wtype,
             stack([w.attn_norm for w in model.layers], D),
             stack([w.ffn_norm for w in model.layers], D),
             stack([w.q.b for w in model.layers], H * Dh),
