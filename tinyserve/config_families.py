@@ -125,11 +125,15 @@ def _gemma3_from_gguf(get, n_layers: int) -> dict[str, Any]:
         types = [SLIDING if (i + 1) % int(pattern) else FULL for i in range(n_layers)]
     head_dim = int(get("attention.key_length"))
     cap = get("final_logit_softcapping", 0.0)
+    # llama.cpp's Gemma 3 graph scales q by 1/sqrt(head_dim); a file may say otherwise with
+    # attention.scale (= query_pre_attn_scalar^-1/2, written where the two differ)
+    scale = get("attention.scale", 0.0)
+    scalar = float(head_dim) if not scale else _round_near(float(scale) ** -2)
     return {
         "hidden_act": "gelu_pytorch_tanh",
         "layer_types": tuple(types),
         "rope_local_theta": float(get("rope.freq_base_swa", 10000.0)),
-        "query_pre_attn_scalar": float(head_dim),
+        "query_pre_attn_scalar": scalar,
         "final_logit_softcapping": float(cap) if cap else None,
     }
 
@@ -146,8 +150,14 @@ def _phi3_from_gguf(get, n_layers: int) -> dict[str, Any]:
     head_dim = int(get("embedding_length")) // int(get("attention.head_count"))
     rot = int(get("rope.dimension_count", head_dim))
     orig = int(get("rope.scaling.original_context_length", 0))
-    # LongRoPE factors come as tensors (rope_factors_long/short); the model reads them there
-    scaling = {"rope_type": "longrope", "original_max_position_embeddings": orig} if orig else None
+    # LongRoPE factors come as tensors (rope_factors_long/short); the model reads them there.
+    # convert writes no rope.scaling.type for Phi-3: the original context marks LongRoPE.
+    scaling = None
+    if orig:
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": orig}
+        attn_factor = get("rope.scaling.attn_factor", 0.0)
+        if attn_factor:  # sqrt(1 + ln(scale) / ln(orig)), as convert computed it
+            scaling["attention_factor"] = float(attn_factor)
     return {"head_dim": head_dim, "partial_rotary_factor": rot / head_dim, "rope_scaling": scaling}
 
 
@@ -171,7 +181,7 @@ def _deepseek_v3_from_gguf(get, n_layers: int) -> dict[str, Any]:
         "moe_intermediate_size": int(get("expert_feed_forward_length", 0)),
         "n_shared_experts": int(get("expert_shared_count", 0)),
         "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
-        "scoring_func": {1: "softmax", 2: "sigmoid"}[int(get("expert_gating_func", 1))],
+        "scoring_func": _gating_func(int(get("expert_gating_func", 0))),
         "norm_topk_prob": bool(get("expert_weights_norm", False)),
         "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
         "n_group": int(get("expert_group_count", 1)),
@@ -179,15 +189,34 @@ def _deepseek_v3_from_gguf(get, n_layers: int) -> dict[str, Any]:
     }
     stype = get("rope.scaling.type", "none")
     if stype == "yarn":
-        # llama.cpp stores 0.1 * mscale_all_dim as yarn_log_multiplier
-        kw["rope_scaling"] = {
+        # convert stores 0.1 * mscale_all_dim as yarn_log_multiplier (deepseek2's legacy
+        # convention) and no mscale: DeepSeek-V3 / Kimi-K2 configs have mscale = 1
+        rs = {
             "rope_type": "yarn",
             "factor": float(get("rope.scaling.factor")),
             "original_max_position_embeddings": int(get("rope.scaling.original_context_length")),
             "mscale": 1.0,
-            "mscale_all_dim": float(get("rope.scaling.yarn_log_multiplier", 0.1)) / 0.1,
+            "mscale_all_dim": _round_near(float(get("rope.scaling.yarn_log_multiplier", 0.1)) * 10),
         }
+        for key in ("beta_fast", "beta_slow"):
+            value = get(f"rope.scaling.yarn_{key}", 0.0)
+            if value:
+                rs[key] = float(value)
+        kw["rope_scaling"] = rs
     return kw
+
+
+def _gating_func(value: int) -> str:
+    """llama.cpp's expert_gating_func id -> scoring_func; absent (0) means softmax (DeepSeek-V2)."""
+    names = {0: "softmax", 1: "softmax", 2: "sigmoid"}
+    if value not in names:
+        raise ConfigError(f"expert_gating_func {value} is not supported (1 softmax, 2 sigmoid)")
+    return names[value]
+
+
+def _round_near(x: float) -> float:
+    """x with the float32 noise of a GGUF metadata value removed (7 significant digits)."""
+    return float(f"{x:.7g}")
 
 
 FAMILY_FROM_GGUF = {

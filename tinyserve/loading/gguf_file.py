@@ -151,6 +151,8 @@ _DEEPSEEK2_BLOCK = {
     "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
     "attn_kv_a_norm": "self_attn.kv_a_layernorm",
     "attn_kv_b": "self_attn.kv_b_proj",
+    "attn_k_b": "self_attn.k_b_proj",  # newer converters split kv_b: merged back at load
+    "attn_v_b": "self_attn.v_b_proj",
     "ffn_gate_inp": "mlp.gate",
     "exp_probs_b": "mlp.gate.e_score_correction",  # + ".bias": e_score_correction_bias
     "ffn_gate_exps": "mlp.experts.gate_proj",  # stacked (E*F, D)
@@ -274,6 +276,8 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
         for hf_name, name in gguf_names.items():
             if name.endswith("norm.weight"):
                 tensors[hf_name] = np.asarray(tensors[hf_name], dtype=np.float32) - np.float32(1.0)
+    if arch == "deepseek2":
+        _merge_kv_b(path, tensors, gguf_names)
     return GGUFModelFile(path=path, metadata=metadata, tensors=tensors, gguf_names=gguf_names)
 
 
@@ -413,6 +417,51 @@ def _unpermute_qk(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str
                 tensors[name] = unpermute_from_gguf(tensor, heads)
             except WeightsError as e:
                 raise WeightsError(f"{path}: tensor {name}: {e}") from None
+
+
+_K_B_RE = re.compile(r"(model\.layers\.\d+\.self_attn\.)k_b_proj\.weight")
+
+
+def _merge_kv_b(path: Path, tensors: dict[str, Tensor], gguf_names: dict[str, str]):
+    """MLA's kv_b_proj (H*(dn+dv), r) back from the attn_k_b (H, r, dn) / attn_v_b (H, dv, r) pair
+    newer convert_hf_to_gguf.py writes instead (k_b transposed for llama.cpp's absorbed product).
+
+    The model dequantizes kv_b at load anyway, so the merged tensor is float32."""
+    for k_name in [n for n in tensors if _K_B_RE.fullmatch(n)]:
+        prefix = _K_B_RE.fullmatch(k_name).group(1)
+        v_name, kv_name = f"{prefix}v_b_proj.weight", f"{prefix}kv_b_proj.weight"
+        if v_name not in tensors:
+            raise WeightsError(f"{path}: {gguf_names[k_name]} has no matching attn_v_b tensor")
+        k_b, v_b = _dense(tensors.pop(k_name)), _dense(tensors.pop(v_name))
+        if k_b.ndim == 2 or v_b.ndim == 2:  # quantized: rows of all heads folded together
+            k_b, v_b = _heads_like(k_b, v_b, path, gguf_names[k_name])
+        if k_b.ndim != 3 or v_b.ndim != 3 or k_b.shape[:2] != (v_b.shape[0], v_b.shape[2]):
+            raise WeightsError(
+                f"{path}: {gguf_names[k_name]} {k_b.shape} and its attn_v_b {v_b.shape} are not "
+                f"(H, r, dn) and (H, dv, r)"
+            )
+        kv_b = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)  # (H, dn + dv, r)
+        tensors[kv_name] = np.ascontiguousarray(kv_b.reshape(-1, kv_b.shape[-1]))  # (H*(dn+dv), r)
+        gguf_names[kv_name] = gguf_names.pop(k_name).replace("attn_k_b", "attn_kv_b")
+        gguf_names.pop(v_name)
+
+
+def _dense(t: Tensor) -> np.ndarray:
+    return t.dequantize() if isinstance(t, QuantTensor) else np.asarray(t, dtype=np.float32)
+
+
+def _heads_like(k_b: np.ndarray, v_b: np.ndarray, path: Path, name: str):
+    """Quantized k_b (H*r, dn) / v_b (H*dv, r) -> (H, r, dn), (H, dv, r): r is v_b's row length."""
+    r = v_b.shape[-1]
+    if k_b.ndim == 2:
+        if k_b.shape[0] % r:
+            raise WeightsError(f"{path}: {name} rows {k_b.shape[0]} do not split into heads of {r}")
+        k_b = k_b.reshape(-1, r, k_b.shape[-1])  # (H, r, dn)
+    if v_b.ndim == 2:
+        if v_b.shape[0] % k_b.shape[0]:
+            raise WeightsError(f"{path}: attn_v_b rows {v_b.shape[0]} do not match {name}'s heads")
+        v_b = v_b.reshape(k_b.shape[0], -1, r)  # (H, dv, r)
+    return k_b, v_b
 
 
 def _per_layer(value: int | list[int], layer: int) -> int:
