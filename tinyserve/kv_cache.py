@@ -9,7 +9,7 @@ then the least recently used one is evicted.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 from .errors import OutOfBlocks
 from .sequence import Sequence
@@ -24,7 +24,9 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int):
         self.ref_counts = [0] * num_blocks
-        self.free: deque[int] = deque(range(num_blocks))  # free and holding nothing reusable
+        # free and holding nothing reusable; a stack, so the most recently used (already resident,
+        # still in the CPU caches) blocks go out first and untouched pool pages stay untouched
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free but cached, oldest first
         self.on_evict = lambda block_id: None
 
@@ -38,7 +40,7 @@ class BlockAllocator:
 
     def allocate(self) -> int:
         if self.free:
-            block_id = self.free.popleft()
+            block_id = self.free.pop()
         elif self.evictable:
             block_id, _ = self.evictable.popitem(last=False)
             self.on_evict(block_id)
