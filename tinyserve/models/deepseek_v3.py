@@ -20,7 +20,6 @@ import numpy as np
 
 from ..batch import Batch
 from ..config import ModelConfig
-from ..errors import WeightsError
 from . import WeightReader, as_numpy
 from .moe import load_experts, route_sigmoid_grouped, route_softmax
 from .rope import interleaved_to_halves, rope_attention_factor, rope_inv_freq, yarn_softmax_mscale
@@ -98,10 +97,6 @@ class DeepseekV3Model:
             else:
                 q_a = q_a_norm = None
                 q_b = take(f"{a}.q_proj.weight", (H * (dn + dr), D))
-            if not take.has(f"{a}.kv_b_proj.weight") and take.has(f"{a}.k_b_proj.weight"):
-                raise WeightsError(
-                    "GGUF files with kv_b split into k_b / v_b are not supported yet"
-                )
             kv_b = as_numpy(take(f"{a}.kv_b_proj.weight", (H * (dn + dv), r))).astype(np.float32)
             kv_b = kv_b.reshape(H, dn + dv, r)
             w_uk, w_uv = kv_b[:, :dn, :], kv_b[:, dn:, :]  # (H, dn, r), (H, dv, r)
