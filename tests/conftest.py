@@ -33,17 +33,23 @@ def make_llm():
     return make
 
 
-def default_model_gguf() -> Path:
-    """The default model's GGUF: pulled once into models/ (CI's test command pulls it first).
+def catalog_model(name: str) -> Path:
+    """A catalog model's file: pulled once into models/ (CI's test command pulls them first).
 
     Only TINYSERVE_OFFLINE=1 turns a missing file into a skip; otherwise it is pulled here."""
     import os
 
     from tinyserve import catalog
 
-    path = catalog.model_path(catalog.DEFAULT_MODEL)
+    path = catalog.model_path(name)
     if path is None:
         if os.environ.get("TINYSERVE_OFFLINE") == "1":
-            pytest.skip("default model not pulled and TINYSERVE_OFFLINE=1")
-        path = catalog.pull(catalog.DEFAULT_MODEL, quiet=True)
+            pytest.skip(f"{name} not pulled and TINYSERVE_OFFLINE=1")
+        path = catalog.pull(name, quiet=True)
     return Path(path)
+
+
+def default_model_gguf() -> Path:
+    from tinyserve import catalog
+
+    return catalog_model(catalog.DEFAULT_MODEL)

@@ -9,7 +9,6 @@ several experts. The new reference ops are checked against plain per-element / p
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -244,21 +243,11 @@ def test_split_experts_dense_stack():
 # -- the real Gemma-3-270M ------------------------------------------------------------------------
 
 
-def gemma3_gguf() -> Path | None:
-    from tinyserve import catalog
-
-    path = catalog.model_path("gemma3-270m")
-    if path is not None and Path(path).exists():
-        return Path(path)
-    env = os.environ.get("TINYSERVE_GEMMA3_GGUF")
-    return Path(env) if env and Path(env).exists() else None
-
-
 @pytest.fixture(scope="module")
 def gemma3_270m():
-    path = gemma3_gguf()
-    if path is None:
-        pytest.skip("Gemma-3-270M GGUF not pulled (`tinyserve pull gemma3-270m`)")
+    from conftest import catalog_model
+
+    path = catalog_model("gemma3-270m")
     return LLM(model=str(path), backend="numpy"), load_reference(GEMMA3_NPZ)
 
 
