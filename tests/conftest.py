@@ -11,7 +11,9 @@ HF_DIR = Path(__file__).parent / "fixtures" / "hf"
 TINY = HF_DIR / "smollm2"  # tied embeddings, 2 layers, vocab 384, context 256
 
 
-def random_prompts(n: int, rng: np.random.Generator, low: int = 3, high: int = 60, vocab: int = 384):
+def random_prompts(
+    n: int, rng: np.random.Generator, low: int = 3, high: int = 60, vocab: int = 384
+):
     """n prompts of token ids with mixed lengths in [low, high)."""
     return [rng.integers(4, vocab, size=int(rng.integers(low, high))).tolist() for _ in range(n)]
 

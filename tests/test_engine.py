@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import random_prompts
+
 from tinyserve import SamplingParams
 from tinyserve.errors import RequestError
 
@@ -148,7 +148,7 @@ def test_stream_deltas_add_up_to_generate(make_llm):
     full = llm.generate("hello world", p)[0].outputs[0]
     deltas = list(llm.stream("hello world", p))
     assert "".join(d.text for d in deltas) == full.text
-    assert sum((d.token_ids for d in deltas), []) == full.token_ids
+    assert [t for d in deltas for t in d.token_ids] == full.token_ids
     assert deltas[-1].finish_reason == "length"
 
 
@@ -192,7 +192,9 @@ def test_requests_join_while_others_run(make_llm):
 
 
 def test_metrics_are_recorded(make_llm):
-    out = make_llm().generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    out = make_llm().generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    )[0]
     m = out.metrics
     assert m.ttft is not None and m.ttft > 0
     assert len(m.token_times) == 8 and len(m.inter_token_latencies) == 7
@@ -208,7 +210,7 @@ def test_impossible_request_is_rejected_others_keep_running(make_llm):
     with pytest.raises(RequestError, match="KV blocks"):
         e.add_request(list(range(4, 40)), SamplingParams(max_tokens=100))
     with pytest.raises(RequestError, match="context"):
-        e.add_request(list(range(300)) , SamplingParams(max_tokens=1))
+        e.add_request(list(range(300)), SamplingParams(max_tokens=1))
     done = []
     while e.has_unfinished():
         done += [o for o in e.step() if o.finished]

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY
+
 from tinyserve import LLM, SamplingParams
 from tinyserve.cli import main
 from tinyserve.errors import (
@@ -129,7 +129,10 @@ def test_prompt_longer_than_context_loses_nothing(make_llm):
     with pytest.raises(RequestError, match="context"):
         llm.generate([ok, list(range(4, 300))], SamplingParams(max_tokens=4, temperature=0))
     assert not llm.engine.has_unfinished() and llm.engine.kv_manager.n_used_blocks == 0
-    assert len(llm.generate([ok], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids) == 4
+    assert (
+        len(llm.generate([ok], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids)
+        == 4
+    )
 
 
 def test_token_ids_outside_the_vocab(make_llm):
@@ -161,8 +164,22 @@ def test_cli_errors_are_one_line(argv, capsys):
 def test_cli_corrupt_weights_in_a_subprocess(ckpt):
     f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
-    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", "generate", "hi", "--model", str(ckpt), "-b", "numpy"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyserve.cli",
+            "generate",
+            "hi",
+            "--model",
+            str(ckpt),
+            "-b",
+            "numpy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "truncated or corrupt" in r.stderr

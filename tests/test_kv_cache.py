@@ -23,7 +23,9 @@ def check_invariants(engine):
             if not seq.finished:
                 owners.update(seq.block_table)
     for block_id, refs in enumerate(kv.allocator.ref_counts):
-        assert refs == owners.get(block_id, 0), f"block {block_id}: {refs} refs, {owners.get(block_id, 0)} owners"
+        assert refs == owners.get(block_id, 0), (
+            f"block {block_id}: {refs} refs, {owners.get(block_id, 0)} owners"
+        )
     free = set(kv.allocator.free) | set(kv.allocator.evictable)
     assert len(free) == kv.allocator.n_free, "a block is on the free lists twice"
     assert free == {b for b, r in enumerate(kv.allocator.ref_counts) if r == 0}
@@ -31,7 +33,13 @@ def check_invariants(engine):
 
 actions = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12), st.integers(1, 3), st.integers(0, 3)),
+        st.tuples(
+            st.just("add"),
+            st.integers(1, 40),
+            st.integers(1, 12),
+            st.integers(1, 3),
+            st.integers(0, 3),
+        ),
         st.tuples(st.just("step")),
         st.tuples(st.just("abort"), st.integers(0, 20)),
     ),
@@ -43,14 +51,24 @@ actions = st.lists(
 @pytest.fixture(scope="module")
 def small_llm():
     from conftest import TINY
+
     from tinyserve import LLM
 
     # a small pool so preemption, eviction and copy-on-write all happen
-    return LLM(str(TINY), backend="numpy", kv_cache_tokens=96, block_size=4, max_num_seqs=6,
-               max_num_batched_tokens=48, chunk_size=20)
+    return LLM(
+        str(TINY),
+        backend="numpy",
+        kv_cache_tokens=96,
+        block_size=4,
+        max_num_seqs=6,
+        max_num_batched_tokens=48,
+        chunk_size=20,
+    )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(actions)
 def test_random_add_step_abort_never_leaks(small_llm, script):
     engine = small_llm.engine
@@ -59,8 +77,12 @@ def test_random_add_step_abort_never_leaks(small_llm, script):
     for action in script:
         if action[0] == "add":
             _, length, max_tokens, n, prefix = action
-            prompt = (prefixes[prefix % 2] if prefix else []) + [(7 * length + i) % 380 + 4 for i in range(length)]
-            params = SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, seed=length, ignore_eos=True)
+            prompt = (prefixes[prefix % 2] if prefix else []) + [
+                (7 * length + i) % 380 + 4 for i in range(length)
+            ]
+            params = SamplingParams(
+                max_tokens=max_tokens, n=n, temperature=1.0, seed=length, ignore_eos=True
+            )
             try:
                 added.append(engine.add_request(prompt, params))
             except RequestError:
@@ -109,7 +131,10 @@ def test_paged_attention_over_fragmented_pool_equals_dense():
 
     ops, rng = NumpyOps(), np.random.default_rng(0)
     H, KVH, Dh, BS, NB = 6, 2, 8, 4, 32
-    lens, new = [13, 7, 1], [5, 7, 1]  # seq 0: a chunk over cached context; seq 1: a prompt; 2: one token
+    lens, new = (
+        [13, 7, 1],
+        [5, 7, 1],
+    )  # seq 0: a chunk over cached context; seq 1: a prompt; 2: one token
     perm = rng.permutation(NB)  # blocks handed out in scrambled order
     tables, used = [], 0
     for L in lens:
@@ -135,5 +160,7 @@ def test_paged_attention_over_fragmented_pool_equals_dense():
                     s = k[lo : pos + 1, kv_h] @ q[row, h] * 0.3
                     p = np.exp(s - s.max())
                     p /= p.sum()
-                    np.testing.assert_allclose(out[row, h], p @ v[lo : pos + 1, kv_h], rtol=1e-5, atol=1e-5)
+                    np.testing.assert_allclose(
+                        out[row, h], p @ v[lo : pos + 1, kv_h], rtol=1e-5, atol=1e-5
+                    )
                 row += 1

@@ -129,7 +129,9 @@ def test_batched_equals_alone(name, backend):
     cacheable = name != "phi3"
     llm = LLM(model=str(HF_DIR / name), backend=backend, block_size=4)  # prefix caching asked for
     assert getattr(llm.engine.model, "prefix_cacheable", True) == cacheable
-    assert llm.engine.kv_manager.enable_prefix_caching == cacheable  # the engine honours the opt-out
+    assert (
+        llm.engine.kv_manager.enable_prefix_caching == cacheable
+    )  # the engine honours the opt-out
     together = greedy(llm, prompts, 6)
     alone = [greedy(llm, [p], 6)[0] for p in prompts]
     assert together == alone

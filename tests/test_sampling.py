@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from tinyserve.errors import RequestError
-from tinyserve.sampling import SamplingParams, apply_penalties, filtered_probs, log_softmax, sample_row
+from tinyserve.sampling import (
+    SamplingParams,
+    apply_penalties,
+    filtered_probs,
+    log_softmax,
+    sample_row,
+)
 
 
 def _logits(seed=0, V=50):
@@ -58,7 +64,9 @@ def test_penalties_follow_their_definitions():
     x = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
     out = apply_penalties(x.copy(), SamplingParams(repetition_penalty=2.0), [0], [1])
     np.testing.assert_allclose(out, [1.0, -4.0, 1.0, 0.5])
-    out = apply_penalties(x.copy(), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [2], [3, 3, 0])
+    out = apply_penalties(
+        x.copy(), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [2], [3, 3, 0]
+    )
     np.testing.assert_allclose(out, [2.0 - 0.25 - 0.5, -2.0, 1.0, 0.5 - 0.5 - 0.5])
 
 
@@ -106,25 +114,40 @@ def test_unknown_field_is_refused():
 
 def test_stop_strings_cut_the_text(make_llm):
     llm = make_llm()
-    free = llm.generate("hello", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].outputs[0]
+    free = llm.generate("hello", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[
+        0
+    ].outputs[0]
     assert len(free.text) > 6
     stop = free.text[3:6]
-    out = llm.generate("hello", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    out = llm.generate(
+        "hello", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+    )[0]
     c = out.outputs[0]
     assert c.finish_reason == "stop" and c.text == free.text[: free.text.index(stop)]
     # streaming never shows the stop string, even partially
-    streamed = "".join(d.text for d in llm.stream("hello", SamplingParams(max_tokens=30, temperature=0,
-                                                                          ignore_eos=True, stop=[stop])))
+    streamed = "".join(
+        d.text
+        for d in llm.stream(
+            "hello", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+        )
+    )
     assert streamed == c.text
 
 
 def test_stop_token_ids_eos_and_length(make_llm):
     llm = make_llm()
-    free = llm.generate([5, 6, 7], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].outputs[0]
+    free = llm.generate([5, 6, 7], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[
+        0
+    ].outputs[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 10
     t = free.token_ids[4]
-    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[t]))[0].outputs[0]
-    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: free.token_ids.index(t) + 1]
+    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[t]))[
+        0
+    ].outputs[0]
+    assert (
+        out.finish_reason == "stop"
+        and out.token_ids == free.token_ids[: free.token_ids.index(t) + 1]
+    )
     llm.engine.eos_ids = {t}  # make that token the EOS: generation ends there unless ignore_eos
     out = llm.generate([5, 6, 7], SamplingParams(max_tokens=10, temperature=0))[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == t
@@ -132,6 +155,6 @@ def test_stop_token_ids_eos_and_length(make_llm):
 
 def test_seeded_requests_repeat_and_differ_by_seed(make_llm):
     llm = make_llm()
-    p = lambda s: SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True)  # noqa: E731
+    p = lambda s: SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True)
     a, b, c = (llm.generate("abc", p(s))[0].outputs[0].token_ids for s in (1, 1, 2))
     assert a == b and a != c

@@ -14,9 +14,16 @@ DEFAULT_BACKEND = "cpu"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="catalog name, HF directory or .gguf file "
-                   "(default: the catalog's default model, pulled on first use)")
-    p.add_argument("--backend", "-b", default=DEFAULT_BACKEND, help="backend name (see `tinyserve backends`)")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="catalog name, HF directory or .gguf file "
+        "(default: the catalog's default model, pulled on first use)",
+    )
+    p.add_argument(
+        "--backend", "-b", default=DEFAULT_BACKEND, help="backend name (see `tinyserve backends`)"
+    )
     p.add_argument("--device", default=None, help="device for the backend, e.g. cuda:0")
     p.add_argument("--dtype", default=None, help="compute dtype for the backend, e.g. bfloat16")
 
@@ -36,8 +43,14 @@ def _sampling_params(args):
     from .sampling import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or (),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop or (),
     )
 
 
@@ -117,6 +130,7 @@ def cmd_pull(args) -> int:
 
 def cmd_info(args) -> int:
     from . import catalog
+    from .errors import TinyServeError
     from .loading import load_checkpoint
 
     ckpt = load_checkpoint(catalog.resolve(args.model))
@@ -125,7 +139,11 @@ def cmd_info(args) -> int:
     n_params = 0
     for t in ckpt.tensors.values():
         kind = getattr(t, "qtype", None)
-        kind = kind.name if kind is not None else (getattr(getattr(t, "dtype", None), "name", None) or "bf16")
+        kind = (
+            kind.name
+            if kind is not None
+            else (getattr(getattr(t, "dtype", None), "name", None) or "bf16")
+        )
         kinds[kind] = kinds.get(kind, 0) + 1
         size = 1
         for s in t.shape:
@@ -150,9 +168,16 @@ def cmd_info(args) -> int:
 
         tok = _load_tokenizer(ckpt)
         if tok is not None:
-            lines.append(("tokenizer", f"{tok.vocab_size} tokens, eos={list(tok.eos_token_ids)}, "
-                          f"chat template={'yes' if tok.has_chat_template else 'no'}"))
-    except Exception as e:  # info should still print what it could read
+            lines.append(
+                (
+                    "tokenizer",
+                    (
+                        f"{tok.vocab_size} tokens, eos={list(tok.eos_token_ids)}, "
+                        f"chat template={'yes' if tok.has_chat_template else 'no'}"
+                    ),
+                )
+            )
+    except TinyServeError as e:  # info should still print what it could read
         lines.append(("tokenizer", f"unreadable ({e})"))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
@@ -170,14 +195,18 @@ def cmd_backends(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinyserve", description="A small, readable LLM inference runtime.")
+    parser = argparse.ArgumentParser(
+        prog="tinyserve", description="A small, readable LLM inference runtime."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a prompt (streamed to stdout)")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
     _add_model_args(p)
     _add_sampling_args(p)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--stats", action="store_true", help="print TTFT, TPOT and tokens/s to stderr")
     p.set_defaults(func=cmd_generate)
@@ -237,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinyserve: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("", file=sys.stderr)
+        print(file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batch import Batch
-from .errors import RequestError
+from .errors import OutOfBlocks, RequestError
 from .kv_cache import KVCacheManager
 from .models import build_model
 from .outputs import CompletionOutput, RequestOutput
@@ -38,7 +38,9 @@ class EngineConfig:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
-            raise ValueError(f"kv_cache_tokens must hold at least one block, got {self.kv_cache_tokens}")
+            raise ValueError(
+                f"kv_cache_tokens must hold at least one block, got {self.kv_cache_tokens}"
+            )
 
 
 class Engine:
@@ -55,7 +57,9 @@ class Engine:
         self.kv = backend.allocate_kv(layout, num_blocks, config.block_size)
         # a model whose cached K/V depend on more than the prefix (Phi-3's LongRoPE switches on the
         # whole length) opts out of prefix caching
-        prefix_caching = config.enable_prefix_caching and getattr(self.model, "prefix_cacheable", True)
+        prefix_caching = config.enable_prefix_caching and getattr(
+            self.model, "prefix_cacheable", True
+        )
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.chunk_size),
@@ -74,7 +78,7 @@ class Engine:
     def _num_blocks(self, layout) -> int:
         c = self.config
         per_token = sum(int(np.prod(shape)) for spec in layout for shape in spec.values())
-        bytes_per_block = per_token * c.block_size * getattr(self.backend, "kv_itemsize", 4)
+        bytes_per_block = per_token * c.block_size * self.backend.kv_itemsize
         if c.kv_cache_tokens is not None:
             return c.kv_cache_tokens // c.block_size
         useful = c.max_num_seqs * -(-self.model_config.context_len // c.block_size)
@@ -100,12 +104,19 @@ class Engine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self._check_prompt(ids, params)
-        req = Request(request_id, text, ids, params)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
+        req = Request(request_id, text, ids, params, seed)
         max_len = min(len(ids) + params.max_tokens, self.model_config.context_len)
-        seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, np.random.default_rng([seed, 0]), max_len)
+        seq = Sequence(
+            next(self._seq_ids),
+            request_id,
+            0,
+            ids,
+            params,
+            np.random.default_rng([seed, 0]),
+            max_len,
+        )
         seq.detokenizer = self._detokenizer(ids, params)
-        req.seeds = seed
         req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)
@@ -118,7 +129,9 @@ class Engine:
         if min(ids) < 0 or max(ids) >= V:
             raise RequestError(f"prompt token ids must be in [0, {V}), got {min(ids)}..{max(ids)}")
         if len(ids) >= ctx:
-            raise RequestError(f"prompt of {len(ids)} tokens does not fit the model's context of {ctx}")
+            raise RequestError(
+                f"prompt of {len(ids)} tokens does not fit the model's context of {ctx}"
+            )
         kv = self.kv_manager
         total = min(len(ids) + params.max_tokens, ctx)
         need = kv.blocks_for(total) + (params.n - 1) * (kv.blocks_for(params.max_tokens) + 1)
@@ -133,7 +146,9 @@ class Engine:
             return None
         from .tokenizer import IncrementalDetokenizer
 
-        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
+        return IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
+        )
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free all its KV blocks."""
@@ -208,21 +223,32 @@ class Engine:
         """Greedy with nothing that needs the whole row: no penalties, logprobs or siblings to fork."""
         p = seq.params
         return (
-            p.greedy and p.logprobs is None and p.n == 1 and p.repetition_penalty == 1.0
-            and not p.presence_penalty and not p.frequency_penalty
+            p.greedy
+            and p.logprobs is None
+            and p.n == 1
+            and p.repetition_penalty == 1.0
+            and not p.presence_penalty
+            and not p.frequency_penalty
         )
 
     @staticmethod
     def _sample(seq: Sequence, logits: np.ndarray) -> Sample:
-        return sample_row(logits, seq.params, seq.rng, seq.token_ids[: seq.prompt_len], seq.output_ids)
+        return sample_row(
+            logits, seq.params, seq.rng, seq.token_ids[: seq.prompt_len], seq.output_ids
+        )
 
     def _fork(self, req: Request) -> None:
         """n > 1: siblings share the computed prompt's blocks and sample their own tokens."""
         parent = req.seqs[0]
         for i in range(1, req.params.n):
             child = Sequence(
-                next(self._seq_ids), req.request_id, i, req.prompt_ids, req.params,
-                np.random.default_rng([req.seeds, i]), parent.max_len,
+                next(self._seq_ids),
+                req.request_id,
+                i,
+                req.prompt_ids,
+                req.params,
+                np.random.default_rng([req.seed, i]),
+                parent.max_len,
             )
             child.detokenizer = self._detokenizer(req.prompt_ids, req.params)
             self.kv_manager.fork(parent, child)
@@ -275,17 +301,30 @@ class Engine:
         outputs, deltas = [], []
         for seq in req.seqs:
             text = seq.text
-            if not seq.finished and seq.params.stop:  # hold back what may be the start of a stop string
-                text = text[: max(seq.sent_text_len, len(text) - max(len(s) for s in seq.params.stop) + 1)]
+            if (
+                not seq.finished and seq.params.stop
+            ):  # hold back what may be the start of a stop string
+                text = text[
+                    : max(seq.sent_text_len, len(text) - max(len(s) for s in seq.params.stop) + 1)
+                ]
             out_ids = seq.output_ids
             lp = seq.logprobs
             outputs.append(
-                CompletionOutput(seq.index, text, list(out_ids), seq.finish_reason, lp and list(lp),
-                                 seq.cumulative_logprob if lp is not None else None)
+                CompletionOutput(
+                    seq.index,
+                    text,
+                    list(out_ids),
+                    seq.finish_reason,
+                    lp and list(lp),
+                    seq.cumulative_logprob if lp is not None else None,
+                )
             )
             deltas.append(
                 CompletionOutput(
-                    seq.index, text[seq.sent_text_len :], out_ids[seq.sent_token_len :], seq.finish_reason,
+                    seq.index,
+                    text[seq.sent_text_len :],
+                    out_ids[seq.sent_token_len :],
+                    seq.finish_reason,
                     None if lp is None else lp[seq.sent_token_len :],
                 )
             )
@@ -293,7 +332,9 @@ class Engine:
         finished = req.finished
         if finished:
             del self.requests[req.request_id]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outputs, finished, req.metrics, deltas)
+        return RequestOutput(
+            req.request_id, req.prompt, req.prompt_ids, outputs, finished, req.metrics, deltas
+        )
 
     # -- verification ---------------------------------------------------------------------------
 
@@ -303,14 +344,15 @@ class Engine:
         self._check_prompt(ids, SamplingParams(max_tokens=1))
         seq = Sequence(-1, "<logits>", 0, ids, SamplingParams(max_tokens=1), self._rng, len(ids))
         try:
-            self.kv_manager.reserve(seq, len(ids))
-        except Exception:
-            self.kv_manager.free(seq)
+            self.kv_manager.reserve(seq, len(ids))  # all or nothing
+        except OutOfBlocks:
             raise RequestError(f"{len(ids)} tokens do not fit the free KV cache now") from None
         try:
             copies = self.kv_manager.take_copies()
             assert not copies, "a fresh sequence shares no blocks"
-            batch = Batch.build([(ids, 0, seq.block_table)], self.kv_manager.block_size, list(range(len(ids))))
+            batch = Batch.build(
+                [(ids, 0, seq.block_table)], self.kv_manager.block_size, list(range(len(ids)))
+            )
             return self.backend.forward(self.model, batch, self.kv)
         finally:
             self.kv_manager.free(seq)

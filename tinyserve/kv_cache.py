@@ -71,14 +71,20 @@ class KVCacheManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need at least one block of one token, got {num_blocks} x {block_size}")
+            raise ValueError(
+                f"need at least one block of one token, got {num_blocks} x {block_size}"
+            )
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
         self.allocator.on_evict = self._forget
         self.enable_prefix_caching = enable_prefix_caching
         self.cached: dict[int, int] = {}  # chained key -> block id
-        self.block_key: dict[int, tuple[int, int | None, tuple[int, ...]]] = {}  # id -> (key, parent, tokens)
-        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the backend before the forward
+        self.block_key: dict[
+            int, tuple[int, int | None, tuple[int, ...]]
+        ] = {}  # id -> (key, parent, tokens)
+        self.pending_copies: list[
+            tuple[int, int]
+        ] = []  # (src, dst) for the backend before the forward
         self.n_cache_hit_tokens = 0
 
     @property
@@ -169,7 +175,9 @@ class KVCacheManager:
             self.allocator.ref_counts[seq.block_table[write_block]] > 1
         )
         if not self.can_allocate(n_new_blocks + needs_copy):
-            raise OutOfBlocks(f"need {n_new_blocks + needs_copy} blocks, {self.allocator.n_free} free")
+            raise OutOfBlocks(
+                f"need {n_new_blocks + needs_copy} blocks, {self.allocator.n_free} free"
+            )
         if needs_copy:
             src = seq.block_table[write_block]
             dst = self.allocator.allocate()
@@ -188,7 +196,9 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         """Release all of seq's blocks (finish, abort, preemption)."""
-        for block_id in reversed(seq.block_table):  # tail first: the LRU evicts a prefix's end first
+        for block_id in reversed(
+            seq.block_table
+        ):  # tail first: the LRU evicts a prefix's end first
             self.allocator.release(block_id, cached=block_id in self.block_key)
         seq.block_table = []
         seq.num_computed = 0

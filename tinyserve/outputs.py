@@ -15,7 +15,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    logprobs: list[dict[int, float]] | None = None  # per token: top-n ids -> logprob (+ the chosen one)
+    logprobs: list[dict[int, float]] | None = (
+        None  # per token: top-n ids -> logprob (+ the chosen one)
+    )
     cumulative_logprob: float | None = None
 
     @property

@@ -59,15 +59,33 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (
+                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                f"max_tokens must be >= 1, got {self.max_tokens}",
+            ),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1), f"top_k must be >= 1 or None, got {self.top_k}"),
+            (
+                self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
+                f"top_k must be >= 1 or None, got {self.top_k}",
+            ),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (
+                self.repetition_penalty > 0,
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            ),
+            (
+                -2 <= self.presence_penalty <= 2,
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                -2 <= self.frequency_penalty <= 2,
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= 20,
+                f"logprobs must be in [0, 20], got {self.logprobs}",
+            ),
             (isinstance(self.n, int) and 1 <= self.n <= 64, f"n must be in [1, 64], got {self.n}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
         ]
@@ -138,7 +156,7 @@ def filtered_probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
 filtered_probs_reference = filtered_probs  # the NumPy specification of the compiled twin
 if os.environ.get("TINYSERVE_PURE_PYTHON") != "1":
     try:  # same contract, in C (ext/kernels.pyx); tests/test_cpu_kernels.py runs both
-        from ._ext.kernels import filtered_probs  # noqa: F811
+        from ._ext.kernels import filtered_probs
     except ImportError:
         pass
 

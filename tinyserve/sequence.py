@@ -111,13 +111,23 @@ class Sequence:
 class Request:
     """A prompt and its n sequences (all but the first are forked once the prompt is computed)."""
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+    ):
         self.request_id = request_id
+        self.seed = seed  # sequence i samples from default_rng([seed, i])
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.seqs: list[Sequence] = []
-        self.metrics = RequestMetrics(arrival_time=time.perf_counter(), n_prompt_tokens=len(prompt_ids))
+        self.metrics = RequestMetrics(
+            arrival_time=time.perf_counter(), n_prompt_tokens=len(prompt_ids)
+        )
         self.forked = params.n == 1  # siblings exist once the prompt's logits are in
 
     @property

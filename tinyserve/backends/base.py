@@ -22,6 +22,7 @@ class Backend:
 
     name: str = ""
     ops: Any = None
+    kv_itemsize: int = 4  # bytes per cached K/V element (sizes the pool from a byte budget)
 
     def __init__(self, device: str | None = None, dtype: str | None = None):
         self.device = device
@@ -46,7 +47,10 @@ class Backend:
     ) -> list[dict[str, Any]]:
         """Per layer, one pool (NB, BS, *shape) per named entry of the model's cache layout."""
         return [
-            {name: np.zeros((num_blocks, block_size, *shape), dtype=np.float32) for name, shape in spec.items()}
+            {
+                name: np.zeros((num_blocks, block_size, *shape), dtype=np.float32)
+                for name, shape in spec.items()
+            }
             for spec in layer_specs
         ]
 
@@ -70,4 +74,3 @@ class Backend:
         R token ids (and the few rows the sampler needs) cross to the host."""
         logits = self.forward(model, batch, kv)
         return logits[greedy].argmax(axis=-1), logits[~greedy]
-

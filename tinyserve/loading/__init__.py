@@ -34,7 +34,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.exists():
         raise ModelNotFound(f"no such model file or directory: {path}")
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
-        raise UnsafeCheckpoint(f"{path} is a pickle checkpoint; refusing to unpickle it (use safetensors or GGUF)")
+        raise UnsafeCheckpoint(
+            f"{path} is a pickle checkpoint; refusing to unpickle it (use safetensors or GGUF)"
+        )
     if path.is_file() and path.suffix == ".gguf":
         from .gguf_file import read_gguf
 
@@ -47,7 +49,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         from .safetensors_file import read_safetensors_dir
 
         config = ModelConfig.from_json_file(path / "config.json")
-        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
+        if (
+            not any(path.glob("*.safetensors"))
+            and not (path / "model.safetensors.index.json").exists()
+        ):
             pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
             if pickles:
                 raise UnsafeCheckpoint(

@@ -18,8 +18,16 @@ import numpy as np
 from ..errors import WeightsError
 
 _DTYPES = {
-    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -59,7 +67,11 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray | BF16Array]:
         raise WeightsError(f"{path} is corrupt (header is not an object)")
     header.pop("__metadata__", None)
     data_len = size - 8 - n
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) if data_len else None
+    mm = (
+        np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,))
+        if data_len
+        else None
+    )
     tensors: dict[str, np.ndarray | BF16Array] = {}
     for name, info in header.items():
         try:
@@ -67,9 +79,16 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray | BF16Array]:
             shape = tuple(int(s) for s in info["shape"])
             start, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path}: tensor {name!r} has a malformed or unsupported entry {info}") from None
-        if not (0 <= start <= end <= data_len) or end - start != int(np.prod(shape)) * dtype.itemsize:
-            raise WeightsError(f"{path} is truncated or corrupt: tensor {name!r} lies outside the file")
+            raise WeightsError(
+                f"{path}: tensor {name!r} has a malformed or unsupported entry {info}"
+            ) from None
+        if (
+            not (0 <= start <= end <= data_len)
+            or end - start != int(np.prod(shape)) * dtype.itemsize
+        ):
+            raise WeightsError(
+                f"{path} is truncated or corrupt: tensor {name!r} lies outside the file"
+            )
         arr = mm[start:end].view(dtype).reshape(shape) if end > start else np.zeros(shape, dtype)
         tensors[name] = BF16Array(arr) if info["dtype"] == "BF16" else arr
     return tensors

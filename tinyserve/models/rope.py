@@ -101,7 +101,9 @@ def longrope_inv_freq(cfg: ModelConfig, long: bool, rotary_dim: int | None = Non
         factors = rs[key]
     ext = np.asarray(factors, dtype=np.float32).reshape(-1)  # (R/2,)
     if ext.shape[0] != dim // 2:
-        raise ConfigError(f"longrope factors have {ext.shape[0]} entries, rotary dim {dim} needs {dim // 2}")
+        raise ConfigError(
+            f"longrope factors have {ext.shape[0]} entries, rotary dim {dim} needs {dim // 2}"
+        )
     base = cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
     return (1.0 / (ext * base)).astype(np.float32)
 
@@ -121,7 +123,9 @@ def interleaved_to_halves(dim: int) -> np.ndarray:
 
 def _original_len(rs: dict) -> int:
     if not rs.get("original_max_position_embeddings"):
-        raise ConfigError(f"{rs.get('rope_type')} rope_scaling lacks original_max_position_embeddings")
+        raise ConfigError(
+            f"{rs.get('rope_type')} rope_scaling lacks original_max_position_embeddings"
+        )
     return int(rs["original_max_position_embeddings"])
 
 
