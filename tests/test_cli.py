@@ -68,6 +68,7 @@ def test_chat_is_interactive():
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("> ") == 3  # two turns, then the empty line ends it
