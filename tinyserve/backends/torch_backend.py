@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from typing import Any
 
 import numpy as np
@@ -312,7 +313,9 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, device: str | None = None, dtype: str | None = None):
+    def __init__(
+        self, device: str | None = None, dtype: str | None = None, fused: bool | None = None
+    ):
         ok, reason = self.availability()
         if not ok:
             raise ValueError(reason)
@@ -334,6 +337,10 @@ class TorchBackend(Backend):
         self.torch_dtype = getattr(torch, dtype)
         self.kv_itemsize = torch.tensor([], dtype=self.torch_dtype).element_size()
         self.ops = TorchOps(dev, self.torch_dtype)
+        # the fused Llama stack (torch_llama.py); TINYSERVE_TORCH_FUSED=0 runs every model op by op
+        if fused is None:
+            fused = os.environ.get("TINYSERVE_TORCH_FUSED", "1") != "0"
+        self.fused = fused
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -390,18 +397,41 @@ class TorchBackend(Backend):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Argmax on the device for the greedy rows; only the other rows' logits cross to the host."""
         with torch.inference_mode():
-            self.ops.begin(batch)
-            try:
-                logits = model.forward(batch, kv)  # (R, V) on the device
-                ids = logits.argmax(dim=-1)  # (R,): cheap, and no data-dependent shapes (no sync)
+            stack = self._stack(model)
+            if stack is not None:
+                logits = stack.forward(batch, kv)  # (R, V) on the device
+            else:
+                self.ops.begin(batch)
+                try:
+                    logits = model.forward(batch, kv)  # (R, V) on the device
+                finally:
+                    self.ops.end()
+            ids = logits.argmax(dim=-1)  # (R,): cheap, and no data-dependent shapes (no sync)
+            if greedy.all():
+                host_rows = np.zeros((0, logits.shape[1]), dtype=np.float32)
+            else:
                 rest = np.nonzero(~greedy)[0]
                 rows = logits.index_select(
                     0, torch.from_numpy(rest).to(logits.device)
                 ).float()  # (R-G, V)
                 host_rows = self._to_host(rows)
-                return ids.cpu().numpy()[greedy], host_rows
-            finally:
-                self.ops.end()
+            return ids.cpu().numpy()[greedy], host_rows  # the step's one wait on the device
+
+    def _stack(self, model):
+        """The fused Llama stack for a plain LlamaModel (built at its first forward), else None."""
+        if not self.fused:
+            return None
+        from ..models.llama import LlamaModel
+
+        if type(model) is not LlamaModel:
+            return None
+        stack = getattr(model, "_torch_stack", None)
+        if stack is None or stack.ops is not self.ops:
+            from .torch_llama import LlamaStack
+
+            stack = LlamaStack(model, self.ops)
+            model._torch_stack = stack
+        return stack
 
     def _to_host(self, x: torch.Tensor) -> np.ndarray:
         if self.torch_device.type != "cuda" or x.numel() == 0:
