@@ -71,7 +71,10 @@ class TorchOps:
         self._batch: Batch | None = None  # the batch whose metadata is on the device
         self._uploaded: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # id -> (array, its upload)
         self._attn_layout: tuple | None = None
-        self._rope: tuple | None = None  # (positions, inv_freq, cos, sin) of the last rope call
+        self._rope: tuple | None = (
+            None  # (positions, inv_freq, {dtype: (cos, sin)}) of the last rope
+        )
+        self._masks: dict = {}  # (sliding window, G, L) -> this forward's attention mask
 
     # -- weights and arrays -------------------------------------------------------------------
 
@@ -147,11 +150,12 @@ class TorchOps:
         self._batch = batch
         self._uploaded = {id(a): (a, t) for a, t in zip(arrays[:4], views[:4])}
         self._attn_layout = (*views[4:], T, int(batch.seq_lens.max(initial=1)))
-        self._rope = None
+        self._rope, self._masks = None, {}
 
     def end(self) -> None:
         """Drop the batch's device metadata."""
         self._batch, self._uploaded, self._attn_layout, self._rope = None, {}, None, None
+        self._masks = {}
 
     # -- the ops ------------------------------------------------------------------------------
 
@@ -173,24 +177,28 @@ class TorchOps:
         """(N, h, Dh), (N,), (R/2,) -> (N, h, Dh): rotate the first R dims in halves (NeoX / HF)."""
         positions = self.from_numpy(positions)
         half = inv_freq.shape[0]
-        cos, sin = self._cos_sin(positions, inv_freq)  # (N, 1, R/2) each
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = self._cos_sin(positions, inv_freq, x.dtype)  # (N, 1, R/2) each
         x1, x2 = x[..., :half], x[..., half : 2 * half]  # (N, h, R/2) each
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         if 2 * half == x.shape[-1]:
             return rotated
         return torch.cat([rotated, x[..., 2 * half :]], dim=-1)  # partial rotary: the rest passes
 
-    def _cos_sin(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple:
-        """(N, 1, R/2) cos and sin, computed once per forward: q and k of every layer share them."""
+    def _cos_sin(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple:
+        """(N, 1, R/2) cos and sin in dtype, computed once per forward: q and k of every layer
+        share them."""
         if self._rope is None or self._rope[0] is not positions or self._rope[1] is not inv_freq:
             angles = positions.to(self.angle_dtype)[:, None] * inv_freq.to(
                 self.angle_dtype
             )  # (N, R/2)
             cos = torch.cos(angles).float()[:, None, :]  # rounded like NumPy's: float64 -> float32
             sin = torch.sin(angles).float()[:, None, :]
-            self._rope = (positions, inv_freq, cos, sin)
-        return self._rope[2:]
+            self._rope = (positions, inv_freq, {torch.float32: (cos, sin)})
+        by_dtype = self._rope[2]
+        if dtype not in by_dtype:
+            cos, sin = by_dtype[torch.float32]
+            by_dtype[dtype] = (cos.to(dtype), sin.to(dtype))
+        return by_dtype[dtype]
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """(N, F), (N, F) -> (N, F): silu(gate) * up."""
@@ -290,11 +298,14 @@ class TorchOps:
         qp[seq_of, local] = q  # (S, T, H, Dh) padded per sequence
         # the G query heads of a kv head become G x T query rows against that head's keys
         qp = qp.view(S, T, KVH, G, Dh).permute(0, 2, 1, 3, 4).reshape(S, KVH, T * G, Dh)
-        k_pos = torch.arange(L, device=q.device)  # (L,)
-        allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # (S, T, L) causal
-        if sliding_window is not None:
-            allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-        mask = allowed[:, None, :, None, :].expand(S, 1, T, G, L).reshape(S, 1, T * G, L)
+        mask = self._masks.get((sliding_window, G, L))
+        if mask is None:  # once per forward and window: every layer shares it
+            k_pos = torch.arange(L, device=q.device)  # (L,)
+            allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # (S, T, L) causal
+            if sliding_window is not None:
+                allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+            mask = allowed[:, None, :, None, :].expand(S, 1, T, G, L).reshape(S, 1, T * G, L)
+            self._masks[(sliding_window, G, L)] = mask
         o = F.scaled_dot_product_attention(
             qp, k, v, attn_mask=mask, scale=scale
         )  # (S, KVH, T*G, Dv)
