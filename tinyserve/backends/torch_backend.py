@@ -5,6 +5,8 @@ dtype); the paged KV pools live in device memory; one forward runs the whole fla
 the batch's index arrays go to the device once (`TorchOps.begin`), so no layer waits on the host.
 Attention gathers each sequence's blocks into a padded (S, L) view and runs one masked
 scaled_dot_product_attention over all sequences, query heads grouped under their KV head.
+A plain Llama-family model runs the fused stack of torch_llama.py instead (same maths, about a
+third of the kernel launches); `fused=False` or TINYSERVE_TORCH_FUSED=0 runs it op by op.
 
 This module imports torch at import time; the registry imports it only when "torch" is asked for,
 so `import tinyserve` never does.
