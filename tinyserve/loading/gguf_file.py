@@ -14,6 +14,7 @@ References: GGUF spec (ggml/docs/gguf.md); llama.cpp convert_hf_to_gguf.py (name
 from __future__ import annotations
 
 import math
+import mmap
 import re
 import struct
 from collections.abc import Sequence
@@ -263,6 +264,7 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise WeightsError(f"{path} is corrupt: {_one_line(e)}") from None
 
+    _drop_pages(mm, 0, data_start)  # the header is parsed into Python values: never read again
     arch = metadata.get("general.architecture", "")
     tensors: dict[str, Tensor] = {}
     gguf_names: dict[str, str] = {}
@@ -270,8 +272,12 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
         hf_name = gguf_to_hf_name(name, arch)
         tensors[hf_name] = _tensor(path, mm, name, shape, qtype, data_start + offset)
         gguf_names[hf_name] = name
+    before = dict(tensors)  # the mapped originals (q/k are replaced by un-permuted copies below)
     if arch in PERMUTED_QK_ARCHS:
         _unpermute_qk(path, arch, metadata, tensors)
+        for name in tensors:  # un-permuting copied q/k: the file's pages of them are not read again
+            if _QK_RE.fullmatch(name) and name in gguf_names:
+                _drop_pages(mm, *_span(mm, before[name]))
     if arch in NORM_PLUS_ONE_ARCHS:
         for hf_name, name in gguf_names.items():
             if name.endswith("norm.weight"):
@@ -306,6 +312,28 @@ def _tensor(path, mm, name: str, shape: tuple[int, ...], qtype_id: int, start: i
     if qtype in DENSE_TYPES:
         return dense_to_float32(raw, qtype).reshape(shape)
     return QuantTensor(qtype, (rows, cols), raw.reshape(rows, nbytes // rows))
+
+
+def _span(mm: np.ndarray, t: Tensor) -> tuple[int, int]:
+    """(start, end) byte offsets in the mapping of a tensor that is a view of it, else (0, 0)."""
+    data = t.data if isinstance(t, QuantTensor) else t
+    if not isinstance(data, np.ndarray) or not np.shares_memory(data, mm):
+        return 0, 0
+    start = data.ctypes.data - mm.ctypes.data
+    return start, start + data.nbytes
+
+
+def _drop_pages(mm: np.ndarray, start: int, end: int) -> None:
+    """Unmap the whole pages of mm[start:end] from this process (MADV_DONTNEED; the file is
+    read-only, so a later read faults them back in from the page cache): bytes already copied
+    out stop counting in resident memory twice."""
+    raw = getattr(mm, "_mmap", None)
+    if raw is None or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the range only
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        raw.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class _Truncated(Exception):
