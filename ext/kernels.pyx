@@ -416,19 +416,21 @@ cdef extern from "quant.h" nogil:
                           const uint8_t *const *w, const int64_t *m, const int64_t *w_stride,
                           const int *qtype, float *const *out, int nthreads, int isa)
     int ts_block_size(int qtype)
-    int ts_set_sgemm(void *fn, int ilp64, int64_t min_n)
+    int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads)
     int64_t ts_blas_min_n
+    void *ts_blas_local_ptr
 
 
-def set_blas_min_rows(Py_ssize_t n) -> bool:
+def set_blas_min_rows(Py_ssize_t n, bint per_thread=True) -> bool:
     """llama_layers' quantized matmuls of >= n rows go through BLAS sgemm (0: never); the twin of
     quant.set_blas_min_rows (each module holds its own copy of ext/quant.h)."""
-    from tinyserve._ext import find_sgemm
+    from tinyserve._ext import find_blas_local_threads, find_sgemm
 
     if n < 0:
         raise ValueError(f"row threshold must be >= 0, got {n}")
     addr, ilp64 = find_sgemm()
-    return bool(ts_set_sgemm(<void *><size_t>addr, ilp64, n)) and n > 0
+    local = find_blas_local_threads() if per_thread else 0
+    return bool(ts_set_sgemm(<void *><size_t>addr, ilp64, n, <void *><size_t>local)) and n > 0
 
 
 def get_blas_min_rows() -> int:

@@ -217,36 +217,45 @@ typedef void (*ts_sgemm32_fn)(int, int, int, int, int, int, float, const float *
                               const float *, int, float, float *, int);
 typedef void (*ts_sgemm64_fn)(int, int, int, int64_t, int64_t, int64_t, float, const float *,
                               int64_t, const float *, int64_t, float, float *, int64_t);
+typedef int (*ts_blas_local_fn)(int);
 static void *ts_sgemm_ptr = 0;
 static int ts_sgemm_ilp64 = 0;
 static int64_t ts_blas_min_n = 0; /* activation rows from which sgemm is used; 0: never */
+/* OpenBLAS's openblas_set_num_threads_local (0.3.27+): the calling thread's own BLAS thread
+ * count, returning the previous one. With it each of our OpenMP threads runs sgemm on its own
+ * weight panel single-threaded; without it (another BLAS) one sgemm runs on BLAS's threads. */
+static void *ts_blas_local_ptr = 0;
 enum { TS_CBLAS_ROW_MAJOR = 101, TS_CBLAS_NO_TRANS = 111, TS_CBLAS_TRANS = 112 };
 
-/* c (n, m) = a (n, k; row stride lda) @ b.T (b: (m, k) contiguous), through the registered sgemm */
+/* c (n, m; row stride ldc) = a (n, k; row stride lda) @ b.T (b: (m, k) contiguous), through the
+ * registered sgemm */
 static inline void ts_sgemm_nt(int64_t n, int64_t m, int64_t k, const float *a, int64_t lda,
-                               const float *b, float *c) {
+                               const float *b, float *c, int64_t ldc) {
     if (ts_sgemm_ilp64)
         ((ts_sgemm64_fn)ts_sgemm_ptr)(TS_CBLAS_ROW_MAJOR, TS_CBLAS_NO_TRANS, TS_CBLAS_TRANS, n, m,
-                                      k, 1.0f, a, lda, b, k, 0.0f, c, m);
+                                      k, 1.0f, a, lda, b, k, 0.0f, c, ldc);
     else
         ((ts_sgemm32_fn)ts_sgemm_ptr)(TS_CBLAS_ROW_MAJOR, TS_CBLAS_NO_TRANS, TS_CBLAS_TRANS,
                                       (int)n, (int)m, (int)k, 1.0f, a, (int)lda, b, (int)k, 0.0f,
-                                      c, (int)m);
+                                      c, (int)ldc);
 }
 
-/* Register a cblas_sgemm (LP64 or ILP64) and the row count from which it is used; a product of
- * known values checks the ABI guess. 1: in use, 0: rejected (integer path everywhere). */
-static int ts_set_sgemm(void *fn, int ilp64, int64_t min_n) {
+/* Register a cblas_sgemm (LP64 or ILP64), the row count from which it is used, and the BLAS's
+ * per-thread thread-count setter (or 0); a product of known values checks the ABI guess.
+ * 1: in use, 0: rejected (integer path everywhere). */
+static int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads) {
     ts_sgemm_ptr = fn;
     ts_sgemm_ilp64 = ilp64;
     ts_blas_min_n = fn ? min_n : 0;
+    ts_blas_local_ptr = fn ? local_threads : 0;
     if (!fn) return 0;
     const float a[6] = {1, 2, 3, 4, 5, 6}, b[6] = {1, 0, -1, 2, 1, 0}; /* a (2, 3), b (2, 3) */
     float c[4] = {0, 0, 0, 0};
-    ts_sgemm_nt(2, 2, 3, a, 3, b, c);
+    ts_sgemm_nt(2, 2, 3, a, 3, b, c, 2);
     if (c[0] != -2.0f || c[1] != 4.0f || c[2] != -2.0f || c[3] != 13.0f) {
         ts_sgemm_ptr = 0;
         ts_blas_min_n = 0;
+        ts_blas_local_ptr = 0;
         return 0;
     }
     return 1;
@@ -264,19 +273,57 @@ static inline void *ts_scratch(int slot, size_t bytes) {
     return buf[slot];
 }
 
-/* out (n, m) = x (n, k) @ dequant(w).T by dequantizing w (m, k) and one sgemm; -1: no memory */
+/* Weight rows per sgemm task: at least 2 tasks per thread (a thread on a busy core takes fewer),
+ * at most 256 rows (<= 256 x k floats of scratch per thread, dequantized just before use). */
+static inline int64_t ts_blas_panel(int64_t m, int nthreads) {
+    int64_t tasks = 2 * (int64_t)nthreads, panel;
+    if (tasks < 1) tasks = 1;
+    panel = (m + tasks - 1) / tasks;
+    panel = (panel + 15) & ~(int64_t)15;
+    return panel > 256 ? 256 : panel;
+}
+
+/* out (n, m) = x (n, k) @ dequant(w).T by dequantizing w and sgemm; -1: no memory.
+ * With a per-thread BLAS thread setter (OpenBLAS): our OpenMP threads take weight panels
+ * (dynamic schedule), each dequantizes its panel into its own scratch and calls a single-threaded
+ * sgemm for those output columns, so BLAS never starts (or spins) threads of its own that would
+ * fight ours for the cores. Otherwise: dequantize all of w, one sgemm on BLAS's threads. */
 static inline int ts_matmul_q_blas(const float *x, int64_t n, int64_t k, int64_t x_stride,
                                    const uint8_t *w, int64_t m, int64_t w_stride, int qtype,
                                    float *out, int nthreads) {
-    float *wf = (float *)ts_scratch(1, (size_t)(m * k) * sizeof(float));
-    if (!wf) return -1;
     const int bs = ts_block_size(qtype), ts = ts_type_size(qtype);
     const int64_t nb = k / bs;
+    if (ts_blas_local_ptr) {
+        const int64_t panel = ts_blas_panel(m, nthreads), n_tasks = (m + panel - 1) / panel;
+        int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n_tasks > 1)
+        {
+            float *wf = (float *)ts_scratch(1, (size_t)(panel * k) * sizeof(float));
+            const int prev = wf ? ((ts_blas_local_fn)ts_blas_local_ptr)(1) : 0;
+            if (!wf) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < n_tasks; t++) {
+                if (!wf) continue;
+                const int64_t r0 = t * panel, r1 = r0 + panel < m ? r0 + panel : m;
+                for (int64_t r = r0; r < r1; r++)
+                    for (int64_t b = 0; b < nb; b++)
+                        ts_dequant_block(qtype, w + r * w_stride + b * ts, wf + (r - r0) * k + b * bs);
+                ts_sgemm_nt(n, r1 - r0, k, x, x_stride, wf, out + r0, m);
+            }
+            if (wf) ((ts_blas_local_fn)ts_blas_local_ptr)(prev);
+        }
+        return failed ? -1 : 0;
+    }
+    float *wf = (float *)ts_scratch(1, (size_t)(m * k) * sizeof(float));
+    if (!wf) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && m >= 64)
     for (int64_t r = 0; r < m; r++)
         for (int64_t b = 0; b < nb; b++)
             ts_dequant_block(qtype, w + r * w_stride + b * ts, wf + r * k + b * bs);
-    ts_sgemm_nt(n, m, k, x, x_stride, wf, out);
+    ts_sgemm_nt(n, m, k, x, x_stride, wf, out, m);
     return 0;
 }
 

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from tinyserve._ext import blas_min_rows, find_sgemm
+from tinyserve._ext import blas_min_rows, find_blas_local_threads, find_sgemm
 from tinyserve.errors import ConfigError
 
 cimport numpy as cnp
@@ -41,8 +41,9 @@ cdef extern from "quant.h" nogil:
                                 int nthreads, int isa)
     void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
                             const int64_t *ids, int64_t n, float *out, int nthreads)
-    int ts_set_sgemm(void *fn, int ilp64, int64_t min_n)
+    int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads)
     int64_t ts_blas_min_n
+    void *ts_blas_local_ptr
 
 # gguf.GGMLQuantizationType value -> name, for the types these kernels run
 QTYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
@@ -101,13 +102,21 @@ def set_isa(str name) -> None:
     _isa = _ISA_NAMES.index(name)
 
 
-def set_blas_min_rows(Py_ssize_t n) -> bool:
+def set_blas_min_rows(Py_ssize_t n, bint per_thread=True) -> bool:
     """Quantized matmuls of >= n activation rows dequantize the weight and call BLAS sgemm
-    (0: never). -> whether a usable cblas_sgemm was found."""
+    (0: never). per_thread: our OpenMP threads each run single-threaded sgemms on their own
+    weight panels, where the BLAS has a per-thread thread count (OpenBLAS 0.3.27+); False: one
+    sgemm on BLAS's own threads. -> whether a usable cblas_sgemm was found."""
     if n < 0:
         raise ValueError(f"row threshold must be >= 0, got {n}")
     addr, ilp64 = find_sgemm()
-    return bool(ts_set_sgemm(<void *><size_t>addr, ilp64, n)) and n > 0
+    local = find_blas_local_threads() if per_thread else 0
+    return bool(ts_set_sgemm(<void *><size_t>addr, ilp64, n, <void *><size_t>local)) and n > 0
+
+
+def blas_per_thread() -> bool:
+    """Whether large matmuls run per-thread single-threaded sgemms (see set_blas_min_rows)."""
+    return ts_blas_local_ptr != NULL
 
 
 def get_blas_min_rows() -> int:

@@ -423,6 +423,24 @@ def test_sgemm_route_strided_rows_and_out_buffer():
     np.testing.assert_allclose(out, reference(np.ascontiguousarray(x), qt), rtol=1e-4, atol=1e-4)
 
 
+def test_sgemm_per_thread_panels_match_one_sgemm(threads):
+    # each OpenMP thread's single-threaded sgemm over its own weight panels (uneven last panel)
+    # vs one sgemm over the whole dequantized weight: the same products, float rounding apart
+    before = quant.get_blas_min_rows()
+    if not quant.set_blas_min_rows(8, per_thread=True) or not quant.blas_per_thread():
+        quant.set_blas_min_rows(before)
+        pytest.skip("no BLAS with a per-thread thread count loaded in this process")
+    rng = np.random.default_rng(31)
+    qt = weight(Q.Q4_1, 601, 64, rng)
+    x = rng.standard_normal((70, 64)).astype(np.float32)
+    panels = quant.matmul_q(x, qt.data, int(Q.Q4_1), 64)
+    quant.set_blas_min_rows(8, per_thread=False)
+    whole = quant.matmul_q(x, qt.data, int(Q.Q4_1), 64)
+    quant.set_blas_min_rows(before)
+    np.testing.assert_allclose(panels, whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(panels, reference(x, qt), rtol=1e-4, atol=1e-4)
+
+
 def test_blas_threshold_is_checked():
     with pytest.raises(ValueError, match="threshold"):
         quant.set_blas_min_rows(-1)

@@ -14,6 +14,37 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 def find_sgemm() -> tuple[int, int]:
     """(address, ilp64) of a cblas_sgemm in a BLAS library this process already loaded (NumPy's
     OpenBLAS), or (0, 0). The quantized matmul hands large batches to it (ext/quant.h)."""
+    for lib in _loaded_blas():
+        for name, ilp64 in (("scipy_cblas_sgemm64_", 1), ("cblas_sgemm64_", 1), ("cblas_sgemm", 0)):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                return _address(fn), ilp64
+    return 0, 0
+
+
+def find_blas_local_threads() -> int:
+    """Address of `int openblas_set_num_threads_local(int)` (OpenBLAS 0.3.27+: the calling
+    thread's own BLAS thread count) in the library find_sgemm found, or 0. With it the quantized
+    matmul runs single-threaded sgemms on its own OpenMP threads (ext/quant.h)."""
+    for lib in _loaded_blas():
+        if not any(
+            hasattr(lib, n) for n in ("scipy_cblas_sgemm64_", "cblas_sgemm64_", "cblas_sgemm")
+        ):
+            continue
+        for name in (
+            "openblas_set_num_threads_local",
+            "scipy_openblas_set_num_threads_local64_",
+            "scipy_openblas_set_num_threads_local",
+        ):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                return _address(fn)
+        return 0
+    return 0
+
+
+def _loaded_blas():
+    """ctypes handles of the BLAS libraries this process has mapped (NumPy's first)."""
     import ctypes
 
     import numpy  # noqa: F401  (loads NumPy's BLAS)
@@ -24,17 +55,18 @@ def find_sgemm() -> tuple[int, int]:
                 line.split()[-1] for line in f if "blas" in line.rsplit("/", 1)[-1].lower()
             )
     except OSError:
-        return 0, 0
+        return
     for path in paths:
         try:
-            lib = ctypes.CDLL(path)
+            yield ctypes.CDLL(path)
         except OSError:
             continue
-        for name, ilp64 in (("scipy_cblas_sgemm64_", 1), ("cblas_sgemm64_", 1), ("cblas_sgemm", 0)):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                return ctypes.cast(fn, ctypes.c_void_p).value or 0, ilp64
-    return 0, 0
+
+
+def _address(fn) -> int:
+    import ctypes
+
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
 
 
 def blas_min_rows() -> int:
