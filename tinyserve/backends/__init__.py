@@ -7,9 +7,10 @@ Built-ins are an import-path table; third-party packages register through the en
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import BackendError
 
