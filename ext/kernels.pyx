@@ -608,22 +608,3 @@ def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v
         if rc != 0:
             raise MemoryError("llama_layers: out of memory for the quantized activations")
     return x
-    S = seq_lens.shape[0]
-    seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
-    h = np.empty((N, D), np.float32)
-    q = np.empty((N, n_heads, Dh), np.float32)
-    k = np.empty((N, KVH, Dh), np.float32)
-    v = np.empty((N, KVH, Dh), np.float32)
-    a = np.empty((N, n_heads, Dh), np.float32)
-    gate = np.empty((N, intermediate_size), np.float32)
-    up = np.empty((N, intermediate_size), np.float32)
-    gi = _heads_per_item(N, n_heads, KVH)
-    cdef int rc
-    rc = _llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v_bias, q_norm,
-                       k_norm, kv, positions, slots, seq_of, seq_lens, block_tables, inv_freq, eps,
-                       scale, int(sliding_window or 0), gi, isa, h, q, k, v, a, gate, up,
-                       q.reshape(N, -1), k.reshape(N, -1), v.reshape(N, -1), a.reshape(N, -1),
-                       q.reshape(-1, Dh), k.reshape(-1, Dh))
-    if rc != 0:
-        raise MemoryError("llama_layers: out of memory for the quantized activations")
-    return x
