@@ -294,12 +294,16 @@ static inline int ts_matmul_q_blas(const float *x, int64_t n, int64_t k, int64_t
     const int bs = ts_block_size(qtype), ts = ts_type_size(qtype);
     const int64_t nb = k / bs;
     if (ts_blas_local_ptr) {
+        const ts_blas_local_fn set_threads = (ts_blas_local_fn)ts_blas_local_ptr;
         const int64_t panel = ts_blas_panel(m, nthreads), n_tasks = (m + panel - 1) / panel;
         int failed = 0;
+        /* OpenBLAS 0.3.31 applies the count process-wide (and returns the previous one), others
+         * per thread: set on every thread of the team, restored once by the caller afterwards */
+        const int prev = set_threads(1);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n_tasks > 1)
         {
             float *wf = (float *)ts_scratch(1, (size_t)(panel * k) * sizeof(float));
-            const int prev = wf ? ((ts_blas_local_fn)ts_blas_local_ptr)(1) : 0;
+            set_threads(1);
             if (!wf) {
 #pragma omp atomic write
                 failed = 1;
@@ -313,8 +317,8 @@ static inline int ts_matmul_q_blas(const float *x, int64_t n, int64_t k, int64_t
                         ts_dequant_block(qtype, w + r * w_stride + b * ts, wf + (r - r0) * k + b * bs);
                 ts_sgemm_nt(n, r1 - r0, k, x, x_stride, wf, out + r0, m);
             }
-            if (wf) ((ts_blas_local_fn)ts_blas_local_ptr)(prev);
         }
+        set_threads(prev);
         return failed ? -1 : 0;
     }
     float *wf = (float *)ts_scratch(1, (size_t)(m * k) * sizeof(float));

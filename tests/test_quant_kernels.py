@@ -433,12 +433,22 @@ def test_sgemm_per_thread_panels_match_one_sgemm(threads):
     rng = np.random.default_rng(31)
     qt = weight(Q.Q4_1, 601, 64, rng)
     x = rng.standard_normal((70, 64)).astype(np.float32)
+    blas_threads = _blas_threads()
     panels = quant.matmul_q(x, qt.data, int(Q.Q4_1), 64)
+    assert _blas_threads() == blas_threads  # BLAS's own thread count is restored afterwards
     quant.set_blas_min_rows(8, per_thread=False)
     whole = quant.matmul_q(x, qt.data, int(Q.Q4_1), 64)
     quant.set_blas_min_rows(before)
     np.testing.assert_allclose(panels, whole, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(panels, reference(x, qt), rtol=1e-4, atol=1e-4)
+
+
+def _blas_threads() -> list[int]:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return [d["num_threads"] for d in threadpool_info() if d.get("user_api") == "blas"]
 
 
 def test_blas_threshold_is_checked():
