@@ -222,3 +222,58 @@ def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):
     np.testing.assert_allclose(llm.logits(ids), whole, rtol=1e-5, atol=1e-5)
     assert greedy(llm, prompts, 4) == whole_greedy
     assert calls and max(calls) > 5, f"the fused stack ran on {calls} tokens"
+
+
+# -- the decode thread count, picked by measurement -----------------------------------------------
+
+
+def test_step_threads_runs_the_faster_count_and_re_measures():
+    from tinyserve.backends.cpu import _StepThreads
+
+    st = _StepThreads(2)
+    seconds = {1: 0.005, 2: 0.008}  # a loaded box: the second thread waits for a busy core
+    picks = []
+    for _ in range(64):
+        t = st.pick(1)
+        picks.append(t)
+        st.record(1, t, seconds[t])
+    assert picks[:2] == [2, 1]  # each count measured once
+    assert picks[2:].count(2) == len(picks) // _StepThreads.EXPLORE_EVERY  # re-measured
+    assert picks[-2] == 1 and picks[-1] == 2  # step 64 re-measures 2 threads
+    assert st.pick(512) == 2  # prefill always gets every thread
+    seconds = {1: 0.005, 2: 0.002}  # the other job ended: 2 threads win back within a few probes
+    for _ in range(3 * _StepThreads.EXPLORE_EVERY):
+        t = st.pick(1)
+        st.record(1, t, seconds[t])
+    assert [st.pick(1) for _ in range(8)] == [2] * 8
+    assert _StepThreads(1).pick(1) == 1
+
+
+def test_decode_logits_do_not_depend_on_the_thread_count(tmp_path):
+    """The same short prompt and decode steps on 1 and on 2 threads: equal logits (every output
+    element is computed the same way whatever the split)."""
+    import sys
+
+    import gguf
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_util import write_gguf_from_hf_dir
+
+    path = write_gguf_from_hf_dir(
+        HF_DIR / "qwen2",
+        tmp_path / "q.gguf",
+        qtype_for=lambda n, a: (
+            gguf.GGMLQuantizationType.Q8_0
+            if a.ndim == 2 and a.shape[1] % 32 == 0
+            else gguf.GGMLQuantizationType.F32
+        ),
+    )
+    ids = load_reference(HF_DIR / "qwen2" / "reference.npz")["input_ids"].tolist()[:8]
+    runs = []
+    for threads in (1, 2):
+        llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
+        llm.backend.num_threads = 2
+        llm.backend._step_threads.options = (threads,)
+        runs.append((llm.logits(ids), greedy(llm, [ids, ids[:5]], 6)))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
