@@ -1,8 +1,8 @@
 """tinyserve: a small, readable LLM inference runtime.
 
-    from tinyserve import LLM, SamplingParams
-    llm = LLM("smollm2-135m-instruct")
-    print(llm.generate("The capital of France is", SamplingParams(temperature=0))[0].outputs[0].text)
+from tinyserve import LLM, SamplingParams
+llm = LLM("smollm2-135m-instruct")
+print(llm.generate("The capital of France is", SamplingParams(temperature=0))[0].outputs[0].text)
 """
 
 from .api import LLM
@@ -14,9 +14,9 @@ from .sampling import SamplingParams
 __version__ = "0.1.0"
 __all__ = [
     "LLM",
-    "SamplingParams",
-    "RequestOutput",
     "CompletionOutput",
+    "RequestOutput",
+    "SamplingParams",
     "TinyServeError",
     "list_backends",
     "register_backend",

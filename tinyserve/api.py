@@ -23,7 +23,9 @@ def _load_tokenizer(ckpt):
         return Tokenizer.from_gguf_metadata(ckpt.metadata)
     d = ckpt.model_dir
     if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        print(f"tinyserve: warning: no tokenizer in {d}; prompts must be token ids", file=sys.stderr)
+        print(
+            f"tinyserve: warning: no tokenizer in {d}; prompts must be token ids", file=sys.stderr
+        )
         return None
     return Tokenizer.from_dir(d)
 
@@ -65,9 +67,14 @@ def _create_backend(name: str, device: str | None, dtype: str | None):
     from .backends import create_backend, get_backend_class
 
     if name == "cpu":  # the native backend falls back to the reference when it is not built
-        ok, reason = get_backend_class("cpu").availability() if _has_backend("cpu") else (False, "not built")
+        ok, reason = (
+            get_backend_class("cpu").availability() if _has_backend("cpu") else (False, "not built")
+        )
         if not ok:
-            print(f"tinyserve: warning: cpu backend unavailable ({reason}); using numpy", file=sys.stderr)
+            print(
+                f"tinyserve: warning: cpu backend unavailable ({reason}); using numpy",
+                file=sys.stderr,
+            )
             name = "numpy"
     return create_backend(name, device=device, dtype=dtype)
 
@@ -121,9 +128,14 @@ class LLM:
         self.backend = _create_backend(backend, device, dtype)
         try:
             engine_config = EngineConfig(
-                block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes,
-                enable_prefix_caching=enable_prefix_caching, chunk_size=chunk_size, seed=seed,
+                block_size=block_size,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                kv_cache_tokens=kv_cache_tokens,
+                kv_cache_bytes=kv_cache_bytes,
+                enable_prefix_caching=enable_prefix_caching,
+                chunk_size=chunk_size,
+                seed=seed,
             )
         except ValueError as e:
             raise BackendError(f"invalid engine setting: {e}") from None
@@ -165,7 +177,9 @@ class LLM:
             raise
         return ids
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[CompletionOutput]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> Iterator[CompletionOutput]:
         """Yield the new text / tokens of each step as they come; closing the iterator aborts."""
         (rid,) = self._add_all([prompt], [params])
         finished = False
@@ -190,14 +204,20 @@ class LLM:
     ) -> list[RequestOutput]:
         """Render the model's chat template (sandboxed) and generate the assistant's reply."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return self.generate([self.chat_prompt(c, add_generation_prompt) for c in conversations], params)
+        return self.generate(
+            [self.chat_prompt(c, add_generation_prompt) for c in conversations], params
+        )
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the chat template."""
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer, so no chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS if any
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt
+        )
+        return self.tokenizer.encode(
+            text, add_special_tokens=False
+        )  # the template wrote BOS if any
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """(T,) -> (T, V) float32: one full forward, for verification."""
