@@ -21,6 +21,7 @@ from .bench_run import (
     read_prompt_file,
     run_bench,
 )
+from .cli import add_model_args
 from .errors import TinyServeError
 
 __all__ = [
@@ -68,15 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure TTFT, TPOT, inter-token latency and throughput with N concurrent "
         "requests (a table on stdout, progress on stderr).",
     )
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="catalog name, HF directory or .gguf file (default: the catalog's default model)",
-    )
-    p.add_argument("--backend", "-b", default="cpu", help="backend name (see `tinyserve backends`)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    add_model_args(p)
     p.add_argument(
         "--batch-size",
         type=_batch_sizes,

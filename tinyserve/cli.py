@@ -13,7 +13,7 @@ import sys
 DEFAULT_BACKEND = "cpu"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         "-m",
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt (streamed to stdout)")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
-    _add_model_args(p)
+    add_model_args(p)
     _add_sampling_args(p)
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat, streamed")
-    _add_model_args(p)
+    add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None)
     p.add_argument("--stats", action="store_true")

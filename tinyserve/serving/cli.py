@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from ..cli import add_model_args
 from .app import _MISSING_EXTRA, create_app
 from .protocol import ServerConfig
 
@@ -14,15 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tinyserve serve", description="OpenAI-compatible HTTP server."
     )
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="catalog name, HF directory or .gguf file (default: the catalog's default model)",
-    )
-    p.add_argument("--backend", "-b", default="cpu", help="backend name (see `tinyserve backends`)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
