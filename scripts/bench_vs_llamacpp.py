@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# the environment as the user gave it, before any import of ours: children (llama.cpp above all)
+# get exactly this, less the OpenBLAS overrides below
+START_ENV = dict(os.environ)
 PEERS = Path(os.environ.get("TINYSERVE_PEERS_DIR", "/work/shared/peers"))
 PEER_PY = Path(os.environ.get("TINYSERVE_PEER_PYTHON", Path.home() / ".cache/tinyserve-peers/venv/bin/python"))
 CHILD_ENV_DROP = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
     lens = [int(x) for x in a.lens.split(",")]
     prompts = {str(n): prompt_ids(tok, n) for n in lens}
     prompts.update({f"c{i}": prompt_ids(tok, lens[0], salt=i + 1) for i in range(a.requests)})
-    env = {k: v for k, v in os.environ.items() if k not in CHILD_ENV_DROP}
+    env = {k: v for k, v in START_ENV.items() if k not in CHILD_ENV_DROP}
+    env["TINYSERVE_NUM_THREADS"] = str(a.threads)
     results: dict = {"model": a.model, "file_mb": Path(a.model).stat().st_size / 2**20, "threads": a.threads,
                      "gen": a.gen, "requests": a.requests, "unset_in_children": list(CHILD_ENV_DROP),
                      "load_avg_start": os.getloadavg()}

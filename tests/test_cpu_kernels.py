@@ -196,3 +196,18 @@ def test_sampling_uses_the_twin_unless_pure_python(kernels):
     from tinyserve import sampling
 
     assert sampling.filtered_probs is kernels.filtered_probs
+
+
+def test_importing_the_kernels_leaves_the_environment_alone():
+    """libgomp gets OMP_WAIT_POLICY=PASSIVE when it loads, but processes started afterwards must
+    not inherit it (it made llama.cpp 3.6x slower per token beside us)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ.pop('OMP_WAIT_POLICY', None); import tinyserve, tinyserve._ext; "
+        "print('OMP_WAIT_POLICY' in os.environ)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert r.stdout.strip() == "False"
