@@ -277,3 +277,18 @@ def test_decode_logits_do_not_depend_on_the_thread_count(tmp_path):
         runs.append((llm.logits(ids), greedy(llm, [ids, ids[:5]], 6)))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
+
+
+def test_step_threads_do_not_flip_flop_between_near_equal_counts():
+    """Each switch resizes the OpenMP team: counts within 5% of each other keep the current one."""
+    from tinyserve.backends.cpu import _StepThreads
+
+    st = _StepThreads(2)
+    rng = np.random.default_rng(0)
+    picks = []
+    for _ in range(4 * _StepThreads.EXPLORE_EVERY):
+        t = st.pick(1)
+        picks.append(t)
+        st.record(1, t, 0.006 * (1 + 0.02 * rng.standard_normal()))  # equal, 2% noise
+    steady = [t for i, t in enumerate(picks[2:], start=3) if i % _StepThreads.EXPLORE_EVERY]
+    assert len(set(steady)) == 1, "switched thread counts on noise"

@@ -284,17 +284,20 @@ class _StepThreads:
     workers to get a core another process holds: SmolLM2-135M's layer stack took 5.0 ms per
     token on 1 thread and 7.8 ms on 2 on a loaded 2-core box. On an idle machine 2 threads read
     the weights faster. So each step size keeps a moving average of the seconds per step on each
-    thread count, runs the faster one, and every 16th step re-measures the other; larger steps
+    thread count, runs the faster one, and every 64th step re-measures the other; it switches only
+    when the other is clearly (5%) faster, since every switch resizes the OpenMP team; larger steps
     (prefill) always use every thread. No result depends on the thread count.
     """
 
-    EXPLORE_EVERY = 16
+    EXPLORE_EVERY = 64
     MAX_TOKENS = 16
+    SWITCH_MARGIN = 0.95  # the other count must take < 95% of the current one's time
 
     def __init__(self, max_threads: int):
         self.options = (max_threads, 1) if max_threads > 1 else (1,)
         self.avg: dict[tuple[int, int], float] = {}  # (step size bucket, threads) -> seconds
         self.steps: dict[int, int] = {}
+        self.current: dict[int, int] = {}  # step size bucket -> thread count in use
 
     @staticmethod
     def _bucket(n: int) -> int:
@@ -309,7 +312,11 @@ class _StepThreads:
         untried = [t for t in self.options if (b, t) not in self.avg]
         if untried:
             return untried[0]
-        best = min(self.options, key=lambda t: self.avg[(b, t)])
+        best = self.current.get(b) or min(self.options, key=lambda t: self.avg[(b, t)])
+        other = next(t for t in self.options if t != best)
+        if self.avg[(b, other)] < self.SWITCH_MARGIN * self.avg[(b, best)]:
+            best = other
+        self.current[b] = best
         if k % self.EXPLORE_EVERY == 0:
             return next(t for t in self.options if t != best)
         return best
