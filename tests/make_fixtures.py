@@ -10,7 +10,7 @@ with a larger std than HF's 0.02 (norms not all ones) so logits are far from fla
 continuation moves between tokens - a parity test on near-constant logits cannot fail.
 
 The name `smollm2_real` writes tests/fixtures/smollm2_reference.npz from the real default model
-(SmolLM2-135M-Instruct Q4_1 GGUF, found via $TINYSERVE_SMOLLM2_GGUF or /tmp/smol), loaded through
+(SmolLM2-135M-Instruct Q4_1 GGUF, found via $TINYSERVE_SMOLLM2_GGUF or models/ after `tinyserve pull`), loaded through
 transformers' own GGUF support.
 
 Every fixture is checked after it is written, by routes other than the one that produced it:
