@@ -35,7 +35,24 @@ cdef extern from "kernels_simd.h" nogil:
     const char *ts_simd_level()
 
 
+cdef extern from "pool.h" nogil:
+    ctypedef void (*ts_task_fn)(void *ctx, int64_t task)
+    void ts_parallel_for(int nthreads, int64_t n_tasks, ts_task_fn fn, void *ctx)
+    void *ts_pool_get(int workers)
+
 cdef extern from "kernels_attn.h" nogil:
+    ctypedef struct ts_attn_job:
+        const float *q
+        const float *k
+        const float *v
+        const int64_t *seq_of
+        const int64_t *seq_lens
+        const int64_t *positions
+        const int32_t *block_tables
+        int64_t max_blocks, H, Dh, Dv, BS, KVH, gi, window
+        float scale
+        float *out
+    void ts_attn_task(void *ctx, int64_t item)
     void ts_attn_token(const float *q, int gi, int G, int64_t Dh, int64_t Dv, const float *k,
                        const float *v, int64_t block_stride, int64_t row_stride,
                        int64_t v_block_stride, int64_t v_row_stride, const int32_t *table, int64_t BS, int64_t lo, int64_t hi, float scale,
@@ -64,6 +81,11 @@ def set_num_threads(int n):
 
 def get_num_threads() -> int:
     return _n_threads
+
+
+def _pool_address() -> int:
+    """Address of the process's kernel thread pool (ext/pool.h), for tinyserve._ext.quant."""
+    return <size_t>ts_pool_get(0)
 
 
 def simd_level() -> str:
@@ -241,29 +263,19 @@ cdef void _paged_attention(
 ) noexcept nogil:
     cdef Py_ssize_t N = q.shape[0], H = q.shape[1], Dh = q.shape[2]
     cdef Py_ssize_t BS = k_pool.shape[1], KVH = k_pool.shape[2], Dv = v_pool.shape[3]
-    cdef Py_ssize_t G = H // KVH, gi = heads_per_item, per_tok = H // gi
-    cdef Py_ssize_t item, t, kvh, g0, s, c_lo, c_hi
-    cdef int64_t pos
-    cdef float *work
-    with parallel(num_threads=_threads_for(N * H * 4096)):
-        work = <float *>malloc((gi * (Dv + BS + 2)) * sizeof(float))
-        for item in prange(N * per_tok, schedule="dynamic"):
-            t = item // per_tok
-            kvh = (item % per_tok) * gi // G  # gi = H: the whole token, kvh = g0 = 0
-            g0 = (item % per_tok) * gi % G
-            s = seq_of[t]
-            pos = positions[t]
-            c_hi = pos  # causal: keys at positions <= the query's
-            if c_hi > seq_lens[s] - 1:
-                c_hi = seq_lens[s] - 1
-            c_lo = 0
-            if window > 0 and pos - window + 1 > 0:
-                c_lo = pos - window + 1  # the last `window` tokens, self included
-            ts_attn_token(&q[t, kvh * G + g0, 0], <int>gi, <int>G, Dh, Dv, &k_pool[0, 0, kvh, 0],
-                          &v_pool[0, 0, kvh, 0], BS * KVH * Dh, KVH * Dh, BS * KVH * Dv, KVH * Dv,
-                          &block_tables[s, 0], BS,
-                          c_lo, c_hi, scale, &out[t, kvh * G + g0, 0], work)
-        free(work)
+    cdef ts_attn_job job
+    job.q = &q[0, 0, 0]
+    job.k = &k_pool[0, 0, 0, 0]
+    job.v = &v_pool[0, 0, 0, 0]
+    job.seq_of = &seq_of[0]
+    job.seq_lens = &seq_lens[0]
+    job.positions = &positions[0]
+    job.block_tables = &block_tables[0, 0]
+    job.max_blocks = block_tables.shape[1]
+    job.H, job.Dh, job.Dv, job.BS, job.KVH = H, Dh, Dv, BS, KVH
+    job.gi, job.window, job.scale = heads_per_item, window, scale
+    job.out = &out[0, 0, 0]
+    ts_parallel_for(_threads_for(N * H * 4096), N * (H // heads_per_item), ts_attn_task, &job)
 
 
 def _heads_per_item(N, H, KVH):

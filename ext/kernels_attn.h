@@ -12,6 +12,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -109,6 +110,48 @@ static inline void ts_attn_token(const float *q, int gi, int G, int64_t Dh, int6
     for (int g = 0; g < gi; g++) {
         for (int64_t d = 0; d < Dv; d++) out[g * Dv + d] = acc[g * Dv + d] / l[g];
     }
+}
+
+/* The work items of one paged attention call: item = (token, group of gi query heads). */
+typedef struct {
+    const float *q; /* (N, H, Dh) */
+    const float *k, *v; /* pools (NB, BS, KVH, Dh), (NB, BS, KVH, Dv) */
+    const int64_t *seq_of, *seq_lens, *positions; /* (N,), (S,), (N,) */
+    const int32_t *block_tables; /* (S, max_blocks) */
+    int64_t max_blocks, H, Dh, Dv, BS, KVH, gi, window;
+    float scale;
+    float *out; /* (N, H, Dv) */
+} ts_attn_job;
+
+/* A per-thread buffer that only grows (no allocation per call once warm). */
+static inline float *ts_attn_scratch(size_t n) {
+    static __thread float *buf = 0;
+    static __thread size_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        buf = (float *)malloc(n * sizeof(float));
+        cap = buf ? n : 0;
+    }
+    return buf;
+}
+
+static void ts_attn_task(void *ctx, int64_t item) {
+    const ts_attn_job *j = (const ts_attn_job *)ctx;
+    const int64_t G = j->H / j->KVH, per_tok = j->H / j->gi;
+    const int64_t t = item / per_tok;
+    const int64_t kvh = (item % per_tok) * j->gi / G; /* gi = H: the whole token, kvh = g0 = 0 */
+    const int64_t g0 = (item % per_tok) * j->gi % G;
+    const int64_t s = j->seq_of[t], pos = j->positions[t];
+    int64_t hi = pos; /* causal: keys at positions <= the query's */
+    if (hi > j->seq_lens[s] - 1) hi = j->seq_lens[s] - 1;
+    const int64_t lo = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0;
+    float *work = ts_attn_scratch((size_t)(j->gi * (j->Dv + j->BS + 2)));
+    if (!work) abort(); /* a few KB */
+    const int64_t h0 = kvh * G + g0;
+    ts_attn_token(j->q + (t * j->H + h0) * j->Dh, (int)j->gi, (int)G, j->Dh, j->Dv,
+                  j->k + kvh * j->Dh, j->v + kvh * j->Dv, j->BS * j->KVH * j->Dh, j->KVH * j->Dh,
+                  j->BS * j->KVH * j->Dv, j->KVH * j->Dv, j->block_tables + s * j->max_blocks,
+                  j->BS, lo, hi, j->scale, j->out + (t * j->H + h0) * j->Dv, work);
 }
 
 #endif

@@ -23,9 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "pool.h"
 /* SIMD twins need GCC (#pragma GCC target); clang and TS_NO_SIMD builds get the portable C */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TS_NO_SIMD)
 #include <immintrin.h>
@@ -289,47 +287,124 @@ static inline int64_t ts_blas_panel(int64_t m, int nthreads) {
  * (dynamic schedule), each dequantizes its panel into its own scratch and calls a single-threaded
  * sgemm for those output columns, so BLAS never starts (or spins) threads of its own that would
  * fight ours for the cores. Otherwise: dequantize all of w, one sgemm on BLAS's threads. */
+typedef struct {
+    const float *x;
+    int64_t n, k, x_stride, m, w_stride, panel;
+    const uint8_t *w;
+    int qtype;
+    float *out;
+    _Atomic int failed;
+} ts_blas_job;
+
+/* one weight panel: dequantize rows [t * panel, ...) into this thread's scratch, one sgemm */
+static void ts_blas_panel_task(void *ctx, int64_t t) {
+    ts_blas_job *j = (ts_blas_job *)ctx;
+    const int bs = ts_block_size(j->qtype), ts = ts_type_size(j->qtype);
+    const int64_t k = j->k, nb = k / bs, r0 = t * j->panel;
+    const int64_t r1 = r0 + j->panel < j->m ? r0 + j->panel : j->m;
+    float *wf = (float *)ts_scratch(1, (size_t)(j->panel * k) * sizeof(float));
+    if (!wf) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    ((ts_blas_local_fn)ts_blas_local_ptr)(1);
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t b = 0; b < nb; b++)
+            ts_dequant_block(j->qtype, j->w + r * j->w_stride + b * ts, wf + (r - r0) * k + b * bs);
+    ts_sgemm_nt(j->n, r1 - r0, k, j->x, j->x_stride, wf, j->out + r0, j->m);
+}
+
+/* rows [t * 64, ...) of w dequantized into the float32 matrix ctx->out */
+static void ts_dequant_rows_task(void *ctx, int64_t t) {
+    ts_blas_job *j = (ts_blas_job *)ctx;
+    const int bs = ts_block_size(j->qtype), ts = ts_type_size(j->qtype);
+    const int64_t nb = j->k / bs, r1 = (t + 1) * 64 < j->m ? (t + 1) * 64 : j->m;
+    for (int64_t r = t * 64; r < r1; r++)
+        for (int64_t b = 0; b < nb; b++)
+            ts_dequant_block(j->qtype, j->w + r * j->w_stride + b * ts, j->out + r * j->k + b * bs);
+}
+
+/* out (n, m) = x (n, k) @ dequant(w).T by dequantizing w and sgemm; -1: no memory.
+ * With a per-thread BLAS thread setter (OpenBLAS): the pool's threads take weight panels, each
+ * dequantizes its panel into its own scratch and calls a single-threaded sgemm for those output
+ * columns, so BLAS never starts (or spins) threads of its own that would fight ours for the
+ * cores. Otherwise: dequantize all of w, one sgemm on BLAS's threads. */
 static inline int ts_matmul_q_blas(const float *x, int64_t n, int64_t k, int64_t x_stride,
                                    const uint8_t *w, int64_t m, int64_t w_stride, int qtype,
                                    float *out, int nthreads) {
-    const int bs = ts_block_size(qtype), ts = ts_type_size(qtype);
-    const int64_t nb = k / bs;
+    ts_blas_job job = {x, n, k, x_stride, m, w_stride, 0, w, qtype, out, 0};
     if (ts_blas_local_ptr) {
         const ts_blas_local_fn set_threads = (ts_blas_local_fn)ts_blas_local_ptr;
-        const int64_t panel = ts_blas_panel(m, nthreads), n_tasks = (m + panel - 1) / panel;
-        int failed = 0;
+        job.panel = ts_blas_panel(m, nthreads);
         /* OpenBLAS 0.3.31 applies the count process-wide (and returns the previous one), others
-         * per thread: set on every thread of the team, restored once by the caller afterwards */
+         * per thread: set by every task, restored once here afterwards */
         const int prev = set_threads(1);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n_tasks > 1)
-        {
-            float *wf = (float *)ts_scratch(1, (size_t)(panel * k) * sizeof(float));
-            set_threads(1);
-            if (!wf) {
-#pragma omp atomic write
-                failed = 1;
-            }
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < n_tasks; t++) {
-                if (!wf) continue;
-                const int64_t r0 = t * panel, r1 = r0 + panel < m ? r0 + panel : m;
-                for (int64_t r = r0; r < r1; r++)
-                    for (int64_t b = 0; b < nb; b++)
-                        ts_dequant_block(qtype, w + r * w_stride + b * ts, wf + (r - r0) * k + b * bs);
-                ts_sgemm_nt(n, r1 - r0, k, x, x_stride, wf, out + r0, m);
-            }
-        }
+        ts_parallel_for(nthreads, (m + job.panel - 1) / job.panel, ts_blas_panel_task, &job);
         set_threads(prev);
-        return failed ? -1 : 0;
+        return atomic_load(&job.failed) ? -1 : 0;
     }
     float *wf = (float *)ts_scratch(1, (size_t)(m * k) * sizeof(float));
     if (!wf) return -1;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && m >= 64)
-    for (int64_t r = 0; r < m; r++)
-        for (int64_t b = 0; b < nb; b++)
-            ts_dequant_block(qtype, w + r * w_stride + b * ts, wf + r * k + b * bs);
+    job.out = wf;
+    ts_parallel_for(nthreads, (m + 63) / 64, ts_dequant_rows_task, &job);
     ts_sgemm_nt(n, m, k, x, x_stride, wf, out, m);
     return 0;
+}
+
+typedef struct {
+    const float *x;
+    int64_t x_stride, k;
+    int qk;
+    int64_t nd, nbx;
+    quant_fn quant;
+    int8_t *xq;
+    float *xd, *xs;
+    int16_t *xb;
+} ts_quant_job;
+
+/* activation row i quantized */
+static void ts_quant_task(void *ctx, int64_t i) {
+    const ts_quant_job *j = (const ts_quant_job *)ctx;
+    j->quant(j->x + i * j->x_stride, j->k, j->qk, j->xq + i * j->k, j->xd + i * j->nd,
+             j->xs + i * j->nbx, j->xb + i * j->nbx);
+}
+
+typedef struct {
+    int64_t n, k, nd, nbx, rc, n_nc;
+    int nw, tile_rows;
+    const int8_t *xq;
+    const float *xd, *xs;
+    const int16_t *xb;
+    row_fn row[4];
+    int64_t nb[4], m[4], w_stride[4], first[5];
+    const uint8_t *w[4];
+    float *out[4];
+} ts_mm_job;
+
+/* one chunk of <= rc rows of one matrix against <= TS_X_PER_TASK activation rows */
+static void ts_mm_task(void *ctx, int64_t task) {
+    const ts_mm_job *jb = (const ts_mm_job *)ctx;
+    const int64_t c = task / jb->n_nc, k = jb->k;
+    int j = 0;
+    while (c >= jb->first[j + 1]) j++;
+    const int64_t m = jb->m[j], r0 = (c - jb->first[j]) * jb->rc;
+    const int64_t r1 = r0 + jb->rc < m ? r0 + jb->rc : m;
+    const int64_t i0 = (task % jb->n_nc) * TS_X_PER_TASK;
+    const int64_t i1 = i0 + TS_X_PER_TASK < jb->n ? i0 + TS_X_PER_TASK : jb->n;
+    const uint8_t *wj = jb->w[j];
+    float *oj = jb->out[j];
+    for (int64_t t0 = i0; t0 < i1; t0 += jb->tile_rows) {
+        const int n_x = (int)(i1 - t0 < jb->tile_rows ? i1 - t0 : jb->tile_rows);
+        XQ tile[8];
+        for (int t = 0; t < n_x; t++) {
+            tile[t].q = jb->xq + (t0 + t) * k;
+            tile[t].d = jb->xd + (t0 + t) * jb->nd;
+            tile[t].s = jb->xs + (t0 + t) * jb->nbx;
+            tile[t].bs = jb->xb + (t0 + t) * jb->nbx;
+        }
+        for (int64_t r = r0; r < r1; r++)
+            jb->row[j](wj + r * jb->w_stride[j], tile, jb->nb[j], n_x, oj + t0 * m + r, m);
+    }
 }
 
 /* out_j (n, m_j) = x (n, k) @ dequant(w_j).T for nw <= 4 weights that read the same x (q/k/v,
@@ -367,48 +442,26 @@ static inline int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_
     float *xd = (float *)(xq + ((n * k + 63) & ~(int64_t)63)), *xs = xd + n * nd;
     int16_t *xb = (int16_t *)(xs + n * nbx);
 
-    if (n * k >= 32768 && nthreads > 1) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t i = 0; i < n; i++)
-            quant(x + i * x_stride, k, qk, xq + i * k, xd + i * nd, xs + i * nbx, xb + i * nbx);
-    } else {
-        for (int64_t i = 0; i < n; i++)
-            quant(x + i * x_stride, k, qk, xq + i * k, xd + i * nd, xs + i * nbx, xb + i * nbx);
-    }
+    ts_quant_job qj = {x, x_stride, k, qk, nd, nbx, quant, xq, xd, xs, xb};
+    ts_parallel_for(n * k >= 32768 ? nthreads : 1, n, ts_quant_task, &qj);
 
     /* row chunks of every matrix in one task list: matrix j's chunks follow matrix j-1's */
-    const int64_t rc = ts_rows_per_task(m_all, nthreads);
-    int64_t first[5] = {0};
-    for (int j = 0; j < nw; j++) first[j + 1] = first[j] + (m[j] + rc - 1) / rc;
-    const int64_t n_rc = first[nw], n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
-    /* below ~256 KB of weight traffic a fork/join (and waiting on a busy core) costs more than
-     * the second thread saves: a 576 x 576 Q4_1 (207 KB) at N = 1 takes ~11 us on one core */
-    const int par = nthreads > 1 && work >= (1 << 18);
-    /* activation rows per weight-row visit: 8 where 32 zmm registers hold the accumulators */
-    const int tile_rows = isa == TS_ISA_VNNI ? 8 : 4;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (par)
-    for (int64_t task = 0; task < n_rc * n_nc; task++) {
-        const int64_t c = task / n_nc;
-        int j = 0;
-        while (c >= first[j + 1]) j++;
-        const int64_t r0 = (c - first[j]) * rc, r1 = r0 + rc < m[j] ? r0 + rc : m[j];
-        const int64_t i0 = (task % n_nc) * TS_X_PER_TASK;
-        const int64_t i1 = i0 + TS_X_PER_TASK < n ? i0 + TS_X_PER_TASK : n;
-        const uint8_t *wj = w[j];
-        float *oj = out[j];
-        for (int64_t t0 = i0; t0 < i1; t0 += tile_rows) {
-            const int n_x = (int)(i1 - t0 < tile_rows ? i1 - t0 : tile_rows);
-            XQ tile[8];
-            for (int t = 0; t < n_x; t++) {
-                tile[t].q = xq + (t0 + t) * k;
-                tile[t].d = xd + (t0 + t) * nd;
-                tile[t].s = xs + (t0 + t) * nbx;
-                tile[t].bs = xb + (t0 + t) * nbx;
-            }
-            for (int64_t r = r0; r < r1; r++)
-                row[j](wj + r * w_stride[j], tile, nb[j], n_x, oj + t0 * m[j] + r, m[j]);
-        }
+    ts_mm_job job = {.n = n, .k = k, .nd = nd, .nbx = nbx, .nw = nw, .xq = xq, .xd = xd,
+                     .xs = xs, .xb = xb, .tile_rows = isa == TS_ISA_VNNI ? 8 : 4};
+    job.rc = ts_rows_per_task(m_all, nthreads);
+    for (int j = 0; j < nw; j++) {
+        job.row[j] = row[j];
+        job.nb[j] = nb[j];
+        job.w[j] = w[j];
+        job.m[j] = m[j];
+        job.w_stride[j] = w_stride[j];
+        job.out[j] = out[j];
+        job.first[j + 1] = job.first[j] + (m[j] + job.rc - 1) / job.rc;
     }
+    job.n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
+    /* below ~64 KB of weight traffic handing tasks to another thread costs more than it saves
+     * (a 192 x 576 Q4_1 matvec, 69 KB, takes ~4 us on one core) */
+    ts_parallel_for(work >= (1 << 16) ? nthreads : 1, job.first[nw] * job.n_nc, ts_mm_task, &job);
     return 0;
 }
 
@@ -421,6 +474,30 @@ static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int6
                              isa);
 }
 
+typedef struct {
+    const float *x;
+    int64_t x_stride, k, n;
+    const uint16_t *w;
+    int64_t m, w_stride;
+    float *out;
+    bf16_fn row;
+    int64_t rc, n_nc;
+    int tile_rows;
+} ts_bf16_job;
+
+static void ts_bf16_task(void *ctx, int64_t task) {
+    const ts_bf16_job *j = (const ts_bf16_job *)ctx;
+    const int64_t m = j->m, r0 = (task / j->n_nc) * j->rc, r1 = r0 + j->rc < m ? r0 + j->rc : m;
+    const int64_t i0 = (task % j->n_nc) * TS_X_PER_TASK;
+    const int64_t i1 = i0 + TS_X_PER_TASK < j->n ? i0 + TS_X_PER_TASK : j->n;
+    for (int64_t t0 = i0; t0 < i1; t0 += j->tile_rows) {
+        const int n_x = (int)(i1 - t0 < j->tile_rows ? i1 - t0 : j->tile_rows);
+        for (int64_t r = r0; r < r1; r++)
+            j->row(j->w + r * j->w_stride, j->x + t0 * j->x_stride, j->x_stride, j->k, n_x,
+                   j->out + t0 * m + r, m);
+    }
+}
+
 /* out (n, m) = x (n, k) @ bf16(w).T; w (m, k) uint16 bf16 bits; x row i at x + i * x_stride,
  * w row r at w + r * w_stride */
 static inline void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
@@ -430,21 +507,10 @@ static inline void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, 
     quant_fn unused_quant;
     bf16_fn row;
     ts_pick(isa, TS_Q8_0, &unused_row, &unused_quant, &row);
-    const int64_t rc = ts_rows_per_task(m, nthreads);
-    const int64_t n_rc = (m + rc - 1) / rc, n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
-    const int par = nthreads > 1 && m * k * 2 * n >= (1 << 18);
-    const int tile_rows = isa == TS_ISA_VNNI ? 8 : 4;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (par)
-    for (int64_t task = 0; task < n_rc * n_nc; task++) {
-        const int64_t r0 = (task / n_nc) * rc, r1 = r0 + rc < m ? r0 + rc : m;
-        const int64_t i0 = (task % n_nc) * TS_X_PER_TASK;
-        const int64_t i1 = i0 + TS_X_PER_TASK < n ? i0 + TS_X_PER_TASK : n;
-        for (int64_t t0 = i0; t0 < i1; t0 += tile_rows) {
-            const int n_x = (int)(i1 - t0 < tile_rows ? i1 - t0 : tile_rows);
-            for (int64_t r = r0; r < r1; r++)
-                row(w + r * w_stride, x + t0 * x_stride, x_stride, k, n_x, out + t0 * m + r, m);
-        }
-    }
+    ts_bf16_job job = {x, x_stride, k, n, w, m, w_stride, out, row, ts_rows_per_task(m, nthreads),
+                       (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK, isa == TS_ISA_VNNI ? 8 : 4};
+    const int64_t n_rc = (m + job.rc - 1) / job.rc;
+    ts_parallel_for(m * k * 2 * n >= (1 << 16) ? nthreads : 1, n_rc * job.n_nc, ts_bf16_task, &job);
 }
 
 /* the same two with C-contiguous x (n, k): the C API ext/kernels.pyx calls */
@@ -459,17 +525,26 @@ static inline void ts_matmul_bf16(const float *x, int64_t n, int64_t k, const ui
 }
 
 /* out (n, cols) = rows ids of w dequantized; ids already checked against the row count */
+typedef struct {
+    const uint8_t *w;
+    int64_t w_stride, cols;
+    int qtype;
+    const int64_t *ids;
+    float *out;
+} ts_rows_job;
+
+static void ts_rows_task(void *ctx, int64_t i) {
+    const ts_rows_job *j = (const ts_rows_job *)ctx;
+    const int bs = ts_block_size(j->qtype), ts = ts_type_size(j->qtype);
+    const uint8_t *row = j->w + j->ids[i] * j->w_stride;
+    for (int64_t b = 0; b < j->cols / bs; b++)
+        ts_dequant_block(j->qtype, row + b * ts, j->out + i * j->cols + b * bs);
+}
+
 static inline void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
-                               const int64_t *ids, int64_t n, float *out, int nthreads) {
-    const int bs = ts_block_size(qtype), ts = ts_type_size(qtype);
-    const int64_t nb = cols / bs;
-    const int par = nthreads > 1 && n * cols >= 65536;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
-    for (int64_t i = 0; i < n; i++) {
-        const uint8_t *row = w + ids[i] * w_stride;
-        for (int64_t b = 0; b < nb; b++)
-            ts_dequant_block(qtype, row + b * ts, out + i * cols + b * bs);
-    }
+                                      const int64_t *ids, int64_t n, float *out, int nthreads) {
+    ts_rows_job job = {w, w_stride, cols, qtype, ids, out};
+    ts_parallel_for(n * cols >= 65536 ? nthreads : 1, n, ts_rows_task, &job);
 }
 
 #endif /* TINYSERVE_QUANT_H */

@@ -45,10 +45,24 @@ cdef extern from "quant.h" nogil:
     int64_t ts_blas_min_n
     void *ts_blas_local_ptr
 
+cdef extern from "pool.h" nogil:
+    void ts_pool_attach(void *pool)
+
 # gguf.GGMLQuantizationType value -> name, for the types these kernels run
 QTYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 SUPPORTED_QTYPES = tuple(QTYPES)
 _ISA_NAMES = ("scalar", "avx2", "vnni")
+
+def _attach_pool():
+    """Share ext/kernels.pyx's thread pool: one set of workers per process."""
+    try:
+        from tinyserve._ext.kernels import _pool_address
+    except ImportError:
+        return  # no kernels module: this module's own pool
+    ts_pool_attach(<void *><size_t>_pool_address())
+
+
+_attach_pool()
 
 cdef int _best_isa = ts_best_isa()
 cdef int _isa = _best_isa
