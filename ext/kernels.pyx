@@ -49,14 +49,12 @@ cdef extern from "kernels_attn.h" nogil:
         const int64_t *seq_lens
         const int64_t *positions
         const int32_t *block_tables
-        int64_t max_blocks, H, Dh, Dv, BS, KVH, gi, window
+        int64_t max_blocks, H, Dh, Dv, BS, KVH, window, n_spans
         float scale
         float *out
+        float *part
     void ts_attn_task(void *ctx, int64_t item)
-    void ts_attn_token(const float *q, int gi, int G, int64_t Dh, int64_t Dv, const float *k,
-                       const float *v, int64_t block_stride, int64_t row_stride,
-                       int64_t v_block_stride, int64_t v_row_stride, const int32_t *table, int64_t BS, int64_t lo, int64_t hi, float scale,
-                       float *out, float *work)
+    void ts_attn_merge_task(void *ctx, int64_t th)
 
 
 cdef extern from "kernels_sample.h" nogil:
@@ -248,7 +246,7 @@ def write_kv(pool, x, slots):
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef void _paged_attention(
+cdef int _paged_attention(
     const float[:, :, ::1] q,  # (N, H, Dh)
     const float[:, :, :, ::1] k_pool,  # (NB, BS, KVH, Dh)
     const float[:, :, :, ::1] v_pool,  # (NB, BS, KVH, Dv)
@@ -258,9 +256,10 @@ cdef void _paged_attention(
     const int32_t[:, ::1] block_tables,  # (S, max_blocks)
     float scale,
     int64_t window,  # 0: none
-    int heads_per_item,  # query heads handled by one work item (divides G, or H: whole tokens)
+    int64_t n_spans,  # pieces each token's keys are cut into (the threads share a sequence)
     float[:, :, ::1] out,  # (N, H, Dv)
 ) noexcept nogil:
+    """0, or -1: out of memory."""
     cdef Py_ssize_t N = q.shape[0], H = q.shape[1], Dh = q.shape[2]
     cdef Py_ssize_t BS = k_pool.shape[1], KVH = k_pool.shape[2], Dv = v_pool.shape[3]
     cdef ts_attn_job job
@@ -273,18 +272,32 @@ cdef void _paged_attention(
     job.block_tables = &block_tables[0, 0]
     job.max_blocks = block_tables.shape[1]
     job.H, job.Dh, job.Dv, job.BS, job.KVH = H, Dh, Dv, BS, KVH
-    job.gi, job.window, job.scale = heads_per_item, window, scale
+    job.window, job.scale, job.n_spans = window, scale, n_spans
     job.out = &out[0, 0, 0]
-    ts_parallel_for(_threads_for(N * H * 4096), N * (H // heads_per_item), ts_attn_task, &job)
+    job.part = NULL
+    if n_spans > 1:
+        job.part = <float *>malloc(N * H * n_spans * (Dv + 2) * sizeof(float))
+        if job.part == NULL:
+            return -1
+    cdef int threads = _threads_for(N * H * 4096)
+    ts_parallel_for(threads, N * KVH * n_spans, ts_attn_task, &job)
+    if n_spans > 1:
+        ts_parallel_for(threads if N * H >= 64 else 1, N * H, ts_attn_merge_task, &job)
+        free(job.part)
+    return 0
 
 
-def _heads_per_item(N, H, KVH):
-    """Query heads per attention work item: whole tokens when there are enough of them for the
-    threads (each KV row then read whole, in order); else one kv head's group; else single heads
-    (a decode step of one sequence still spreads over the threads)."""
-    if N >= 4 * _n_threads:
-        return H
-    return H // KVH if N * KVH >= 4 * _n_threads else 1
+SPAN_MIN_KEYS = 64  # a decode step's keys are split into pieces of at least this many
+
+
+def _attn_spans(N, KVH, max_len):
+    """Pieces each token's keys are cut into: 1 when tokens x kv heads already give every thread
+    a few work items (prefill, big batches); else enough for ~4 items per thread, each piece
+    >= SPAN_MIN_KEYS keys (a decode step of one sequence still spreads over the threads)."""
+    items = N * KVH
+    if items >= 4 * _n_threads or max_len < 2 * SPAN_MIN_KEYS:
+        return 1
+    return max(1, min(-(-4 * _n_threads // items), max_len // SPAN_MIN_KEYS))
 
 
 def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, block_tables,
@@ -314,10 +327,10 @@ def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, 
     seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
     if out is None:
         out = np.empty((N, H, Dv), dtype=np.float32)
-    gi = _heads_per_item(N, H, KVH)
-    if N:
-        _paged_attention(q, k_pool, v_pool, seq_of, seq_lens, positions, block_tables, scale,
-                         int(sliding_window or 0), gi, out)
+    if N and _paged_attention(q, k_pool, v_pool, seq_of, seq_lens, positions, block_tables, scale,
+                              int(sliding_window or 0), _attn_spans(N, KVH, int(seq_lens.max())),
+                              out):
+        raise MemoryError("paged_attention: out of memory")
     return out
 
 
@@ -526,7 +539,7 @@ cdef int _llama_layers(
     float[:, :, :, :, :, ::1] kv,  # (L, 2, NB, BS, KVH, Dh)
     const int64_t[::1] positions, const int64_t[::1] slots, const int64_t[::1] seq_of,
     const int64_t[::1] seq_lens, const int32_t[:, ::1] block_tables, const float[::1] inv_freq,
-    float eps, float scale, int64_t window, int heads_per_item, int isa,
+    float eps, float scale, int64_t window, int64_t n_spans, int isa,
     float[:, ::1] h, float[:, :, ::1] q, float[:, :, ::1] k, float[:, :, ::1] v,
     float[:, :, ::1] a, float[:, ::1] gate, float[:, ::1] up,
     float[:, ::1] q2, float[:, ::1] k2, float[:, ::1] v2, float[:, ::1] a2,  # 2-D views of q k v a
@@ -559,8 +572,9 @@ cdef int _llama_layers(
         for n in range(N):
             memcpy(kp + slots[n] * W, &k2[n, 0], W * sizeof(float))
             memcpy(vp + slots[n] * W, &v2[n, 0], W * sizeof(float))
-        _paged_attention(q, kv[l, 0], kv[l, 1], seq_of, seq_lens, positions, block_tables, scale,
-                         window, heads_per_item, a)
+        if _paged_attention(q, kv[l, 0], kv[l, 1], seq_of, seq_lens, positions, block_tables,
+                            scale, window, n_spans, a):
+            return -1
         if _mm(a2, wptr, wstride, wtype, l, W_O, h, isa):
             return -1
         for n in range(N):
@@ -608,15 +622,15 @@ def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v
     for c0 in range(0, N, C):
         c1 = min(c0 + C, N)
         n = c1 - c0
-        gi = _heads_per_item(n, n_heads, KVH)
+        spans = _attn_spans(n, KVH, int(seq_lens.max()))
         qn, kn = q[:n], k[:n]
         rc = _llama_layers(x[c0:c1], wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias,
                            v_bias, q_norm, k_norm, kv, positions[c0:c1], slots[c0:c1],
                            seq_of[c0:c1], seq_lens, block_tables, inv_freq, eps, scale,
-                           int(sliding_window or 0), gi, isa, h[:n], qn, kn, v[:n], a[:n],
+                           int(sliding_window or 0), spans, isa, h[:n], qn, kn, v[:n], a[:n],
                            gate[:n], up[:n], qn.reshape(n, -1), kn.reshape(n, -1),
                            v[:n].reshape(n, -1), a[:n].reshape(n, -1), qn.reshape(-1, Dh),
                            kn.reshape(-1, Dh))
         if rc != 0:
-            raise MemoryError("llama_layers: out of memory for the quantized activations")
+            raise MemoryError("llama_layers: out of memory (quantized activations or attention)")
     return x

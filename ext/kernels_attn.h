@@ -69,58 +69,122 @@ static inline float ts_exp_sub_sum(float *s, int64_t n, float m) {
 }
 #endif
 
-/* out (gi, Dv) = softmax(q (gi, Dh) . K[lo..hi]^T * scale) V[lo..hi] for one token's heads
-   h0 .. h0 + gi - 1, head h0 + g reading kv head g / G of k, v (G query heads per kv head; with
-   gi = H a whole token, so each key row is read whole, in order: a decode batch is memory bound
-   on the KV pool). k, v: the layer's pools at the first kv head's offset; key p lives at
-   table[p / BS] * block_stride + (p % BS) * row_stride (v: v_block_stride, v_row_stride). work: gi * (BS + Dv + 2) floats. */
-static inline void ts_attn_token(const float *q, int gi, int G, int64_t Dh, int64_t Dv, const float *k,
-                                 const float *v, int64_t block_stride, int64_t row_stride,
-                                 int64_t v_block_stride, int64_t v_row_stride, const int32_t *table, int64_t BS, int64_t lo, int64_t hi,
-                                 float scale, float *out, float *work) {
-    float *acc = work, *m = acc + gi * Dv, *l = m + gi, *sc = l + gi; /* sc: (gi, BS) */
+/* Scores of gi query heads (q: (gi, Dh), scale applied) against key rows j0 .. j1 - 1 of a block
+   (row j at kb + j * rs): sc[g * BS + j - j0]. Four keys at a time, each with its own
+   accumulator (the FMA chains overlap) and one horizontal reduction for the four. */
+static inline void ts_attn_scores(const float *q, int gi, int64_t Dh, const float *kb, int64_t rs,
+                                  int64_t j0, int64_t j1, float *sc, int64_t BS) {
+    int64_t j = j0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (Dh % 8 == 0) {
+        for (; j + 4 <= j1; j += 4) {
+            const float *k0 = kb + j * rs, *k1 = k0 + rs, *k2 = k1 + rs, *k3 = k2 + rs;
+            for (int g = 0; g < gi; g++) {
+                const float *qg = q + g * Dh;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t d = 0; d < Dh; d += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qg + d);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+                }
+                /* hadd twice: lane i (and i + 4) holds half of key i's sum */
+                const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                _mm_storeu_ps(sc + g * BS + (j - j0), _mm_add_ps(_mm256_castps256_ps128(h),
+                                                                 _mm256_extractf128_ps(h, 1)));
+            }
+        }
+    }
+#endif
+    for (; j < j1; j++)
+        for (int g = 0; g < gi; g++) sc[g * BS + j - j0] = ts_dot(q + g * Dh, kb + j * rs, Dh);
+}
+
+/* acc (gi, Dv) = acc * corr[g] + p (gi, nj; row stride BS) @ V (nj rows at vb, stride rs): the
+   accumulators of 64 output dims stay in registers across the block's keys. */
+static inline void ts_attn_pv(float *acc, const float *corr, const float *p, int gi, int64_t BS,
+                              const float *vb, int64_t rs, int64_t nj, int64_t Dv) {
+    for (int g = 0; g < gi; g++) {
+        float *a = acc + g * Dv;
+        const float *pg = p + g * BS;
+        int64_t d0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        const __m256 c = _mm256_set1_ps(corr[g]);
+        for (; d0 + 64 <= Dv; d0 += 64) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_mul_ps(_mm256_loadu_ps(a + d0 + 8 * i), c);
+            for (int64_t j = 0; j < nj; j++) {
+                const __m256 pj = _mm256_set1_ps(pg[j]);
+                const float *vr = vb + j * rs + d0;
+                for (int i = 0; i < 8; i++)
+                    r[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * i), r[i]);
+            }
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(a + d0 + 8 * i, r[i]);
+        }
+        for (; d0 + 8 <= Dv; d0 += 8) {
+            __m256 r = _mm256_mul_ps(_mm256_loadu_ps(a + d0), c);
+            for (int64_t j = 0; j < nj; j++)
+                r = _mm256_fmadd_ps(_mm256_set1_ps(pg[j]), _mm256_loadu_ps(vb + j * rs + d0), r);
+            _mm256_storeu_ps(a + d0, r);
+        }
+#endif
+        for (int64_t d = d0; d < Dv; d++) {
+            float r = a[d] * corr[g];
+            for (int64_t j = 0; j < nj; j++) r += pg[j] * vb[j * rs + d];
+            a[d] = r;
+        }
+    }
+}
+
+/* The online softmax of gi query heads that share one kv head over that sequence's keys
+   lo .. hi, read in place through its block table: on return acc (gi, Dv) holds
+   sum_j e^(s_j - m) v_j, m (gi,) the max score and l (gi,) sum_j e^(s_j - m) (m = -inf, l = 0
+   for an empty span). q (gi, Dh) carries the softmax scale already. k, v: the layer's pools at
+   the kv head's offset; key p at table[p / BS] * block_stride + (p % BS) * row_stride (v: its own
+   strides). work: gi * BS + gi floats. */
+static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, const float *k,
+                                const float *v, int64_t block_stride, int64_t row_stride,
+                                int64_t v_block_stride, int64_t v_row_stride,
+                                const int32_t *table, int64_t BS, int64_t lo, int64_t hi,
+                                float *acc, float *m, float *l, float *work) {
+    float *sc = work, *corr = sc + gi * BS; /* sc: (gi, BS) */
     memset(acc, 0, (size_t)(gi * Dv) * sizeof(float));
     for (int g = 0; g < gi; g++) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
+    if (hi < lo) return;
     for (int64_t b = lo / BS; b <= hi / BS; b++) {
         const int64_t j0 = b * BS < lo ? lo - b * BS : 0;
         const int64_t j1 = hi - b * BS + 1 < BS ? hi - b * BS + 1 : BS, nj = j1 - j0;
         const float *kb = k + table[b] * block_stride, *vb = v + table[b] * v_block_stride;
-        for (int64_t j = j0; j < j1; j++) { /* each key once for every head of the group */
-            const float *kp = kb + j * row_stride;
-            for (int g = 0; g < gi; g++)
-                sc[g * BS + j - j0] = ts_dot(q + g * Dh, kp + (g / G) * Dh, Dh) * scale;
-        }
+        ts_attn_scores(q, gi, Dh, kb, row_stride, j0, j1, sc, BS);
         for (int g = 0; g < gi; g++) {
             float *s = sc + g * BS, bm = -INFINITY;
             for (int64_t j = 0; j < nj; j++) bm = s[j] > bm ? s[j] : bm;
             const float m_new = m[g] > bm ? m[g] : bm;
-            const float corr = expf(m[g] - m_new); /* rescale what came before */
-            l[g] = l[g] * corr + ts_exp_sub_sum(s, nj, m_new);
-            float *a = acc + g * Dv;
-            if (corr != 1.0f)
-                for (int64_t d = 0; d < Dv; d++) a[d] *= corr;
-            const float *vg = vb + (g / G) * Dv;
-            for (int64_t j = 0; j < nj; j++) ts_axpy(a, s[j], vg + (j0 + j) * v_row_stride, Dv);
+            corr[g] = expf(m[g] - m_new); /* rescales what came before (0 at the start) */
+            l[g] = l[g] * corr[g] + ts_exp_sub_sum(s, nj, m_new);
             m[g] = m_new;
         }
-    }
-    for (int g = 0; g < gi; g++) {
-        for (int64_t d = 0; d < Dv; d++) out[g * Dv + d] = acc[g * Dv + d] / l[g];
+        ts_attn_pv(acc, corr, sc, gi, BS, vb + j0 * v_row_stride, v_row_stride, nj, Dv);
     }
 }
 
-/* The work items of one paged attention call: item = (token, group of gi query heads). */
+/* The work items of one paged attention call: item = (token, kv head, span of its keys). With
+   n_spans > 1 (few tokens: a decode step) each token's keys are cut into n_spans pieces so the
+   threads share one sequence's attention; each piece leaves (acc, m, l) in part and
+   ts_attn_merge combines them (the flash-decoding split). */
 typedef struct {
     const float *q; /* (N, H, Dh) */
     const float *k, *v; /* pools (NB, BS, KVH, Dh), (NB, BS, KVH, Dv) */
     const int64_t *seq_of, *seq_lens, *positions; /* (N,), (S,), (N,) */
     const int32_t *block_tables; /* (S, max_blocks) */
-    int64_t max_blocks, H, Dh, Dv, BS, KVH, gi, window;
+    int64_t max_blocks, H, Dh, Dv, BS, KVH, window, n_spans;
     float scale;
     float *out; /* (N, H, Dv) */
+    float *part; /* n_spans > 1: (N, KVH, n_spans, G, Dv + 2) */
 } ts_attn_job;
 
 /* A per-thread buffer that only grows (no allocation per call once warm). */
@@ -137,21 +201,61 @@ static inline float *ts_attn_scratch(size_t n) {
 
 static void ts_attn_task(void *ctx, int64_t item) {
     const ts_attn_job *j = (const ts_attn_job *)ctx;
-    const int64_t G = j->H / j->KVH, per_tok = j->H / j->gi;
-    const int64_t t = item / per_tok;
-    const int64_t kvh = (item % per_tok) * j->gi / G; /* gi = H: the whole token, kvh = g0 = 0 */
-    const int64_t g0 = (item % per_tok) * j->gi % G;
+    const int64_t G = j->H / j->KVH, Dh = j->Dh, Dv = j->Dv;
+    const int64_t span = item % j->n_spans, kvh = item / j->n_spans % j->KVH;
+    const int64_t t = item / j->n_spans / j->KVH;
     const int64_t s = j->seq_of[t], pos = j->positions[t];
     int64_t hi = pos; /* causal: keys at positions <= the query's */
     if (hi > j->seq_lens[s] - 1) hi = j->seq_lens[s] - 1;
-    const int64_t lo = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0;
-    float *work = ts_attn_scratch((size_t)(j->gi * (j->Dv + j->BS + 2)));
+    int64_t lo = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0;
+    if (j->n_spans > 1) { /* this item's piece of [lo, hi] */
+        const int64_t n = hi - lo + 1, a = lo + n * span / j->n_spans;
+        hi = lo + n * (span + 1) / j->n_spans - 1;
+        lo = a;
+    }
+    float *work = ts_attn_scratch((size_t)(G * (Dh + Dv + j->BS + 3)));
     if (!work) abort(); /* a few KB */
-    const int64_t h0 = kvh * G + g0;
-    ts_attn_token(j->q + (t * j->H + h0) * j->Dh, (int)j->gi, (int)G, j->Dh, j->Dv,
-                  j->k + kvh * j->Dh, j->v + kvh * j->Dv, j->BS * j->KVH * j->Dh, j->KVH * j->Dh,
-                  j->BS * j->KVH * j->Dv, j->KVH * j->Dv, j->block_tables + s * j->max_blocks,
-                  j->BS, lo, hi, j->scale, j->out + (t * j->H + h0) * j->Dv, work);
+    /* work: q scaled (G, Dh) | acc (G, Dv) | m (G) | l (G) | the span's scores (G, BS + 1) */
+    float *qs = work, *acc = qs + G * Dh, *m = acc + G * Dv, *l = m + G, *span_work = l + G;
+    const float *qt = j->q + (t * j->H + kvh * G) * Dh;
+    for (int64_t i = 0; i < G * Dh; i++) qs[i] = qt[i] * j->scale;
+    if (j->n_spans > 1) { /* the piece's (acc, m, l) go to part for the merge */
+        acc = j->part + ((t * j->KVH + kvh) * j->n_spans + span) * G * (Dv + 2);
+        m = acc + G * Dv;
+        l = m + G;
+    }
+    ts_attn_span(qs, (int)G, Dh, Dv, j->k + kvh * Dh, j->v + kvh * Dv, j->BS * j->KVH * Dh,
+                 j->KVH * Dh, j->BS * j->KVH * Dv, j->KVH * Dv, j->block_tables + s * j->max_blocks,
+                 j->BS, lo, hi, acc, m, l, span_work);
+    if (j->n_spans == 1) {
+        float *o = j->out + (t * j->H + kvh * G) * Dv;
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t d = 0; d < Dv; d++) o[g * Dv + d] = acc[g * Dv + d] / l[g];
+    }
+}
+
+/* out = the n_spans pieces of each (token, head) combined: sum_c e^(m_c - M) acc_c / L */
+static void ts_attn_merge_task(void *ctx, int64_t th) {
+    const ts_attn_job *j = (const ts_attn_job *)ctx;
+    const int64_t G = j->H / j->KVH, Dv = j->Dv, t = th / j->H, h = th % j->H;
+    const int64_t kvh = h / G, g = h % G, stride = G * (Dv + 2);
+    const float *p0 = j->part + (t * j->KVH + kvh) * j->n_spans * stride;
+    float M = -INFINITY, L = 0.0f;
+    for (int64_t c = 0; c < j->n_spans; c++) {
+        const float mc = p0[c * stride + G * Dv + g];
+        M = mc > M ? mc : M;
+    }
+    float *o = j->out + th * Dv;
+    for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
+    for (int64_t c = 0; c < j->n_spans; c++) {
+        const float *pc = p0 + c * stride;
+        const float lc = pc[G * Dv + G + g];
+        if (lc == 0.0f) continue; /* an empty piece */
+        const float w = expf(pc[G * Dv + g] - M);
+        L += w * lc;
+        for (int64_t d = 0; d < Dv; d++) o[d] += w * pc[g * Dv + d];
+    }
+    for (int64_t d = 0; d < Dv; d++) o[d] /= L;
 }
 
 #endif
