@@ -145,6 +145,31 @@ def test_paged_attention(ops, spec, H, KVH, Dh, BS, window):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize(
+    "spec, H, KVH, Dh, BS, window",
+    [
+        ([(1, 300)], 9, 3, 64, 16, None),  # one long decode: keys split over the threads
+        ([(1, 400)], 9, 3, 64, 16, 150),  # split inside a sliding window
+        ([(1, 260)], 4, 1, 20, 16, None),  # head dim not a multiple of 8: the plain loops
+    ],
+)
+def test_paged_attention_split_decode(kernels, threads, spec, H, KVH, Dh, BS, window):
+    """Few tokens with long contexts: each token's keys are cut into pieces (flash-decoding)
+    whose partial softmaxes are merged; the result is the reference's at any thread count."""
+    rng = np.random.default_rng(8)
+    q, k_pool, v_pool, batch = _paged_case(rng, spec, H, KVH, Dh, BS)
+    old = kernels.get_num_threads()
+    kernels.set_num_threads(threads)
+    try:
+        assert kernels._attn_spans(batch.n_tokens, KVH, int(batch.seq_lens.max())) > 1
+        got = kernels.paged_attention(q, k_pool, v_pool, batch, 0.125, window)
+    finally:
+        kernels.set_num_threads(old)
+    want = REF.paged_attention(q, k_pool, v_pool, batch, 0.125, window)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_paged_attention_equals_dense_causal_attention(ops):
     """A second route: the same tokens attended densely with a plain causal mask."""
     rng = np.random.default_rng(6)
