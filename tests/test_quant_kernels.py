@@ -456,3 +456,24 @@ def test_blas_threshold_is_checked():
         quant.set_blas_min_rows(-1)
     quant.set_blas_min_rows(0)
     assert quant.get_blas_min_rows() == 0
+
+
+def test_thread_pool_many_jobs_any_thread_count():
+    # ext/pool.h under churn: hundreds of back-to-back jobs of every size (1 task .. many), thread
+    # counts above the core count (workers that start late find their share taken over) and
+    # changing between calls; every result equals the one-thread result bit for bit
+    rng = np.random.default_rng(12)
+    cols = 256
+    qt = weight(Q.Q4_1, 300, cols, rng)
+    xs = [rng.standard_normal((n, cols)).astype(np.float32) for n in (1, 2, 9, 70)]
+    before = quant.get_num_threads()
+    try:
+        quant.set_num_threads(1)
+        want = [quant.matmul_q(x, qt.data, int(Q.Q4_1), cols) for x in xs]
+        for i in range(400):
+            quant.set_num_threads(1 + i % 5)
+            j = i % len(xs)
+            got = quant.matmul_q(xs[j], qt.data, int(Q.Q4_1), cols)
+            np.testing.assert_array_equal(got, want[j])
+    finally:
+        quant.set_num_threads(before)
