@@ -107,14 +107,39 @@ def _f32_rows(x, int width):
 # -- elementwise / row ops -----------------------------------------------------------------------
 
 
+# Row ops run on the kernel thread pool (ext/pool.h) in tasks of ROWS rows; a small problem
+# (_threads_for) stays on the calling thread.
+DEF ROWS = 16
+
+
+cdef struct _RowJob:
+    const float *a  # (N, D) input
+    const float *b  # (N, D) second input / (D,) weight / (N, 2 * half) cos|sin table
+    float *out  # (N, D)
+    Py_ssize_t N, D, nh, half
+    float eps
+
+
+cdef inline void _rows_run(_RowJob *job, int64_t work, ts_task_fn fn) noexcept nogil:
+    ts_parallel_for(_threads_for(work), (job.N + ROWS - 1) // ROWS, fn, job)
+
+
+cdef void _rms_task(void *ctx, int64_t t) noexcept nogil:
+    cdef _RowJob *j = <_RowJob *>ctx
+    cdef Py_ssize_t n, D = j.D
+    cdef float r
+    for n in range(t * ROWS, min(t * ROWS + ROWS, j.N)):
+        r = 1.0 / sqrtf(ts_sumsq(j.a + n * D, D) / D + j.eps)
+        ts_scale_mul(j.out + n * D, j.a + n * D, r, j.b, D)
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef void _rms_norm(const float[:, ::1] x, const float[::1] w, float eps, float[:, ::1] out) noexcept nogil:
-    cdef Py_ssize_t n, N = x.shape[0], D = x.shape[1]
-    cdef float r
-    for n in prange(N, num_threads=_threads_for(N * D), schedule="static"):
-        r = 1.0 / sqrtf(ts_sumsq(&x[n, 0], D) / D + eps)
-        ts_scale_mul(&out[n, 0], &x[n, 0], r, &w[0], D)
+    cdef _RowJob job
+    job.a, job.b, job.out = &x[0, 0], &w[0], &out[0, 0]
+    job.N, job.D, job.eps = x.shape[0], x.shape[1], eps
+    _rows_run(&job, job.N * job.D, _rms_task)
 
 
 def rms_norm(x, w, float eps, out=None):
@@ -132,22 +157,39 @@ def rms_norm(x, w, float eps, out=None):
     return out
 
 
+cdef void _rope_task(void *ctx, int64_t t) noexcept nogil:
+    cdef _RowJob *j = <_RowJob *>ctx
+    cdef Py_ssize_t n, h, i, half = j.half, nh = j.nh
+    cdef float c, s, x1, x2
+    cdef float *x
+    cdef const float *cs
+    for n in range(t * ROWS, min(t * ROWS + ROWS, j.N)):
+        cs = j.b + n * 2 * half
+        for h in range(nh):
+            x = j.out + (n * nh + h) * j.D
+            for i in range(half):
+                c, s = cs[i], cs[half + i]
+                x1 = x[i]
+                x2 = x[i + half]
+                x[i] = x1 * c - x2 * s
+                x[i + half] = x2 * c + x1 * s
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef void _rope(float[:, :, ::1] x, const int64_t[::1] positions, const float[::1] inv_freq) noexcept nogil:
-    cdef Py_ssize_t n, h, i, N = x.shape[0], nh = x.shape[1], half = inv_freq.shape[0]
-    cdef double angle
-    cdef float c, s, x1, x2
-    for n in prange(N, num_threads=_threads_for(N * nh * half * 8), schedule="static"):
-        for i in range(half):
-            angle = <double>positions[n] * <double>inv_freq[i]  # f64 angles, as the reference
-            c = <float>cos(angle)
-            s = <float>sin(angle)
-            for h in range(nh):
-                x1 = x[n, h, i]
-                x2 = x[n, h, i + half]
-                x[n, h, i] = x1 * c - x2 * s
-                x[n, h, i + half] = x2 * c + x1 * s
+cdef void _rope_cs(float[:, :, ::1] x, const float[:, ::1] cs) noexcept nogil:
+    """x (N, h, Dh) rotated in place by the (N, 2 * half) table of cos | sin (rope_table)."""
+    cdef _RowJob job
+    job.b, job.out = &cs[0, 0], &x[0, 0, 0]
+    job.N, job.nh, job.D, job.half = x.shape[0], x.shape[1], x.shape[2], cs.shape[1] // 2
+    _rows_run(&job, job.N * job.nh * job.half * 4, _rope_task)
+
+
+def rope_table(positions, inv_freq):
+    """(N,), (half,) -> (N, 2 * half) float32: cos | sin of each position's angles, computed in
+    float64 as the reference does; one table serves every layer of a forward."""
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * np.asarray(inv_freq, np.float32).astype(np.float64)
+    return np.ascontiguousarray(np.concatenate([np.cos(angles), np.sin(angles)], axis=1), dtype=np.float32)
 
 
 def rope_(x, positions, inv_freq):
@@ -160,8 +202,8 @@ def rope_(x, positions, inv_freq):
         raise ValueError(f"{inv_freq.shape[0]} frequencies rotate more than head dim {x.shape[2]}")
     if positions.shape[0] != x.shape[0]:
         raise ValueError(f"{positions.shape[0]} positions for {x.shape[0]} tokens")
-    if x.shape[0] and x.shape[1]:
-        _rope(x, positions, inv_freq)
+    if x.shape[0] and x.shape[1] and inv_freq.shape[0]:
+        _rope_cs(x, rope_table(positions, inv_freq))
 
 
 def rope(x, positions, inv_freq):
@@ -171,12 +213,20 @@ def rope(x, positions, inv_freq):
     return out
 
 
+cdef void _silu_task(void *ctx, int64_t t) noexcept nogil:
+    cdef _RowJob *j = <_RowJob *>ctx
+    cdef Py_ssize_t n, F = j.D
+    for n in range(t * ROWS, min(t * ROWS + ROWS, j.N)):
+        ts_silu_mul(j.out + n * F, j.a + n * F, j.b + n * F, F)
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef void _silu_mul(const float[:, ::1] g, const float[:, ::1] u, float[:, ::1] out) noexcept nogil:
-    cdef Py_ssize_t n, N = g.shape[0], F = g.shape[1]
-    for n in prange(N, num_threads=_threads_for(N * F * 4), schedule="static"):
-        ts_silu_mul(&out[n, 0], &g[n, 0], &u[n, 0], F)
+    cdef _RowJob job
+    job.a, job.b, job.out = &g[0, 0], &u[0, 0], &out[0, 0]
+    job.N, job.D = g.shape[0], g.shape[1]
+    _rows_run(&job, job.N * job.D * 4, _silu_task)
 
 
 def silu_mul(gate, up, out=None):
@@ -192,22 +242,32 @@ def silu_mul(gate, up, out=None):
     return out
 
 
+cdef void _softmax_task(void *ctx, int64_t t) noexcept nogil:
+    cdef _RowJob *j = <_RowJob *>ctx
+    cdef Py_ssize_t n, i, K = j.D
+    cdef float m, total
+    cdef float *x
+    for n in range(t * ROWS, min(t * ROWS + ROWS, j.N)):
+        x = j.out + n * K
+        m = -INFINITY
+        for i in range(K):
+            if x[i] > m:
+                m = x[i]
+        total = 0  # subtract the max for stability
+        for i in range(K):
+            x[i] = expf(x[i] - m)
+            total = total + x[i]
+        for i in range(K):
+            x[i] = x[i] / total
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef void _softmax(float[:, ::1] x) noexcept nogil:
-    cdef Py_ssize_t n, i, N = x.shape[0], K = x.shape[1]
-    cdef float m, total
-    for n in prange(N, num_threads=_threads_for(N * K * 4), schedule="static"):
-        m = -INFINITY
-        for i in range(K):
-            if x[n, i] > m:
-                m = x[n, i]
-        total = 0  # subtract the max for stability
-        for i in range(K):
-            x[n, i] = expf(x[n, i] - m)
-            total = total + x[n, i]
-        for i in range(K):
-            x[n, i] = x[n, i] / total
+    cdef _RowJob job
+    job.out = &x[0, 0]
+    job.N, job.D = x.shape[0], x.shape[1]
+    _rows_run(&job, job.N * job.D * 4, _softmax_task)
 
 
 def softmax(x):
@@ -538,7 +598,7 @@ cdef int _llama_layers(
     const float[:, ::1] q_norm, const float[:, ::1] k_norm,  # (L, Dh) or (0, 0)
     float[:, :, :, :, :, ::1] kv,  # (L, 2, NB, BS, KVH, Dh)
     const int64_t[::1] positions, const int64_t[::1] slots, const int64_t[::1] seq_of,
-    const int64_t[::1] seq_lens, const int32_t[:, ::1] block_tables, const float[::1] inv_freq,
+    const int64_t[::1] seq_lens, const int32_t[:, ::1] block_tables, const float[:, ::1] rope_cs,
     float eps, float scale, int64_t window, int64_t n_spans, int isa,
     float[:, ::1] h, float[:, :, ::1] q, float[:, :, ::1] k, float[:, :, ::1] v,
     float[:, :, ::1] a, float[:, ::1] gate, float[:, ::1] up,
@@ -565,8 +625,9 @@ cdef int _llama_layers(
         if q_norm.shape[0]:  # Qwen3 normalizes each head before rotating it
             _rms_norm(qh, q_norm[l], eps, qh)
             _rms_norm(kh, k_norm[l], eps, kh)
-        _rope(q, positions, inv_freq)
-        _rope(k, positions, inv_freq)
+        if rope_cs.shape[1]:
+            _rope_cs(q, rope_cs)
+            _rope_cs(k, rope_cs)
         kp = &kv[l, 0, 0, 0, 0, 0]
         vp = &kv[l, 1, 0, 0, 0, 0]
         for n in range(N):
@@ -607,6 +668,7 @@ def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v
     seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
     positions = np.ascontiguousarray(positions, dtype=np.int64)
     slots = np.ascontiguousarray(slots, dtype=np.int64)
+    rope_cs = rope_table(positions, inv_freq)  # (N, 2 * half): once for all layers
     # At most LAYERS_CHUNK tokens go through the stack at a time: a chunk writes its K/V before
     # the next one attends to them (causal by position), so the result is the same, and the
     # activations stay bounded (~11 MB at 512 rows of SmolLM2 instead of ~45 MB for 2048).
@@ -626,7 +688,7 @@ def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v
         qn, kn = q[:n], k[:n]
         rc = _llama_layers(x[c0:c1], wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias,
                            v_bias, q_norm, k_norm, kv, positions[c0:c1], slots[c0:c1],
-                           seq_of[c0:c1], seq_lens, block_tables, inv_freq, eps, scale,
+                           seq_of[c0:c1], seq_lens, block_tables, rope_cs[c0:c1], eps, scale,
                            int(sliding_window or 0), spans, isa, h[:n], qn, kn, v[:n], a[:n],
                            gate[:n], up[:n], qn.reshape(n, -1), kn.reshape(n, -1),
                            v[:n].reshape(n, -1), a[:n].reshape(n, -1), qn.reshape(-1, Dh),
