@@ -46,6 +46,28 @@ def quant_tensor(qtype, rows, blocks_per_row, rng, scale=1.0):
     return QuantTensor(qtype, (rows, blocks_per_row * block_size), data)
 
 
+# -- the type tables ------------------------------------------------------------------------
+
+
+def test_type_tables_match_gguf():
+    """tinyserve's copies of ggml's type ids, block sizes and GGUF value types agree with gguf-py."""
+    from tinyserve.loading import ggml_types as ours
+    from tinyserve.loading.ggml_quants import SUPPORTED_TYPES
+
+    theirs = {q.name: int(q) for q in Q}
+    mine = {q.name: int(q) for q in ours.GGMLQuantizationType}
+    common = mine.keys() & theirs.keys()
+    assert len(common) >= 30 and SUPPORTED_TYPES and {t.name for t in SUPPORTED_TYPES} <= common
+    assert {n: mine[n] for n in common} == {n: theirs[n] for n in common}
+    for n in common:
+        assert ours.GGML_QUANT_SIZES[ours.GGMLQuantizationType[n]] == GGML_QUANT_SIZES[Q[n]], n
+    assert {v.name: int(v) for v in ours.GGUFValueType} == {
+        v.name: int(v) for v in gguf.GGUFValueType
+    }
+    # gguf's members work as keys of our tables and the other way round (IntEnum hashing)
+    assert ours.GGML_QUANT_SIZES[Q.Q4_K] == GGML_QUANT_SIZES[ours.GGMLQuantizationType.Q4_K]
+
+
 # -- dequantizers -------------------------------------------------------------------------
 
 

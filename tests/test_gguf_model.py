@@ -36,3 +36,38 @@ def test_quantized_gguf_tracks_safetensors(tmp_path):
     a, b = st.logits(IDS), gg.logits(IDS)
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+# Packages a load-and-generate never needs: the gguf package (we parse GGUF ourselves; gguf
+# imports yaml, tqdm and sentencepiece), sentencepiece (only for a bare tokenizer.model), jinja2
+# (only to render a chat template), importlib.metadata (only to find plugin backends) and
+# subprocess (only for `pull`). Each costs resident memory for the life of the process.
+NOT_IMPORTED = (
+    "gguf", "sentencepiece", "yaml", "tqdm", "jinja2", "importlib.metadata", "subprocess",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["gguf", "tokenizer.json"])
+def test_load_and_generate_imports_no_optional_package(tmp_path, source):
+    import subprocess
+    import sys
+
+    if source == "gguf":
+        model = write_gguf_from_hf_dir(
+            HF_DIR / "smollm2", tmp_path / "q8.gguf", qtype_for=lambda n, a: Q.Q8_0
+        )
+    else:
+        model = HF_DIR / "smollm2"
+    code = (
+        "import sys\n"
+        "from tinyserve import LLM, SamplingParams\n"
+        f"llm = LLM({str(model)!r}, backend='cpu')\n"
+        "out = llm.generate(['hello world'], SamplingParams(max_tokens=3, temperature=0))\n"
+        "assert len(out[0].outputs[0].token_ids) == 3\n"
+        f"print([m for m in {NOT_IMPORTED!r} if m in sys.modules])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType
-from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import WeightsError
+from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 Q = GGMLQuantizationType
 QK_K = 256  # values per K-quant super-block

@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
-from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import ConfigError, ModelNotFound, WeightsError
 from .ggml_quants import (  # noqa: F401 - QK_K, Q re-exported: they lived here
@@ -36,6 +34,7 @@ from .ggml_quants import (  # noqa: F401 - QK_K, Q re-exported: they lived here
     dense_to_float32,
     dequantize_blocks,
 )
+from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 # -- the quantized tensor -----------------------------------------------------------------
 
