@@ -137,6 +137,14 @@ static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, 
         const int64_t j0 = b * BS < lo ? lo - b * BS : 0;
         const int64_t j1 = hi - b * BS + 1 < BS ? hi - b * BS + 1 : BS, nj = j1 - j0;
         const float *kb = k + table[b] * block_stride, *vb = v + table[b] * v_block_stride;
+        if (b < hi / BS) { /* the next block lies elsewhere in the pool: fetch it meanwhile */
+            const char *kn = (const char *)(k + table[b + 1] * block_stride);
+            const char *vn = (const char *)(v + table[b + 1] * v_block_stride);
+            for (int64_t j = 0; j < BS; j++)
+                for (int64_t c = 0; c < Dh * 4; c += 64) __builtin_prefetch(kn + j * row_stride * 4 + c);
+            for (int64_t j = 0; j < BS; j++)
+                for (int64_t c = 0; c < Dv * 4; c += 64) __builtin_prefetch(vn + j * v_row_stride * 4 + c);
+        }
         ts_attn_scores(q, gi, Dh, kb, row_stride, j0, j1, sc, BS);
         for (int g = 0; g < gi; g++) {
             float *s = sc + g * BS, bm = -INFINITY;
