@@ -247,6 +247,9 @@ def test_step_threads_runs_the_faster_count_and_re_measures():
         st.record(1, t, seconds[t])
     assert [st.pick(1) for _ in range(8)] == [2] * 8
     assert _StepThreads(1).pick(1) == 1
+    # adaptation off (TINYSERVE_ADAPT_THREADS=0): every step on all the threads, never one
+    fixed = _StepThreads(4, adapt=False)
+    assert {fixed.pick(n) for n in (1, 4, 16, 512) for _ in range(70)} == {4}
 
 
 def test_decode_logits_do_not_depend_on_the_thread_count(tmp_path):

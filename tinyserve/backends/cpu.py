@@ -171,7 +171,7 @@ class CpuBackend(Backend):
         self._blas_limits = _pin_blas(self.num_threads)
         self.ops = CpuOps()
         adapt = os.environ.get("TINYSERVE_ADAPT_THREADS", "1") != "0"
-        self._step_threads = _StepThreads(self.num_threads if adapt else 1)
+        self._step_threads = _StepThreads(self.num_threads, adapt=adapt)
 
     def _set_threads(self, n: int) -> None:
         if n != self._threads_now:
@@ -293,8 +293,8 @@ class _StepThreads:
     MAX_TOKENS = 16
     SWITCH_MARGIN = 0.95  # the other count must take < 95% of the current one's time
 
-    def __init__(self, max_threads: int):
-        self.options = (max_threads, 1) if max_threads > 1 else (1,)
+    def __init__(self, max_threads: int, adapt: bool = True):
+        self.options = (max_threads, 1) if max_threads > 1 and adapt else (max_threads,)
         self.avg: dict[tuple[int, int], float] = {}  # (step size bucket, threads) -> seconds
         self.steps: dict[int, int] = {}
         self.current: dict[int, int] = {}  # step size bucket -> thread count in use
