@@ -7,6 +7,7 @@ drives this step loop; there is no other.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass
@@ -71,7 +72,11 @@ class Engine:
             self.eos_ids |= set(tokenizer.eos_token_ids)
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
-        self._rng = np.random.default_rng(config.seed)
+        # Requests without a seed get successive draws of default_rng(config.seed), drawn when one
+        # of them first samples at random (_draw_seeds): numpy.random, which imports OpenSSL
+        # through `secrets` (~6 MiB resident), then loads; greedy-only serving never loads it.
+        self._seed_rng: np.random.Generator | None = None
+        self._n_seed_tickets = 0  # seedless requests admitted before _seed_rng existed
         self.n_prefilled_tokens = 0  # tokens computed by prefill steps (not served from cache)
         self.n_steps = 0
 
@@ -104,8 +109,12 @@ class Engine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self._check_prompt(ids, params)
-        seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
-        req = Request(request_id, text, ids, params, seed)
+        seed, ticket = params.seed, None
+        if seed is None and self._seed_rng is not None:
+            seed = int(self._seed_rng.integers(2**63))
+        elif seed is None:
+            ticket, self._n_seed_tickets = self._n_seed_tickets, self._n_seed_tickets + 1
+        req = Request(request_id, text, ids, params, seed, ticket)
         max_len = min(len(ids) + params.max_tokens, self.model_config.context_len)
         seq = Sequence(
             next(self._seq_ids),
@@ -113,7 +122,7 @@ class Engine:
             0,
             ids,
             params,
-            np.random.default_rng([seed, 0]),
+            functools.partial(self._rng_of, req, 0),
             max_len,
         )
         seq.detokenizer = self._detokenizer(ids, params)
@@ -121,6 +130,27 @@ class Engine:
         self.requests[request_id] = req
         self.scheduler.add(seq)
         return request_id
+
+    def _rng_of(self, req: Request, index: int) -> np.random.Generator:
+        """Sequence `index` of req samples from default_rng([request seed, index])."""
+        if req.seed is None:
+            self._draw_seeds()
+        return np.random.default_rng([req.seed, index])
+
+    def _draw_seeds(self) -> None:
+        """Make the seed generator and give every live ticketed request its draw, in ticket order
+        (the draws of finished ones are skipped): the seeds eager drawing at admission gave."""
+        self._seed_rng = np.random.default_rng(self.config.seed)
+        waiting = sorted(
+            (r for r in self.requests.values() if r.seed is None), key=lambda r: r.seed_ticket
+        )
+        n_drawn = 0
+        for req in waiting:
+            while n_drawn <= req.seed_ticket:
+                req.seed = int(self._seed_rng.integers(2**63))
+                n_drawn += 1
+        for _ in range(n_drawn, self._n_seed_tickets):
+            self._seed_rng.integers(2**63)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         V, ctx = self.model_config.vocab_size, self.model_config.context_len
@@ -233,9 +263,8 @@ class Engine:
 
     @staticmethod
     def _sample(seq: Sequence, logits: np.ndarray) -> Sample:
-        return sample_row(
-            logits, seq.params, seq.rng, seq.token_ids[: seq.prompt_len], seq.output_ids
-        )
+        rng = None if seq.params.greedy else seq.rng  # greedy rows make no generator
+        return sample_row(logits, seq.params, rng, seq.token_ids[: seq.prompt_len], seq.output_ids)
 
     def _fork(self, req: Request) -> None:
         """n > 1: siblings share the computed prompt's blocks and sample their own tokens."""
@@ -247,7 +276,7 @@ class Engine:
                 i,
                 req.prompt_ids,
                 req.params,
-                np.random.default_rng([req.seed, i]),
+                functools.partial(self._rng_of, req, i),
                 parent.max_len,
             )
             child.detokenizer = self._detokenizer(req.prompt_ids, req.params)
@@ -342,7 +371,7 @@ class Engine:
         """(T,) -> (T, V) float32: one full forward over a fresh sequence, every row's logits."""
         ids = [int(t) for t in token_ids]
         self._check_prompt(ids, SamplingParams(max_tokens=1))
-        seq = Sequence(-1, "<logits>", 0, ids, SamplingParams(max_tokens=1), self._rng, len(ids))
+        seq = Sequence(-1, "<logits>", 0, ids, SamplingParams(max_tokens=1), None, len(ids))
         try:
             self.kv_manager.reserve(seq, len(ids))  # all or nothing
         except OutOfBlocks:

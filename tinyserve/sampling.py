@@ -162,9 +162,9 @@ if os.environ.get("TINYSERVE_PURE_PYTHON") != "1":
 
 
 def sample_row(
-    logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, prompt_ids, output_ids
+    logits: np.ndarray, p: SamplingParams, rng: np.random.Generator | None, prompt_ids, output_ids
 ) -> Sample:
-    """One token from one row of logits (V,)."""
+    """One token from one row of logits (V,); rng may be None when p is greedy."""
     logits = np.array(logits, dtype=np.float32)  # our copy: penalties edit it
     raw_logprobs = log_softmax(logits) if p.logprobs is not None else None
     logits = apply_penalties(logits, p, prompt_ids, output_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,7 +63,7 @@ class Sequence:
         index: int,
         prompt_ids: list[int],
         params: SamplingParams,
-        rng: np.random.Generator,
+        make_rng: Callable[[], np.random.Generator] | None,
         max_len: int,
     ):
         self.seq_id = seq_id
@@ -71,7 +72,8 @@ class Sequence:
         self.token_ids = list(prompt_ids)  # prompt then output
         self.prompt_len = len(prompt_ids)
         self.params = params
-        self.rng = rng
+        self._make_rng = make_rng  # called once, when the sequence first samples at random
+        self._rng: np.random.Generator | None = None
         self.max_len = max_len  # prompt + output may not exceed this (context / max_tokens)
         self.status = Status.WAITING
         self.num_computed = 0  # tokens whose K/V are in the cache
@@ -83,6 +85,14 @@ class Sequence:
         self.text = ""  # output text so far (stop strings cut out)
         self.sent_text_len = 0  # how much of text has been handed out as deltas
         self.sent_token_len = 0
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """This sequence's generator, made on first use (greedy decoding never needs one)."""
+        if self._rng is None:
+            assert self._make_rng is not None, f"{self!r} was made without a generator"
+            self._rng = self._make_rng()
+        return self._rng
 
     @property
     def output_ids(self) -> list[int]:
@@ -117,10 +127,12 @@ class Request:
         prompt: str | None,
         prompt_ids: list[int],
         params: SamplingParams,
-        seed: int,
+        seed: int | None,
+        seed_ticket: int | None = None,
     ):
         self.request_id = request_id
         self.seed = seed  # sequence i samples from default_rng([seed, i])
+        self.seed_ticket = seed_ticket  # seed None: the engine's seed draw this request gets
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
