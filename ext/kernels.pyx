@@ -13,7 +13,7 @@ cimport cython
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, cos, exp, expf, sin, sqrtf
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -40,11 +40,15 @@ cdef extern from "pool.h" nogil:
     void ts_parallel_for(int nthreads, int64_t n_tasks, ts_task_fn fn, void *ctx)
     void *ts_pool_get(int workers)
 
+cdef extern from "kernels_simd.h" nogil:
+    void ts_float_to_half_row(const float *src, uint16_t *dst, int64_t n)
+
 cdef extern from "kernels_attn.h" nogil:
     ctypedef struct ts_attn_job:
         const float *q
-        const float *k
-        const float *v
+        const void *k
+        const void *v
+        int kv_f16
         const int64_t *seq_of
         const int64_t *seq_lens
         const int64_t *positions
@@ -281,18 +285,21 @@ def softmax(x):
 # -- paged KV cache ------------------------------------------------------------------------------
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
-cdef void _write_kv(float[:, ::1] pool, const float[:, ::1] x, const int64_t[::1] slots) noexcept nogil:
+cdef void _write_kv(void *pool, int f16, const float[:, ::1] x, const int64_t[::1] slots) noexcept nogil:
+    """Row n of x to slot slots[n] of a (n_slots, W) pool: float32, or IEEE half if f16."""
     cdef Py_ssize_t n, W = x.shape[1]
     for n in range(x.shape[0]):
-        memcpy(&pool[slots[n], 0], &x[n, 0], W * sizeof(float))
+        if f16:
+            ts_float_to_half_row(&x[n, 0], <uint16_t *>pool + slots[n] * W, W)
+        else:
+            memcpy(<float *>pool + slots[n] * W, &x[n, 0], W * sizeof(float))
 
 
 def write_kv(pool, x, slots):
-    """(NB, BS, *shape), (N, *shape), (N,) -> None: store token n at slot = block * BS + offset."""
-    if pool.dtype != np.float32 or not pool.flags.c_contiguous:
-        raise ValueError("write_kv needs a C-contiguous float32 pool")
+    """(NB, BS, *shape), (N, *shape), (N,) -> None: store token n at slot = block * BS + offset
+    (rounded to half precision in a float16 pool)."""
+    if pool.dtype not in (np.float32, np.float16) or not pool.flags.c_contiguous:
+        raise ValueError("write_kv needs a C-contiguous float32 or float16 pool")
     width = int(np.prod(pool.shape[2:]))
     n_slots = pool.shape[0] * pool.shape[1]
     slots = np.ascontiguousarray(slots, dtype=np.int64)
@@ -301,15 +308,17 @@ def write_kv(pool, x, slots):
         raise ValueError(f"{x2.shape[0]} tokens but {slots.shape[0]} slots")
     if slots.shape[0] and (slots.min() < 0 or slots.max() >= n_slots):
         raise IndexError(f"KV slot out of range [0, {n_slots}): {slots.min()}..{slots.max()}")
-    _write_kv(pool.reshape(n_slots, width), x2, slots)
+    cdef size_t p = pool.ctypes.data
+    _write_kv(<void *>p, pool.dtype == np.float16, x2, slots)
 
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef int _paged_attention(
     const float[:, :, ::1] q,  # (N, H, Dh)
-    const float[:, :, :, ::1] k_pool,  # (NB, BS, KVH, Dh)
-    const float[:, :, :, ::1] v_pool,  # (NB, BS, KVH, Dv)
+    const void *k_pool,  # (NB, BS, KVH, Dh), C-contiguous: float32, or IEEE half if kv_f16
+    const void *v_pool,  # (NB, BS, KVH, Dv)
+    int kv_f16, Py_ssize_t BS, Py_ssize_t KVH, Py_ssize_t Dv,
     const int64_t[::1] seq_of,  # (N,) sequence of each token
     const int64_t[::1] seq_lens,  # (S,)
     const int64_t[::1] positions,  # (N,)
@@ -321,11 +330,9 @@ cdef int _paged_attention(
 ) noexcept nogil:
     """0, or -1: out of memory."""
     cdef Py_ssize_t N = q.shape[0], H = q.shape[1], Dh = q.shape[2]
-    cdef Py_ssize_t BS = k_pool.shape[1], KVH = k_pool.shape[2], Dv = v_pool.shape[3]
     cdef ts_attn_job job
     job.q = &q[0, 0, 0]
-    job.k = &k_pool[0, 0, 0, 0]
-    job.v = &v_pool[0, 0, 0, 0]
+    job.k, job.v, job.kv_f16 = k_pool, v_pool, kv_f16
     job.seq_of = &seq_of[0]
     job.seq_lens = &seq_lens[0]
     job.positions = &positions[0]
@@ -366,8 +373,8 @@ def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, 
     paged cache, reading K/V blocks in place through the block tables (online softmax)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     N, H, Dh = q.shape
-    if k_pool.dtype != np.float32 or v_pool.dtype != np.float32:
-        raise ValueError("paged_attention needs float32 pools")
+    if k_pool.dtype not in (np.float32, np.float16) or v_pool.dtype != k_pool.dtype:
+        raise ValueError("paged_attention needs float32 or float16 pools of one dtype")
     k_pool, v_pool = np.ascontiguousarray(k_pool), np.ascontiguousarray(v_pool)
     KVH, Dv = k_pool.shape[2], v_pool.shape[3]
     if H % KVH or k_pool.shape[3] != Dh:
@@ -387,9 +394,11 @@ def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, 
     seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
     if out is None:
         out = np.empty((N, H, Dv), dtype=np.float32)
-    if N and _paged_attention(q, k_pool, v_pool, seq_of, seq_lens, positions, block_tables, scale,
-                              int(sliding_window or 0), _attn_spans(N, KVH, int(seq_lens.max())),
-                              out):
+    cdef size_t kp = k_pool.ctypes.data, vp = v_pool.ctypes.data
+    if N and _paged_attention(q, <const void *>kp, <const void *>vp, k_pool.dtype == np.float16,
+                              k_pool.shape[1], KVH, Dv, seq_of, seq_lens, positions, block_tables,
+                              scale, int(sliding_window or 0),
+                              _attn_spans(N, KVH, int(seq_lens.max())), out):
         raise MemoryError("paged_attention: out of memory")
     return out
 
@@ -596,7 +605,7 @@ cdef int _llama_layers(
     const float[:, ::1] attn_norm, const float[:, ::1] ffn_norm,  # (L, D)
     const float[:, ::1] q_bias, const float[:, ::1] k_bias, const float[:, ::1] v_bias,  # (L, *) or (0, 0)
     const float[:, ::1] q_norm, const float[:, ::1] k_norm,  # (L, Dh) or (0, 0)
-    float[:, :, :, :, :, ::1] kv,  # (L, 2, NB, BS, KVH, Dh)
+    char *kv, int kv_f16, Py_ssize_t NB, Py_ssize_t BS,  # (L, 2, NB, BS, KVH, Dh) pools
     const int64_t[::1] positions, const int64_t[::1] slots, const int64_t[::1] seq_of,
     const int64_t[::1] seq_lens, const int32_t[:, ::1] block_tables, const float[:, ::1] rope_cs,
     float eps, float scale, int64_t window, int64_t n_spans, int isa,
@@ -608,8 +617,9 @@ cdef int _llama_layers(
     cdef Py_ssize_t L = wptr.shape[0], N = x.shape[0], D = x.shape[1], n, i, l
     cdef Py_ssize_t H = q.shape[1], KVH = k.shape[1], Dh = q.shape[2], F = gate.shape[1]
     cdef Py_ssize_t W = KVH * Dh
-    cdef float *kp
-    cdef float *vp
+    cdef char *kp
+    cdef char *vp
+    cdef Py_ssize_t pool_bytes = NB * BS * W * (2 if kv_f16 else 4)
     for l in range(L):
         # attention ------------------------------------------------------------------------
         _rms_norm(x, attn_norm[l], eps, h)
@@ -628,13 +638,12 @@ cdef int _llama_layers(
         if rope_cs.shape[1]:
             _rope_cs(q, rope_cs)
             _rope_cs(k, rope_cs)
-        kp = &kv[l, 0, 0, 0, 0, 0]
-        vp = &kv[l, 1, 0, 0, 0, 0]
-        for n in range(N):
-            memcpy(kp + slots[n] * W, &k2[n, 0], W * sizeof(float))
-            memcpy(vp + slots[n] * W, &v2[n, 0], W * sizeof(float))
-        if _paged_attention(q, kv[l, 0], kv[l, 1], seq_of, seq_lens, positions, block_tables,
-                            scale, window, n_spans, a):
+        kp = kv + 2 * l * pool_bytes
+        vp = kp + pool_bytes
+        _write_kv(kp, kv_f16, k2, slots)
+        _write_kv(vp, kv_f16, v2, slots)
+        if _paged_attention(q, kp, vp, kv_f16, BS, KVH, Dh, seq_of, seq_lens, positions,
+                            block_tables, scale, window, n_spans, a):
             return -1
         if _mm(a2, wptr, wstride, wtype, l, W_O, h, isa):
             return -1
@@ -662,8 +671,11 @@ def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v
     up down (ggml blocks, kept alive by the caller)."""
     cdef Py_ssize_t N = x.shape[0], D = x.shape[1], c0, c1, n
     KVH, Dh = kv.shape[4], kv.shape[5]
+    if kv.dtype not in (np.float32, np.float16) or not kv.flags.c_contiguous or kv.shape[1] != 2:
+        raise ValueError("llama_layers needs C-contiguous (L, 2, NB, BS, KVH, Dh) float32/float16 pools")
     if N == 0:
         return x
+    cdef size_t kv_addr = kv.ctypes.data
     S = seq_lens.shape[0]
     seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
     positions = np.ascontiguousarray(positions, dtype=np.int64)
@@ -687,7 +699,8 @@ def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v
         spans = _attn_spans(n, KVH, int(seq_lens.max()))
         qn, kn = q[:n], k[:n]
         rc = _llama_layers(x[c0:c1], wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias,
-                           v_bias, q_norm, k_norm, kv, positions[c0:c1], slots[c0:c1],
+                           v_bias, q_norm, k_norm, <char *>kv_addr, kv.dtype == np.float16,
+                           kv.shape[2], kv.shape[3], positions[c0:c1], slots[c0:c1],
                            seq_of[c0:c1], seq_lens, block_tables, rope_cs[c0:c1], eps, scale,
                            int(sliding_window or 0), spans, isa, h[:n], qn, kn, v[:n], a[:n],
                            gate[:n], up[:n], qn.reshape(n, -1), kn.reshape(n, -1),

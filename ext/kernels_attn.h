@@ -119,14 +119,16 @@ static inline void ts_attn_pv(float *acc, const float *corr, const float *p, int
    lo .. hi, read in place through its block table: on return acc (gi, Dv) holds
    sum_j e^(s_j - m) v_j, m (gi,) the max score and l (gi,) sum_j e^(s_j - m) (m = -inf, l = 0
    for an empty span). q (gi, Dh) carries the softmax scale already. k, v: the layer's pools at
-   the kv head's offset; key p at table[p / BS] * block_stride + (p % BS) * row_stride (v: its own
-   strides). work: gi * BS + gi floats. */
-static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, const float *k,
-                                const float *v, int64_t block_stride, int64_t row_stride,
+   the kv head's offset, float32 or (f16) IEEE half; key p at table[p / BS] * block_stride +
+   (p % BS) * row_stride elements (v: its own strides). A half block's rows are widened into
+   work first. work: gi * BS + gi + (f16) BS * (Dh + Dv) floats. */
+static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, const void *k,
+                                const void *v, int f16, int64_t block_stride, int64_t row_stride,
                                 int64_t v_block_stride, int64_t v_row_stride,
                                 const int32_t *table, int64_t BS, int64_t lo, int64_t hi,
                                 float *acc, float *m, float *l, float *work) {
-    float *sc = work, *corr = sc + gi * BS; /* sc: (gi, BS) */
+    float *sc = work, *corr = sc + gi * BS, *kw = corr + gi, *vw = kw + BS * Dh;
+    const int64_t es = f16 ? 2 : 4; /* bytes per element */
     memset(acc, 0, (size_t)(gi * Dv) * sizeof(float));
     for (int g = 0; g < gi; g++) {
         m[g] = -INFINITY;
@@ -136,16 +138,32 @@ static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, 
     for (int64_t b = lo / BS; b <= hi / BS; b++) {
         const int64_t j0 = b * BS < lo ? lo - b * BS : 0;
         const int64_t j1 = hi - b * BS + 1 < BS ? hi - b * BS + 1 : BS, nj = j1 - j0;
-        const float *kb = k + table[b] * block_stride, *vb = v + table[b] * v_block_stride;
+        const char *kb = (const char *)k + table[b] * block_stride * es;
+        const char *vb = (const char *)v + table[b] * v_block_stride * es;
         if (b < hi / BS) { /* the next block lies elsewhere in the pool: fetch it meanwhile */
-            const char *kn = (const char *)(k + table[b + 1] * block_stride);
-            const char *vn = (const char *)(v + table[b + 1] * v_block_stride);
+            const char *kn = (const char *)k + table[b + 1] * block_stride * es;
+            const char *vn = (const char *)v + table[b + 1] * v_block_stride * es;
             for (int64_t j = 0; j < BS; j++)
-                for (int64_t c = 0; c < Dh * 4; c += 64) __builtin_prefetch(kn + j * row_stride * 4 + c);
+                for (int64_t c = 0; c < Dh * es; c += 64) __builtin_prefetch(kn + j * row_stride * es + c);
             for (int64_t j = 0; j < BS; j++)
-                for (int64_t c = 0; c < Dv * 4; c += 64) __builtin_prefetch(vn + j * v_row_stride * 4 + c);
+                for (int64_t c = 0; c < Dv * es; c += 64) __builtin_prefetch(vn + j * v_row_stride * es + c);
         }
-        ts_attn_scores(q, gi, Dh, kb, row_stride, j0, j1, sc, BS);
+        const float *kf, *vf; /* rows j0 .. j1 - 1 as float32, and their strides */
+        int64_t krs = row_stride, vrs = v_row_stride;
+        if (f16) {
+            for (int64_t j = j0; j < j1; j++) {
+                ts_half_to_float_row((const uint16_t *)kb + j * row_stride, kw + (j - j0) * Dh, Dh);
+                ts_half_to_float_row((const uint16_t *)vb + j * v_row_stride, vw + (j - j0) * Dv, Dv);
+            }
+            kf = kw - j0 * Dh; /* row j at kf + j * Dh */
+            vf = vw;
+            krs = Dh;
+            vrs = Dv;
+        } else {
+            kf = (const float *)kb;
+            vf = (const float *)vb + j0 * v_row_stride;
+        }
+        ts_attn_scores(q, gi, Dh, kf, krs, j0, j1, sc, BS);
         for (int g = 0; g < gi; g++) {
             float *s = sc + g * BS, bm = -INFINITY;
             for (int64_t j = 0; j < nj; j++) bm = s[j] > bm ? s[j] : bm;
@@ -154,7 +172,7 @@ static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, 
             l[g] = l[g] * corr[g] + ts_exp_sub_sum(s, nj, m_new);
             m[g] = m_new;
         }
-        ts_attn_pv(acc, corr, sc, gi, BS, vb + j0 * v_row_stride, v_row_stride, nj, Dv);
+        ts_attn_pv(acc, corr, sc, gi, BS, vf, vrs, nj, Dv);
     }
 }
 
@@ -164,7 +182,8 @@ static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, 
    ts_attn_merge combines them (the flash-decoding split). */
 typedef struct {
     const float *q; /* (N, H, Dh) */
-    const float *k, *v; /* pools (NB, BS, KVH, Dh), (NB, BS, KVH, Dv) */
+    const void *k, *v; /* pools (NB, BS, KVH, Dh), (NB, BS, KVH, Dv): float32, or half if kv_f16 */
+    int kv_f16;
     const int64_t *seq_of, *seq_lens, *positions; /* (N,), (S,), (N,) */
     const int32_t *block_tables; /* (S, max_blocks) */
     int64_t max_blocks, H, Dh, Dv, BS, KVH, window, n_spans;
@@ -199,9 +218,9 @@ static void ts_attn_task(void *ctx, int64_t item) {
         hi = lo + n * (span + 1) / j->n_spans - 1;
         lo = a;
     }
-    float *work = ts_attn_scratch((size_t)(G * (Dh + Dv + j->BS + 3)));
+    float *work = ts_attn_scratch((size_t)(G * (Dh + Dv + j->BS + 3) + j->BS * (Dh + Dv)));
     if (!work) abort(); /* a few KB */
-    /* work: q scaled (G, Dh) | acc (G, Dv) | m (G) | l (G) | the span's scores (G, BS + 1) */
+    /* work: q scaled (G, Dh) | acc (G, Dv) | m (G) | l (G) | the span's (G, BS + 1) + widened rows */
     float *qs = work, *acc = qs + G * Dh, *m = acc + G * Dv, *l = m + G, *span_work = l + G;
     const float *qt = j->q + (t * j->H + kvh * G) * Dh;
     for (int64_t i = 0; i < G * Dh; i++) qs[i] = qt[i] * j->scale;
@@ -210,7 +229,9 @@ static void ts_attn_task(void *ctx, int64_t item) {
         m = acc + G * Dv;
         l = m + G;
     }
-    ts_attn_span(qs, (int)G, Dh, Dv, j->k + kvh * Dh, j->v + kvh * Dv, j->BS * j->KVH * Dh,
+    const int64_t es = j->kv_f16 ? 2 : 4;
+    ts_attn_span(qs, (int)G, Dh, Dv, (const char *)j->k + kvh * Dh * es,
+                 (const char *)j->v + kvh * Dv * es, j->kv_f16, j->BS * j->KVH * Dh,
                  j->KVH * Dh, j->BS * j->KVH * Dv, j->KVH * Dv, j->block_tables + s * j->max_blocks,
                  j->BS, lo, hi, acc, m, l, span_work);
     if (j->n_spans == 1) {

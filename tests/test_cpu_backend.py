@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.errors import BackendError
 
 HF_DIR = Path(__file__).parent / "fixtures" / "hf"
 NAMES = [
@@ -81,7 +82,7 @@ def test_batched_equals_alone(case):
 
 def test_bad_thread_count_is_a_clear_error(monkeypatch):
     from tinyserve.backends import create_backend
-    from tinyserve.errors import BackendError
+    from tinyserve.errors import BackendError, BackendError
 
     monkeypatch.setenv("TINYSERVE_NUM_THREADS", "zero")
     with pytest.raises(BackendError, match="TINYSERVE_NUM_THREADS"):
@@ -181,6 +182,57 @@ def test_fused_layers_equal_op_by_op(name, tmp_path, monkeypatch):
     monkeypatch.setenv("TINYSERVE_CPU_FUSED", "0")
     np.testing.assert_allclose(fused, llm.logits(ids), rtol=1e-5, atol=1e-5)
     assert greedy(llm, prompts, 5) == fused_greedy
+
+
+def test_float16_kv_cache(tmp_path, monkeypatch):
+    """kv_dtype="float16" (TINYSERVE_KV_DTYPE). Float32 weights: the cpu logits equal the NumPy
+    reference's with its cached K/V rounded to half (the only change); Q8_0 weights: the fused
+    stack and the model file op by op read the same half pools alike."""
+    import sys
+
+    import gguf
+
+    from tinyserve.backends.numpy_ops import NumpyOps
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_util import write_gguf_from_hf_dir
+
+    ids = load_reference(HF_DIR / "qwen2" / "reference.npz")["input_ids"].tolist()
+    write_f32 = NumpyOps.write_kv
+    monkeypatch.setattr(
+        NumpyOps,
+        "write_kv",
+        lambda self, pool, x, slots: write_f32(
+            self, pool, np.asarray(x, np.float32).astype(np.float16).astype(np.float32), slots
+        ),
+    )
+    want = LLM(model=str(HF_DIR / "qwen2"), backend="numpy").logits(ids)
+    monkeypatch.setattr(NumpyOps, "write_kv", write_f32)
+    full = LLM(model=str(HF_DIR / "qwen2"), backend="numpy").logits(ids)
+    monkeypatch.setenv("TINYSERVE_KV_DTYPE", "float16")
+    llm = LLM(model=str(HF_DIR / "qwen2"), backend="cpu")
+    assert llm.backend.kv_itemsize == 2 and "float16 KV" in llm.backend.describe()
+    assert llm.engine.kv[0]["k"].dtype == np.float16
+    got = llm.logits(ids)
+    # (a value next to a half rounding boundary may round the other way after float32 noise)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=5e-4)
+    assert np.abs(got - full).max() > 5e-3  # the cache really was rounded
+
+    path = write_gguf_from_hf_dir(
+        HF_DIR / "qwen2",
+        tmp_path / "q.gguf",
+        qtype_for=lambda n, a: gguf.GGMLQuantizationType.Q8_0
+        if a.ndim == 2 and a.shape[1] % 32 == 0
+        else gguf.GGMLQuantizationType.F32,
+    )
+    llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
+    half = llm.logits(ids)
+    assert llm.engine.model._cpu_fused is not None
+    monkeypatch.setenv("TINYSERVE_CPU_FUSED", "0")
+    np.testing.assert_allclose(llm.logits(ids), half, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("TINYSERVE_KV_DTYPE", "bfloat16")
+    with pytest.raises(BackendError, match="kv_dtype must be 'float32' or 'float16'"):
+        LLM(model=str(path), backend="cpu")
 
 
 def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):

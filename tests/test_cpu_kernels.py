@@ -170,6 +170,30 @@ def test_paged_attention_split_decode(kernels, threads, spec, H, KVH, Dh, BS, wi
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_float16_pools_round_like_numpy_and_attend_like_float32(kernels):
+    """A float16 KV cache: write_kv rounds as numpy's float16 cast does (nearest even, subnormals
+    and overflow included), and attention over half pools equals attention over the same values
+    widened to float32 (the split decode path included)."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((7, 3, 64)).astype(np.float32) * np.float32(1e3)
+    x[0, 0, :4] = [1e-6, -3e-8, 7e4, -1e5]  # subnormal, underflow, overflow to +-inf
+    pool = np.zeros((4, 4, 3, 64), np.float16)
+    slots = rng.permutation(16)[:7]
+    kernels.write_kv(pool, x, slots)
+    want = np.zeros_like(pool)
+    REF.write_kv(want, x.astype(np.float16), slots)
+    np.testing.assert_array_equal(pool.view(np.uint16), want.view(np.uint16))
+
+    for spec in ([(1, 300)], [(5, 40), (1, 99)]):
+        q, k_pool, v_pool, batch = _paged_case(rng, spec, 9, 3, 64, 16)
+        k16, v16 = k_pool.astype(np.float16), v_pool.astype(np.float16)
+        got = kernels.paged_attention(q, k16, v16, batch, 0.125)
+        want = REF.paged_attention(q, k16.astype(np.float32), v16.astype(np.float32), batch, 0.125)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.paged_attention(q, k16, v_pool, batch, 0.125)
+
+
 def test_paged_attention_equals_dense_causal_attention(ops):
     """A second route: the same tokens attended densely with a plain causal mask."""
     rng = np.random.default_rng(6)

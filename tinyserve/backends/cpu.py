@@ -147,13 +147,20 @@ class CpuBackend(Backend):
     Args:
         device: "cpu" or None.
         dtype: None or "float32" (activations are float32; weights keep their stored type).
-        num_threads: OpenMP / BLAS threads (default: $TINYSERVE_NUM_THREADS, else all cores).
+        num_threads: kernel / BLAS threads (default: $TINYSERVE_NUM_THREADS, else all cores).
+        kv_dtype: "float32" or "float16" for the KV cache (default: $TINYSERVE_KV_DTYPE, else
+            float32). float16 halves the cache and the bytes attention reads, as llama.cpp's
+            default f16 cache does, at half-precision rounding of the cached keys and values.
     """
 
     name = "cpu"
 
     def __init__(
-        self, device: str | None = None, dtype: str | None = None, num_threads: int | None = None
+        self,
+        device: str | None = None,
+        dtype: str | None = None,
+        num_threads: int | None = None,
+        kv_dtype: str | None = None,
     ):
         if device not in (None, "cpu"):
             raise ValueError(f"the cpu backend runs on the cpu only, not {device!r}")
@@ -166,6 +173,10 @@ class CpuBackend(Backend):
         self.num_threads = _default_threads() if num_threads is None else int(num_threads)
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self.kv_dtype = kv_dtype or os.environ.get("TINYSERVE_KV_DTYPE") or "float32"
+        if self.kv_dtype not in ("float32", "float16"):
+            raise ValueError(f"kv_dtype must be 'float32' or 'float16', got {self.kv_dtype!r}")
+        self.kv_itemsize = 2 if self.kv_dtype == "float16" else 4
         self._threads_now = 0
         self._set_threads(self.num_threads)
         self._blas_limits = _pin_blas(self.num_threads)
@@ -200,7 +211,10 @@ class CpuBackend(Backend):
         )
 
     def describe(self) -> str:
-        return f"native kernels ({_kernels.simd_level()}), {self.num_threads} threads"
+        return (
+            f"native kernels ({_kernels.simd_level()}), {self.num_threads} threads, "
+            f"{self.kv_dtype} KV cache"
+        )
 
     # -- KV pools and the fused forward -----------------------------------------------------------
 
@@ -212,7 +226,9 @@ class CpuBackend(Backend):
             set(spec) != {"k", "v"} or spec["k"] != spec["v"] for spec in layer_specs
         ):
             return super().allocate_kv(layer_specs, num_blocks, block_size)
-        pools = _lazy_zeros((len(layer_specs), 2, num_blocks, block_size, *shapes.pop()))
+        pools = _lazy_zeros(
+            (len(layer_specs), 2, num_blocks, block_size, *shapes.pop()), np.dtype(self.kv_dtype)
+        )
         self._kv_all = pools
         return [{"k": pools[i, 0], "v": pools[i, 1]} for i in range(len(layer_specs))]
 
@@ -350,18 +366,18 @@ def _trim_heap() -> None:
         _malloc_trim(0)
 
 
-def _lazy_zeros(shape) -> np.ndarray:
-    """float32 zeros whose pages become resident only when written, in 4 KB pages: with
+def _lazy_zeros(shape, dtype=np.dtype(np.float32)) -> np.ndarray:
+    """Zeros whose pages become resident only when written, in 4 KB pages: with
     transparent huge pages, a sequence's first KV block in each of the 60 (layer, k|v) pools
     faulted in a whole 2 MB page (one 128-token prompt made 124 of the 147 MB pool resident)."""
     import mmap
 
-    nbytes = int(np.prod(shape)) * 4
+    nbytes = int(np.prod(shape)) * dtype.itemsize
     if nbytes == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
-        return np.zeros(shape, dtype=np.float32)
+        return np.zeros(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes)  # anonymous: zero pages, faulted in on first write
     buf.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buf, dtype=np.float32).reshape(shape)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 _QUANT_ISA = ["scalar", "avx2", "vnni"]
