@@ -3,26 +3,22 @@
 
 Each `def` has the name, arguments and shape contract of its NumPy reference; it coerces inputs
 (float32, C-contiguous, 2-D views) and calls a `cdef ... noexcept nogil` kernel on typed
-memoryviews, parallel over rows / heads / sequences with OpenMP. tests/test_cpu_kernels.py runs
-every twin against its reference.
+memoryviews, parallel over rows / heads / sequences on the kernel thread pool (ext/pool.h).
+tests/test_cpu_kernels.py runs every twin against its reference.
 """
+
+import os
 
 import numpy as np
 
 cimport cython
 cimport numpy as cnp
-from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, cos, exp, expf, sin, sqrtf
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 cnp.import_array()
-
-
-cdef extern from "omp.h":
-    int omp_get_max_threads() nogil
-    void omp_set_num_threads(int) nogil
 
 
 cdef extern from "kernels_simd.h" nogil:
@@ -69,16 +65,15 @@ cdef extern from "kernels_sample.h" nogil:
     void ts_sort_prob_desc(ts_prob_idx *v, int64_t n)
 
 
-cdef int _n_threads = max(1, omp_get_max_threads())
+cdef int _n_threads = max(1, os.cpu_count() or 1)
 
 
 def set_num_threads(int n):
-    """Threads for every parallel kernel in this module (and OpenMP's default for the process)."""
+    """Threads for every parallel kernel in this module (the pool grows to n - 1 workers)."""
     global _n_threads
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
     _n_threads = n
-    omp_set_num_threads(n)
 
 
 def get_num_threads() -> int:
@@ -326,7 +321,7 @@ cdef int _paged_attention(
     float scale,
     int64_t window,  # 0: none
     int64_t n_spans,  # pieces each token's keys are cut into (the threads share a sequence)
-    float[:, :, ::1] out,  # (N, H, Dv)
+    float[:, :, ::1] out,  # (N, H, Dv); may be q itself (Dv == Dh)
 ) noexcept nogil:
     """0, or -1: out of memory."""
     cdef Py_ssize_t N = q.shape[0], H = q.shape[1], Dh = q.shape[2]
@@ -540,8 +535,6 @@ def _init_blas():
 _init_blas()
 
 
-LAYERS_CHUNK = 512  # tokens per pass through the layer stack (bounds the activations)
-
 DEF W_Q = 0
 DEF W_K = 1
 DEF W_V = 2
@@ -664,48 +657,36 @@ cdef int _llama_layers(
 
 
 def llama_layers(x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v_bias, q_norm, k_norm,
-                 kv, positions, slots, query_start, seq_lens, block_tables, inv_freq, float eps,
+                 kv, positions, slots, seq_of, seq_lens, block_tables, inv_freq, float eps,
                  float scale, sliding_window, int n_heads, int intermediate_size, int isa):
     """(N, D) residual stream through every layer, in place: the fused twin of LlamaModel's loop.
     kv: (L, 2, NB, BS, KVH, Dh) pools; w*: (L, 7) pointers / row strides / qtypes of q k v o gate
-    up down (ggml blocks, kept alive by the caller)."""
-    cdef Py_ssize_t N = x.shape[0], D = x.shape[1], c0, c1, n
+    up down (ggml blocks, kept alive by the caller); seq_of (N,): each token's row of seq_lens /
+    block_tables. The caller bounds N (its activations: ~11 MB at 512 rows of SmolLM2); the
+    tokens of one sequence may come in several calls, in order (each writes its K/V first)."""
+    cdef Py_ssize_t N = x.shape[0], D = x.shape[1]
     KVH, Dh = kv.shape[4], kv.shape[5]
     if kv.dtype not in (np.float32, np.float16) or not kv.flags.c_contiguous or kv.shape[1] != 2:
         raise ValueError("llama_layers needs C-contiguous (L, 2, NB, BS, KVH, Dh) float32/float16 pools")
     if N == 0:
         return x
     cdef size_t kv_addr = kv.ctypes.data
-    S = seq_lens.shape[0]
-    seq_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(query_start))  # (N,)
     positions = np.ascontiguousarray(positions, dtype=np.int64)
     slots = np.ascontiguousarray(slots, dtype=np.int64)
+    seq_of = np.ascontiguousarray(seq_of, dtype=np.int64)
     rope_cs = rope_table(positions, inv_freq)  # (N, 2 * half): once for all layers
-    # At most LAYERS_CHUNK tokens go through the stack at a time: a chunk writes its K/V before
-    # the next one attends to them (causal by position), so the result is the same, and the
-    # activations stay bounded (~11 MB at 512 rows of SmolLM2 instead of ~45 MB for 2048).
-    C = min(N, LAYERS_CHUNK)
-    h = np.empty((C, D), np.float32)
-    q = np.empty((C, n_heads, Dh), np.float32)
-    k = np.empty((C, KVH, Dh), np.float32)
-    v = np.empty((C, KVH, Dh), np.float32)
-    a = np.empty((C, n_heads, Dh), np.float32)
-    gate = np.empty((C, intermediate_size), np.float32)
-    up = np.empty((C, intermediate_size), np.float32)
-    cdef int rc
-    for c0 in range(0, N, C):
-        c1 = min(c0 + C, N)
-        n = c1 - c0
-        spans = _attn_spans(n, KVH, int(seq_lens.max()))
-        qn, kn = q[:n], k[:n]
-        rc = _llama_layers(x[c0:c1], wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias,
-                           v_bias, q_norm, k_norm, <char *>kv_addr, kv.dtype == np.float16,
-                           kv.shape[2], kv.shape[3], positions[c0:c1], slots[c0:c1],
-                           seq_of[c0:c1], seq_lens, block_tables, rope_cs[c0:c1], eps, scale,
-                           int(sliding_window or 0), spans, isa, h[:n], qn, kn, v[:n], a[:n],
-                           gate[:n], up[:n], qn.reshape(n, -1), kn.reshape(n, -1),
-                           v[:n].reshape(n, -1), a[:n].reshape(n, -1), qn.reshape(-1, Dh),
-                           kn.reshape(-1, Dh))
-        if rc != 0:
-            raise MemoryError("llama_layers: out of memory (quantized activations or attention)")
+    q = np.empty((N, n_heads, Dh), np.float32)
+    k = np.empty((N, KVH, Dh), np.float32)
+    v = np.empty((N, KVH, Dh), np.float32)
+    a = q  # attention's output overwrites its queries (each work item reads its heads' first)
+    cdef int rc = _llama_layers(
+        x, wptr, wstride, wtype, attn_norm, ffn_norm, q_bias, k_bias, v_bias, q_norm, k_norm,
+        <char *>kv_addr, kv.dtype == np.float16, kv.shape[2], kv.shape[3], positions, slots,
+        seq_of, seq_lens, block_tables, rope_cs, eps, scale, int(sliding_window or 0),
+        _attn_spans(N, KVH, int(seq_lens.max())), isa, np.empty((N, D), np.float32), q, k, v, a,
+        np.empty((N, intermediate_size), np.float32), np.empty((N, intermediate_size), np.float32),
+        q.reshape(N, -1), k.reshape(N, -1), v.reshape(N, -1), a.reshape(N, -1),
+        q.reshape(-1, Dh), k.reshape(-1, Dh))
+    if rc != 0:
+        raise MemoryError("llama_layers: out of memory (quantized activations or attention)")
     return x

@@ -220,7 +220,7 @@ static void *ts_sgemm_ptr = 0;
 static int ts_sgemm_ilp64 = 0;
 static int64_t ts_blas_min_n = 0; /* activation rows from which sgemm is used; 0: never */
 /* OpenBLAS's openblas_set_num_threads_local (0.3.27+): sets BLAS's thread count (per thread in
- * intent, process-wide in 0.3.31), returning the previous one. With it each of our OpenMP
+ * intent, process-wide in 0.3.31), returning the previous one. With it each of our pool
  * threads runs sgemm on its own weight panel single-threaded; without it (another BLAS) one
  * sgemm runs on BLAS's threads. */
 static void *ts_blas_local_ptr = 0;

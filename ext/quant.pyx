@@ -11,7 +11,7 @@ blocks (relative Frobenius error ~5e-3 on Gaussian data).
 
 The work is in ext/quant.h (driver, C API) with quant_scalar.h (portable C) and quant_simd.h
 (+ quant_simd_wide.h, quant_simd_k.h): portable C, AVX2 and AVX-512 VNNI twins picked at run
-time (get_isa / set_isa, env TINYSERVE_QUANT_ISA), OpenMP over chunks of output rows, each
+time (get_isa / set_isa, env TINYSERVE_QUANT_ISA), the kernel thread pool (ext/pool.h) over chunks of output rows, each
 weight row read once for a tile of 4 (AVX2) or 8 (VNNI) activation rows. The wrappers here only
 check arguments (ValueError) and release the GIL.
 """
@@ -84,7 +84,7 @@ def _default_threads() -> int:
 
 
 def set_num_threads(int n) -> None:
-    """Threads the kernels use (OpenMP); default TINYSERVE_NUM_THREADS or os.cpu_count()."""
+    """Threads the kernels use (ext/pool.h); default TINYSERVE_NUM_THREADS or os.cpu_count()."""
     global _num_threads
     if n < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
@@ -118,7 +118,7 @@ def set_isa(str name) -> None:
 
 def set_blas_min_rows(Py_ssize_t n, bint per_thread=True) -> bool:
     """Quantized matmuls of >= n activation rows dequantize the weight and call BLAS sgemm
-    (0: never). per_thread: our OpenMP threads each run single-threaded sgemms on their own
+    (0: never). per_thread: our pool threads each run single-threaded sgemms on their own
     weight panels, where the BLAS has a per-thread thread count (OpenBLAS 0.3.27+); False: one
     sgemm on BLAS's own threads. -> whether a usable cblas_sgemm was found."""
     if n < 0:

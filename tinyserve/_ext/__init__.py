@@ -76,30 +76,3 @@ def blas_min_rows() -> int:
 
         raise ConfigError(f"TINYSERVE_BLAS_MIN_N must be a non-negative integer, got {value!r}")
     return n
-
-
-def _load_openmp_passive() -> None:
-    """Load libgomp (with the first extension module) under OMP_WAIT_POLICY=PASSIVE, then take the
-    variable back out of os.environ.
-
-    OpenMP workers that spin between parallel regions (libgomp's default) steal the core of the
-    thread doing the work whenever the machine is shared: measured on a loaded 2-core box, one
-    quantized GEMV went from 0.04 ms to 6.6 ms; sleeping workers cost microseconds per region.
-    libgomp reads its environment once, when it is loaded, so the policy only needs to be there
-    for this import; leaving it in os.environ would hand it to every process the application
-    starts later (it made llama.cpp, run beside us in a benchmark, 3.6x slower per token). A
-    user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT wins."""
-    ours = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
-    if ours:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        from . import quant  # noqa: F401
-    except ImportError:  # not built: nothing loads libgomp
-        pass
-    finally:
-        if ours:
-            del os.environ["OMP_WAIT_POLICY"]
-
-
-if os.environ.get("TINYSERVE_PURE_PYTHON") != "1":
-    _load_openmp_passive()

@@ -20,7 +20,6 @@ from ..batch import Batch
 from .base import Backend
 from .numpy_ops import NumpyOps
 
-# (tinyserve/_ext/__init__.py makes idle OpenMP workers sleep unless OMP_WAIT_POLICY is set)
 try:
     if os.environ.get("TINYSERVE_PURE_PYTHON") == "1":
         raise ImportError("TINYSERVE_PURE_PYTHON=1")
@@ -52,7 +51,7 @@ def _default_threads() -> int:
 
 
 def _pin_blas(n_threads: int):
-    """Limit BLAS to our thread count so BLAS and OpenMP never run more threads than cores."""
+    """Limit BLAS to our thread count so BLAS and the kernel pool never run more threads than cores."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -142,7 +141,7 @@ def _quant_supports(qtype) -> bool:
 
 
 class CpuBackend(Backend):
-    """Native executor: Cython/OpenMP kernels, quantized weights kept as GGUF blocks.
+    """Native executor: Cython kernels on a thread pool (ext/pool.h), weights kept as GGUF blocks.
 
     Args:
         device: "cpu" or None.
@@ -248,26 +247,42 @@ class CpuBackend(Backend):
         if fused is None:
             return super().forward(model, batch, kv)
         ops, cfg = self.ops, model.cfg
-        x = ops.embedding(batch.token_ids, model.embed)  # (N, D)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        _kernels.llama_layers(
-            x,
-            *fused,
-            self._kv_all,
-            batch.positions,
-            batch.slots,
-            batch.query_start,
-            batch.seq_lens,
-            batch.block_tables,
-            model.inv_freq,
-            cfg.norm_eps,
-            model.scale,
-            cfg.sliding_window,
-            cfg.n_heads,
-            cfg.intermediate_size,
-            _QUANT_ISA.index(_quant.get_isa()),
-        )
-        x = x[batch.logits_rows]  # (R, D): only the rows we sample from
+        seq_of = np.repeat(np.arange(len(batch.seq_lens)), np.diff(batch.query_start))  # (N,)
+        rows = np.asarray(batch.logits_rows, dtype=np.int64)  # (R,)
+        hidden, order = [], []  # per chunk: the residual rows we sample from, their places in rows
+        n = len(batch.token_ids)
+        # At most LAYERS_CHUNK tokens go through the stack at a time, embedded chunk by chunk: a
+        # chunk writes its K/V before the next one attends to them (causal by position), so the
+        # result is the same, and only the logits rows of each chunk are kept.
+        for c0 in range(0, n, LAYERS_CHUNK):
+            c1 = min(c0 + LAYERS_CHUNK, n)
+            x = ops.embedding(batch.token_ids[c0:c1], model.embed)  # (C, D)
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            _kernels.llama_layers(
+                x,
+                *fused,
+                self._kv_all,
+                batch.positions[c0:c1],
+                batch.slots[c0:c1],
+                seq_of[c0:c1],
+                batch.seq_lens,
+                batch.block_tables,
+                model.inv_freq,
+                cfg.norm_eps,
+                model.scale,
+                cfg.sliding_window,
+                cfg.n_heads,
+                cfg.intermediate_size,
+                _QUANT_ISA.index(_quant.get_isa()),
+            )
+            at = np.flatnonzero((rows >= c0) & (rows < c1))
+            keep = rows[at] - c0
+            whole = len(keep) == len(x) and (keep == np.arange(len(x))).all()
+            hidden.append(x if whole else x[keep])
+            order.append(at)
+        x = hidden[0] if len(hidden) == 1 else np.concatenate(hidden)
+        if len(hidden) > 1:  # back in logits_rows' order
+            x = x[np.argsort(np.concatenate(order), kind="stable")]  # (R, D)
         logits = ops.matmul(ops.rms_norm(x, model.norm, cfg.norm_eps), model.lm_head)  # (R, V)
         if len(batch.token_ids) >= _TRIM_MIN_TOKENS:
             _trim_heap()
@@ -301,7 +316,7 @@ class _StepThreads:
     token on 1 thread and 7.8 ms on 2 on a loaded 2-core box. On an idle machine 2 threads read
     the weights faster. So each step size keeps a moving average of the seconds per step on each
     thread count, runs the faster one, and every 64th step re-measures the other; it switches only
-    when the other is clearly (5%) faster, since every switch resizes the OpenMP team; larger steps
+    when the other is clearly (5%) faster, so noise does not flip it back and forth; larger steps
     (prefill) always use every thread. No result depends on the thread count.
     """
 
@@ -345,6 +360,10 @@ class _StepThreads:
         old = self.avg.get(key)
         self.avg[key] = seconds if old is None else 0.5 * (old + seconds)
 
+
+# Tokens per pass through the fused layer stack: bounds a prefill's activations (~19 KB a row
+# for SmolLM2: ~5 MB at 256 rows). 512 prefilled ~8% faster but added ~5 MiB to peak RSS.
+LAYERS_CHUNK = 256
 
 # A step of this many tokens frees megabytes of activations; glibc keeps freed heap memory
 # resident (its mmap threshold rises to the biggest array freed), so the step hands it back.
