@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "half.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define TS_SIMD_LEVEL "avx2+fma"
@@ -128,53 +130,13 @@ static inline void ts_silu_mul(float *y, const float *g, const float *u, int64_t
 
 /* IEEE half <-> float rows (the float16 KV cache): F16C when compiled for it, else portable C
    with the same round-to-nearest-even */
-static inline float ts_half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    uint32_t bits;
-    if (exp == 0x1F) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else {
-        float f = (float)man * (1.0f / 16777216.0f); /* subnormal: man * 2^-24 */
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t ts_float_to_half(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000;
-    const int32_t exp = (int32_t)((x >> 23) & 0xFF) - 127 + 15;
-    uint32_t man = x & 0x7FFFFF;
-    if (((x >> 23) & 0xFF) == 0xFF) return (uint16_t)(sign | 0x7C00 | (man ? 0x200 : 0)); /* inf, nan */
-    if (exp >= 31) return (uint16_t)(sign | 0x7C00);                                  /* overflow */
-    if (exp <= 0) {                                                                   /* subnormal */
-        if (exp < -10) return (uint16_t)sign;
-        man |= 0x800000;
-        const int shift = 14 - exp;
-        uint32_t h = man >> shift;
-        const uint32_t rest = man & ((1u << shift) - 1), half = 1u << (shift - 1);
-        if (rest > half || (rest == half && (h & 1))) h++;
-        return (uint16_t)(sign | h);
-    }
-    uint32_t h = ((uint32_t)exp << 10) | (man >> 13);
-    const uint32_t rest = man & 0x1FFF;
-    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++; /* may carry into the exponent: fine */
-    return (uint16_t)(sign | h);
-}
-
 static inline void ts_half_to_float_row(const uint16_t *src, float *dst, int64_t n) {
     int64_t i = 0;
 #if defined(__F16C__) && defined(__AVX2__)
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
 #endif
-    for (; i < n; i++) dst[i] = ts_half_to_float(src[i]);
+    for (; i < n; i++) dst[i] = ts_f16_to_f32(src[i]);
 }
 
 static inline void ts_float_to_half_row(const float *src, uint16_t *dst, int64_t n) {
@@ -184,7 +146,7 @@ static inline void ts_float_to_half_row(const float *src, uint16_t *dst, int64_t
         _mm_storeu_si128((__m128i *)(dst + i),
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
 #endif
-    for (; i < n; i++) dst[i] = ts_float_to_half(src[i]);
+    for (; i < n; i++) dst[i] = ts_f32_to_f16(src[i]);
 }
 
 static inline const char *ts_simd_level(void) { return TS_SIMD_LEVEL; }

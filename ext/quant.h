@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "half.h"
 #include "pool.h"
 /* SIMD twins need GCC (#pragma GCC target); clang and TS_NO_SIMD builds get the portable C */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TS_NO_SIMD)
@@ -83,25 +84,6 @@ static inline int ts_type_size(int qtype) {
     case TS_Q6_K: return 210;
     default: return 0;
     }
-}
-
-/* IEEE half -> float without F16C (subnormals, inf and nan included) */
-static inline float ts_f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    const uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    uint32_t bits;
-    if (exp == 0x1F) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else {
-        float f = (float)man * (1.0f / 16777216.0f); /* man * 2^-24 */
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 static inline float ts_load_f16(const uint8_t *p) {

@@ -183,6 +183,14 @@ def test_float16_pools_round_like_numpy_and_attend_like_float32(kernels):
     want = np.zeros_like(pool)
     REF.write_kv(want, x.astype(np.float16), slots)
     np.testing.assert_array_equal(pool.view(np.uint16), want.view(np.uint16))
+    # rows of 15 values: 7 of each row take the portable C conversion (ties to even included)
+    x = rng.standard_normal((9, 3, 5)).astype(np.float32) * np.float32(3e4)
+    x[0, 0] = [1 + 2.0**-11, 1 + 3 * 2.0**-11, 2.0**-25, 6.5e4, -7e-8]
+    pool, want = np.zeros((4, 4, 3, 5), np.float16), np.zeros((4, 4, 3, 5), np.float16)
+    slots = rng.permutation(16)[:9]
+    kernels.write_kv(pool, x, slots)
+    REF.write_kv(want, x.astype(np.float16), slots)
+    np.testing.assert_array_equal(pool.view(np.uint16), want.view(np.uint16))
 
     for spec in ([(1, 300)], [(5, 40), (1, 99)]):
         q, k_pool, v_pool, batch = _paged_case(rng, spec, 9, 3, 64, 16)
