@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pool.h" /* ts_scratch */
+
 #if defined(__AVX2__) && defined(__FMA__)
 /* s[i] = e^(s[i] - m) for i < n; -> their sum */
 static inline float ts_exp_sub_sum(float *s, int64_t n, float m) {
@@ -192,18 +194,6 @@ typedef struct {
     float *part; /* n_spans > 1: (N, KVH, n_spans, G, Dv + 2) */
 } ts_attn_job;
 
-/* A per-thread buffer that only grows (no allocation per call once warm). */
-static inline float *ts_attn_scratch(size_t n) {
-    static __thread float *buf = 0;
-    static __thread size_t cap = 0;
-    if (n > cap) {
-        free(buf);
-        buf = (float *)malloc(n * sizeof(float));
-        cap = buf ? n : 0;
-    }
-    return buf;
-}
-
 static void ts_attn_task(void *ctx, int64_t item) {
     const ts_attn_job *j = (const ts_attn_job *)ctx;
     const int64_t G = j->H / j->KVH, Dh = j->Dh, Dv = j->Dv;
@@ -218,7 +208,8 @@ static void ts_attn_task(void *ctx, int64_t item) {
         hi = lo + n * (span + 1) / j->n_spans - 1;
         lo = a;
     }
-    float *work = ts_attn_scratch((size_t)(G * (Dh + Dv + j->BS + 3) + j->BS * (Dh + Dv)));
+    float *work = (float *)ts_scratch(2, sizeof(float) * (size_t)(G * (Dh + Dv + j->BS + 3) +
+                                                                  j->BS * (Dh + Dv)));
     if (!work) abort(); /* a few KB */
     /* work: q scaled (G, Dh) | acc (G, Dv) | m (G) | l (G) | the span's (G, BS + 1) + widened rows */
     float *qs = work, *acc = qs + G * Dh, *m = acc + G * Dv, *l = m + G, *span_work = l + G;

@@ -35,6 +35,7 @@
 
 #define TS_POOL_MAX_WORKERS 255
 #define TS_POOL_SPIN_NS 200000 /* spin this long after a job before sleeping */
+#define TS_SCRATCH_SLOTS 3       /* 0: quantized activations, 1: weight panels, 2: attention */
 
 typedef void (*ts_task_fn)(void *ctx, int64_t task);
 
@@ -59,8 +60,12 @@ typedef struct {
     pthread_cond_t cv;
     int n_workers;
     int busy; /* a job is running (nested calls run inline) */
+    pthread_key_t part_key; /* a worker's participant number (1 ..); unset (0) elsewhere */
     pthread_t threads[TS_POOL_MAX_WORKERS];
     ts_range ranges[TS_POOL_MAX_WORKERS + 1];
+    /* per participant and slot: a buffer that only grows (ts_scratch), shared by the modules */
+    void *scratch[TS_POOL_MAX_WORKERS + 1][TS_SCRATCH_SLOTS];
+    size_t scratch_cap[TS_POOL_MAX_WORKERS + 1][TS_SCRATCH_SLOTS];
 } ts_pool;
 
 static ts_pool *ts_pool_g = 0; /* this module's view of the process's pool */
@@ -104,6 +109,7 @@ static void *ts_pool_worker(void *arg) {
     ts_pool *p = ((ts_worker_arg *)arg)->pool;
     const int index = ((ts_worker_arg *)arg)->index;
     free(arg);
+    pthread_setspecific(p->part_key, (void *)(intptr_t)(index + 1));
     uint32_t seen = atomic_load(&p->gen);
     for (;;) {
         if (atomic_load_explicit(&p->gen, memory_order_acquire) == seen) {
@@ -143,6 +149,10 @@ static ts_pool *ts_pool_get(int workers) {
         void *mem = 0;
         if (posix_memalign(&mem, 64, sizeof(ts_pool))) return 0;
         p = (ts_pool *)memset(mem, 0, sizeof(ts_pool));
+        if (pthread_key_create(&p->part_key, 0)) {
+            free(p);
+            return 0;
+        }
         pthread_mutex_init(&p->mu, 0);
         pthread_cond_init(&p->cv, 0);
         ts_pool_g = p;
@@ -201,6 +211,22 @@ static inline void ts_parallel_for(int nthreads, int64_t n_tasks, ts_task_fn fn,
     ts_pool_work(p, 0, gen, fn, ctx, n_parts);
     while (atomic_load_explicit(&p->done, memory_order_acquire) < n_tasks) TS_PAUSE();
     p->busy = 0;
+}
+
+/* A buffer of at least `bytes` for the calling thread (the caller of ts_parallel_for or a
+ * worker) in slot `slot`, kept between calls (no page faults per call); 0 when out of memory.
+ * Threads outside the pool share participant 0's buffers: calls from one thread at a time, as
+ * for ts_parallel_for. */
+static inline void *ts_scratch(int slot, size_t bytes) {
+    ts_pool *p = ts_pool_get(0);
+    if (!p) return 0;
+    const int part = (int)(intptr_t)pthread_getspecific(p->part_key);
+    if (bytes > p->scratch_cap[part][slot]) {
+        free(p->scratch[part][slot]);
+        p->scratch[part][slot] = malloc(bytes);
+        p->scratch_cap[part][slot] = p->scratch[part][slot] ? bytes : 0;
+    }
+    return p->scratch[part][slot];
 }
 
 #endif /* TINYSERVE_POOL_H */

@@ -242,18 +242,6 @@ static int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads)
     return 1;
 }
 
-/* A per-thread buffer that only grows: no page faults (fresh zeroed pages) per call. */
-static inline void *ts_scratch(int slot, size_t bytes) {
-    static __thread void *buf[2] = {0, 0};
-    static __thread size_t cap[2] = {0, 0};
-    if (bytes > cap[slot]) {
-        free(buf[slot]);
-        buf[slot] = malloc(bytes);
-        cap[slot] = buf[slot] ? bytes : 0;
-    }
-    return buf[slot];
-}
-
 /* Weight rows per sgemm task: at least 2 tasks per thread (a thread on a busy core takes fewer),
  * at most 256 rows (<= 256 x k floats of scratch per thread, dequantized just before use). */
 static inline int64_t ts_blas_panel(int64_t m, int nthreads) {
@@ -361,7 +349,14 @@ typedef struct {
     int64_t nb[4], m[4], w_stride[4], first[5];
     const uint8_t *w[4];
     float *out[4];
+    /* argmax mode (nw = 1, out unused): per row chunk c and activation row i, the chunk's largest
+     * output and its row index, best_v / best_i [c * n + i] */
+    float *best_v;
+    int64_t *best_i;
 } ts_mm_job;
+
+/* v beats the best so far as numpy.argmax sees it: larger, or the first nan */
+static inline int ts_beats(float v, float best) { return v > best || (v != v && best == best); }
 
 /* one chunk of <= rc rows of one matrix against <= TS_X_PER_TASK activation rows */
 static void ts_mm_task(void *ctx, int64_t task) {
@@ -384,8 +379,22 @@ static void ts_mm_task(void *ctx, int64_t task) {
             tile[t].s = jb->xs + (t0 + t) * jb->nbx;
             tile[t].bs = jb->xb + (t0 + t) * jb->nbx;
         }
+        if (!jb->best_v) {
+            for (int64_t r = r0; r < r1; r++)
+                jb->row[j](wj + r * jb->w_stride[j], tile, jb->nb[j], n_x, oj + t0 * m + r, m);
+            continue;
+        }
+        float buf[8 * 64]; /* (n_x, rc <= 64): this chunk's outputs, reduced right away */
+        const int64_t w_ = r1 - r0;
         for (int64_t r = r0; r < r1; r++)
-            jb->row[j](wj + r * jb->w_stride[j], tile, jb->nb[j], n_x, oj + t0 * m + r, m);
+            jb->row[j](wj + r * jb->w_stride[j], tile, jb->nb[j], n_x, buf + (r - r0), w_);
+        for (int t = 0; t < n_x; t++) {
+            int64_t bi = 0;
+            for (int64_t r = 1; r < w_; r++)
+                if (ts_beats(buf[t * w_ + r], buf[t * w_ + bi])) bi = r;
+            jb->best_v[c * jb->n + t0 + t] = buf[t * w_ + bi];
+            jb->best_i[c * jb->n + t0 + t] = r0 + bi;
+        }
     }
 }
 
@@ -395,11 +404,11 @@ static void ts_mm_task(void *ctx, int64_t task) {
  * thread). The weights' types must share one activation format (all 32-blocks or all K-quants);
  * each output element is computed exactly as by a single-matrix call. x row i at x + i *
  * x_stride, w_j row r at w_j + r * w_stride_j. 0, or -1: out of memory */
-static inline int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_t x_stride, int nw,
-                                    const uint8_t *const *w, const int64_t *m,
-                                    const int64_t *w_stride, const int *qtype, float *const *out,
-                                    int nthreads, int isa) {
-    if (ts_sgemm_ptr && ts_blas_min_n > 0 && n >= ts_blas_min_n) {
+static inline int ts_matmul_q_run(const float *x, int64_t n, int64_t k, int64_t x_stride, int nw,
+                                  const uint8_t *const *w, const int64_t *m,
+                                  const int64_t *w_stride, const int *qtype, float *const *out,
+                                  float *best_v, int64_t *best_i, int nthreads, int isa) {
+    if (!best_v && ts_sgemm_ptr && ts_blas_min_n > 0 && n >= ts_blas_min_n) {
         for (int j = 0; j < nw; j++)
             if (ts_matmul_q_blas(x, n, k, x_stride, w[j], m[j], w_stride[j], qtype[j], out[j],
                                  nthreads))
@@ -429,7 +438,8 @@ static inline int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_
 
     /* row chunks of every matrix in one task list: matrix j's chunks follow matrix j-1's */
     ts_mm_job job = {.n = n, .k = k, .nd = nd, .nbx = nbx, .nw = nw, .xq = xq, .xd = xd,
-                     .xs = xs, .xb = xb, .tile_rows = isa == TS_ISA_VNNI ? 8 : 4};
+                     .xs = xs, .xb = xb, .tile_rows = isa == TS_ISA_VNNI ? 8 : 4,
+                     .best_v = best_v, .best_i = best_i};
     job.rc = ts_rows_per_task(m_all, nthreads);
     for (int j = 0; j < nw; j++) {
         job.row[j] = row[j];
@@ -437,7 +447,7 @@ static inline int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_
         job.w[j] = w[j];
         job.m[j] = m[j];
         job.w_stride[j] = w_stride[j];
-        job.out[j] = out[j];
+        job.out[j] = out ? out[j] : 0;
         job.first[j + 1] = job.first[j] + (m[j] + job.rc - 1) / job.rc;
     }
     job.n_nc = (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK;
@@ -445,6 +455,36 @@ static inline int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_
      * (a 192 x 576 Q4_1 matvec, 69 KB, takes ~4 us on one core) */
     ts_parallel_for(work >= (1 << 16) ? nthreads : 1, job.first[nw] * job.n_nc, ts_mm_task, &job);
     return 0;
+}
+
+static inline int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_t x_stride, int nw,
+                                    const uint8_t *const *w, const int64_t *m,
+                                    const int64_t *w_stride, const int *qtype, float *const *out,
+                                    int nthreads, int isa) {
+    return ts_matmul_q_run(x, n, k, x_stride, nw, w, m, w_stride, qtype, out, 0, 0, nthreads,
+                           isa);
+}
+
+/* ids (n,) = argmax over r of (x @ dequant(w).T)[i, r], the first of equal maxima (numpy's
+ * argmax of ts_matmul_q's integer-path output, bit for bit, without the (n, m) outputs: greedy
+ * decoding's output head). Always the integer path, whatever n. 0, or -1: out of memory */
+static inline int ts_matmul_q_argmax(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                                     const uint8_t *w, int64_t m, int64_t w_stride, int qtype,
+                                     int64_t *ids, int nthreads, int isa) {
+    const int64_t n_rc = (m + ts_rows_per_task(m, nthreads) - 1) / ts_rows_per_task(m, nthreads);
+    float *best_v = (float *)malloc((size_t)(n_rc * n) * (sizeof(float) + sizeof(int64_t)));
+    if (!best_v) return -1;
+    int64_t *best_i = (int64_t *)(best_v + n_rc * n);
+    const int rc = ts_matmul_q_run(x, n, k, x_stride, 1, &w, &m, &w_stride, &qtype, 0, best_v,
+                                   best_i, nthreads, isa);
+    for (int64_t i = 0; rc == 0 && i < n; i++) { /* chunks in row order: the first max wins */
+        int64_t bc = 0;
+        for (int64_t c = 1; c < n_rc; c++)
+            if (ts_beats(best_v[c * n + i], best_v[bc * n + i])) bc = c;
+        ids[i] = best_i[bc * n + i];
+    }
+    free(best_v);
+    return rc;
 }
 
 /* out (n, m) = x (n, k) @ dequant(w).T; x row i at x + i * x_stride, w row r at w + r * w_stride.

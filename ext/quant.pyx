@@ -36,6 +36,9 @@ cdef extern from "quant.h" nogil:
     int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
                             const uint8_t *w, int64_t m, int64_t w_stride, int qtype, float *out,
                             int nthreads, int isa)
+    int ts_matmul_q_argmax(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                           const uint8_t *w, int64_t m, int64_t w_stride, int qtype, int64_t *ids,
+                           int nthreads, int isa)
     void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
                                 const uint16_t *w, int64_t m, int64_t w_stride, float *out,
                                 int nthreads, int isa)
@@ -227,6 +230,32 @@ def matmul_q(cnp.ndarray x not None, cnp.ndarray data not None, int qtype, Py_ss
     if rc != 0:
         raise MemoryError(f"cannot allocate {n * cols} bytes for the quantized activations")
     return o
+
+
+def matmul_q_argmax(cnp.ndarray x not None, cnp.ndarray data not None, int qtype, Py_ssize_t cols):
+    """(N, K) float32, (M, bytes_per_row) uint8 ggml blocks -> (N,) int64: argmax of each row of
+    x @ W.T as the integer path of matmul_q computes it (the first of equal maxima), without
+    materializing the (N, M) outputs: the output head of greedy decoding (M = vocabulary)."""
+    _check_qtype(qtype)
+    _check_blocks(data, qtype, cols)
+    cdef int64_t x_stride = _check_x(x, cols)
+    cdef Py_ssize_t n = x.shape[0], m = data.shape[0]
+    if m == 0:
+        raise ValueError("argmax over an empty weight")
+    ids = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return ids
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
+    cdef const uint8_t *wp = <const uint8_t *>cnp.PyArray_DATA(data)
+    cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(ids)
+    cdef int64_t w_stride = data.strides[0]
+    cdef int rc
+    with nogil:
+        rc = ts_matmul_q_argmax(xp, n, cols, x_stride, wp, m, w_stride, qtype, ip, _num_threads,
+                                _isa)
+    if rc != 0:
+        raise MemoryError(f"cannot allocate {n * cols} bytes for the quantized activations")
+    return ids
 
 
 def matmul_bf16(cnp.ndarray x not None, cnp.ndarray w_bits not None, out=None):

@@ -235,6 +235,40 @@ def test_float16_kv_cache(tmp_path, monkeypatch):
         LLM(model=str(path), backend="cpu")
 
 
+def test_greedy_head_argmax_equals_logits_route(tmp_path, monkeypatch):
+    """All-greedy steps take the head's argmax from the kernel (no logits); asking for logprobs
+    takes the logits route: the same tokens, batched and alone."""
+    import sys
+
+    import gguf
+
+    from tinyserve.backends import cpu
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_util import write_gguf_from_hf_dir
+
+    path = write_gguf_from_hf_dir(
+        HF_DIR / "llama",
+        tmp_path / "q.gguf",
+        qtype_for=lambda n, a: gguf.GGMLQuantizationType.Q8_0
+        if a.ndim == 2 and a.shape[1] % 32 == 0
+        else gguf.GGMLQuantizationType.F32,
+    )
+    ref = load_reference(HF_DIR / "llama" / "reference.npz")
+    prompts = [ref["input_ids"].tolist(), ref["input_ids_2"].tolist()]
+    llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
+    calls = []
+    argmax = cpu._quant.matmul_q_argmax
+    monkeypatch.setattr(
+        cpu._quant, "matmul_q_argmax", lambda x, *a: calls.append(len(x)) or argmax(x, *a)
+    )
+    fast = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))]
+    assert llm.engine.model._cpu_fused is not None and calls, "the argmax head did not run"
+    slow = SamplingParams(max_tokens=8, temperature=0, logprobs=1)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, slow)] == fast
+    assert [llm.generate([p], slow)[0].outputs[0].token_ids for p in prompts] == fast
+
+
 def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):
     """The cpu backend runs at most LAYERS_CHUNK tokens through the stack at a time: a prompt split
     mid-sequence (chunks of 5) and two prompts in one batch must give the unsplit logits (same

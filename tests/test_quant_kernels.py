@@ -477,3 +477,25 @@ def test_thread_pool_many_jobs_any_thread_count():
             np.testing.assert_array_equal(got, want[j])
     finally:
         quant.set_num_threads(before)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("n", [1, 16, 70])
+def test_argmax_equals_argmax_of_the_integer_path(qtype, n, isa, threads):
+    # the greedy head: ids equal numpy's argmax of matmul_q's integer-path outputs, ties included
+    rng = np.random.default_rng(13 + n)
+    cols = 256
+    qt = weight(qtype, 1000, cols, rng)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    dup = qt.data.copy()
+    dup[777] = dup[123]  # an exact tie: the first index wins
+    before = quant.get_blas_min_rows()
+    try:
+        quant.set_blas_min_rows(0)  # the integer path at every n, as matmul_q_argmax
+        for data in (qt.data, dup):
+            want = quant.matmul_q(x, data, int(qtype), cols).argmax(axis=1)
+            np.testing.assert_array_equal(quant.matmul_q_argmax(x, data, int(qtype), cols), want)
+    finally:
+        quant.set_blas_min_rows(before)
+    x[0] = 0.0  # every output of row 0 is 0: index 0
+    assert quant.matmul_q_argmax(x, qt.data, int(qtype), cols)[0] == 0

@@ -73,4 +73,6 @@ class Backend:
         others come back as float32 logits, in row order. A device backend overrides this so only
         R token ids (and the few rows the sampler needs) cross to the host."""
         logits = self.forward(model, batch, kv)
+        if greedy.all():  # no copy of the (R, V) rows just to take their argmax
+            return logits.argmax(axis=-1), logits[:0]
         return logits[greedy].argmax(axis=-1), logits[~greedy]
