@@ -82,7 +82,6 @@ def test_batched_equals_alone(case):
 
 def test_bad_thread_count_is_a_clear_error(monkeypatch):
     from tinyserve.backends import create_backend
-    from tinyserve.errors import BackendError, BackendError
 
     monkeypatch.setenv("TINYSERVE_NUM_THREADS", "zero")
     with pytest.raises(BackendError, match="TINYSERVE_NUM_THREADS"):
@@ -152,13 +151,9 @@ def test_default_model_agrees_with_numpy(smollm2_pair):
     assert "Paris" in cpu_llm.tokenizer.decode(cpu_out[0])
 
 
-# -- the fused layer stack vs the model file, op by op -------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["llama_mqa", "mistral", "qwen2", "qwen3"])
-def test_fused_layers_equal_op_by_op(name, tmp_path, monkeypatch):
-    """Two routes over the same Q8_0 weights: kernels.llama_layers vs LlamaModel.forward through
-    CpuOps (GQA/MQA, sliding window, q/k/v bias, q/k norm); prefill, then a batched decode step."""
+def _q8_gguf(name: str, tmp_path: Path) -> Path:
+    """The HF fixture `name` written as a GGUF whose matrices are Q8_0 where their rows allow
+    (multiples of 32), else F32: the fused stack's input."""
     import sys
 
     import gguf
@@ -170,7 +165,17 @@ def test_fused_layers_equal_op_by_op(name, tmp_path, monkeypatch):
         ok = arr.ndim == 2 and arr.shape[1] % 32 == 0
         return gguf.GGMLQuantizationType.Q8_0 if ok else gguf.GGMLQuantizationType.F32
 
-    path = write_gguf_from_hf_dir(HF_DIR / name, tmp_path / f"{name}.gguf", qtype_for=q8)
+    return write_gguf_from_hf_dir(HF_DIR / name, tmp_path / f"{name}.gguf", qtype_for=q8)
+
+
+# -- the fused layer stack vs the model file, op by op -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama_mqa", "mistral", "qwen2", "qwen3"])
+def test_fused_layers_equal_op_by_op(name, tmp_path, monkeypatch):
+    """Two routes over the same Q8_0 weights: kernels.llama_layers vs LlamaModel.forward through
+    CpuOps (GQA/MQA, sliding window, q/k/v bias, q/k norm); prefill, then a batched decode step."""
+    path = _q8_gguf(name, tmp_path)
     llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
     ref = load_reference(HF_DIR / name / "reference.npz")
     ids = ref["input_ids"].tolist()
@@ -188,14 +193,7 @@ def test_float16_kv_cache(tmp_path, monkeypatch):
     """kv_dtype="float16" (TINYSERVE_KV_DTYPE). Float32 weights: the cpu logits equal the NumPy
     reference's with its cached K/V rounded to half (the only change); Q8_0 weights: the fused
     stack and the model file op by op read the same half pools alike."""
-    import sys
-
-    import gguf
-
     from tinyserve.backends.numpy_ops import NumpyOps
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from gguf_util import write_gguf_from_hf_dir
 
     ids = load_reference(HF_DIR / "qwen2" / "reference.npz")["input_ids"].tolist()
     write_f32 = NumpyOps.write_kv
@@ -218,13 +216,7 @@ def test_float16_kv_cache(tmp_path, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=5e-4)
     assert np.abs(got - full).max() > 5e-3  # the cache really was rounded
 
-    path = write_gguf_from_hf_dir(
-        HF_DIR / "qwen2",
-        tmp_path / "q.gguf",
-        qtype_for=lambda n, a: gguf.GGMLQuantizationType.Q8_0
-        if a.ndim == 2 and a.shape[1] % 32 == 0
-        else gguf.GGMLQuantizationType.F32,
-    )
+    path = _q8_gguf("qwen2", tmp_path)
     llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
     half = llm.logits(ids)
     assert llm.engine.model._cpu_fused is not None
@@ -238,22 +230,9 @@ def test_float16_kv_cache(tmp_path, monkeypatch):
 def test_greedy_head_argmax_equals_logits_route(tmp_path, monkeypatch):
     """All-greedy steps take the head's argmax from the kernel (no logits); asking for logprobs
     takes the logits route: the same tokens, batched and alone."""
-    import sys
-
-    import gguf
-
     from tinyserve.backends import cpu
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from gguf_util import write_gguf_from_hf_dir
-
-    path = write_gguf_from_hf_dir(
-        HF_DIR / "llama",
-        tmp_path / "q.gguf",
-        qtype_for=lambda n, a: gguf.GGMLQuantizationType.Q8_0
-        if a.ndim == 2 and a.shape[1] % 32 == 0
-        else gguf.GGMLQuantizationType.F32,
-    )
+    path = _q8_gguf("llama", tmp_path)
     ref = load_reference(HF_DIR / "llama" / "reference.npz")
     prompts = [ref["input_ids"].tolist(), ref["input_ids_2"].tolist()]
     llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
@@ -273,25 +252,10 @@ def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):
     """The cpu backend runs at most LAYERS_CHUNK tokens through the stack at a time: a prompt split
     mid-sequence (chunks of 5) and two prompts in one batch must give the unsplit logits (same
     kernels, same row counts per matmul below the BLAS threshold: equal to float rounding)."""
-    import sys
-
-    import gguf
-
     from tinyserve._ext import kernels
     from tinyserve.backends import cpu
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from gguf_util import write_gguf_from_hf_dir
-
-    path = write_gguf_from_hf_dir(
-        HF_DIR / "qwen2",
-        tmp_path / "q.gguf",
-        qtype_for=lambda n, a: (
-            gguf.GGMLQuantizationType.Q8_0
-            if a.ndim == 2 and a.shape[1] % 32 == 0
-            else gguf.GGMLQuantizationType.F32
-        ),
-    )
+    path = _q8_gguf("qwen2", tmp_path)
     llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
     ref = load_reference(HF_DIR / "qwen2" / "reference.npz")
     ids = ref["input_ids"].tolist()
@@ -342,22 +306,7 @@ def test_step_threads_runs_the_faster_count_and_re_measures():
 def test_decode_logits_do_not_depend_on_the_thread_count(tmp_path):
     """The same short prompt and decode steps on 1 and on 2 threads: equal logits (every output
     element is computed the same way whatever the split)."""
-    import sys
-
-    import gguf
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from gguf_util import write_gguf_from_hf_dir
-
-    path = write_gguf_from_hf_dir(
-        HF_DIR / "qwen2",
-        tmp_path / "q.gguf",
-        qtype_for=lambda n, a: (
-            gguf.GGMLQuantizationType.Q8_0
-            if a.ndim == 2 and a.shape[1] % 32 == 0
-            else gguf.GGMLQuantizationType.F32
-        ),
-    )
+    path = _q8_gguf("qwen2", tmp_path)
     ids = load_reference(HF_DIR / "qwen2" / "reference.npz")["input_ids"].tolist()[:8]
     runs = []
     for threads in (1, 2):

@@ -3,7 +3,6 @@
 import os
 
 
-
 def find_sgemm() -> tuple[int, int]:
     """(address, ilp64) of a cblas_sgemm in a BLAS library this process already loaded (NumPy's
     OpenBLAS), or (0, 0). The quantized matmul hands large batches to it (ext/quant.h)."""

@@ -425,7 +425,10 @@ def _trim_heap() -> None:
         _malloc_trim(0)
 
 
-def _lazy_zeros(shape, dtype=np.dtype(np.float32)) -> np.ndarray:
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _lazy_zeros(shape, dtype: np.dtype = _FLOAT32) -> np.ndarray:
     """Zeros whose pages become resident only when written, in 4 KB pages: with
     transparent huge pages, a sequence's first KV block in each of the 60 (layer, k|v) pools
     faulted in a whole 2 MB page (one 128-token prompt made 124 of the 147 MB pool resident)."""
