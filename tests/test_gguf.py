@@ -319,6 +319,35 @@ def test_header_matches_gguf_reader(tmp_path):
             np.testing.assert_array_equal(ours, gguf.quants.dequantize(t.data, t.tensor_type))
 
 
+def test_long_string_arrays_read_lazily_like_gguf_reader(tmp_path):
+    """A string array past _LAZY_STRINGS (a vocab) stays raw bytes until read (GGUFStrings):
+    the same strings as gguf-py's reader, by index, slice and iteration, invalid UTF-8 replaced;
+    cut short, the file is a WeightsError."""
+    from tinyserve.loading.gguf_strings import GGUFStrings
+
+    words = [f"tok{i}" + "é" * (i % 3) for i in range(3000)] + ["", "a b", "\x00"]
+    w = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")
+    w.add_array("tokenizer.ggml.tokens", words)
+    w.add_array("short.list", ["x", "y"])
+    w.add_uint32("after", 7)
+    _write(w)
+    meta = read_gguf(tmp_path / "v.gguf").metadata
+    got = meta["tokenizer.ggml.tokens"]
+    assert isinstance(got, GGUFStrings) and isinstance(meta["short.list"], list)
+    want = gguf.GGUFReader(tmp_path / "v.gguf").fields["tokenizer.ggml.tokens"].contents()
+    assert len(got) == len(want) == len(words) and list(got) == want == words
+    assert got[1] == words[1] and got[-1] == words[-1] and got[10:13] == words[10:13]
+    assert got == words and meta["after"] == 7
+    raw = (tmp_path / "v.gguf").read_bytes()
+    bad = raw.replace("tok2999éé".encode(), b"tok2999\xff\xfe\xff\xfe")  # same length
+    (tmp_path / "b.gguf").write_bytes(bad)
+    assert read_gguf(tmp_path / "b.gguf").metadata["tokenizer.ggml.tokens"][2999] == "tok2999" + "\ufffd" * 4
+    at = raw.index(b"tok1500")
+    (tmp_path / "cut.gguf").write_bytes(raw[:at])
+    with pytest.raises(WeightsError, match="cut.gguf"):
+        read_gguf(tmp_path / "cut.gguf")
+
+
 # -- bad files ------------------------------------------------------------------------------
 
 

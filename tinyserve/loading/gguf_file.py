@@ -35,6 +35,7 @@ from .ggml_quants import (  # noqa: F401 - QK_K, Q re-exported: they lived here
     dequantize_blocks,
 )
 from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from .gguf_strings import GGUFStrings
 
 # -- the quantized tensor -----------------------------------------------------------------
 
@@ -343,6 +344,9 @@ class _BadFile(Exception):
     """Not a GGUF file this reader understands (magic, version, byte order)."""
 
 
+# String arrays longer than this (the vocab: tokens, merges) stay raw bytes until read
+_LAZY_STRINGS = 1024
+
 _SCALARS = {  # GGUF value type -> little-endian NumPy dtype
     GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
     GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
@@ -391,6 +395,12 @@ class _Header:
                 dtype = np.dtype(_SCALARS[GGUFValueType(item_type)])
                 raw = self._take(count * dtype.itemsize)
                 return np.frombuffer(raw, dtype=dtype).tolist()
+            if item_type == GGUFValueType.STRING and count > _LAZY_STRINGS:
+                try:
+                    strings, self.pos = GGUFStrings.parse(self.buf, self.pos, count)
+                except IndexError as e:
+                    raise _Truncated(str(e)) from None
+                return strings
             return [self._value(item_type) for _ in range(count)]
         if vtype in _SCALARS:
             dtype = np.dtype(_SCALARS[GGUFValueType(vtype)])
