@@ -85,6 +85,10 @@ def _pool_address() -> int:
     return <size_t>ts_pool_get(0)
 
 
+if ts_pool_get(0) == NULL:  # made at import, under the GIL: one pool per process
+    raise MemoryError("cannot allocate the kernel thread pool")
+
+
 def simd_level() -> str:
     """The vector instruction set the kernels were compiled for ("avx2+fma" or "scalar")."""
     return ts_simd_level().decode()

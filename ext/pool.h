@@ -59,7 +59,7 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int n_workers;
-    int busy; /* a job is running (nested calls run inline) */
+    _Atomic int busy; /* a thread owns the pool: others (and nested calls) run inline */
     pthread_key_t part_key; /* a worker's participant number (1 ..); unset (0) elsewhere */
     pthread_t threads[TS_POOL_MAX_WORKERS];
     ts_range ranges[TS_POOL_MAX_WORKERS + 1];
@@ -182,15 +182,18 @@ static ts_pool *ts_pool_get(int workers) {
 static inline void ts_pool_attach(void *pool) { ts_pool_g = (ts_pool *)pool; }
 
 /* fn(ctx, t) for t in [0, n_tasks), on up to nthreads threads (the caller is one of them); returns
- * when every task is done. Calls from one thread at a time (the Python GIL's holder, or a task
- * of a running job: those run inline). */
+ * when every task is done. One thread owns the pool at a time: a call from another thread while
+ * a job runs (a second Python thread in a kernel), or from a task, runs its tasks itself. */
 static inline void ts_parallel_for(int nthreads, int64_t n_tasks, ts_task_fn fn, void *ctx) {
-    ts_pool *p = nthreads > 1 && n_tasks > 1 ? ts_pool_get(nthreads - 1) : 0;
-    if (!p || p->n_workers == 0 || p->busy) {
+    ts_pool *p = nthreads > 1 && n_tasks > 1 ? ts_pool_g : 0;
+    int idle = 0;
+    if (p && !atomic_compare_exchange_strong(&p->busy, &idle, 1)) p = 0;
+    if (p && p->n_workers < nthreads - 1) ts_pool_get(nthreads - 1); /* grown by the owner only */
+    if (!p || p->n_workers == 0) {
+        if (p) atomic_store(&p->busy, 0);
         for (int64_t t = 0; t < n_tasks; t++) fn(ctx, t);
         return;
     }
-    p->busy = 1;
     p->fn = fn;
     p->ctx = ctx;
     const int n_parts = nthreads - 1 < p->n_workers ? nthreads : p->n_workers + 1;
@@ -210,23 +213,25 @@ static inline void ts_parallel_for(int nthreads, int64_t n_tasks, ts_task_fn fn,
     }
     ts_pool_work(p, 0, gen, fn, ctx, n_parts);
     while (atomic_load_explicit(&p->done, memory_order_acquire) < n_tasks) TS_PAUSE();
-    p->busy = 0;
+    atomic_store(&p->busy, 0);
 }
 
-/* A buffer of at least `bytes` for the calling thread (the caller of ts_parallel_for or a
- * worker) in slot `slot`, kept between calls (no page faults per call); 0 when out of memory.
- * Threads outside the pool share participant 0's buffers: calls from one thread at a time, as
- * for ts_parallel_for. */
+/* A buffer of at least `bytes` for the calling thread in slot `slot`, kept between calls (no page
+ * faults per call); 0 when out of memory. The pool's workers keep theirs in the pool (one set for
+ * both modules); any other thread in thread-local storage. */
 static inline void *ts_scratch(int slot, size_t bytes) {
-    ts_pool *p = ts_pool_get(0);
-    if (!p) return 0;
-    const int part = (int)(intptr_t)pthread_getspecific(p->part_key);
-    if (bytes > p->scratch_cap[part][slot]) {
-        free(p->scratch[part][slot]);
-        p->scratch[part][slot] = malloc(bytes);
-        p->scratch_cap[part][slot] = p->scratch[part][slot] ? bytes : 0;
+    static __thread void *own[TS_SCRATCH_SLOTS];
+    static __thread size_t own_cap[TS_SCRATCH_SLOTS];
+    ts_pool *p = ts_pool_g;
+    const int part = p ? (int)(intptr_t)pthread_getspecific(p->part_key) : 0;
+    void **buf = part ? &p->scratch[part][slot] : &own[slot];
+    size_t *cap = part ? &p->scratch_cap[part][slot] : &own_cap[slot];
+    if (bytes > *cap) {
+        free(*buf);
+        *buf = malloc(bytes);
+        *cap = *buf ? bytes : 0;
     }
-    return p->scratch[part][slot];
+    return *buf;
 }
 
 #endif /* TINYSERVE_POOL_H */

@@ -50,6 +50,7 @@ cdef extern from "quant.h" nogil:
 
 cdef extern from "pool.h" nogil:
     void ts_pool_attach(void *pool)
+    void *ts_pool_get(int workers)
 
 # gguf.GGMLQuantizationType value -> name, for the types these kernels run
 QTYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
@@ -60,8 +61,10 @@ def _attach_pool():
     """Share ext/kernels.pyx's thread pool: one set of workers per process."""
     try:
         from tinyserve._ext.kernels import _pool_address
-    except ImportError:
-        return  # no kernels module: this module's own pool
+    except ImportError:  # no kernels module: this module's own pool
+        if ts_pool_get(0) == NULL:
+            raise MemoryError("cannot allocate the kernel thread pool") from None
+        return
     ts_pool_attach(<void *><size_t>_pool_address())
 
 

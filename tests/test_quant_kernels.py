@@ -499,3 +499,36 @@ def test_argmax_equals_argmax_of_the_integer_path(qtype, n, isa, threads):
         quant.set_blas_min_rows(before)
     x[0] = 0.0  # every output of row 0 is 0: index 0
     assert quant.matmul_q_argmax(x, qt.data, int(qtype), cols)[0] == 0
+
+
+def test_two_python_threads_in_the_kernels_at_once():
+    # the pool has one owner at a time: a second Python thread inside a kernel meanwhile runs its
+    # tasks itself (scratch of its own); both get the one-thread results, bit for bit
+    import threading
+
+    rng = np.random.default_rng(14)
+    cols = 512
+    qt = weight(Q.Q4_1, 600, cols, rng)
+    xs = [rng.standard_normal((n, cols)).astype(np.float32) for n in (1, 5, 33)]
+    before = quant.get_num_threads()
+    try:
+        quant.set_num_threads(1)
+        want = [quant.matmul_q(x, qt.data, int(Q.Q4_1), cols) for x in xs]
+        quant.set_num_threads(3)
+        errors = []
+
+        def hammer(seed):
+            for i in range(150):
+                j = (i + seed) % len(xs)
+                got = quant.matmul_q(xs[j], qt.data, int(Q.Q4_1), cols)
+                if not np.array_equal(got, want[j]):
+                    errors.append((seed, i))
+
+        threads = [threading.Thread(target=hammer, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+    finally:
+        quant.set_num_threads(before)
