@@ -323,7 +323,7 @@ def test_long_string_arrays_read_lazily_like_gguf_reader(tmp_path):
     """A string array past _LAZY_STRINGS (a vocab) stays raw bytes until read (GGUFStrings):
     the same strings as gguf-py's reader, by index, slice and iteration, invalid UTF-8 replaced;
     cut short, the file is a WeightsError."""
-    from tinyserve.loading.gguf_strings import GGUFStrings
+    from tinyserve.loading.gguf_header import GGUFStrings
 
     words = [f"tok{i}" + "é" * (i % 3) for i in range(3000)] + ["", "a b", "\x00"]
     w = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")

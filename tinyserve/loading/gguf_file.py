@@ -4,7 +4,7 @@ Dense tensors (F32/F16/BF16) come back as float32 NumPy arrays (F32 memory-mappe
 quantized ones as `QuantTensor`, which keeps ggml's blocks exactly as they lie on disk so a
 native kernel can read them directly; its NumPy dequantizers live in ggml_quants.py.
 
-The header is parsed here (one vectorized read per numeric array) rather than with
+The header is parsed by gguf_header.py (one vectorized read per numeric array) rather than with
 gguf.GGUFReader, which builds NumPy views per array element: 2.3 s vs 0.2 s for SmolLM2's
 49k-token vocab. The tests check this parser against GGUFReader.
 
@@ -34,8 +34,8 @@ from .ggml_quants import (  # noqa: F401 - QK_K, Q re-exported: they lived here
     dense_to_float32,
     dequantize_blocks,
 )
-from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-from .gguf_strings import GGUFStrings
+from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
+from .gguf_header import BadFile, HeaderReader, TruncatedFile
 
 # -- the quantized tensor -----------------------------------------------------------------
 
@@ -249,17 +249,17 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
         raise WeightsError(f"{path} is a directory, not a GGUF file")
     try:
         if path.stat().st_size < 24:
-            raise _Truncated("the file is shorter than a GGUF header")
+            raise TruncatedFile("the file is shorter than a GGUF header")
         mm = np.memmap(path, dtype=np.uint8, mode="r")
-        header = _Header(mm)
+        header = HeaderReader(mm)
         metadata = header.read_metadata()
         infos = header.read_tensor_infos()
         data_start = header.data_start(metadata.get("general.alignment", 32))
     except OSError as e:
         raise WeightsError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
-    except _Truncated as e:
+    except TruncatedFile as e:
         raise WeightsError(f"{path} is truncated or corrupt: {e}") from None
-    except _BadFile as e:
+    except BadFile as e:
         raise WeightsError(f"{path}: {e}") from None
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise WeightsError(f"{path} is corrupt: {_one_line(e)}") from None
@@ -334,110 +334,6 @@ def _drop_pages(mm: np.ndarray, start: int, end: int) -> None:
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
         raw.madvise(mmap.MADV_DONTNEED, first, last - first)
-
-
-class _Truncated(Exception):
-    """A read ran past the end of the file."""
-
-
-class _BadFile(Exception):
-    """Not a GGUF file this reader understands (magic, version, byte order)."""
-
-
-# String arrays longer than this (the vocab: tokens, merges) stay raw bytes until read
-_LAZY_STRINGS = 1024
-
-_SCALARS = {  # GGUF value type -> little-endian NumPy dtype
-    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
-    GGUFValueType.FLOAT64: "<f8", GGUFValueType.BOOL: "?",
-}  # fmt: skip
-
-
-class _Header:
-    """Sequential reader of a GGUF header (spec: ggml/docs/gguf.md), little-endian, v2/v3."""
-
-    def __init__(self, mm: np.ndarray):
-        self.buf = memoryview(mm)
-        self.pos = 0
-        magic = bytes(self._take(4))
-        if magic != b"GGUF":
-            raise _BadFile(f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        version = self._u32()
-        if version not in (2, 3):
-            hint = " (big-endian files are not supported)" if version > 0xFFFF else ""
-            raise _BadFile(f"unsupported GGUF version {version}{hint}")
-        self.n_tensors, self.n_kv = self._u64(), self._u64()
-
-    def _take(self, n: int) -> memoryview:
-        end = self.pos + n
-        if n < 0 or end > len(self.buf):
-            raise _Truncated(f"needs {n} bytes at offset {self.pos}, file has {len(self.buf)}")
-        out, self.pos = self.buf[self.pos : end], end
-        return out
-
-    def _u32(self) -> int:
-        return struct.unpack("<I", self._take(4))[0]
-
-    def _u64(self) -> int:
-        return struct.unpack("<Q", self._take(8))[0]
-
-    def _str(self) -> str:
-        return bytes(self._take(self._u64())).decode("utf-8", errors="replace")
-
-    def _value(self, vtype: int) -> Any:
-        if vtype == GGUFValueType.STRING:
-            return self._str()
-        if vtype == GGUFValueType.ARRAY:
-            item_type, count = self._u32(), self._u64()
-            if item_type in _SCALARS:  # one vectorized read for numeric arrays
-                dtype = np.dtype(_SCALARS[GGUFValueType(item_type)])
-                raw = self._take(count * dtype.itemsize)
-                return np.frombuffer(raw, dtype=dtype).tolist()
-            if item_type == GGUFValueType.STRING and count > _LAZY_STRINGS:
-                try:
-                    strings, self.pos = GGUFStrings.parse(self.buf, self.pos, count)
-                except IndexError as e:
-                    raise _Truncated(str(e)) from None
-                return strings
-            return [self._value(item_type) for _ in range(count)]
-        if vtype in _SCALARS:
-            dtype = np.dtype(_SCALARS[GGUFValueType(vtype)])
-            value = np.frombuffer(self._take(dtype.itemsize), dtype=dtype)[0]
-            if vtype == GGUFValueType.FLOAT32:
-                return float(str(value))  # shortest repr of the f32: 1e-05, not 9.99e-06
-            return value.item()
-        raise _BadFile(f"unknown metadata value type {vtype} at offset {self.pos}")
-
-    def read_metadata(self) -> dict[str, Any]:
-        meta = {}
-        for _ in range(self.n_kv):
-            key = self._str()
-            meta[key] = self._value(self._u32())
-        return meta
-
-    def read_tensor_infos(self) -> list[tuple[str, tuple[int, ...], int, int]]:
-        """-> [(name, NumPy shape, ggml type id, offset from the data start)]."""
-        infos = []
-        for _ in range(self.n_tensors):
-            at, name = self.pos, self._str()
-            if len(name) > 256 or not name.isprintable():  # ggml caps names at 64 bytes
-                raise _BadFile(f"corrupt tensor name at offset {at}")
-            n_dims = self._u32()
-            if n_dims > 8:
-                raise _BadFile(f"tensor {name} claims {n_dims} dimensions")
-            dims = struct.unpack(f"<{n_dims}Q", self._take(8 * n_dims))
-            qtype, offset = self._u32(), self._u64()
-            infos.append(
-                (name, tuple(reversed(dims)), qtype, offset)
-            )  # ggml ne[] is innermost-first
-        return infos
-
-    def data_start(self, alignment: int) -> int:
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise _BadFile(f"general.alignment {alignment} is not a power of two")
-        return -(-self.pos // alignment) * alignment
 
 
 def _unpermute_qk(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, Tensor]):
