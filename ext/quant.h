@@ -253,8 +253,8 @@ static inline int64_t ts_blas_panel(int64_t m, int nthreads) {
 }
 
 /* out (n, m) = x (n, k) @ dequant(w).T by dequantizing w and sgemm; -1: no memory.
- * With a per-thread BLAS thread setter (OpenBLAS): our OpenMP threads take weight panels
- * (dynamic schedule), each dequantizes its panel into its own scratch and calls a single-threaded
+ * With a per-thread BLAS thread setter (OpenBLAS): the pool's threads take weight panels
+ * (ext/pool.h), each dequantizes its panel into its own scratch and calls a single-threaded
  * sgemm for those output columns, so BLAS never starts (or spins) threads of its own that would
  * fight ours for the cores. Otherwise: dequantize all of w, one sgemm on BLAS's threads. */
 typedef struct {

@@ -319,7 +319,7 @@ def test_decode_logits_do_not_depend_on_the_thread_count(tmp_path):
 
 
 def test_step_threads_do_not_flip_flop_between_near_equal_counts():
-    """Each switch resizes the OpenMP team: counts within 5% of each other keep the current one."""
+    """Counts within 5% of each other keep the current one (no switching on noise)."""
     from tinyserve.backends.cpu import _StepThreads
 
     st = _StepThreads(2)

@@ -250,7 +250,7 @@ def test_batched_equals_alone_and_threads_agree(qtype, isa):
     # each output is summed in one fixed order whatever the tile, chunk or thread count
     rng = np.random.default_rng(7)
     cols = 512
-    qt = weight(qtype, 301, cols, rng)  # big enough for the OpenMP path
+    qt = weight(qtype, 301, cols, rng)  # big enough for the parallel path
     x = rng.standard_normal((70, cols)).astype(np.float32)  # > one 64-row task, ragged tile
     before = quant.get_num_threads()
     try:
@@ -424,7 +424,7 @@ def test_sgemm_route_strided_rows_and_out_buffer():
 
 
 def test_sgemm_per_thread_panels_match_one_sgemm(threads):
-    # each OpenMP thread's single-threaded sgemm over its own weight panels (uneven last panel)
+    # each pool thread's single-threaded sgemm over its own weight panels (uneven last panel)
     # vs one sgemm over the whole dequantized weight: the same products, float rounding apart
     before = quant.get_blas_min_rows()
     if not quant.set_blas_min_rows(8, per_thread=True) or not quant.blas_per_thread():

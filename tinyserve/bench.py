@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive,
         default=available_cores(),
-        help="BLAS / OpenMP threads (default: all cores available)",
+        help="BLAS / kernel threads (default: all cores available)",
     )
     p.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")

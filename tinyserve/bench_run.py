@@ -96,7 +96,7 @@ def available_cores() -> int:
 
 @contextlib.contextmanager
 def pin_threads(n: int) -> Iterator[None]:
-    """Limit BLAS and OpenMP pools to n threads (threadpoolctl) and tell the cpu backend
+    """Limit BLAS and the kernel pool to n threads (threadpoolctl) and tell the cpu backend
     (TINYSERVE_NUM_THREADS), so runs on one machine are comparable."""
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-# Every benchmark runs at pinned thread counts (BLAS via threadpoolctl, the cpu backend's OpenMP via
+# Every benchmark runs at pinned thread counts (BLAS via threadpoolctl, the cpu backend's pool via
 # TINYSERVE_NUM_THREADS): 1, the stable figure, and MANY (default 4; TINYSERVE_BENCH_THREADS
 # changes it), the parallel path. MANY is skipped on a machine with fewer cores: oversubscribed
-# OpenMP / BLAS pools measure the machine's load, not the code.
+# kernel / BLAS pools measure the machine's load, not the code.
 MANY = int(os.environ.get("TINYSERVE_BENCH_THREADS", "4"))
 THREADS = sorted({1, MANY})
 

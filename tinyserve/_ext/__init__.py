@@ -18,7 +18,7 @@ def find_blas_local_threads() -> int:
     """Address of `int openblas_set_num_threads_local(int)` (OpenBLAS 0.3.27+: sets BLAS's thread
     count, returning the previous one; meant per thread, process-wide in 0.3.31) in the library
     find_sgemm found, or 0. With it the quantized matmul runs single-threaded sgemms on its own
-    OpenMP threads (ext/quant.h)."""
+    pool threads (ext/quant.h, ext/pool.h)."""
     for lib in _loaded_blas():
         if not any(
             hasattr(lib, n) for n in ("scipy_cblas_sgemm64_", "cblas_sgemm64_", "cblas_sgemm")
