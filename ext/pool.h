@@ -7,14 +7,17 @@
  * on the 2-core VMs this was measured on: a 1536 x 576 Q4_1 matvec took 29 us on one thread and
  * 54 us on two. With spinning workers (ACTIVE, or GOMP_SPINCOUNT) the region's closing barrier
  * waits for every worker, and a worker whose core another process holds stalls the step for a
- * whole time slice. Here a job is a list of tasks claimed one at a time from an atomic counter;
- * the caller claims tasks too and then waits only for tasks already claimed, so a late worker
- * costs nothing: it finds the counter exhausted. Workers spin (with pause, yielding the core
- * now and then) for TS_POOL_SPIN_NS after a job, so the jobs of a forward reach a running
- * worker, and then sleep on a condition variable.
+ * whole time slice. Here a job's tasks are cut into one contiguous range per participant (a
+ * thread's rows then stream through its core's prefetchers: interleaving small chunks of one
+ * matrix between two cores ran at half the bandwidth), claimed one at a time by compare-and-swap;
+ * a participant drains its own range, then the others'. The caller takes part too and then waits
+ * only for tasks already claimed, so a late worker costs nothing: it finds the ranges exhausted.
+ * Workers spin (with pause, yielding the core now and then) for TS_POOL_SPIN_NS after a job, so
+ * the jobs of a forward reach a running worker, and then sleep on a condition variable.
  *
- * One pool per process: ext/kernels.pyx owns it (ts_pool_get); ext/quant.pyx, which compiles its
- * own copy of these functions, is handed its address (ts_pool_attach).
+ * One pool per process: ext/kernels.pyx makes it at import (ts_pool_get); ext/quant.pyx, which
+ * compiles its own copy of these functions, is handed its address (ts_pool_attach). One thread
+ * owns it at a time; another thread's parallel loop meanwhile runs on that thread alone.
  */
 #ifndef TINYSERVE_POOL_H
 #define TINYSERVE_POOL_H
