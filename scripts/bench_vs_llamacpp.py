@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+# (the parent alone imports subprocess and tempfile: a child's peak RSS is what it measures, so
+# it carries no more of the harness than it needs)
 
 # the environment as the user gave it, before any import of ours: children (llama.cpp above all)
 # get exactly this, less the OpenBLAS overrides below
@@ -79,9 +79,9 @@ def tinyserve_child(a) -> dict:
         for _ in range(a.repeats):
             r = llm.generate([ids], greedy)[0]
             runs.append((r.metrics.ttft, r.metrics.tpot, list(r.outputs[0].token_ids)))
-        ttft = statistics.median(x[0] for x in runs)
+        ttft = _median(x[0] for x in runs)
         out[f"p{n}"] = {"ttft_ms": ttft * 1e3, "prefill_tok_s": n / ttft,
-                        "tpot_ms": statistics.median(x[1] for x in runs) * 1e3, "greedy_ids": runs[0][2]}
+                        "tpot_ms": _median(x[1] for x in runs) * 1e3, "greedy_ids": runs[0][2]}
     batch = [spec["prompts"][f"c{i}"] for i in range(a.requests)]
     walls = []
     for _ in range(a.repeats):
@@ -89,12 +89,19 @@ def tinyserve_child(a) -> dict:
         outs = llm.generate(batch, greedy)
         walls.append(time.perf_counter() - t0)
         assert all(len(o.outputs[0].token_ids) == a.gen for o in outs)
-    out["concurrent_tok_s"] = a.requests * a.gen / statistics.median(walls)
+    out["concurrent_tok_s"] = a.requests * a.gen / _median(walls)
     return out
+
+
+def _median(values) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
 
 
 def run_child(cmd: list[str], env: dict) -> tuple[dict, float]:
     """(the child's JSON, its peak RSS in MiB)."""
+    import subprocess
+
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     stdout, stderr = p.stdout.read(), p.stderr.read()
     _, status, usage = os.wait4(p.pid, 0)
@@ -177,6 +184,8 @@ def main(argv=None) -> int:
     results: dict = {"model": a.model, "file_mb": Path(a.model).stat().st_size / 2**20, "threads": a.threads,
                      "gen": a.gen, "requests": a.requests, "unset_in_children": list(CHILD_ENV_DROP),
                      "load_avg_start": os.getloadavg()}
+    import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"lens": lens, "prompts": prompts}))

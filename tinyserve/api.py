@@ -113,9 +113,11 @@ class LLM:
         chunk_size: int | None = None,
         seed: int = 0,
     ):
-        from . import catalog
+        from . import catalog, tokenizer  # noqa: F401 (tokenizer: see below)
         from .loading import load_checkpoint
 
+        # The tokenizer's modules are imported before the checkpoint is read: objects made while
+        # the vocab's ~100k strings exist outlive them and keep the allocator's arenas resident.
         path = catalog.resolve(str(model) if model is not None else catalog.DEFAULT_MODEL)
         self.checkpoint = load_checkpoint(path)
         self.config = self.checkpoint.config
