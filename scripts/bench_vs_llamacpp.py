@@ -248,11 +248,11 @@ def table(r: dict, lens: list[int]) -> str:
         row(f"prefill, {n}-token prompt (tok/s)", lambda d, n=n: d[f"p{n}"]["prefill_tok_s"], "{:.0f}", False)
         row(f"TPOT, {n}-token prompt (ms)", lambda d, n=n: d[f"p{n}"]["tpot_ms"], "{:.2f}", True)
     row(f"{r['requests']} concurrent requests, total output tok/s", lambda d: d["concurrent_tok_s"], "{:.0f}", False)
-    row("peak RSS (MiB)", lambda d: d["peak_rss_mb"], "{:.0f}", True)
+    row("peak RSS (MiB)", lambda d: d["peak_rss_mb"], "{:.1f}", True)
     if "cpu" in r:
         kv_mb = r["cpu"]["kv_tokens"] * r["kv_bytes_per_token"] / 2**20
-        rows.append(f"\nRSS target for cpu: file x 1.5 + KV = {r['file_mb'] * 1.5:.0f} + {kv_mb:.0f} = "
-                    f"{r['file_mb'] * 1.5 + kv_mb:.0f} MiB (KV pool of {r['cpu']['kv_tokens']} tokens)")
+        rows.append(f"\nRSS target for cpu: file x 1.5 + KV = {r['file_mb'] * 1.5:.1f} + {kv_mb:.1f} = "
+                    f"{r['file_mb'] * 1.5 + kv_mb:.1f} MiB (KV pool of {r['cpu']['kv_tokens']} tokens)")
     rows.append(f"floor: {r['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token / "
                 f"{r['read_gb_s']:.1f} GB/s read bandwidth = {r['floor_ms']:.2f} ms per token")
     if "cpu" in r and peer is not None:
