@@ -291,6 +291,8 @@ class CpuBackend(Backend):
         rows = np.asarray(batch.logits_rows, dtype=np.int64)  # (R,)
         hidden, order = [], []  # per chunk: the residual rows we sample from, their places in rows
         n = len(batch.token_ids)
+        if n == 0:
+            return np.zeros((0, cfg.hidden_size), np.float32)
         # At most LAYERS_CHUNK tokens go through the stack at a time, embedded chunk by chunk: a
         # chunk writes its K/V before the next one attends to them (causal by position), so the
         # result is the same, and only the logits rows of each chunk are kept.
