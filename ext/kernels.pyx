@@ -7,9 +7,9 @@ memoryviews, parallel over rows / heads / sequences on the kernel thread pool (e
 tests/test_cpu_kernels.py runs every twin against its reference.
 """
 
-import os
-
 import numpy as np
+
+from tinyserve._ext import default_threads
 
 cimport cython
 cimport numpy as cnp
@@ -35,6 +35,8 @@ cdef extern from "pool.h" nogil:
     ctypedef void (*ts_task_fn)(void *ctx, int64_t task)
     void ts_parallel_for(int nthreads, int64_t n_tasks, ts_task_fn fn, void *ctx)
     void *ts_pool_get(int workers)
+    int ts_threads()
+    void ts_set_threads(int n)
 
 cdef extern from "kernels_simd.h" nogil:
     void ts_float_to_half_row(const float *src, uint16_t *dst, int64_t n)
@@ -65,19 +67,16 @@ cdef extern from "kernels_sample.h" nogil:
     void ts_sort_prob_desc(ts_prob_idx *v, int64_t n)
 
 
-cdef int _n_threads = max(1, os.cpu_count() or 1)
-
-
 def set_num_threads(int n):
-    """Threads for every parallel kernel in this module (the pool grows to n - 1 workers)."""
-    global _n_threads
+    """Threads for every parallel kernel, here and in tinyserve._ext.quant (one pool, one count;
+    the pool grows to n - 1 workers). Default: $TINYSERVE_NUM_THREADS, else os.cpu_count()."""
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
-    _n_threads = n
+    ts_set_threads(n)
 
 
 def get_num_threads() -> int:
-    return _n_threads
+    return ts_threads()
 
 
 def _pool_address() -> int:
@@ -87,6 +86,7 @@ def _pool_address() -> int:
 
 if ts_pool_get(0) == NULL:  # made at import, under the GIL: one pool per process
     raise MemoryError("cannot allocate the kernel thread pool")
+ts_set_threads(default_threads())
 
 
 def simd_level() -> str:
@@ -98,7 +98,7 @@ cdef inline int _threads_for(int64_t work) noexcept nogil:
     """Small problems stay on one thread: waking a team costs more than it saves."""
     if work < 32768:
         return 1
-    return _n_threads
+    return ts_threads()
 
 
 def _f32_rows(x, int width):
@@ -361,9 +361,9 @@ def _attn_spans(N, KVH, max_len):
     a few work items (prefill, big batches); else enough for ~4 items per thread, each piece
     >= SPAN_MIN_KEYS keys (a decode step of one sequence still spreads over the threads)."""
     items = N * KVH
-    if items >= 4 * _n_threads or max_len < 2 * SPAN_MIN_KEYS:
+    if items >= 4 * ts_threads() or max_len < 2 * SPAN_MIN_KEYS:
         return 1
-    return max(1, min(-(-4 * _n_threads // items), max_len // SPAN_MIN_KEYS))
+    return max(1, min(-(-4 * ts_threads() // items), max_len // SPAN_MIN_KEYS))
 
 
 def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, block_tables,
@@ -554,7 +554,7 @@ cdef inline int _mm(const float[:, ::1] x, const int64_t[:, ::1] wptr, const int
                     const int32_t[:, ::1] wtype, Py_ssize_t l, int which, float[:, ::1] out,
                     int isa) noexcept nogil:
     return ts_matmul_q(&x[0, 0], x.shape[0], x.shape[1], <const uint8_t *>wptr[l, which],
-                       out.shape[1], wstride[l, which], wtype[l, which], &out[0, 0], _n_threads, isa)
+                       out.shape[1], wstride[l, which], wtype[l, which], &out[0, 0], ts_threads(), isa)
 
 
 @cython.boundscheck(False)
@@ -586,10 +586,10 @@ cdef inline int _mm3(const float[:, ::1] x, const int64_t[:, ::1] wptr, const in
             same = False
     if same:
         return ts_matmul_q_multi(&x[0, 0], x.shape[0], x.shape[1], x.shape[1], nw, w, m, ws, qt,
-                                 out, _n_threads, isa)
+                                 out, ts_threads(), isa)
     for j in range(nw):
         if ts_matmul_q_multi(&x[0, 0], x.shape[0], x.shape[1], x.shape[1], 1, &w[j], &m[j],
-                             &ws[j], &qt[j], &out[j], _n_threads, isa):
+                             &ws[j], &qt[j], &out[j], ts_threads(), isa):
             return -1
     return 0
 

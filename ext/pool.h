@@ -62,6 +62,7 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int n_workers;
+    int n_threads; /* the kernels' thread count (ts_threads), one setting for both modules */
     _Atomic int busy; /* a thread owns the pool: others (and nested calls) run inline */
     pthread_key_t part_key; /* a worker's participant number (1 ..); unset (0) elsewhere */
     pthread_t threads[TS_POOL_MAX_WORKERS];
@@ -179,6 +180,15 @@ static ts_pool *ts_pool_get(int workers) {
         p->n_workers++;
     }
     return p;
+}
+
+/* The thread count the kernels run on (set once for every module sharing the pool). */
+static inline int ts_threads(void) {
+    return ts_pool_g && ts_pool_g->n_threads > 0 ? ts_pool_g->n_threads : 1;
+}
+
+static inline void ts_set_threads(int n) {
+    if (ts_pool_g) ts_pool_g->n_threads = n;
 }
 
 /* Use the pool another module created (its ts_pool_get's result). */

@@ -20,8 +20,7 @@ import os
 
 import numpy as np
 
-from tinyserve._ext import blas_min_rows, find_blas_local_threads, find_sgemm
-from tinyserve.errors import ConfigError
+from tinyserve._ext import blas_min_rows, default_threads, find_blas_local_threads, find_sgemm
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint16_t
@@ -51,6 +50,8 @@ cdef extern from "quant.h" nogil:
 cdef extern from "pool.h" nogil:
     void ts_pool_attach(void *pool)
     void *ts_pool_get(int workers)
+    int ts_threads()
+    void ts_set_threads(int n)
 
 # gguf.GGMLQuantizationType value -> name, for the types these kernels run
 QTYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
@@ -64,6 +65,7 @@ def _attach_pool():
     except ImportError:  # no kernels module: this module's own pool
         if ts_pool_get(0) == NULL:
             raise MemoryError("cannot allocate the kernel thread pool") from None
+        ts_set_threads(default_threads())
         return
     ts_pool_attach(<void *><size_t>_pool_address())
 
@@ -72,34 +74,17 @@ _attach_pool()
 
 cdef int _best_isa = ts_best_isa()
 cdef int _isa = _best_isa
-cdef int _num_threads = 1
-
-
-def _default_threads() -> int:
-    env = os.environ.get("TINYSERVE_NUM_THREADS")
-    if env:
-        msg = f"TINYSERVE_NUM_THREADS must be a positive integer, got {env!r}"
-        try:
-            n = int(env)
-        except ValueError:
-            raise ConfigError(msg) from None
-        if n < 1:
-            raise ConfigError(msg)
-        return n
-    return os.cpu_count() or 1
-
-
 def set_num_threads(int n) -> None:
-    """Threads the kernels use (ext/pool.h); default TINYSERVE_NUM_THREADS or os.cpu_count()."""
-    global _num_threads
+    """Threads the kernels use: one count with tinyserve._ext.kernels (they share ext/pool.h's
+    pool). Default: $TINYSERVE_NUM_THREADS, else os.cpu_count()."""
     if n < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
-    _num_threads = n
+    ts_set_threads(n)
 
 
 def get_num_threads() -> int:
     """The thread count the kernels use."""
-    return _num_threads
+    return ts_threads()
 
 
 def available_isas() -> list:
@@ -144,7 +129,6 @@ def get_blas_min_rows() -> int:
     return ts_blas_min_n
 
 
-set_num_threads(_default_threads())
 set_blas_min_rows(blas_min_rows())
 if os.environ.get("TINYSERVE_QUANT_ISA"):
     set_isa(os.environ["TINYSERVE_QUANT_ISA"])
@@ -229,7 +213,7 @@ def matmul_q(cnp.ndarray x not None, cnp.ndarray data not None, int qtype, Py_ss
     cdef int rc
     with nogil:
         rc = ts_matmul_q_strided(xp, n, cols, x_stride, wp, m, w_stride, qtype, op,
-                                 _num_threads, _isa)
+                                 ts_threads(), _isa)
     if rc != 0:
         raise MemoryError(f"cannot allocate {n * cols} bytes for the quantized activations")
     return o
@@ -254,7 +238,7 @@ def matmul_q_argmax(cnp.ndarray x not None, cnp.ndarray data not None, int qtype
     cdef int64_t w_stride = data.strides[0]
     cdef int rc
     with nogil:
-        rc = ts_matmul_q_argmax(xp, n, cols, x_stride, wp, m, w_stride, qtype, ip, _num_threads,
+        rc = ts_matmul_q_argmax(xp, n, cols, x_stride, wp, m, w_stride, qtype, ip, ts_threads(),
                                 _isa)
     if rc != 0:
         raise MemoryError(f"cannot allocate {n * cols} bytes for the quantized activations")
@@ -282,7 +266,7 @@ def matmul_bf16(cnp.ndarray x not None, cnp.ndarray w_bits not None, out=None):
     if w_bits.strides[0] % 2:
         raise ValueError(f"w_bits rows are not uint16 aligned (strides {(<object>w_bits).strides})")
     with nogil:
-        ts_matmul_bf16_strided(xp, n, k, x_stride, wp, m, w_stride, op, _num_threads, _isa)
+        ts_matmul_bf16_strided(xp, n, k, x_stride, wp, m, w_stride, op, ts_threads(), _isa)
     return o
 
 
@@ -303,5 +287,5 @@ def dequantize_rows(cnp.ndarray data not None, int qtype, Py_ssize_t cols, ids):
     cdef float *op = <float *>cnp.PyArray_DATA(o)
     cdef int64_t w_stride = data.strides[0]
     with nogil:
-        ts_dequantize_rows(wp, w_stride, qtype, cols, ip, n, op, _num_threads)
+        ts_dequantize_rows(wp, w_stride, qtype, cols, ip, n, op, ts_threads())
     return o

@@ -75,3 +75,19 @@ def blas_min_rows() -> int:
 
         raise ConfigError(f"TINYSERVE_BLAS_MIN_N must be a non-negative integer, got {value!r}")
     return n
+
+
+def default_threads() -> int:
+    """Kernel threads: $TINYSERVE_NUM_THREADS, else os.cpu_count(); ConfigError if not >= 1."""
+    value = os.environ.get("TINYSERVE_NUM_THREADS")
+    if not value:
+        return os.cpu_count() or 1
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        from tinyserve.errors import ConfigError
+
+        raise ConfigError(f"TINYSERVE_NUM_THREADS must be a positive integer, got {value!r}")
+    return n

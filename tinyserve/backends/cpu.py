@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from .._ext import default_threads
 from ..batch import Batch
 from .base import Backend
 from .numpy_ops import NumpyOps
@@ -35,19 +36,6 @@ try:  # the quantized matmul (ext/quant.pyx); without it quantized weights are d
     from .._ext import quant as _quant
 except ImportError:
     _quant = None
-
-
-def _default_threads() -> int:
-    value = os.environ.get("TINYSERVE_NUM_THREADS")
-    if value is None:
-        return os.cpu_count() or 1
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"TINYSERVE_NUM_THREADS must be a positive integer, got {value!r}")
-    return n
 
 
 def _pin_blas(n_threads: int):
@@ -169,7 +157,7 @@ class CpuBackend(Backend):
         if not ok:
             raise ValueError(reason)
         super().__init__(device, dtype)
-        self.num_threads = _default_threads() if num_threads is None else int(num_threads)
+        self.num_threads = default_threads() if num_threads is None else int(num_threads)
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.kv_dtype = kv_dtype or os.environ.get("TINYSERVE_KV_DTYPE") or "float32"
@@ -186,9 +174,7 @@ class CpuBackend(Backend):
 
     def _set_threads(self, n: int) -> None:
         if n != self._threads_now:
-            _kernels.set_num_threads(n)
-            if _quant is not None and hasattr(_quant, "set_num_threads"):
-                _quant.set_num_threads(n)
+            _kernels.set_num_threads(n)  # tinyserve._ext.quant shares the count (one pool)
             self._threads_now = n
 
     @classmethod
@@ -207,7 +193,7 @@ class CpuBackend(Backend):
         )
         return (
             f"native kernels active ({_kernels.simd_level()}), {quant}, "
-            f"{_default_threads()} threads"
+            f"{default_threads()} threads"
         )
 
     def describe(self) -> str:
