@@ -66,105 +66,53 @@ static inline __m256i SFX(bits32_x10)(const uint8_t *p) {
 /* ---- 32-value block types ---------------------------------------------------------------- */
 
 #ifndef TS_WIDE
+/* One 32-block type per qtype (a constant at every call below: the branches fold away).
+ * Q8_0 / Q4_0 / Q5_0 hold signed q with y = d*q: |q| (u8) meets x with q's sign.
+ * Q4_1 / Q5_1 hold unsigned q with y = d*q + m, so w.x = d*dx*sum(q*xq) + m*dx*sum(xq), and
+ * dx*sum(xq) is XQ.s. */
 static inline __attribute__((always_inline)) void
-SFX(tile_q8_0)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
+SFX(tile_32)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os,
+             int qtype) {
+    const int ts = ts_type_size(qtype);
+    const int has_min = qtype == TS_Q4_1 || qtype == TS_Q5_1;
     TILE_BEGIN
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * 34;
-        const float dw = SFX(h2f)(blk);
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        const __m256i aq = _mm256_sign_epi8(q, q);
+        const uint8_t *blk = w + b * ts;
+        const float dw = SFX(h2f)(blk), mw = has_min ? SFX(h2f)(blk + 2) : 0.0f;
+        __m256i q;
+        switch (qtype) {
+        case TS_Q8_0: q = _mm256_loadu_si256((const __m256i *)(blk + 2)); break;
+        case TS_Q4_0: q = _mm256_sub_epi8(SFX(nibbles32)(blk + 2), _mm256_set1_epi8(8)); break;
+        case TS_Q5_0:
+            q = _mm256_or_si256(SFX(nibbles32)(blk + 6), SFX(bits32_x10)(blk + 2));
+            q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+            break;
+        case TS_Q4_1: q = SFX(nibbles32)(blk + 4); break;
+        default: q = _mm256_or_si256(SFX(nibbles32)(blk + 8), SFX(bits32_x10)(blk + 4)); /* Q5_1 */
+        }
+        const __m256i aq = has_min ? q : _mm256_sign_epi8(q, q);
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
-            const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
+            const __m256i p = DOT_US(aq, has_min ? xv : _mm256_sign_epi8(xv, q));
             acc[t] =
                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
+            if (has_min) accm[t] -= mw * xq[t].s[b];
         }
     }
     TILE_END
 }
-#endif
 
-#ifndef TS_WIDE
-static inline __attribute__((always_inline)) void
-SFX(tile_q4_0)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
-    TILE_BEGIN
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * 18;
-        const float dw = SFX(h2f)(blk);
-        const __m256i q = _mm256_sub_epi8(SFX(nibbles32)(blk + 2), _mm256_set1_epi8(8));
-        const __m256i aq = _mm256_sign_epi8(q, q);
-        for (int t = 0; t < NT; t++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
-            const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
-            acc[t] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
-        }
+#define TILE_32(name, qt)                                                                          \
+    static inline __attribute__((always_inline)) void SFX(tile_##name)(                            \
+        const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {              \
+        SFX(tile_32)(w, xq, nb, NT, out, os, qt);                                                  \
     }
-    TILE_END
-}
-#endif
-
-#ifndef TS_WIDE
-static inline __attribute__((always_inline)) void
-SFX(tile_q5_0)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
-    TILE_BEGIN
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * 22;
-        const float dw = SFX(h2f)(blk);
-        __m256i q = _mm256_or_si256(SFX(nibbles32)(blk + 6), SFX(bits32_x10)(blk + 2));
-        q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
-        const __m256i aq = _mm256_sign_epi8(q, q);
-        for (int t = 0; t < NT; t++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
-            const __m256i p = DOT_US(aq, _mm256_sign_epi8(xv, q));
-            acc[t] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
-        }
-    }
-    TILE_END
-}
-#endif
-
-/* Q4_1 / Q5_1: y = d*q + m, so w.x = d*dx*sum(q*xq) + m*dx*sum(xq); dx*sum(xq) is XQ.s */
-#ifndef TS_WIDE
-static inline __attribute__((always_inline)) void
-SFX(tile_q4_1)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
-    TILE_BEGIN
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * 20;
-        const float dw = SFX(h2f)(blk), mw = SFX(h2f)(blk + 2);
-        const __m256i q = SFX(nibbles32)(blk + 4);
-        for (int t = 0; t < NT; t++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
-            const __m256i p = DOT_US(q, xv);
-            acc[t] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
-            accm[t] -= mw * xq[t].s[b];
-        }
-    }
-    TILE_END
-}
-#endif
-
-#ifndef TS_WIDE
-static inline __attribute__((always_inline)) void
-SFX(tile_q5_1)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int64_t os) {
-    TILE_BEGIN
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * 24;
-        const float dw = SFX(h2f)(blk), mw = SFX(h2f)(blk + 2);
-        const __m256i q = _mm256_or_si256(SFX(nibbles32)(blk + 8), SFX(bits32_x10)(blk + 4));
-        for (int t = 0; t < NT; t++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
-            const __m256i p = DOT_US(q, xv);
-            acc[t] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
-            accm[t] -= mw * xq[t].s[b];
-        }
-    }
-    TILE_END
-}
+TILE_32(q8_0, TS_Q8_0)
+TILE_32(q4_0, TS_Q4_0)
+TILE_32(q5_0, TS_Q5_0)
+TILE_32(q4_1, TS_Q4_1)
+TILE_32(q5_1, TS_Q5_1)
+#undef TILE_32
 #endif
 
 #include "quant_simd_k.h" /* Q4_K, Q5_K, Q6_K */
