@@ -158,23 +158,33 @@ def tiny_checkpoint(arch: str = "llama", seed: int = 0) -> Checkpoint:
     return Checkpoint(Path(f"<tiny {arch}>"), "safetensors", cfg, tensors)
 
 
+def _attention_tensors(p: str, cfg: ModelConfig, matrix, bias=None) -> None:
+    """q/k/v (with biases when `bias` is given: Qwen2) and o of layer prefix p."""
+    for name, rows in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
+        matrix(f"{p}.self_attn.{name}_proj.weight", rows, cfg.hidden_size)
+        if bias is not None:
+            bias(f"{p}.self_attn.{name}_proj.bias", rows, mean=0.0)
+    matrix(f"{p}.self_attn.o_proj.weight", cfg.hidden_size, cfg.q_size)
+
+
+def _mlp_tensors(p: str, D: int, F: int, matrix) -> None:
+    """SwiGLU gate/up/down of layer prefix p."""
+    matrix(f"{p}.mlp.gate_proj.weight", F, D)
+    matrix(f"{p}.mlp.up_proj.weight", F, D)
+    matrix(f"{p}.mlp.down_proj.weight", D, F)
+
+
 def _llama_tensors(cfg: ModelConfig, matrix, vector) -> None:
     D, F = cfg.hidden_size, cfg.intermediate_size
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}"
         vector(f"{p}.input_layernorm.weight", D)
         vector(f"{p}.post_attention_layernorm.weight", D)
-        for name, rows in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
-            matrix(f"{p}.self_attn.{name}_proj.weight", rows, D)
-            if cfg.model_type == "qwen2":
-                vector(f"{p}.self_attn.{name}_proj.bias", rows, mean=0.0)
-        matrix(f"{p}.self_attn.o_proj.weight", D, cfg.q_size)
+        _attention_tensors(p, cfg, matrix, vector if cfg.model_type == "qwen2" else None)
         if cfg.qk_norm:
             vector(f"{p}.self_attn.q_norm.weight", cfg.head_dim)
             vector(f"{p}.self_attn.k_norm.weight", cfg.head_dim)
-        matrix(f"{p}.mlp.gate_proj.weight", F, D)
-        matrix(f"{p}.mlp.up_proj.weight", F, D)
-        matrix(f"{p}.mlp.down_proj.weight", D, F)
+        _mlp_tensors(p, D, F, matrix)
     vector("model.norm.weight", D)
 
 
@@ -184,14 +194,10 @@ def _gemma3_tensors(cfg: ModelConfig, matrix, vector) -> None:
         p = f"model.layers.{i}"
         for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
             vector(f"{p}.{norm}_layernorm.weight", D, mean=0.0)  # Gemma applies 1 + w
-        for name, rows in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
-            matrix(f"{p}.self_attn.{name}_proj.weight", rows, D)
-        matrix(f"{p}.self_attn.o_proj.weight", D, cfg.q_size)
+        _attention_tensors(p, cfg, matrix)
         vector(f"{p}.self_attn.q_norm.weight", cfg.head_dim, mean=0.0)
         vector(f"{p}.self_attn.k_norm.weight", cfg.head_dim, mean=0.0)
-        matrix(f"{p}.mlp.gate_proj.weight", F, D)
-        matrix(f"{p}.mlp.up_proj.weight", F, D)
-        matrix(f"{p}.mlp.down_proj.weight", D, F)
+        _mlp_tensors(p, D, F, matrix)
     vector("model.norm.weight", D, mean=0.0)
 
 
@@ -201,9 +207,7 @@ def _mixtral_tensors(cfg: ModelConfig, matrix, vector) -> None:
         p = f"model.layers.{i}"
         vector(f"{p}.input_layernorm.weight", D)
         vector(f"{p}.post_attention_layernorm.weight", D)
-        for name, rows in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
-            matrix(f"{p}.self_attn.{name}_proj.weight", rows, D)
-        matrix(f"{p}.self_attn.o_proj.weight", D, cfg.q_size)
+        _attention_tensors(p, cfg, matrix)
         moe = f"{p}.block_sparse_moe"
         matrix(f"{moe}.gate.weight", cfg.n_experts, D, std=1.0)  # router: spread-out choices
         for e in range(cfg.n_experts):
