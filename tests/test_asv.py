@@ -54,23 +54,15 @@ def test_asv_check_passes(home):
     assert "No problems found" in done.stdout
 
 
+def _quick_run(bench: str, suite: Path, home: Path):
+    """One quick `asv run` of the benchmarks matching `bench`, on this Python, nothing saved."""
+    args = ["run", "--python=same", "--quick", "--dry-run", "--show-stderr", "--machine", "test"]
+    return _asv([*args, "--bench", bench], suite, home)
+
+
 @pytest.mark.slow
 def test_quick_run_of_one_benchmark(home):
-    done = _asv(
-        [
-            "run",
-            "--python=same",
-            "--quick",
-            "--dry-run",
-            "--show-stderr",
-            "--machine",
-            "test",
-            "--bench",
-            r"Kernels.time_rms_norm",
-        ],
-        ASV_DIR,
-        home,
-    )
+    done = _quick_run(r"Kernels.time_rms_norm", ASV_DIR, home)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "bench_kernels.Kernels.time_rms_norm" in out and "failed" not in out
@@ -94,20 +86,6 @@ def broken_suite(tmp_path) -> Path:
 def test_broken_benchmark_fails_check_and_run(broken_suite, home):
     done = _asv(["check", "--python=same"], broken_suite, home)
     assert done.returncode != 0, done.stdout
-    done = _asv(
-        [
-            "run",
-            "--python=same",
-            "--quick",
-            "--dry-run",
-            "--show-stderr",
-            "--machine",
-            "test",
-            "--bench",
-            "time_raises",
-        ],
-        broken_suite,
-        home,
-    )
+    done = _quick_run("time_raises", broken_suite, home)
     assert done.returncode != 0, done.stdout
     assert "broken on purpose" in done.stdout + done.stderr
