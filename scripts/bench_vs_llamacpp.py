@@ -1,17 +1,26 @@
-"""tinyserve (numpy, cpu) and llama.cpp side by side on one GGUF: same prompt ids, same threads,
-greedy, EOS ignored. Medians over --repeats runs after a warm-up; ratios against llama.cpp.
+"""tinyserve's cpu backend against llama.cpp's own llama-bench: same GGUF, same machine, same threads.
 
-    python scripts/bench_vs_llamacpp.py [--model M.gguf] [--threads 2] [--gen 65] [--repeats 3]
+    python scripts/bench_vs_llamacpp.py [--models smollm2-135m-instruct,gemma3-270m] [--threads 2]
+        [--repeats 3] [--prompt-lens 128,512] [--output-len 64] [--llama-bench PATH] [--json]
 
-Each engine runs in its own child process (peak RSS is that child's ru_maxrss); llama.cpp runs
-with the peers venv's python (/work/shared/peers, or $TINYSERVE_PEER_PYTHON) and its
-llamacpp_bench.py. The children run with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (this
-machine sets both); the BLAS kernel each child got is printed from threadpoolctl.
+Per model, prompt length P and repeat, the two engines run one after the other (the order flips
+every repeat, so drift and noise hit both); every figure is the median over the repeats:
+- prefill tok/s: tinyserve, P / TTFT of a greedy request with max_tokens=1 on seeded random ids;
+  llama-bench `-p P -n 0` (its own tokens: the same ids are not possible).
+- TPOT (ms per output token after the first), decoding after a P-token prompt: tinyserve, the
+  request's own metrics (ignore_eos, max_tokens=output_len+1); llama-bench `-n N -d P` where this
+  build has depth (`-d`), else `-n N` on an empty context (said in the output).
+- peak RSS: each measurement is its own child process, read back with os.wait4; the largest over
+  a model's runs. A child's ru_maxrss also counts the parent's RSS at spawn, so the parent here
+  stays plain Python (no NumPy, no model): the models are resolved and the bandwidth measured in
+  a child too.
+- ISA (/proc/cpuinfo flags), read bandwidth (NumPy sum over 512 MiB, --threads threads, best of
+  5) and the floor: weight bytes a decode step reads / that bandwidth.
 
-Reported: TTFT, prefill tok/s and TPOT (mean time per output token after the first) for 128- and
-512-token prompts; total output tok/s for 16 concurrent requests (tinyserve batched vs
-llama-cpp-python serving them one after another); peak RSS against file size x 1.5 + KV cache;
-and the floor, weight bytes read per token / measured read bandwidth.
+Children run with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (some machines set both to dodge
+old OpenBLAS bugs); the tinyserve child reports the BLAS threadpoolctl found. Both engines get
+each child warm-up: llama-bench its own warm-up run, tinyserve a request of the same shape.
+llama-bench: build it with ../shared/peers/build_llama_cpp_tools.sh (paths from the repo root).
 """
 
 from __future__ import annotations
@@ -19,119 +28,65 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-# (the parent alone imports subprocess and tempfile: a child's peak RSS is what it measures, so
-# it carries no more of the harness than it needs)
+# stdlib only at the top: the parent's RSS is a floor under every child's ru_maxrss
 
-# the environment as the user gave it, before any import of ours: children (llama.cpp above all)
-# get exactly this, less the OpenBLAS overrides below
-START_ENV = dict(os.environ)
-PEERS = Path(os.environ.get("TINYSERVE_PEERS_DIR", "/work/shared/peers"))
-PEER_PY = Path(os.environ.get("TINYSERVE_PEER_PYTHON", Path.home() / ".cache/tinyserve-peers/venv/bin/python"))
+REPO = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO.parent / "shared" / "peers" / "build_llama_cpp_tools.sh"
+DEFAULT_BIN = Path.home() / ".cache/tinyserve-peers/llama.cpp/src/vendor/llama.cpp/build/bin"
 CHILD_ENV_DROP = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-KV_BYTES_PER_TOKEN = None  # filled from the model config
+DEFAULT_MODELS = "smollm2-135m-instruct,gemma3-270m"
+
+# the issue 12 targets, against llama.cpp on the same run
+TPOT_TARGET = 0.8  # tinyserve TPOT <= 0.8 x llama.cpp's
+PREFILL_TARGET = {"smollm2-135m-instruct": 2.0, "gemma3-270m": 1.5}  # prefill >= N x
+RSS_TARGET = 1.2  # peak RSS <= 1.2 x llama.cpp's
+ENGINES = ("tinyserve", "llama.cpp")
 
 
-def prompt_ids(tokenizer, length: int, salt: int = 0) -> list[int]:
-    """A deterministic prompt of exactly `length` tokens (distinct per salt: no shared prefix)."""
-    text = f"Request {salt}. " + " ".join(
-        f"The {i}th report of season {salt} says the river rose by {i * 7 % 13} centimetres." for i in range(400)
-    )
-    ids = tokenizer.encode(text)
-    assert len(ids) >= length, f"prompt text too short for {length} tokens"
-    return ids[:length]
+# -- children (each a fresh `python this_script --child ...`) --------------------------------------
 
 
-# -- children -------------------------------------------------------------------------------------
+def info_child(a) -> dict:
+    """Resolve the models, their weight bytes per token, and the read bandwidth."""
+    from tinyserve import catalog
+
+    models = []
+    for name in a.models.split(","):
+        path = catalog.resolve(name)
+        known = [n for n in catalog.list_models() if catalog.model_path(n) == path]
+        models.append(
+            {
+                "name": known[0] if known else name,
+                "path": str(path),
+                "file_bytes": path.stat().st_size,
+                "weight_bytes_per_token": weight_bytes_per_token(path),
+            }
+        )
+    return {"models": models, "read_gb_s": read_bandwidth(a.threads)}
 
 
-def blas_info() -> list[dict]:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return [{"note": "threadpoolctl not installed"}]
-    return [
-        {k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "threading_layer")}
-        for d in threadpool_info()
-        if d.get("user_api") == "blas"
-    ]
-
-
-def tinyserve_child(a) -> dict:
-    """Runs in a child: one backend, every measurement; prints JSON."""
-    from tinyserve import LLM, SamplingParams
-
-    os.environ["TINYSERVE_NUM_THREADS"] = str(a.threads)
-    spec = json.loads(Path(a.spec).read_text())
-    greedy = SamplingParams(max_tokens=a.gen, temperature=0, ignore_eos=True)
-    kv_tokens = max(max(spec["lens"]) + a.gen, a.requests * (spec["lens"][0] + a.gen)) + 16 * a.requests
-    llm = LLM(a.model, backend=a.child, kv_cache_tokens=kv_tokens, enable_prefix_caching=False,
-              max_num_seqs=max(16, a.requests))
-    llm.generate([spec["prompts"][str(spec["lens"][0])]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
-    out = {"backend": a.child, "threads": a.threads, "blas": blas_info(), "kv_tokens": kv_tokens,
-           "describe": llm.backend.describe()}
-    for n in spec["lens"]:
-        ids = spec["prompts"][str(n)]
-        runs = []
-        for _ in range(a.repeats):
-            r = llm.generate([ids], greedy)[0]
-            runs.append((r.metrics.ttft, r.metrics.tpot, list(r.outputs[0].token_ids)))
-        ttft = _median(x[0] for x in runs)
-        out[f"p{n}"] = {"ttft_ms": ttft * 1e3, "prefill_tok_s": n / ttft,
-                        "tpot_ms": _median(x[1] for x in runs) * 1e3, "greedy_ids": runs[0][2]}
-    batch = [spec["prompts"][f"c{i}"] for i in range(a.requests)]
-    walls = []
-    for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        outs = llm.generate(batch, greedy)
-        walls.append(time.perf_counter() - t0)
-        assert all(len(o.outputs[0].token_ids) == a.gen for o in outs)
-    out["concurrent_tok_s"] = a.requests * a.gen / _median(walls)
-    return out
-
-
-def _median(values) -> float:
-    v = sorted(values)
-    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
-
-
-def run_child(cmd: list[str], env: dict) -> tuple[dict, float]:
-    """(the child's JSON, its peak RSS in MiB)."""
-    import subprocess
-
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    stdout, stderr = p.stdout.read(), p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"child failed ({p.returncode}): {' '.join(cmd[:4])} ...\n{stderr[-3000:]}")
-    line = [x for x in stdout.splitlines() if x.startswith("{")][-1]
-    return json.loads(line), usage.ru_maxrss / 1024
-
-
-# -- floor ----------------------------------------------------------------------------------------
-
-
-def weight_bytes_per_token(model_path: str) -> int:
-    """Bytes of every matrix a decode step reads: the layers' weights plus the output head."""
+def weight_bytes_per_token(path) -> int:
+    """Bytes of every matrix a decode step reads: the layers, the norms and the output head."""
     from tinyserve.loading import load_checkpoint
 
-    ck = load_checkpoint(model_path)
-    total, names = 0, set(ck.tensors)
-    for name, t in ck.tensors.items():
-        if name == "model.embed_tokens.weight":
-            continue  # one row per token, unless it doubles as the head (below)
+    tensors = load_checkpoint(path).tensors
+    total = 0
+    for name, t in tensors.items():
+        if name == "model.embed_tokens.weight" and "lm_head.weight" in tensors:
+            continue  # one row per token; read whole only where it doubles as the head
         total += t.nbytes if hasattr(t, "nbytes") else t.bits.nbytes
-    if "lm_head.weight" not in names:
-        total += ck.tensors["model.embed_tokens.weight"].nbytes
     return total
 
 
 def read_bandwidth(threads: int, size_mb: int = 512) -> float:
-    """GB/s of summing a large array, split over `threads` threads (NumPy releases the GIL)."""
+    """GB/s of summing a large array split over `threads` threads (NumPy releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -147,120 +102,303 @@ def read_bandwidth(threads: int, size_mb: int = 512) -> float:
     return a.nbytes / best / 1e9
 
 
-# -- main -----------------------------------------------------------------------------------------
+def tinyserve_child(a) -> dict:
+    """One measurement: prefill (TTFT of max_tokens=1) or decode (TPOT) at prompt length P."""
+    import numpy as np
+
+    from tinyserve import LLM, SamplingParams
+
+    P, n_out = a.prompt_len, a.output_len
+    llm = LLM(
+        a.model,
+        backend="cpu",
+        backend_options={"num_threads": a.threads},
+        kv_cache_tokens=P + n_out + 64,  # sized to the test, as llama-bench sizes its context
+        enable_prefix_caching=False,
+    )
+    rng = np.random.default_rng([P, a.repeat])
+    warm_ids, ids = rng.integers(0, llm.config.vocab_size, size=(2, P)).tolist()
+    max_tokens = 1 if a.kind == "prefill" else n_out + 1
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    llm.generate([warm_ids], greedy)  # warm-up of the same shape (other ids: no cache hit)
+    m = llm.generate([ids], greedy)[0].metrics
+    out = {"blas": blas_info(), "describe": llm.backend.describe()}
+    if a.kind == "prefill":
+        out["prefill_tok_s"] = P / m.ttft
+    else:
+        assert len(m.token_times) == n_out + 1, f"{len(m.token_times)} tokens, not {n_out + 1}"
+        out["tpot_ms"] = m.tpot * 1e3
+    return out
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed"
+    found = [
+        f"{d.get('internal_api')} {d.get('version')} {d.get('architecture')}, "
+        f"{d.get('num_threads')} threads"
+        for d in threadpool_info()
+        if d.get("user_api") == "blas"
+    ]
+    return "; ".join(found) or "none loaded"
+
+
+# -- the parent: spawning and reading back ---------------------------------------------------------
+
+
+def child_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in CHILD_ENV_DROP}
+
+
+def run(cmd: list[str]) -> tuple[str, float]:
+    """(stdout, peak RSS in MiB) of one child, its rusage read with wait4."""
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: no deadlock on a full pipe
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=child_env(), text=True)
+        stdout = p.stdout.read()  # not communicate(): it would reap the child before wait4
+        p.stdout.close()
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            err.seek(0)
+            raise SystemExit(f"child failed ({code}): {' '.join(cmd)}\n{err.read()[-3000:]}")
+    return stdout, usage.ru_maxrss / 1024
+
+
+def run_py_child(a, *args) -> tuple[dict, float]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(a.threads), *args]
+    stdout, rss = run(cmd)
+    return json.loads(stdout.strip().splitlines()[-1]), rss
+
+
+def find_llama_bench(given: str | None) -> Path:
+    for cand in (given, shutil.which("llama-bench"), DEFAULT_BIN / "llama-bench"):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return Path(cand)
+    build = os.path.relpath(BUILD_SCRIPT, Path.cwd())
+    raise SystemExit(
+        "llama-bench not found (--llama-bench PATH, $PATH, or "
+        f"{DEFAULT_BIN.relative_to(Path.home())} under your home). Build it with:\n"
+        f"    bash {build}    (~12 min on 2 cores; prints the bin folder)"
+    )
+
+
+def llama_bench_features(exe: Path) -> dict:
+    """Which flags this llama-bench has: depth (-d) and the form -fa takes."""
+    h = subprocess.run(
+        [str(exe), "--help"], capture_output=True, text=True, env=child_env(), check=False
+    )
+    text = h.stdout + h.stderr
+    fa_words = "on|off" in text.split("--flash-attn", 1)[-1].splitlines()[0]
+    return {"depth": "--n-depth" in text, "fa": "on" if fa_words else "1"}
+
+
+def llama_bench(a, exe: Path, feats: dict, model: str, kind: str, P: int) -> tuple[dict, float]:
+    cmd = [str(exe), "-m", model, "-t", str(a.threads), "-r", "1", "-fa", feats["fa"], "-o", "json"]
+    if kind == "prefill":
+        cmd += ["-p", str(P), "-n", "0"]
+    else:
+        cmd += ["-p", "0", "-n", str(a.output_len)] + (["-d", str(P)] if feats["depth"] else [])
+    stdout, rss = run(cmd)
+    (test,) = json.loads(stdout)
+    ts = test["avg_ts"]
+    res = {"build": f"{test.get('build_commit')} ({test.get('build_number')})"}
+    res.update({"prefill_tok_s": ts} if kind == "prefill" else {"tpot_ms": 1e3 / ts})
+    return res, rss
+
+
+def cpu_isa() -> dict:
+    flags, name = set(), "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+        elif line.startswith("model name") and name == "?":
+            name = line.split(":", 1)[1].strip()
+    return {
+        "cpu": name,
+        "cores": os.cpu_count(),
+        "AVX2": "avx2" in flags,
+        "AVX-512": "avx512f" in flags,
+        "VNNI": bool({"avx512_vnni", "avx_vnni"} & flags),
+        "flags": sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))),
+    }
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
+        )
+
+    head = git("rev-parse", "--short", "HEAD").stdout.strip() or "?"
+    dirty = git("diff", "--quiet", "HEAD", "--", "tinyserve", "ext", "setup.py").returncode
+    return head + (" (+ uncommitted changes in tinyserve/ or ext/)" if dirty else "")
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+# -- main ------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="GGUF file (default: the catalog's smollm2-135m-instruct)")
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="catalog names or GGUF paths")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gen", type=int, default=65, help="output tokens per request")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--lens", default="128,512", help="single-stream prompt lengths")
-    ap.add_argument("--backends", default="numpy,cpu")
-    ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-lens", default="128,512")
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--llama-bench", help="the llama-bench binary (default: $PATH, then the cache)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON, no table")
+    for hidden in ("--child", "--model", "--kind"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-len", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(json.dumps(tinyserve_child(a)))
+        print(json.dumps(info_child(a) if a.child == "info" else tinyserve_child(a)))
         return 0
+    if a.threads < 1 or a.repeats < 1 or a.output_len < 2:
+        raise SystemExit("--threads and --repeats must be >= 1, --output-len >= 2")
 
-    from tinyserve import catalog
-    from tinyserve.loading import load_checkpoint
-    from tinyserve.tokenizer import Tokenizer
-
-    a.model = str(a.model or catalog.model_path("smollm2-135m-instruct"))
-    ck = load_checkpoint(a.model)
-    cfg = ck.config
-    tok = Tokenizer.from_gguf_metadata(ck.metadata)
-    lens = [int(x) for x in a.lens.split(",")]
-    prompts = {str(n): prompt_ids(tok, n) for n in lens}
-    prompts.update({f"c{i}": prompt_ids(tok, lens[0], salt=i + 1) for i in range(a.requests)})
-    env = {k: v for k, v in START_ENV.items() if k not in CHILD_ENV_DROP}
-    env["TINYSERVE_NUM_THREADS"] = str(a.threads)
-    results: dict = {"model": a.model, "file_mb": Path(a.model).stat().st_size / 2**20, "threads": a.threads,
-                     "gen": a.gen, "requests": a.requests, "unset_in_children": list(CHILD_ENV_DROP),
-                     "load_avg_start": os.getloadavg()}
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"lens": lens, "prompts": prompts}))
-        for backend in a.backends.split(","):
-            cmd = [sys.executable, __file__, "--child", backend, "--spec", str(spec), "--model", a.model,
-                   "--threads", str(a.threads), "--gen", str(a.gen), "--repeats", str(a.repeats),
-                   "--requests", str(a.requests)]
-            res, rss = run_child(cmd, env)
-            res["peak_rss_mb"] = rss
-            results[backend] = res
-            print(f"[{backend}] done", file=sys.stderr)
-        if not a.no_peer:
-            peer = {}
-            for n in lens:
-                ids_file = Path(tmp) / f"ids{n}.json"
-                ids_file.write_text(json.dumps(prompts[str(n)]))
-                cmd = [str(PEER_PY), str(PEERS / "llamacpp_bench.py"), a.model, "--prompt-ids", str(ids_file),
-                       "--gen", str(a.gen), "--threads", str(a.threads), "--repeats", str(a.repeats),
-                       "--requests", str(a.requests)]
-                res, rss = run_child(cmd, env)
-                peer[f"p{n}"] = res
-                peer["peak_rss_mb"] = max(peer.get("peak_rss_mb", 0), rss)
-            # serving 16 requests one after another: the 128-token run's serial rate
-            peer["concurrent_tok_s"] = peer[f"p{lens[0]}"]["serial_tok_s"]
-            results["llama.cpp"] = peer
-            print("[llama.cpp] done", file=sys.stderr)
-    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
-    results["weight_bytes_per_token"] = weight_bytes_per_token(a.model)
-    results["read_gb_s"] = read_bandwidth(a.threads)
-    results["floor_ms"] = results["weight_bytes_per_token"] / (results["read_gb_s"] * 1e9) * 1e3
-    results["kv_bytes_per_token"] = kv_per_token
-    results["load_avg_end"] = os.getloadavg()
-    if a.json:
-        print(json.dumps(results, indent=1))
-    else:
-        print(table(results, lens))
+    exe = find_llama_bench(a.llama_bench)
+    feats = llama_bench_features(exe)
+    lens = [int(x) for x in a.prompt_lens.split(",")]
+    load_start = os.getloadavg()
+    log = sys.stderr
+    print("resolving models, measuring read bandwidth ...", file=log)
+    info, _ = run_py_child(a, "--child", "info", "--models", a.models)
+    r = {
+        "commit": git_commit(),
+        "llama_bench": str(exe),
+        "llama_bench_depth": feats["depth"],
+        "flash_attn": feats["fa"],
+        "isa": cpu_isa(),
+        "read_gb_s": info["read_gb_s"],
+        "threads": a.threads,
+        "repeats": a.repeats,
+        "output_len": a.output_len,
+        "unset_in_children": [k for k in CHILD_ENV_DROP if k in os.environ],
+        "parent_rss_mib": parent_rss_mib(),
+        "load_avg_start": load_start,
+        "models": [],
+    }
+    for m in info["models"]:
+        samples: dict = {e: {} for e in ENGINES}
+        rss: dict = {e: [] for e in ENGINES}
+        for rep in range(a.repeats):
+            for P in lens:
+                for kind in ("prefill", "decode"):
+                    for engine in ENGINES if rep % 2 == 0 else ENGINES[::-1]:
+                        print(f"[{m['name']}] repeat {rep + 1}: {engine} {kind} P={P}", file=log)
+                        value, peak = measure(a, exe, feats, m, engine, kind, P, rep)
+                        samples[engine].setdefault(f"{kind}_{P}", []).append(value)
+                        rss[engine].append(peak)
+        m["samples"] = samples
+        m["median"] = {e: {k: median(v) for k, v in samples[e].items()} for e in ENGINES}
+        m["peak_rss_mib"] = {e: max(rss[e]) for e in ENGINES}
+        r["models"].append(m)
+    r["load_avg_end"] = os.getloadavg()
+    print(json.dumps(r, indent=1) if a.json else report(r, lens))
     return 0
 
 
-def table(r: dict, lens: list[int]) -> str:
-    engines = [e for e in ("numpy", "cpu", "llama.cpp") if e in r]
-    peer = r.get("llama.cpp")
-    rows = [(f"model {Path(r['model']).name} ({r['file_mb']:.1f} MiB), {r['threads']} threads, greedy, "
-             f"EOS ignored, {r['gen']} output tokens; medians; "
-             f"load avg {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f}"),
-            f"children ran with {', '.join(r['unset_in_children'])} unset; BLAS: "
-            + "; ".join(f"{e}: {r[e].get('blas')}" for e in engines if e != "llama.cpp"),
-            "", f"| metric | {' | '.join(engines)} | cpu / llama.cpp |", "|---|" + "---|" * (len(engines) + 1)]
+def measure(a, exe, feats, m: dict, engine: str, kind: str, P: int, rep: int):
+    """(prefill tok/s or TPOT ms, peak RSS MiB) of one run; notes what each engine was in `m`."""
+    if engine == "tinyserve":
+        res, peak = run_py_child(
+            a, "--child", "tinyserve", "--model", m["path"], "--kind", kind,
+            "--prompt-len", str(P), "--output-len", str(a.output_len), "--repeat", str(rep),
+        )  # fmt: skip
+        m["tinyserve_blas"], m["tinyserve_describe"] = res["blas"], res["describe"]
+    else:
+        res, peak = llama_bench(a, exe, feats, m["path"], kind, P)
+        m["llama_build"] = res["build"]
+    return res["prefill_tok_s" if kind == "prefill" else "tpot_ms"], peak
 
-    def row(name, get, fmt, better_low):
-        vals = [get(r[e]) for e in engines]
-        ratio = ""
-        if peer is not None and "cpu" in r:
-            c, p = get(r["cpu"]), get(peer)
-            ratio = f"{c / p:.2f}x" + (" (lower is better)" if better_low else "")
-        rows.append(f"| {name} | {' | '.join(fmt.format(v) for v in vals)} | {ratio} |")
 
-    for n in lens:
-        row(f"TTFT, {n}-token prompt (ms)", lambda d, n=n: d[f"p{n}"]["ttft_ms"], "{:.1f}", True)
-        row(f"prefill, {n}-token prompt (tok/s)", lambda d, n=n: d[f"p{n}"]["prefill_tok_s"], "{:.0f}", False)
-        row(f"TPOT, {n}-token prompt (ms)", lambda d, n=n: d[f"p{n}"]["tpot_ms"], "{:.2f}", True)
-    row(f"{r['requests']} concurrent requests, total output tok/s", lambda d: d["concurrent_tok_s"], "{:.0f}", False)
-    row("peak RSS (MiB)", lambda d: d["peak_rss_mb"], "{:.1f}", True)
-    if "cpu" in r:
-        kv_mb = r["cpu"]["kv_tokens"] * r["kv_bytes_per_token"] / 2**20
-        rows.append(f"\nRSS target for cpu: file x 1.5 + KV = {r['file_mb'] * 1.5:.1f} + {kv_mb:.1f} = "
-                    f"{r['file_mb'] * 1.5 + kv_mb:.1f} MiB (KV pool of {r['cpu']['kv_tokens']} tokens)")
-    rows.append(f"floor: {r['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token / "
-                f"{r['read_gb_s']:.1f} GB/s read bandwidth = {r['floor_ms']:.2f} ms per token")
-    if "cpu" in r and peer is not None:
-        for n in lens:
-            a, b = r["cpu"][f"p{n}"]["greedy_ids"], peer[f"p{n}"]["greedy_ids"]
-            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            rows.append(f"greedy ids, {n}-token prompt: cpu and llama.cpp agree on the first {same} of {len(a)}")
-    return "\n".join(rows)
+def parent_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def report(r: dict, lens: list[int]) -> str:
+    isa, yes = r["isa"], {True: "yes", False: "no"}
+    unset = ", ".join(r["unset_in_children"]) or "neither was set here"
+    if r["llama_bench_depth"]:
+        decode = f"-p 0 -n {r['output_len']} -d P (decode after a P-token context, as tinyserve)"
+    else:
+        decode = f"-p 0 -n {r['output_len']}: no -d in this build, tg on an empty context"
+    out = [
+        f"tinyserve {r['commit']}; llama-bench {r['llama_bench']}",
+        f"CPU: {isa['cpu']}, {isa['cores']} cores; AVX2 {yes[isa['AVX2']]}, "
+        + f"AVX-512 {yes[isa['AVX-512']]}, VNNI {yes[isa['VNNI']]} ({' '.join(isa['flags'])})",
+        f"read bandwidth {r['read_gb_s']:.1f} GB/s "
+        + f"(NumPy sum over 512 MiB, {r['threads']} threads, best of 5)",
+        f"{r['threads']} threads, greedy, EOS ignored, {r['output_len']} output tokens timed; "
+        + f"medians of {r['repeats']} interleaved repeats (order flipped each repeat); "
+        + "each run its own process",
+        f"children ran with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset ({unset})",
+        f"llama-bench: -fa {r['flash_attn']} -r 1 (after its own warm-up run); "
+        + f"prefill -p P -n 0; decode {decode}",
+        f"load average {fmt_load(r['load_avg_start'])} before, {fmt_load(r['load_avg_end'])} "
+        + f"after; parent RSS {r['parent_rss_mib']:.0f} MiB (a floor under each child's maxrss)",
+    ]
+    for m in r["models"]:
+        t, ll = m["median"]["tinyserve"], m["median"]["llama.cpp"]
+        pf_target = PREFILL_TARGET.get(m["name"])
+        out += [
+            "",
+            f"## {m['name']}: {Path(m['path']).name} ({m['file_bytes'] / 2**20:.1f} MiB)",
+            f"tinyserve: {m.get('tinyserve_describe')}; BLAS: {m.get('tinyserve_blas')}",
+            f"llama.cpp build {m.get('llama_build')}",
+            "",
+            "| metric | tinyserve | llama.cpp | ratio | target | met |",
+            "|---|---|---|---|---|---|",
+        ]
+        for P in lens:
+            k = f"prefill_{P}"
+            out.append(row(f"prefill, P={P} (tok/s)", t[k], ll[k], "{:.0f}", pf_target, "ge"))
+        for P in lens:
+            k = f"decode_{P}"
+            out.append(row(f"TPOT after P={P} (ms)", t[k], ll[k], "{:.2f}", TPOT_TARGET, "le"))
+        rss = m["peak_rss_mib"]
+        out.append(
+            row("peak RSS (MiB)", rss["tinyserve"], rss["llama.cpp"], "{:.0f}", RSS_TARGET, "le")
+        )
+        floor_ms = m["weight_bytes_per_token"] / (r["read_gb_s"] * 1e9) * 1e3
+        out += [
+            "",
+            f"floor: {m['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token / "
+            + f"{r['read_gb_s']:.1f} GB/s = {floor_ms:.2f} ms per token; TPOT / floor:",
+        ]
+        for P in lens:
+            k = f"decode_{P}"
+            out.append(
+                f"  after P={P}: tinyserve {t[k] / floor_ms:.2f}x, llama.cpp {ll[k] / floor_ms:.2f}x"
+            )
+    return "\n".join(out)
+
+
+def row(name, ours, theirs, fmt, target, sense) -> str:
+    ratio = ours / theirs
+    if target is None:
+        goal, met = "-", "-"
+    else:
+        goal = f">= {target}x" if sense == "ge" else f"<= {target}x"
+        met = "met" if (ratio >= target if sense == "ge" else ratio <= target) else "not met"
+    return f"| {name} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio:.2f}x | {goal} | {met} |"
+
+
+def fmt_load(load) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
 
 
 if __name__ == "__main__":
