@@ -10,6 +10,8 @@ The raw files are also read with gguf.GGUFReader to pin the names and metadata l
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -20,10 +22,17 @@ from gguf import GGMLQuantizationType as Q
 from gguf_util import load_safetensors_f32, write_gguf_from_hf_dir
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.backends import list_backends
 from tinyserve.errors import ConfigError, WeightsError
 from tinyserve.loading.gguf_file import read_gguf
 
 NAMES = ["gemma3", "mixtral", "phi3", "deepseek_v3", "deepseek_v3_qlora"]
+# the engine backends of the family tests below; torch only where it is importable
+AVAILABLE = {b.name for b in list_backends() if b.available}
+BACKENDS = [
+    pytest.param(b, marks=pytest.mark.skipif(b not in AVAILABLE, reason=f"{b} unavailable"))
+    for b in ("cpu", "torch")
+]
 ARCH = {"gemma3": "gemma3", "mixtral": "llama", "phi3": "phi3"} | dict.fromkeys(
     ["deepseek_v3", "deepseek_v3_qlora"], "deepseek2"
 )
@@ -294,3 +303,78 @@ def test_unknown_expert_gating_func_is_a_config_error(tmp_path):
     f.metadata["deepseek2.expert_gating_func"] = 3  # llama.cpp's sqrt-softplus
     with pytest.raises(ConfigError, match="expert_gating_func 3"):
         f.config()
+
+
+# -- the files users bring, on the engine backends -------------------------------------------------
+
+
+def _close_to_reference(llm: LLM, reference: LLM, ids: list[int], atol: float) -> None:
+    """llm's logits within atol of the reference's, and each greedy step the reference's argmax
+    up to that margin (a near-tie may go either way under rounding, nothing more)."""
+    want = reference.logits(ids)  # (T, V)
+    got = llm.logits(ids)
+    assert got.shape == want.shape and np.all(np.isfinite(got))
+    err = float(np.max(np.abs(got - want)))
+    assert err <= atol, f"logits: max |diff| {err:.3g} > {atol:.3g}"
+    out = greedy(llm, ids)
+    assert len(out) == 8
+    seen = reference.logits(ids + out[:-1])[len(ids) - 1 :]  # (8, V) what the reference saw
+    for i, (row, token) in enumerate(zip(seen, out)):
+        assert row[token] >= row.max() - atol, f"greedy step {i}: {token} is not the argmax"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixtral_q8_0_gguf_generates(tmp_path, safetensors_llm, backend):
+    """Issue 12: Mixtral (a llama-architecture GGUF with experts) with Q8_0 attention and experts
+    ran into the Llama fast path on the cpu backend (AttributeError: no attribute 'gate')."""
+    path = write_gguf_from_hf_dir(
+        HF_DIR / "mixtral", tmp_path / "m.gguf", qtype_for=lambda n, a: Q.Q8_0
+    )
+    _, tensors = raw(path)
+    assert tensors["blk.0.attn_q.weight"][1] == "Q8_0"
+    assert tensors["blk.0.ffn_gate_exps.weight"][1] == "Q8_0"
+    llm = LLM(str(path), backend=backend)
+    reference = LLM(str(path), backend="numpy")  # the dequantized blocks in float32
+    ids = prompt("mixtral")
+    # a backend may round activations to 8 bits for its dot products with the blocks (llama.cpp's
+    # kernels do): that may cost as much as rounding the weights to Q8_0 did, no more
+    atol = float(np.abs(reference.logits(ids) - safetensors_llm("mixtral").logits(ids)).max())
+    _close_to_reference(llm, reference, ids, atol)
+
+
+def phi3_4k_dir(out: Path) -> Path:
+    """The phi3 fixture configured as Phi-3-mini-4k is: plain (partial) rope, rope_scaling null,
+    original_max_position_embeddings == max_position_embeddings. Same weights."""
+    out.mkdir()
+    for f in (HF_DIR / "phi3").iterdir():
+        if f.name not in ("config.json", "reference.npz"):
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((HF_DIR / "phi3" / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg |= {
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "original_max_position_embeddings": cfg["max_position_embeddings"],
+    }
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["numpy", *BACKENDS])
+def test_phi3_4k_gguf_without_rope_factors(tmp_path, backend):
+    """Issue 12: llama.cpp's converter writes rope.scaling.original_context_length for every
+    Phi-3, LongRoPE or not; Phi-3-mini-4k has no rope_factors_* tensors and must load with plain
+    rope (it was refused: "longrope rope_scaling lacks short_factor")."""
+    hf = phi3_4k_dir(tmp_path / "phi3_4k")
+    path = write_gguf_from_hf_dir(hf, tmp_path / "p.gguf")
+    meta, tensors = raw(path)
+    assert meta["phi3.rope.scaling.original_context_length"] == 64
+    assert not any(name.startswith("rope_factors") for name in tensors)
+    gg, st = LLM(str(path), backend=backend), LLM(str(hf), backend="numpy")
+    assert gg.config.rope_scaling is None and gg.config.rotary_dim == st.config.rotary_dim == 12
+    ids = prompt("phi3")  # 26 tokens: past where the LongRoPE fixture switches to long factors
+    _close_to_reference(gg, st, ids, atol=1e-3)
+    # the twin is a different model from the LongRoPE fixture: reading this file as LongRoPE (or
+    # the fixture as plain rope) moves the logits far beyond the bound above
+    with np.load(HF_DIR / "phi3" / "reference.npz") as ref:
+        assert np.abs(st.logits(ids) - ref["logits"]).max() > 0.1

@@ -248,8 +248,8 @@ class ModelConfig:
         if eot is not None and int(eot) not in eos_ids:
             eos_ids.append(int(eot))
         sliding = meta.get(f"{arch}.attention.sliding_window")
-        family_kw = FAMILY_FROM_GGUF.get(FAMILIES[model_type], lambda get, n: {})(
-            get, int(get("block_count"))
+        family_kw = FAMILY_FROM_GGUF.get(FAMILIES[model_type], lambda get, n, names: {})(
+            get, int(get("block_count")), tensor_names
         )
         kw = {
             "model_type": model_type,

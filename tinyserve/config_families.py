@@ -3,7 +3,8 @@
 ModelConfig.from_hf / from_gguf read the fields every family shares, then merge in what the
 family's extractor here returns (ModelConfig keyword arguments; they override the shared ones).
 From config.json an extractor gets the dict; from GGUF it gets `get(key, default)` (reads
-`{arch}.{key}`, ConfigError for a missing key without a default) and n_layers. The llama family
+`{arch}.{key}`, ConfigError for a missing key without a default), n_layers and the file's GGUF
+tensor names (some facts are told by which tensors a file has, not by its metadata). The llama family
 (llama, mistral, qwen2, qwen3) has no entry: the shared fields describe it.
 """
 
@@ -116,7 +117,7 @@ FAMILY_FROM_HF = {
 # -- from GGUF metadata ----------------------------------------------------------------------
 
 
-def _gemma3_from_gguf(get, n_layers: int) -> dict[str, Any]:
+def _gemma3_from_gguf(get, n_layers: int, tensor_names: set[str]) -> dict[str, Any]:
     # llama.cpp: every 6th layer global, local rope base 10000, q scaled by 1/sqrt(head_dim)
     pattern = get("attention.sliding_window_pattern", 6)
     if isinstance(pattern, list):  # newer files: one flag per layer, True = sliding
@@ -138,7 +139,7 @@ def _gemma3_from_gguf(get, n_layers: int) -> dict[str, Any]:
     }
 
 
-def _mixtral_from_gguf(get, n_layers: int) -> dict[str, Any]:
+def _mixtral_from_gguf(get, n_layers: int, tensor_names: set[str]) -> dict[str, Any]:
     return {
         "n_experts": int(get("expert_count")),
         "n_experts_per_tok": int(get("expert_used_count")),
@@ -146,14 +147,15 @@ def _mixtral_from_gguf(get, n_layers: int) -> dict[str, Any]:
     }
 
 
-def _phi3_from_gguf(get, n_layers: int) -> dict[str, Any]:
+def _phi3_from_gguf(get, n_layers: int, tensor_names: set[str]) -> dict[str, Any]:
     head_dim = int(get("embedding_length")) // int(get("attention.head_count"))
     rot = int(get("rope.dimension_count", head_dim))
     orig = int(get("rope.scaling.original_context_length", 0))
-    # LongRoPE factors come as tensors (rope_factors_long/short); the model reads them there.
-    # convert writes no rope.scaling.type for Phi-3: the original context marks LongRoPE.
+    # convert writes no rope.scaling.type for Phi-3, and the original context for every Phi-3
+    # (Phi-3-mini-4k too, whose rope is plain): the LongRoPE factors, stored as the tensors
+    # rope_factors_long/short (the model reads them there), are what mark LongRoPE
     scaling = None
-    if orig:
+    if orig and {"rope_factors_long.weight", "rope_factors_short.weight"} <= tensor_names:
         scaling = {"rope_type": "longrope", "original_max_position_embeddings": orig}
         attn_factor = get("rope.scaling.attn_factor", 0.0)
         if attn_factor:  # sqrt(1 + ln(scale) / ln(orig)), as convert computed it
@@ -161,7 +163,7 @@ def _phi3_from_gguf(get, n_layers: int) -> dict[str, Any]:
     return {"head_dim": head_dim, "partial_rotary_factor": rot / head_dim, "rope_scaling": scaling}
 
 
-def _deepseek_v3_from_gguf(get, n_layers: int) -> dict[str, Any]:
+def _deepseek_v3_from_gguf(get, n_layers: int, tensor_names: set[str]) -> dict[str, Any]:
     dr = int(get("rope.dimension_count"))
     dk = int(get("attention.key_length_mla", 0) or get("attention.key_length"))
     dv = int(get("attention.value_length_mla", 0) or get("attention.value_length"))
