@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tinyserve.settings import settings
+
 HF_DIR = Path(__file__).parent / "fixtures" / "hf"
 TINY = HF_DIR / "smollm2"  # tied embeddings, 2 layers, vocab 384, context 256
 
@@ -16,6 +18,15 @@ def random_prompts(
 ):
     """n prompts of token ids with mixed lengths in [low, high)."""
     return [rng.integers(4, vocab, size=int(rng.integers(low, high))).tolist() for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """settings() reads the environment once per process; each test reads it afresh, so that
+    monkeypatch.setenv("TINYSERVE_...") before the code under test reaches it."""
+    settings.cache_clear()
+    yield
+    settings.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -39,13 +50,11 @@ def catalog_model(name: str) -> Path:
     """A catalog model's file: pulled once into models/ (CI's test command pulls them first).
 
     Only TINYSERVE_OFFLINE=1 turns a missing file into a skip; otherwise it is pulled here."""
-    import os
-
     from tinyserve import catalog
 
     path = catalog.model_path(name)
     if path is None:
-        if os.environ.get("TINYSERVE_OFFLINE") == "1":
+        if settings().offline:
             pytest.skip(f"{name} not pulled and TINYSERVE_OFFLINE=1")
         path = catalog.pull(name, quiet=True)
     return Path(path)

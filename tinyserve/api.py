@@ -12,6 +12,7 @@ from .engine import Engine, EngineConfig
 from .errors import BackendError, TokenizerError
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
+from .settings import settings
 
 Prompt = str | list[int]
 
@@ -30,40 +31,7 @@ def _load_tokenizer(ckpt):
     return Tokenizer.from_dir(d)
 
 
-# GGUF metadata arrays the tokenizer was built from: ~100k Python strings for a 49k vocab,
-# not read again once the tokenizer holds them (the file still has them: read_gguf(path).metadata)
-_VOCAB_ARRAYS = (
-    "tokenizer.ggml.tokens",
-    "tokenizer.ggml.merges",
-    "tokenizer.ggml.token_type",
-    "tokenizer.ggml.scores",
-)
-
-
-def _release_vocab_arrays(ckpt, tokenizer) -> None:
-    """Drop the vocab arrays from checkpoint.metadata once the tokenizer is built, and hand the
-    freed heap back to the OS (glibc keeps freed small allocations otherwise): ~10 MiB resident."""
-    if ckpt.format != "gguf" or tokenizer is None:
-        return
-    for key in _VOCAB_ARRAYS:
-        ckpt.metadata.pop(key, None)
-    import gc
-
-    gc.collect()
-    _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    """Return free heap pages to the OS (glibc malloc_trim; a no-op elsewhere)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _create_backend(name: str, device: str | None, dtype: str | None):
+def _create_backend(name: str, device: str | None, dtype: str | None, options: dict):
     from .backends import create_backend, get_backend_class, is_registered
 
     if name == "cpu":  # the native backend falls back to the reference when it is not built
@@ -77,8 +45,8 @@ def _create_backend(name: str, device: str | None, dtype: str | None):
                 f"tinyserve: warning: cpu backend unavailable ({reason}); using numpy",
                 file=sys.stderr,
             )
-            name = "numpy"
-    return create_backend(name, device=device, dtype=dtype)
+            name, options = "numpy", {}
+    return create_backend(name, device=device, dtype=dtype, **options)
 
 
 class LLM:
@@ -88,14 +56,16 @@ class LLM:
         model: a catalog name (pulled on first use), a HF checkpoint directory, or a .gguf file.
         backend: registered backend name ("cpu", "numpy", "torch", ...).
         device, dtype: passed to the backend (e.g. device="cuda:0", dtype="bfloat16").
+        backend_options: the backend's own constructor arguments, e.g. {"num_threads": 2,
+            "kv_dtype": "float16"} for "cpu", {"lower": False} to run the model file op by op.
         block_size: tokens per KV block.
         max_num_seqs, max_num_batched_tokens: scheduler limits per step.
         kv_cache_tokens: KV capacity in tokens (default: from a 512 MiB budget).
         enable_prefix_caching: reuse the KV blocks of shared prompt prefixes.
         seed: seeds the requests that bring no seed of their own.
 
-    `checkpoint.metadata` keeps a GGUF file's keys except the vocab arrays the tokenizer was
-    built from (tokenizer.ggml.tokens / merges / token_type / scores), dropped to save memory.
+    The environment's backend settings (tinyserve.settings: TINYSERVE_NUM_THREADS, ...) are
+    the defaults of backend_options; what backend_options names wins.
     """
 
     def __init__(
@@ -104,6 +74,7 @@ class LLM:
         backend: str = "cpu",
         device: str | None = None,
         dtype: str | None = None,
+        backend_options: dict | None = None,
         block_size: int = 16,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
@@ -113,17 +84,15 @@ class LLM:
         chunk_size: int | None = None,
         seed: int = 0,
     ):
-        from . import catalog, tokenizer  # noqa: F401 (tokenizer: see below)
+        from . import catalog
         from .loading import load_checkpoint
 
-        # The tokenizer's modules are imported before the checkpoint is read: objects made while
-        # the vocab's ~100k strings exist outlive them and keep the allocator's arenas resident.
         path = catalog.resolve(str(model) if model is not None else catalog.DEFAULT_MODEL)
         self.checkpoint = load_checkpoint(path)
         self.config = self.checkpoint.config
         self.tokenizer = _load_tokenizer(self.checkpoint)
-        _release_vocab_arrays(self.checkpoint, self.tokenizer)
-        self.backend = _create_backend(backend, device, dtype)
+        options = {**settings().backend_options(backend), **(backend_options or {})}
+        self.backend = _create_backend(backend, device, dtype, options)
         try:
             engine_config = EngineConfig(
                 block_size=block_size,

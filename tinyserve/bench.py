@@ -20,6 +20,7 @@ from .bench_run import (
     random_prompts,
     read_prompt_file,
     run_bench,
+    thread_options,
 )
 from .cli import add_model_args
 from .errors import TinyServeError
@@ -37,6 +38,7 @@ __all__ = [
     "random_prompts",
     "read_prompt_file",
     "run_bench",
+    "thread_options",
     "to_json",
 ]
 
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 backend=args.backend,
                 device=args.device,
                 dtype=args.dtype,
+                backend_options=thread_options(args.backend, args.threads),
                 max_num_seqs=max(64, *args.batch_size),
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 seed=args.seed,

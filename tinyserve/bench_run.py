@@ -94,32 +94,32 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-@contextlib.contextmanager
-def pin_threads(n: int) -> Iterator[None]:
-    """Limit BLAS and the kernel pool to n threads (threadpoolctl) and tell the cpu backend
-    (TINYSERVE_NUM_THREADS), so runs on one machine are comparable."""
+def thread_options(backend: str, n: int) -> dict:
+    """The backend_options that size a backend's own kernel pool to n threads (the cpu
+    backend's num_threads); other backends' threads are BLAS's or the device's."""
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
-    old = os.environ.get("TINYSERVE_NUM_THREADS")
-    os.environ["TINYSERVE_NUM_THREADS"] = str(n)
+    return {"num_threads": n} if backend == "cpu" else {}
+
+
+@contextlib.contextmanager
+def pin_threads(n: int) -> Iterator[None]:
+    """Limit BLAS and OpenMP pools to n threads (threadpoolctl) for the duration, so runs on one
+    machine are comparable; a backend's own pool is sized when it is made (thread_options)."""
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
     try:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            print(
-                "tinyserve bench: warning: threadpoolctl missing, BLAS threads not pinned "
-                "(pip install threadpoolctl)",
-                file=sys.stderr,
-            )
-            yield
-            return
-        with threadpool_limits(limits=n):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("TINYSERVE_NUM_THREADS", None)
-        else:
-            os.environ["TINYSERVE_NUM_THREADS"] = old
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        print(
+            "tinyserve bench: warning: threadpoolctl missing, BLAS threads not pinned "
+            "(pip install threadpoolctl)",
+            file=sys.stderr,
+        )
+        yield
+        return
+    with threadpool_limits(limits=n):
+        yield
 
 
 # -- prompts ----------------------------------------------------------------------------------------
@@ -189,7 +189,8 @@ def run_bench(
 
     Prompts are `prompts` (cycled) or seeded random ids of input_len tokens. Every request is greedy
     with ignore_eos and max_tokens=output_len. A warm-up request runs first, on other prompts so
-    the prefix cache cannot serve the measured ones.
+    the prefix cache cannot serve the measured ones. `threads` pins BLAS during the run; the
+    backend's own pool was sized when it was made (LLM(..., backend_options=thread_options(...))).
     """
     if batch_size < 1:
         raise RequestError(f"batch_size must be >= 1, got {batch_size}")

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ModelNotFound, TinyServeError, WeightsError
+from .settings import settings
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-MODELS_DIR_ENV = "TINYSERVE_MODELS_DIR"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _REPO_ROOT = _PACKAGE_DIR.parent
@@ -131,9 +131,10 @@ def entry(name: str) -> CatalogEntry:
 
 
 def models_dir() -> Path:
-    """$TINYSERVE_MODELS_DIR, else `<repo>/models` in a source checkout, else ~/.cache/tinyserve/models."""
-    if os.environ.get(MODELS_DIR_ENV):
-        return Path(os.environ[MODELS_DIR_ENV]).expanduser()
+    """TINYSERVE_MODELS_DIR, else `<repo>/models` in a source checkout, else ~/.cache/tinyserve/models."""
+    configured = settings().models_dir
+    if configured is not None:
+        return configured
     if _source_checkout():
         return _REPO_ROOT / "models"
     return Path.home() / ".cache" / "tinyserve" / "models"

@@ -7,7 +7,6 @@ drives this step loop; there is no other.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ class EngineConfig:
     seed: int = 0  # seeds requests that bring no seed of their own
 
     def __post_init__(self):
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
@@ -72,11 +73,7 @@ class Engine:
             self.eos_ids |= set(tokenizer.eos_token_ids)
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
-        # Requests without a seed get successive draws of default_rng(config.seed), drawn when one
-        # of them first samples at random (_draw_seeds): numpy.random, which imports OpenSSL
-        # through `secrets` (~6 MiB resident), then loads; greedy-only serving never loads it.
-        self._seed_rng: np.random.Generator | None = None
-        self._n_seed_tickets = 0  # seedless requests admitted before _seed_rng existed
+        self._n_admitted = 0  # requests admitted so far: a seedless request's seed derives from it
         self.n_prefilled_tokens = 0  # tokens computed by prefill steps (not served from cache)
         self.n_steps = 0
 
@@ -109,48 +106,21 @@ class Engine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self._check_prompt(ids, params)
-        seed, ticket = params.seed, None
-        if seed is None and self._seed_rng is not None:
-            seed = int(self._seed_rng.integers(2**63))
-        elif seed is None:
-            ticket, self._n_seed_tickets = self._n_seed_tickets, self._n_seed_tickets + 1
-        req = Request(request_id, text, ids, params, seed, ticket)
+        seed = self._default_seed(self._n_admitted) if params.seed is None else params.seed
+        self._n_admitted += 1
+        req = Request(request_id, text, ids, params, seed)
         max_len = min(len(ids) + params.max_tokens, self.model_config.context_len)
-        seq = Sequence(
-            next(self._seq_ids),
-            request_id,
-            0,
-            ids,
-            params,
-            functools.partial(self._rng_of, req, 0),
-            max_len,
-        )
+        seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, seed, max_len)
         seq.detokenizer = self._detokenizer(ids, params)
         req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)
         return request_id
 
-    def _rng_of(self, req: Request, index: int) -> np.random.Generator:
-        """Sequence `index` of req samples from default_rng([request seed, index])."""
-        if req.seed is None:
-            self._draw_seeds()
-        return np.random.default_rng([req.seed, index])
-
-    def _draw_seeds(self) -> None:
-        """Make the seed generator and give every live ticketed request its draw, in ticket order
-        (the draws of finished ones are skipped): the seeds eager drawing at admission gave."""
-        self._seed_rng = np.random.default_rng(self.config.seed)
-        waiting = sorted(
-            (r for r in self.requests.values() if r.seed is None), key=lambda r: r.seed_ticket
-        )
-        n_drawn = 0
-        for req in waiting:
-            while n_drawn <= req.seed_ticket:
-                req.seed = int(self._seed_rng.integers(2**63))
-                n_drawn += 1
-        for _ in range(n_drawn, self._n_seed_tickets):
-            self._seed_rng.integers(2**63)
+    def _default_seed(self, admission_index: int) -> int:
+        """The seed of a request that brings none: the engine seed in the high bits, the
+        request's admission index in the low ones, so runs repeat and requests differ."""
+        return self.config.seed * 2**32 + admission_index
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         V, ctx = self.model_config.vocab_size, self.model_config.context_len
@@ -276,7 +246,7 @@ class Engine:
                 i,
                 req.prompt_ids,
                 req.params,
-                functools.partial(self._rng_of, req, i),
+                req.seed,
                 parent.max_len,
             )
             child.detokenizer = self._detokenizer(req.prompt_ids, req.params)

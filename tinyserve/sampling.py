@@ -6,13 +6,13 @@ top-p / min-p filters, then one draw from each sequence's own seeded generator.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from .errors import RequestError
+from .settings import settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +154,7 @@ def filtered_probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
 
 
 filtered_probs_reference = filtered_probs  # the NumPy specification of the compiled twin
-if os.environ.get("TINYSERVE_PURE_PYTHON") != "1":
+if not settings().pure_python:
     try:  # same contract, in C (ext/kernels.pyx); tests/test_cpu_kernels.py runs both
         from ._ext.kernels import filtered_probs
     except ImportError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +62,7 @@ class Sequence:
         index: int,
         prompt_ids: list[int],
         params: SamplingParams,
-        make_rng: Callable[[], np.random.Generator] | None,
+        seed: int | None,
         max_len: int,
     ):
         self.seq_id = seq_id
@@ -72,7 +71,7 @@ class Sequence:
         self.token_ids = list(prompt_ids)  # prompt then output
         self.prompt_len = len(prompt_ids)
         self.params = params
-        self._make_rng = make_rng  # called once, when the sequence first samples at random
+        self.seed = seed  # samples from default_rng([seed, index])
         self._rng: np.random.Generator | None = None
         self.max_len = max_len  # prompt + output may not exceed this (context / max_tokens)
         self.status = Status.WAITING
@@ -90,8 +89,8 @@ class Sequence:
     def rng(self) -> np.random.Generator:
         """This sequence's generator, made on first use (greedy decoding never needs one)."""
         if self._rng is None:
-            assert self._make_rng is not None, f"{self!r} was made without a generator"
-            self._rng = self._make_rng()
+            assert self.seed is not None, f"{self!r} was made without a seed"
+            self._rng = np.random.default_rng([self.seed, self.index])
         return self._rng
 
     @property
@@ -127,12 +126,10 @@ class Request:
         prompt: str | None,
         prompt_ids: list[int],
         params: SamplingParams,
-        seed: int | None,
-        seed_ticket: int | None = None,
+        seed: int,
     ):
         self.request_id = request_id
         self.seed = seed  # sequence i samples from default_rng([seed, i])
-        self.seed_ticket = seed_ticket  # seed None: the engine's seed draw this request gets
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params

@@ -9,20 +9,23 @@ from pathlib import Path
 
 import numpy as np
 
-# Every benchmark runs at pinned thread counts (BLAS via threadpoolctl, the cpu backend's pool via
-# TINYSERVE_NUM_THREADS): 1, the stable figure, and MANY (default 4; TINYSERVE_BENCH_THREADS
-# changes it), the parallel path. MANY is skipped on a machine with fewer cores: oversubscribed
-# kernel / BLAS pools measure the machine's load, not the code.
-MANY = int(os.environ.get("TINYSERVE_BENCH_THREADS", "4"))
-THREADS = sorted({1, MANY})
-
 DEFAULT_MODEL = "smollm2-135m-instruct"
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE_DIR = REPO / "tests" / "fixtures" / "hf" / "smollm2"
 # asv installs tinyserve into its own virtualenv, where the catalog would look in ~/.cache: point it
-# at this checkout's models/ (where `tinyserve pull` put the weights) unless told otherwise.
+# at this checkout's models/ (where `tinyserve pull` put the weights) unless told otherwise. Set
+# before tinyserve is imported: its settings read the environment once.
 if (REPO / "models").is_dir():
     os.environ.setdefault("TINYSERVE_MODELS_DIR", str(REPO / "models"))
+
+from tinyserve.settings import settings
+
+# Every benchmark runs at pinned thread counts (BLAS via threadpoolctl, the cpu backend's pool via
+# its num_threads option): 1, the stable figure, and MANY (default 4; TINYSERVE_BENCH_THREADS
+# changes it), the parallel path. MANY is skipped on a machine with fewer cores: oversubscribed
+# kernel / BLAS pools measure the machine's load, not the code.
+MANY = settings().bench_threads
+THREADS = sorted({1, MANY})
 
 # A tiny Llama (SmolLM2-shaped: GQA, tied head) big enough that the kernels, not Python, show up.
 TINY_CONFIG = {
@@ -55,12 +58,11 @@ def cores() -> int:
 
 
 def use_threads(n: int) -> None:
-    """Pin to n threads: before a backend is created (it reads TINYSERVE_NUM_THREADS) and again
-    after (threadpoolctl reaches only pools already loaded). NotImplementedError past the cores."""
+    """Pin BLAS to n threads (threadpoolctl reaches only pools already loaded: call it again once
+    a backend is made). NotImplementedError past the cores."""
     global _limits
     if n > cores():
         raise NotImplementedError(f"{n} threads but only {cores()} cores here")
-    os.environ["TINYSERVE_NUM_THREADS"] = str(n)
     from threadpoolctl import threadpool_limits
 
     _limits = threadpool_limits(limits=n)
@@ -127,8 +129,9 @@ def backend_for(name: str, threads: int):
     if reason is not None:
         raise NotImplementedError(reason)
     from tinyserve.backends import create_backend
+    from tinyserve.bench import thread_options
 
     use_threads(threads)
-    backend = create_backend(name)
+    backend = create_backend(name, **thread_options(name, threads))
     use_threads(threads)
     return backend

@@ -30,8 +30,15 @@ class Load:
 
     def _load(self, backend):
         from tinyserve import LLM
+        from tinyserve.bench import thread_options
 
-        return LLM(self.path, backend=backend, max_num_seqs=1, kv_cache_tokens=1024)
+        return LLM(
+            self.path,
+            backend=backend,
+            backend_options=thread_options(backend, 1),
+            max_num_seqs=1,
+            kv_cache_tokens=1024,
+        )
 
     def time_load(self, tiny_path, backend, model):
         self._load(backend)

@@ -16,7 +16,7 @@ BATCH_SIZES = [1, 8]
 def _measure(model_path: str, input_len: int, output_len: int) -> dict:
     """{(backend, batch, threads): figures} for what can run here; the rest carry the reason."""
     from tinyserve import LLM
-    from tinyserve.bench import run_bench
+    from tinyserve.bench import run_bench, thread_options
 
     figures: dict = {}
     for backend in BACKENDS:
@@ -31,6 +31,7 @@ def _measure(model_path: str, input_len: int, output_len: int) -> dict:
             llm = LLM(
                 model_path,
                 backend=backend,
+                backend_options=thread_options(backend, threads),
                 max_num_seqs=max(BATCH_SIZES),
                 kv_cache_tokens=max(BATCH_SIZES) * 2 * (input_len + output_len),
             )

@@ -2,6 +2,8 @@
 
 import os
 
+from tinyserve.settings import settings
+
 
 def find_sgemm() -> tuple[int, int]:
     """(address, ilp64) of a cblas_sgemm in a BLAS library this process already loaded (NumPy's
@@ -63,31 +65,16 @@ def _address(fn) -> int:
 
 
 def blas_min_rows() -> int:
-    """Activation rows from which quantized matmuls go through sgemm ($TINYSERVE_BLAS_MIN_N, 0 =
-    never; default 64, measured on a 2-core AVX-512 box: below it the integer tiles win)."""
-    value = os.environ.get("TINYSERVE_BLAS_MIN_N", "64")
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        from tinyserve.errors import ConfigError
-
-        raise ConfigError(f"TINYSERVE_BLAS_MIN_N must be a non-negative integer, got {value!r}")
-    return n
+    """Activation rows from which quantized matmuls go through sgemm (0 = never): below it the
+    integer tiles win. TINYSERVE_BLAS_MIN_N, read once by tinyserve.settings."""
+    return settings().blas_min_n
 
 
 def default_threads() -> int:
-    """Kernel threads: $TINYSERVE_NUM_THREADS, else os.cpu_count(); ConfigError if not >= 1."""
-    value = os.environ.get("TINYSERVE_NUM_THREADS")
-    if not value:
-        return os.cpu_count() or 1
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        from tinyserve.errors import ConfigError
+    """Kernel threads: TINYSERVE_NUM_THREADS (tinyserve.settings), else os.cpu_count()."""
+    return settings().num_threads or os.cpu_count() or 1
 
-        raise ConfigError(f"TINYSERVE_NUM_THREADS must be a positive integer, got {value!r}")
-    return n
+
+def quant_isa() -> str | None:
+    """The quantized-kernel implementation TINYSERVE_QUANT_ISA forces, or None for the best."""
+    return settings().quant_isa

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..cli import add_model_args
+from ..settings import settings
 from .app import _MISSING_EXTRA, create_app
 from .protocol import ServerConfig
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--api-key",
-        default=os.environ.get("TINYSERVE_API_KEY"),
+        default=settings().api_key,
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $TINYSERVE_API_KEY)",
     )
     p.add_argument(
