@@ -25,7 +25,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.server import ServerConfig, create_app, main
+from tinyserve.serving import ServerConfig, create_app, main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf" / "smollm2"
 MODEL = "tiny"

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tinyserve.detokenizer import IncrementalDetokenizer
 from tinyserve.errors import RequestError, TokenizerError
-from tinyserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from tinyserve.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer"
 TRICKY = json.loads((FIXTURES / "tricky_texts.json").read_text(encoding="utf-8"))["texts"]
@@ -341,7 +342,7 @@ def test_from_dir_missing_files(tmp_path):
 
 # -- incremental detokenizer -----------------------------------------------------------------
 def _stream(tok, ids, skip_special_tokens=True, chunk=1):
-    det = IncrementalDetokenizer(tok, [1, 2, 3], skip_special_tokens=skip_special_tokens)
+    det = IncrementalDetokenizer(tok, skip_special_tokens=skip_special_tokens)
     deltas = [det.add(ids[k : k + chunk]) for k in range(0, len(ids), chunk)]
     return deltas, det.finish(), det
 
@@ -371,7 +372,7 @@ def test_stream_of_unicode_text_never_splits_a_character(all_toks, kind):
     deltas, tail, det = _stream(tok, ids)
     assert "".join(deltas) == text and tail == ""
     assert not any("\ufffd" in d for d in deltas), "a delta carried half a UTF-8 character"
-    assert det.text == text and det.all_ids == [1, 2, 3, *ids]
+    assert det.text == text and det.output_ids == ids
 
 
 def test_stream_keeps_spm_spaces_after_skipped_specials(spm_gguf_tok):

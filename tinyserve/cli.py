@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, text in [
         ("bench", "tinyserve.bench", "measure TTFT, TPOT and tokens/s"),
-        ("serve", "tinyserve.server", "OpenAI-compatible HTTP server"),
+        ("serve", "tinyserve.serving", "OpenAI-compatible HTTP server"),
     ]:
         p = sub.add_parser(name, help=text, add_help=False)
         p.set_defaults(func=_delegate(module), module=module)

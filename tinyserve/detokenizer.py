@@ -20,24 +20,16 @@ class IncrementalDetokenizer:
     keeps SPM's leading-space stripping, which applies only at the start of a decode, from eating
     the space of a token in mid-stream. Text ending in U+FFFD (half a UTF-8 character) is held
     back until the next ids complete it; `finish()` flushes what is left at the end.
-    `prompt_ids` is kept for the engine (`all_ids`); the deltas depend on output ids only.
     """
 
-    def __init__(
-        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens=True
-    ):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
-        self.prompt_ids = list(prompt_ids)
         self.skip_special_tokens = skip_special_tokens
         self.output_ids: list[int] = []
         self.text = ""  # all text emitted so far
         self._prefix_offset = 0  # window start: context already emitted
         self._read_offset = 0  # ids before this are emitted
         self._prefix_text = ""  # decode(ids[prefix_offset:read_offset])
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batch import Batch
+from .detokenizer import IncrementalDetokenizer
 from .errors import OutOfBlocks, RequestError
 from .kv_cache import KVCacheManager
 from .models import build_model
@@ -111,7 +112,7 @@ class Engine:
         req = Request(request_id, text, ids, params, seed)
         max_len = min(len(ids) + params.max_tokens, self.model_config.context_len)
         seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, seed, max_len)
-        seq.detokenizer = self._detokenizer(ids, params)
+        seq.detokenizer = self._detokenizer(params)
         req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)
@@ -141,14 +142,10 @@ class Engine:
                 f"{kv.num_blocks}; lower max_tokens or raise kv_cache_tokens"
             )
 
-    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams):
+    def _detokenizer(self, params: SamplingParams):
         if self.tokenizer is None:
             return None
-        from .tokenizer import IncrementalDetokenizer
-
-        return IncrementalDetokenizer(
-            self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
-        )
+        return IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free all its KV blocks."""
@@ -249,7 +246,7 @@ class Engine:
                 req.seed,
                 parent.max_len,
             )
-            child.detokenizer = self._detokenizer(req.prompt_ids, req.params)
+            child.detokenizer = self._detokenizer(req.params)
             self.kv_manager.fork(parent, child)
             self.scheduler.add_running(child)
             req.seqs.append(child)

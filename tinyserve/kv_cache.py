@@ -85,7 +85,6 @@ class KVCacheManager:
         self.pending_copies: list[
             tuple[int, int]
         ] = []  # (src, dst) for the backend before the forward
-        self.n_cache_hit_tokens = 0
 
     @property
     def num_blocks(self) -> int:
@@ -139,7 +138,6 @@ class KVCacheManager:
             self.allocator.share(block_id)
         seq.block_table = hits
         seq.num_computed = len(hits) * bs
-        self.n_cache_hit_tokens += seq.num_computed
         return seq.num_computed
 
     def cache_full_blocks(self, seq: Sequence) -> None:

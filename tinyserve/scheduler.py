@@ -55,9 +55,6 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def remove(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and free its blocks."""
         if seq in self.running:

@@ -4,8 +4,8 @@
     `tokenizers.Tokenizer` (gguf_vocab.py);
   - `sentencepiece`, for a bare tokenizer.model.
 
-The engines live in tokenizer_engines.py, chat-template rendering in chat_template.py, and
-streamed decoding in detokenizer.py (IncrementalDetokenizer, re-exported here).
+The engines live in tokenizer_engines.py, chat-template rendering in chat_template.py, the GGUF
+vocab's rebuilding in gguf_vocab.py, and streamed decoding in detokenizer.py.
 """
 
 from __future__ import annotations
@@ -21,19 +21,8 @@ from .chat_template import (
     pick_template,
     render_chat_template,
 )
-from .detokenizer import IncrementalDetokenizer  # noqa: F401 - re-exported: it lived here
 from .errors import RequestError, TokenizerError
-from .gguf_vocab import (  # noqa: F401 - SPIECE_UNDERLINE, TOKEN_* re-exported: they lived here
-    SPIECE_UNDERLINE,
-    TOKEN_BYTE,
-    TOKEN_CONTROL,
-    TOKEN_NORMAL,
-    TOKEN_UNKNOWN,
-    TOKEN_UNUSED,
-    TOKEN_USER_DEFINED,
-    gguf_bpe,
-    gguf_spm,
-)
+from .gguf_vocab import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, gguf_bpe, gguf_spm
 from .tokenizer_engines import HFEngine, SPEngine, SPMEngine
 
 
