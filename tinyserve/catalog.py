@@ -159,7 +159,7 @@ def model_path(name: str) -> Path | None:
 
 
 def _sha256_file(path: Path) -> str:
-    import hashlib  # only when verifying: libcrypto is a few MiB of resident memory
+    import hashlib  # only verifying needs it (and the libcrypto it loads)
 
     digest = hashlib.sha256()
     with path.open("rb") as f:

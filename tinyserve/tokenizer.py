@@ -113,13 +113,6 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         """Rebuild the vocab stored in GGUF metadata (tokenizer.ggml.*) as a tokenizers.Tokenizer."""
-        # import first: module objects made while the ~100k vocab strings are alive would pin
-        # their pymalloc arenas after the strings go (~5 MB resident for SmolLM2's vocab)
-        import tokenizers.decoders
-        import tokenizers.models
-        import tokenizers.normalizers
-        import tokenizers.pre_tokenizers  # noqa: F401
-
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if model is None or tokens is None:

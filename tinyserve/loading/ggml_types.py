@@ -1,7 +1,7 @@
 """ggml tensor types and GGUF metadata value types, named and numbered as gguf-py names them.
 
 The loader needs only these tables; importing the `gguf` package for them would also import its
-writer, reader, yaml, tqdm and sentencepiece (~5 MiB resident). tests/test_gguf.py checks every
+writer, reader, yaml, tqdm and sentencepiece. tests/test_gguf.py checks every
 entry against gguf.constants.
 
 Reference: ggml/include/ggml.h (enum ggml_type), ggml/docs/gguf.md (gguf_metadata_value_type).

@@ -1,11 +1,9 @@
 """The GGUF header (spec: ggml/docs/gguf.md): metadata key/values and tensor records, read in
 order from a memory-mapped file; gguf_file.py turns them into tensors.
 
-Long string arrays (the vocab: ~49k tokens and ~49k merges) stay raw bytes until read
-(GGUFStrings): made at load, their ~100k strings shared pymalloc arenas with the metadata keys
-and tensor records read after them, and once the tokenizer was built from them and they were
-dropped, those survivors kept ~5 MB of emptied pools resident. Made when the tokenizer reads them
-they fill arenas of their own, returned whole when they go.
+Long string arrays (the vocab's tokens and merges) stay one bytes object until read
+(GGUFStrings): loading makes no Python string per token, only the tokenizer, which reads them
+once, does; the array is freed whole with the metadata.
 """
 
 from __future__ import annotations
