@@ -62,7 +62,8 @@ class LLM:
         max_num_seqs, max_num_batched_tokens: scheduler limits per step.
         kv_cache_tokens: KV capacity in tokens (default: from a 512 MiB budget).
         enable_prefix_caching: reuse the KV blocks of shared prompt prefixes.
-        seed: seeds the requests that bring no seed of their own.
+        seed: seeds the requests that bring no seed of their own: the k-th request admitted
+            samples as if its seed were seed * 2**32 + k.
 
     The environment's backend settings (tinyserve.settings: TINYSERVE_NUM_THREADS, ...) are
     the defaults of backend_options; what backend_options names wins.
