@@ -59,8 +59,9 @@ def info_child(a) -> dict:
 
     models = []
     for name in a.models.split(","):
-        path = catalog.resolve(name)
-        known = [n for n in catalog.list_models() if catalog.model_path(n) == path]
+        path = catalog.resolve(name).resolve()
+        pulled = {n: catalog.model_path(n) for n in catalog.list_models()}
+        known = [n for n, f in pulled.items() if f is not None and f.resolve() == path]
         models.append(
             {
                 "name": known[0] if known else name,
@@ -352,7 +353,7 @@ def report(r: dict, lens: list[int]) -> str:
         + f"after; parent RSS {r['parent_rss_mib']:.0f} MiB (a floor under each child's maxrss)",
     ]
     for m in r["models"]:
-        t, ll = m["median"]["tinyserve"], m["median"]["llama.cpp"]
+        t, ll = m["samples"]["tinyserve"], m["samples"]["llama.cpp"]
         pf_target = PREFILL_TARGET.get(m["name"])
         out += [
             "",
@@ -371,7 +372,9 @@ def report(r: dict, lens: list[int]) -> str:
             out.append(row(f"TPOT after P={P} (ms)", t[k], ll[k], "{:.2f}", TPOT_TARGET, "le"))
         rss = m["peak_rss_mib"]
         out.append(
-            row("peak RSS (MiB)", rss["tinyserve"], rss["llama.cpp"], "{:.0f}", RSS_TARGET, "le")
+            row(
+                "peak RSS (MiB)", [rss["tinyserve"]], [rss["llama.cpp"]], "{:.0f}", RSS_TARGET, "le"
+            )
         )
         floor_ms = m["weight_bytes_per_token"] / (r["read_gb_s"] * 1e9) * 1e3
         out += [
@@ -382,19 +385,26 @@ def report(r: dict, lens: list[int]) -> str:
         for P in lens:
             k = f"decode_{P}"
             out.append(
-                f"  after P={P}: tinyserve {t[k] / floor_ms:.2f}x, llama.cpp {ll[k] / floor_ms:.2f}x"
+                f"  after P={P}: tinyserve {median(t[k]) / floor_ms:.2f}x, "
+                + f"llama.cpp {median(ll[k]) / floor_ms:.2f}x"
             )
     return "\n".join(out)
 
 
-def row(name, ours, theirs, fmt, target, sense) -> str:
-    ratio = ours / theirs
+def row(name, ours: list, theirs: list, fmt, target, sense) -> str:
+    """One table row from each engine's samples: the median (and the range over repeats)."""
+    ratio = median(ours) / median(theirs)
     if target is None:
         goal, met = "-", "-"
     else:
         goal = f">= {target}x" if sense == "ge" else f"<= {target}x"
         met = "met" if (ratio >= target if sense == "ge" else ratio <= target) else "not met"
-    return f"| {name} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio:.2f}x | {goal} | {met} |"
+    return f"| {name} | {cell(ours, fmt)} | {cell(theirs, fmt)} | {ratio:.2f}x | {goal} | {met} |"
+
+
+def cell(values: list, fmt: str) -> str:
+    spread = f" ({fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else ""
+    return fmt.format(median(values)) + spread
 
 
 def fmt_load(load) -> str:
