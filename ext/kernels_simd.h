@@ -128,6 +128,23 @@ static inline void ts_silu_mul(float *y, const float *g, const float *u, int64_t
     for (; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* y[i] = gelu_tanh(g[i]) * u[i]: 0.5 g (1 + tanh(z)) = g / (1 + exp(-2z)), z = sqrt(2/pi) (g + 0.044715 g^3) */
+static inline void ts_gelu_tanh_mul(float *y, const float *g, const float *u, int64_t n) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f), m2c = _mm256_set1_ps(-2.0f * c), av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(av, gv), _mm256_mul_ps(gv, gv), gv);
+        const __m256 e = ts_exp256(_mm256_mul_ps(m2c, inner));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
+                                              _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) y[i] = g[i] / (1.0f + expf(-2.0f * c * (g[i] + a * g[i] * g[i] * g[i]))) * u[i];
+}
+
 /* IEEE half <-> float rows (the float16 KV cache): F16C when compiled for it, else portable C
    with the same round-to-nearest-even */
 static inline void ts_half_to_float_row(const uint16_t *src, float *dst, int64_t n) {

@@ -171,26 +171,47 @@ def _q8_gguf(name: str, tmp_path: Path) -> Path:
 # -- the fused layer stack vs the model file, op by op -------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama_mqa", "mistral", "qwen2", "qwen3"])
-def test_fused_layers_equal_op_by_op(name, tmp_path, monkeypatch):
-    """Two routes over the same Q8_0 weights: kernels.llama_layers vs LlamaModel.forward through
-    CpuOps (GQA/MQA, sliding window, q/k/v bias, q/k norm); prefill, then a batched decode step."""
-    path = _q8_gguf(name, tmp_path)
-    llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
+def _lowered(llm) -> bool:
+    return llm.backend.lowering(llm.engine.model) is not None
+
+
+# the fixtures whose every matrix row is a multiple of 32 (Q8_0 blocks); llama_mqa's and mistral's
+# feed-forward widths (172, 144) are not, so their down matrix stays F32 and they run op by op
+LOWERED = {"qwen2": True, "qwen3": True, "gemma3": True, "phi3": True, "mixtral": True}
+LOWERED |= {"llama_mqa": False, "mistral": False}
+
+
+@pytest.mark.parametrize("name", list(LOWERED))
+def test_native_stack_equals_op_by_op(name):
+    """Two routes over the same Q8_0 weights: the Decoder spec on kernels.DecoderStack vs the
+    model file through CpuOps (GQA/MQA, sliding window, q/k/v bias, q/k norm; Gemma 3's post
+    norms, GeGLU, local/global rope; Phi-3's fused qkv/gate_up, partial rotary and LongRoPE on
+    both sides of its switch; Mixtral's experts between stack calls); prefill, then batched
+    decode steps."""
+    path = _q8_gguf(name, _tmp_dir(name))
     ref = load_reference(HF_DIR / name / "reference.npz")
     ids = ref["input_ids"].tolist()
-    fused = llm.logits(ids)
-    if llm.engine.model._cpu_fused is None:
-        pytest.skip(f"{name}: some matrix is not quantized (dims not multiples of 32)")
     prompts = [ids, ref["input_ids_2"].tolist()]
-    fused_greedy = greedy(llm, prompts, 5)
-    monkeypatch.setenv("TINYSERVE_CPU_FUSED", "0")
-    np.testing.assert_allclose(fused, llm.logits(ids), rtol=1e-5, atol=1e-5)
-    assert greedy(llm, prompts, 5) == fused_greedy
+    fast = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
+    slow = LLM(model=str(path), backend="cpu", backend_options={"lower": False})
+    lowered = _lowered(fast)
+    reason = fast.backend._lowered.reasons.get(fast.engine.model)
+    assert lowered == LOWERED[name], reason
+    if not LOWERED[name]:
+        assert "down is not in a quantized type" in reason
+    assert not _lowered(slow)
+    np.testing.assert_allclose(fast.logits(ids), slow.logits(ids), rtol=1e-5, atol=1e-5)
+    assert greedy(fast, prompts, 5) == greedy(slow, prompts, 5)
+
+
+def _tmp_dir(name: str) -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"tinyserve-{name}-"))
 
 
 def test_float16_kv_cache(tmp_path, monkeypatch):
-    """kv_dtype="float16" (TINYSERVE_KV_DTYPE). Float32 weights: the cpu logits equal the NumPy
+    """kv_dtype="float16". Float32 weights: the cpu logits equal the NumPy
     reference's with its cached K/V rounded to half (the only change); Q8_0 weights: the fused
     stack and the model file op by op read the same half pools alike."""
     from tinyserve.backends.numpy_ops import NumpyOps
@@ -207,8 +228,7 @@ def test_float16_kv_cache(tmp_path, monkeypatch):
     want = LLM(model=str(HF_DIR / "qwen2"), backend="numpy").logits(ids)
     monkeypatch.setattr(NumpyOps, "write_kv", write_f32)
     full = LLM(model=str(HF_DIR / "qwen2"), backend="numpy").logits(ids)
-    monkeypatch.setenv("TINYSERVE_KV_DTYPE", "float16")
-    llm = LLM(model=str(HF_DIR / "qwen2"), backend="cpu")
+    llm = LLM(model=str(HF_DIR / "qwen2"), backend="cpu", backend_options={"kv_dtype": "float16"})
     assert llm.backend.kv_itemsize == 2 and "float16 KV" in llm.backend.describe()
     assert llm.engine.kv[0]["k"].dtype == np.float16
     got = llm.logits(ids)
@@ -217,32 +237,32 @@ def test_float16_kv_cache(tmp_path, monkeypatch):
     assert np.abs(got - full).max() > 5e-3  # the cache really was rounded
 
     path = _q8_gguf("qwen2", tmp_path)
-    llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
+    half16 = {"kv_dtype": "float16"}
+    llm = LLM(model=str(path), backend="cpu", backend_options=half16)
     half = llm.logits(ids)
-    assert llm.engine.model._cpu_fused is not None
-    monkeypatch.setenv("TINYSERVE_CPU_FUSED", "0")
-    np.testing.assert_allclose(llm.logits(ids), half, rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("TINYSERVE_KV_DTYPE", "bfloat16")
+    assert _lowered(llm)
+    op_by_op = LLM(model=str(path), backend="cpu", backend_options={**half16, "lower": False})
+    np.testing.assert_allclose(op_by_op.logits(ids), half, rtol=1e-5, atol=1e-5)
     with pytest.raises(BackendError, match="kv_dtype must be 'float32' or 'float16'"):
-        LLM(model=str(path), backend="cpu")
+        LLM(model=str(path), backend="cpu", backend_options={"kv_dtype": "bfloat16"})
 
 
 def test_greedy_head_argmax_equals_logits_route(tmp_path, monkeypatch):
     """All-greedy steps take the head's argmax from the kernel (no logits); asking for logprobs
     takes the logits route: the same tokens, batched and alone."""
-    from tinyserve.backends import cpu
+    from tinyserve.backends import native
 
     path = _q8_gguf("llama", tmp_path)
     ref = load_reference(HF_DIR / "llama" / "reference.npz")
     prompts = [ref["input_ids"].tolist(), ref["input_ids_2"].tolist()]
     llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
     calls = []
-    argmax = cpu._quant.matmul_q_argmax
+    argmax = native.quant.matmul_q_argmax
     monkeypatch.setattr(
-        cpu._quant, "matmul_q_argmax", lambda x, *a: calls.append(len(x)) or argmax(x, *a)
+        native.quant, "matmul_q_argmax", lambda x, *a: calls.append(len(x)) or argmax(x, *a)
     )
     fast = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))]
-    assert llm.engine.model._cpu_fused is not None and calls, "the argmax head did not run"
+    assert _lowered(llm) and calls, "the argmax head did not run"
     slow = SamplingParams(max_tokens=8, temperature=0, logprobs=1)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, slow)] == fast
     assert [llm.generate([p], slow)[0].outputs[0].token_ids for p in prompts] == fast
@@ -252,23 +272,24 @@ def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):
     """The cpu backend runs at most LAYERS_CHUNK tokens through the stack at a time: a prompt split
     mid-sequence (chunks of 5) and two prompts in one batch must give the unsplit logits (same
     kernels, same row counts per matmul below the BLAS threshold: equal to float rounding)."""
-    from tinyserve._ext import kernels
-    from tinyserve.backends import cpu
+    from tinyserve.backends import cpu_decoder
 
     path = _q8_gguf("qwen2", tmp_path)
     llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
     ref = load_reference(HF_DIR / "qwen2" / "reference.npz")
     ids = ref["input_ids"].tolist()
     whole = llm.logits(ids)
-    assert llm.engine.model._cpu_fused is not None, "the fused path did not apply"
+    assert _lowered(llm), "the native stack did not apply"
     prompts = [ids, ref["input_ids_2"].tolist()]
     whole_greedy = greedy(llm, prompts, 4)
-    monkeypatch.setattr(cpu, "LAYERS_CHUNK", 5)
+    monkeypatch.setattr(cpu_decoder, "LAYERS_CHUNK", 5)
     assert len(ids) > 5
     calls = []
-    fused_stack = kernels.llama_layers
+    stack = llm.backend.lowered(llm.engine.model).stack
     monkeypatch.setattr(
-        kernels, "llama_layers", lambda x, *a: calls.append(len(x)) or fused_stack(x, *a)
+        llm.backend.lowered(llm.engine.model),
+        "stack",
+        type("Counted", (), {"run": lambda self, x, *a: calls.append(len(x)) or stack.run(x, *a)})(),
     )
     np.testing.assert_allclose(llm.logits(ids), whole, rtol=1e-5, atol=1e-5)
     assert greedy(llm, prompts, 4) == whole_greedy

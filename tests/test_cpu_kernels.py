@@ -93,6 +93,16 @@ def test_silu_mul(ops, shape):
     np.testing.assert_allclose(ops.silu_mul(gate, up), REF.silu_mul(gate, up), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1, 2048), (3, 77), (2, 5)])
+def test_gelu_tanh_mul(ops, shape):
+    rng = np.random.default_rng(5)
+    gate = rng.standard_normal(shape, dtype=np.float32) * 6  # both tails of the tanh, and its middle
+    up = rng.standard_normal(shape, dtype=np.float32)
+    np.testing.assert_allclose(
+        ops.gelu_tanh_mul(gate, up), REF.gelu_tanh_mul(gate, up), rtol=1e-5, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("shape", [(1, 7), (4, 3, 129), (2, 49152)])
 def test_softmax(ops, shape):
     rng = np.random.default_rng(3)

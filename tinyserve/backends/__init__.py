@@ -79,14 +79,18 @@ def get_backend_class(name: str):
     return target
 
 
-def create_backend(name: str, device: str | None = None, dtype: str | None = None):
-    """An instance of the named backend, or BackendError saying why it cannot run here."""
+def create_backend(name: str, device: str | None = None, dtype: str | None = None, **options):
+    """An instance of the named backend, or BackendError saying why it cannot run here.
+
+    `options` are the backend's own constructor arguments (e.g. the cpu backend's num_threads)."""
     cls = get_backend_class(name)
     ok, reason = cls.availability()
     if not ok:
         raise BackendError(f"backend {name!r} is not available: {reason}")
     try:
-        return cls(device=device, dtype=dtype)
+        return cls(device=device, dtype=dtype, **options)
+    except TypeError as e:  # an option this backend does not take
+        raise BackendError(f"backend {name!r}: {e}") from None
     except ValueError as e:
         raise BackendError(f"backend {name!r}: {e}") from None
 

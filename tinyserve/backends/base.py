@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..batch import Batch
+from ..step import StepMeta
+from .lowering import LoweringCache
 
 
 class Backend:
@@ -15,18 +17,28 @@ class Backend:
     A backend supplies `ops`, an object with the op set of `tinyserve.backends.numpy_ops.NumpyOps`
     (same names, same shape contracts), over whatever arrays it likes. Model files call only those.
 
+    Fast paths are lowerings of the specs models declare (tinyserve/models/spec.py): a backend
+    class lists them in `lowerings` (spec type -> factory(spec, backend) -> a callable
+    (step, kv) -> logits); a model without a spec, or whose spec has no lowering here, runs its
+    own forward op by op.
+
     Args:
         device: backend-specific device string (e.g. "cuda:0"); None for the default.
         dtype: compute dtype name ("float32", "bfloat16", ...); None for the default.
+        lower: run models through this backend's lowerings where they apply (False: always the
+            model file op by op).
     """
 
     name: str = ""
     ops: Any = None
     kv_itemsize: int = 4  # bytes per cached K/V element (sizes the pool from a byte budget)
+    lowerings: ClassVar[dict[type, Any]] = {}
 
-    def __init__(self, device: str | None = None, dtype: str | None = None):
+    def __init__(self, device: str | None = None, dtype: str | None = None, lower: bool = True):
         self.device = device
         self.dtype = dtype
+        self.lower = bool(lower)
+        self._lowered = LoweringCache(self.lowerings)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -60,9 +72,28 @@ class Backend:
             for pool in layer.values():
                 self.ops.copy_blocks(pool, np.asarray(src), np.asarray(dst))
 
+    def lowered(self, model):
+        """The lowering this backend runs model with (built at first use), or None: op by op."""
+        cache = getattr(self, "_lowered", None)  # None: a subclass that skipped __init__
+        if cache is None or not getattr(self, "lower", True) or not self.lowerings:
+            return None
+        return cache.get(model, self)
+
+    def lowering(self, model) -> str | None:
+        """The name of the lowering that runs model here, None when it runs op by op."""
+        lowered = self.lowered(model)
+        return None if lowered is None else lowered.name
+
+    def step_meta(self, batch: Batch) -> StepMeta:
+        """The step's metadata, built once per forward and handed to the model and its ops."""
+        return StepMeta.build(batch)
+
     def forward(self, model, batch: Batch, kv: list[dict[str, Any]]) -> np.ndarray:
         """Run the model over one batch; returns float32 logits (R, V) of batch.logits_rows."""
-        return np.asarray(self.ops.to_numpy(model.forward(batch, kv)), dtype=np.float32)
+        step = self.step_meta(batch)
+        lowered = self.lowered(model)
+        logits = model.forward(step, kv) if lowered is None else lowered(step, kv)
+        return np.asarray(self.ops.to_numpy(logits), dtype=np.float32)
 
     def forward_greedy(
         self, model, batch: Batch, kv: list[dict[str, Any]], greedy: np.ndarray

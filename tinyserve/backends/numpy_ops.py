@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from ..batch import Batch
+from ..step import StepMeta, as_step
 
 
 def _dense(w) -> np.ndarray:
@@ -133,12 +134,13 @@ class NumpyOps:
         q: np.ndarray,
         k_pool: np.ndarray,
         v_pool: np.ndarray,
-        batch: Batch,
+        step: StepMeta | Batch,
         scale: float,
         sliding_window: int | None = None,
     ) -> np.ndarray:
         """(N, H, Dh), (NB, BS, KVH, Dh) x2 -> (N, H, Dh): causal attention of each sequence's new
         tokens over its whole context, read through its block table."""
+        batch = as_step(step).batch
         N, H, Dh = q.shape
         KVH, Dv = k_pool.shape[2], v_pool.shape[3]
         G = H // KVH  # query heads per kv head (GQA)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..batch import Batch
 from ..config import ModelConfig
+from ..step import StepMeta
 from . import WeightReader, as_numpy
 from .moe import load_experts, route_sigmoid_grouped, route_softmax
 from .rope import interleaved_to_halves, rope_attention_factor, rope_inv_freq, yarn_softmax_mscale
@@ -63,7 +63,7 @@ def _take_rows(t, order: np.ndarray):
 
 
 class DeepseekV3Model:
-    """DeepSeek-V3 decoder over a backend's ops. forward: Batch -> logits (R, V)."""
+    """DeepSeek-V3 decoder over a backend's ops. forward: StepMeta -> logits (R, V)."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict, ops):
         self.cfg, self.ops = cfg, ops
@@ -165,7 +165,7 @@ class DeepseekV3Model:
             y[..., : self.cfg.qk_rope_head_dim] *= self.rope_scale
         return y
 
-    def attention(self, x, w: LayerWeights, batch: Batch, kv: dict, positions):
+    def attention(self, x, w: LayerWeights, step: StepMeta, kv: dict, positions):
         """(N, D) -> (N, D): multi-head latent attention, absorbed, over the paged latent cache."""
         cfg, ops = self.cfg, self.ops
         N, H, dr, r = x.shape[0], cfg.n_heads, cfg.qk_rope_head_dim, cfg.kv_lora_rank
@@ -180,10 +180,10 @@ class DeepseekV3Model:
         latent = ops.matmul(x, w.kv_a)  # (N, dr + r): [k_rope, c_kv]
         latent[:, dr:] = ops.rms_norm(latent[:, dr:], w.kv_a_norm, cfg.norm_eps)
         latent = self._rope(latent.reshape(N, 1, dr + r), positions)  # (N, 1, dr + r)
-        ops.write_kv(kv["kv"], latent, batch.slots)
+        ops.write_kv(kv["kv"], latent, step.slots)
 
         pool = kv["kv"]  # (NB, BS, 1, dr + r): keys; its c_kv part doubles as the values
-        o = ops.paged_attention(q, pool, pool[..., dr:], batch, self.scale)  # (N, H, r)
+        o = ops.paged_attention(q, pool, pool[..., dr:], step, self.scale)  # (N, H, r)
         o = ops.head_matmul(o, w.v_up)  # (N, H, dv): W_UV applied after attention
         return ops.matmul(o.reshape(N, H * cfg.v_head_dim), w.o)  # (N, D)
 
@@ -213,13 +213,13 @@ class DeepseekV3Model:
         y = ops.moe(x, ids, weights, ffn.experts, act="silu")  # (N, D)
         return y if ffn.shared is None else y + self._mlp(x, ffn.shared)
 
-    def forward(self, batch: Batch, kv: list[dict]):
-        """Batch of N tokens -> logits (R, V) for batch.logits_rows."""
+    def forward(self, step: StepMeta, kv: list[dict]):
+        """A step of N tokens -> logits (R, V) for its logits_rows."""
         ops, eps = self.ops, self.cfg.norm_eps
-        positions = ops.from_numpy(batch.positions)
-        x = ops.embedding(ops.from_numpy(batch.token_ids), self.embed)  # (N, D)
+        positions = ops.from_numpy(step.positions)
+        x = ops.embedding(ops.from_numpy(step.token_ids), self.embed)  # (N, D)
         for w, layer_kv in zip(self.layers, kv):
-            x = x + self.attention(ops.rms_norm(x, w.attn_norm, eps), w, batch, layer_kv, positions)
+            x = x + self.attention(ops.rms_norm(x, w.attn_norm, eps), w, step, layer_kv, positions)
             x = x + self.feed_forward(ops.rms_norm(x, w.ffn_norm, eps), w.ffn)
-        x = x[ops.from_numpy(batch.logits_rows)]  # (R, D): only the rows we sample from
+        x = x[ops.from_numpy(step.logits_rows)]  # (R, D): only the rows we sample from
         return ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)

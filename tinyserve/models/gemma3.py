@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from ..batch import Batch
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..step import StepMeta
 from . import Linear, WeightReader, as_numpy, linear
 from .rope import default_inv_freq, rope_inv_freq
+from .spec import GQA, Decoder, DecoderLayer, GatedMLP, Rope
 
 
 @dataclass(slots=True)
@@ -42,7 +43,7 @@ class LayerWeights:
 
 
 class Gemma3Model:
-    """Gemma 3 text decoder over a backend's ops. forward: Batch -> logits (R, V)."""
+    """Gemma 3 text decoder over a backend's ops. forward: StepMeta -> logits (R, V)."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict, ops):
         if cfg.hidden_act not in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -92,7 +93,7 @@ class Gemma3Model:
         shape = (self.cfg.n_kv_heads, self.cfg.head_dim)
         return [{"k": shape, "v": shape} for _ in range(self.cfg.n_layers)]
 
-    def attention(self, x, w: LayerWeights, batch: Batch, kv: dict, positions):
+    def attention(self, x, w: LayerWeights, step: StepMeta, kv: dict, positions):
         """(N, D) -> (N, D): GQA with per-head q/k norms, local or global by layer."""
         cfg, ops = self.cfg, self.ops
         N = x.shape[0]
@@ -104,10 +105,10 @@ class Gemma3Model:
         inv_freq = self.inv_freq_local if w.sliding else self.inv_freq_global
         q = ops.rope(q, positions, inv_freq)
         k = ops.rope(k, positions, inv_freq)
-        ops.write_kv(kv["k"], k, batch.slots)
-        ops.write_kv(kv["v"], v, batch.slots)
+        ops.write_kv(kv["k"], k, step.slots)
+        ops.write_kv(kv["v"], v, step.slots)
         window = cfg.sliding_window if w.sliding else None
-        a = ops.paged_attention(q, kv["k"], kv["v"], batch, self.scale, window)  # (N, H, Dh)
+        a = ops.paged_attention(q, kv["k"], kv["v"], step, self.scale, window)  # (N, H, Dh)
         return linear(self.ops, a.reshape(N, cfg.q_size), w.o)  # (N, D)
 
     def feed_forward(self, x, w: LayerWeights):
@@ -115,19 +116,55 @@ class Gemma3Model:
         h = self.ops.gelu_tanh_mul(linear(self.ops, x, w.gate), linear(self.ops, x, w.up))  # (N, F)
         return linear(self.ops, h, w.down)
 
-    def forward(self, batch: Batch, kv: list[dict]):
-        """Batch of N tokens -> logits (R, V) for batch.logits_rows."""
+    def lowering_spec(self) -> Decoder:
+        """This decoder as a backend's fast path may run it (tinyserve/models/spec.py)."""
+        cfg = self.cfg
+        local, full = Rope(self.inv_freq_local), Rope(self.inv_freq_global)
+        layers = tuple(
+            DecoderLayer(
+                attn_norm=w.input_norm,
+                attn=GQA(
+                    (w.q, w.k, w.v),
+                    w.o,
+                    w.q_norm,
+                    w.k_norm,
+                    local if w.sliding else full,
+                    cfg.sliding_window if w.sliding else None,
+                    self.scale,
+                ),
+                post_attn_norm=w.post_attn_norm,
+                ffn_norm=w.pre_ffn_norm,
+                ffn=GatedMLP((w.gate, w.up), w.down, "gelu_tanh"),
+                post_ffn_norm=w.post_ffn_norm,
+            )
+            for w in self.layers
+        )
+        return Decoder(
+            embed=self.embed,
+            embed_scale=self.embed_scale,
+            layers=layers,
+            norm=self.norm,
+            lm_head=self.lm_head,
+            norm_eps=cfg.norm_eps,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            logit_softcap=cfg.final_logit_softcapping,
+        )
+
+    def forward(self, step: StepMeta, kv: list[dict]):
+        """A step of N tokens -> logits (R, V) for its logits_rows."""
         ops, eps = self.ops, self.cfg.norm_eps
-        positions = ops.from_numpy(batch.positions)
-        x = ops.embedding(ops.from_numpy(batch.token_ids), self.embed) * self.embed_scale  # (N, D)
+        positions = ops.from_numpy(step.positions)
+        x = ops.embedding(ops.from_numpy(step.token_ids), self.embed) * self.embed_scale  # (N, D)
         for w, layer_kv in zip(self.layers, kv):
-            h = self.attention(ops.rms_norm(x, w.input_norm, eps), w, batch, layer_kv, positions)
+            h = self.attention(ops.rms_norm(x, w.input_norm, eps), w, step, layer_kv, positions)
             x = x + ops.rms_norm(
                 h, w.post_attn_norm, eps
             )  # Gemma also norms each sublayer's output
             h = self.feed_forward(ops.rms_norm(x, w.pre_ffn_norm, eps), w)
             x = x + ops.rms_norm(h, w.post_ffn_norm, eps)
-        x = x[ops.from_numpy(batch.logits_rows)]  # (R, D): only the rows we sample from
+        x = x[ops.from_numpy(step.logits_rows)]  # (R, D): only the rows we sample from
         logits = ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)
         cap = self.cfg.final_logit_softcapping
         return logits if cap is None else ops.softcap(logits, cap)  # cap * tanh(logits / cap)

@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..batch import Batch
 from ..config import ModelConfig
+from ..step import StepMeta
 from . import Linear, WeightReader, linear
 from .rope import rope_inv_freq
+from .spec import GQA, Decoder, DecoderLayer, GatedMLP, Rope
 
 
 @dataclass(slots=True)
@@ -34,7 +35,7 @@ class LayerWeights:
 
 
 class LlamaModel:
-    """Llama-family decoder over a backend's ops. forward: Batch -> logits (R, V)."""
+    """Llama-family decoder over a backend's ops. forward: StepMeta -> logits (R, V)."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict, ops):
         self.cfg, self.ops = cfg, ops
@@ -76,7 +77,7 @@ class LlamaModel:
         shape = (self.cfg.n_kv_heads, self.cfg.head_dim)
         return [{"k": shape, "v": shape} for _ in range(self.cfg.n_layers)]
 
-    def attention(self, x, w: LayerWeights, batch: Batch, kv: dict, positions):
+    def attention(self, x, w: LayerWeights, step: StepMeta, kv: dict, positions):
         """(N, D) -> (N, D): grouped-query attention over the paged cache."""
         cfg, ops = self.cfg, self.ops
         N = x.shape[0]
@@ -88,10 +89,10 @@ class LlamaModel:
             k = ops.rms_norm(k, w.k_norm, cfg.norm_eps)
         q = ops.rope(q, positions, self.inv_freq)
         k = ops.rope(k, positions, self.inv_freq)
-        ops.write_kv(kv["k"], k, batch.slots)
-        ops.write_kv(kv["v"], v, batch.slots)
+        ops.write_kv(kv["k"], k, step.slots)
+        ops.write_kv(kv["v"], v, step.slots)
         a = ops.paged_attention(
-            q, kv["k"], kv["v"], batch, self.scale, cfg.sliding_window
+            q, kv["k"], kv["v"], step, self.scale, cfg.sliding_window
         )  # (N, H, Dh)
         return linear(self.ops, a.reshape(N, cfg.q_size), w.o)  # (N, D)
 
@@ -103,13 +104,44 @@ class LlamaModel:
             w.down,
         )
 
-    def forward(self, batch: Batch, kv: list[dict]):
-        """Batch of N tokens -> logits (R, V) for batch.logits_rows."""
+    def lowering_spec(self) -> Decoder:
+        """This decoder as a backend's fast path may run it (tinyserve/models/spec.py)."""
+        cfg, rope = self.cfg, Rope(self.inv_freq)
+        layers = tuple(
+            DecoderLayer(
+                attn_norm=w.attn_norm,
+                attn=GQA(
+                    (w.q, w.k, w.v), w.o, w.q_norm, w.k_norm, rope, cfg.sliding_window, self.scale
+                ),
+                post_attn_norm=None,
+                ffn_norm=w.ffn_norm,
+                ffn=self.ffn_spec(w),
+                post_ffn_norm=None,
+            )
+            for w in self.layers
+        )
+        return Decoder(
+            embed=self.embed,
+            embed_scale=1.0,
+            layers=layers,
+            norm=self.norm,
+            lm_head=self.lm_head,
+            norm_eps=cfg.norm_eps,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+        )
+
+    def ffn_spec(self, w: LayerWeights):
+        return GatedMLP((w.gate, w.up), w.down, "silu")
+
+    def forward(self, step: StepMeta, kv: list[dict]):
+        """A step of N tokens -> logits (R, V) for its logits_rows."""
         ops, eps = self.ops, self.cfg.norm_eps
-        positions = ops.from_numpy(batch.positions)
-        x = ops.embedding(ops.from_numpy(batch.token_ids), self.embed)  # (N, D)
+        positions = ops.from_numpy(step.positions)
+        x = ops.embedding(ops.from_numpy(step.token_ids), self.embed)  # (N, D)
         for w, layer_kv in zip(self.layers, kv):
-            x = x + self.attention(ops.rms_norm(x, w.attn_norm, eps), w, batch, layer_kv, positions)
+            x = x + self.attention(ops.rms_norm(x, w.attn_norm, eps), w, step, layer_kv, positions)
             x = x + self.feed_forward(ops.rms_norm(x, w.ffn_norm, eps), w)
-        x = x[ops.from_numpy(batch.logits_rows)]  # (R, D): only the rows we sample from
+        x = x[ops.from_numpy(step.logits_rows)]  # (R, D): only the rows we sample from
         return ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)

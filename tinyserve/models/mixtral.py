@@ -16,6 +16,7 @@ from . import Linear, WeightReader
 from .llama import LlamaModel
 from .moe import load_experts, route_softmax
 from .rope import rope_inv_freq
+from .spec import MoE
 
 
 @dataclass(slots=True)
@@ -33,7 +34,7 @@ class LayerWeights:
 
 
 class MixtralModel(LlamaModel):
-    """Mixtral decoder over a backend's ops. forward: Batch -> logits (R, V)."""
+    """Mixtral decoder over a backend's ops. forward: StepMeta -> logits (R, V)."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict, ops):
         self.cfg, self.ops = cfg, ops
@@ -77,7 +78,14 @@ class MixtralModel(LlamaModel):
 
     def feed_forward(self, x, w: LayerWeights):
         """(N, D) -> (N, D): each token through its top-K experts, weighted by the router."""
-        ops, cfg = self.ops, self.cfg
+        ops = self.ops
         router_logits = ops.to_numpy(ops.matmul(x, w.router))  # (N, E)
-        expert_ids, weights = route_softmax(router_logits, cfg.n_experts_per_tok)  # (N, K) each
+        expert_ids, weights = self.route(router_logits)  # (N, K) each
         return ops.moe(x, expert_ids, weights, w.experts, act="silu")  # (N, D)
+
+    def route(self, router_logits):
+        """(N, E) -> expert ids (N, K), weights (N, K): softmax, top K, renormalized."""
+        return route_softmax(router_logits, self.cfg.n_experts_per_tok)
+
+    def ffn_spec(self, w: LayerWeights) -> MoE:
+        return MoE(w.router, self.route, w.experts, "silu")

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..batch import Batch
 from ..config import ModelConfig
+from ..step import StepMeta
 from . import Linear, WeightReader, linear
 from .rope import longrope_inv_freq, longrope_original_len, rope_attention_factor, rope_inv_freq
+from .spec import GQA, Decoder, DecoderLayer, GatedMLP, Rope
 
 
 @dataclass(slots=True)
@@ -34,7 +35,7 @@ class LayerWeights:
 
 
 class Phi3Model:
-    """Phi-3 decoder over a backend's ops. forward: Batch -> logits (R, V)."""
+    """Phi-3 decoder over a backend's ops. forward: StepMeta -> logits (R, V)."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict, ops):
         self.cfg, self.ops = cfg, ops
@@ -81,12 +82,11 @@ class Phi3Model:
         shape = (self.cfg.n_kv_heads, self.cfg.head_dim)
         return [{"k": shape, "v": shape} for _ in range(self.cfg.n_layers)]
 
-    def _long_rows(self, batch: Batch) -> np.ndarray | None:
+    def _long_rows(self, step: StepMeta) -> np.ndarray | None:
         """(n,) flat indices of tokens whose sequence has outgrown the pre-training context."""
         if not self.longrope:
             return None
-        seq_len_per_token = np.repeat(batch.seq_lens, np.diff(batch.query_start))  # (N,)
-        return np.flatnonzero(seq_len_per_token > self.original_len)
+        return np.flatnonzero(step.seq_len_of_tokens() > self.original_len)
 
     def _rope(self, x, positions, long_rows):
         """(N, h, Dh) -> (N, h, Dh): the first R dims rotated, short or long LongRoPE per token."""
@@ -99,7 +99,7 @@ class Phi3Model:
             y[..., : self.cfg.rotary_dim] *= self.rope_scale
         return y
 
-    def attention(self, x, w: LayerWeights, batch: Batch, kv: dict, positions, long_rows):
+    def attention(self, x, w: LayerWeights, step: StepMeta, kv: dict, positions, long_rows):
         """(N, D) -> (N, D): GQA from one fused qkv projection."""
         cfg, ops = self.cfg, self.ops
         N = x.shape[0]
@@ -109,10 +109,10 @@ class Phi3Model:
         v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(N, cfg.n_kv_heads, cfg.head_dim)
         q = self._rope(q, positions, long_rows)
         k = self._rope(k, positions, long_rows)
-        ops.write_kv(kv["k"], k, batch.slots)
-        ops.write_kv(kv["v"], v, batch.slots)
+        ops.write_kv(kv["k"], k, step.slots)
+        ops.write_kv(kv["v"], v, step.slots)
         a = ops.paged_attention(
-            q, kv["k"], kv["v"], batch, self.scale, cfg.sliding_window
+            q, kv["k"], kv["v"], step, self.scale, cfg.sliding_window
         )  # (N, H, Dh)
         return linear(self.ops, a.reshape(N, cfg.q_size), w.o)  # (N, D)
 
@@ -122,16 +122,46 @@ class Phi3Model:
         gate_up = linear(self.ops, x, w.gate_up)  # (N, 2F)
         return linear(self.ops, self.ops.silu_mul(gate_up[:, :F], gate_up[:, F:]), w.down)
 
-    def forward(self, batch: Batch, kv: list[dict]):
-        """Batch of N tokens -> logits (R, V) for batch.logits_rows."""
+    def lowering_spec(self) -> Decoder:
+        """This decoder as a backend's fast path may run it (tinyserve/models/spec.py)."""
+        cfg = self.cfg
+        if self.longrope:
+            rope = Rope(self.inv_freq, self.rope_scale, self.inv_freq_long, self.original_len)
+        else:
+            rope = Rope(self.inv_freq, self.rope_scale)
+        layers = tuple(
+            DecoderLayer(
+                attn_norm=w.attn_norm,
+                attn=GQA((w.qkv,), w.o, None, None, rope, cfg.sliding_window, self.scale),
+                post_attn_norm=None,
+                ffn_norm=w.ffn_norm,
+                ffn=GatedMLP((w.gate_up,), w.down, "silu"),
+                post_ffn_norm=None,
+            )
+            for w in self.layers
+        )
+        return Decoder(
+            embed=self.embed,
+            embed_scale=1.0,
+            layers=layers,
+            norm=self.norm,
+            lm_head=self.lm_head,
+            norm_eps=cfg.norm_eps,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+        )
+
+    def forward(self, step: StepMeta, kv: list[dict]):
+        """A step of N tokens -> logits (R, V) for its logits_rows."""
         ops, eps = self.ops, self.cfg.norm_eps
-        positions = ops.from_numpy(batch.positions)
-        long_rows = self._long_rows(batch)
-        x = ops.embedding(ops.from_numpy(batch.token_ids), self.embed)  # (N, D)
+        positions = ops.from_numpy(step.positions)
+        long_rows = self._long_rows(step)
+        x = ops.embedding(ops.from_numpy(step.token_ids), self.embed)  # (N, D)
         for w, layer_kv in zip(self.layers, kv):
             x = x + self.attention(
-                ops.rms_norm(x, w.attn_norm, eps), w, batch, layer_kv, positions, long_rows
+                ops.rms_norm(x, w.attn_norm, eps), w, step, layer_kv, positions, long_rows
             )
             x = x + self.feed_forward(ops.rms_norm(x, w.ffn_norm, eps), w)
-        x = x[ops.from_numpy(batch.logits_rows)]  # (R, D): only the rows we sample from
+        x = x[ops.from_numpy(step.logits_rows)]  # (R, D): only the rows we sample from
         return ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)
