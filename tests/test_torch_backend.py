@@ -218,14 +218,17 @@ def test_new_families_bfloat16_smoke(name, monkeypatch):
         assert first_flip == len(ids)  # dense families: every row held to the max bound
 
 
-# -- the fused Llama stack (torch_llama.py) vs the model's op-by-op forward -----------------------
+# -- the Decoder lowering (torch_decoder.py) vs the model's op-by-op forward ----------------------
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "mixtral", "llama_q8_0"]
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_stack_equals_op_by_op(arch, dtype):
+def test_lowering_equals_op_by_op(arch, dtype):
     """Two routes over the same weights and pools: a mixed prefill + decode step, then a pure
-    decode step (q viewed in place), then a step asking for a subset of rows."""
+    decode step (q viewed in place), then a step asking for a subset of rows (Phi-3's sequences
+    cross its LongRoPE switch at 16 tokens)."""
     from tinyserve.backends.torch_backend import TorchBackend
     from tinyserve.batch import Batch
     from tinyserve.models import build_model
@@ -239,30 +242,30 @@ def test_fused_stack_equals_op_by_op(arch, dtype):
         Batch.build([([1, 2], len(prompts[0]) + 1, tables[0]), ([8], 4, tables[1])], BS, [0, 2]),
     ]
     got = {}
-    for fused in (True, False):
-        b = TorchBackend(dtype=dtype, fused=fused)
+    for lower in (True, False):
+        b = TorchBackend(dtype=dtype, lower=lower)
         model = build_model(ckpt.config, ckpt.tensors, b.ops)
         kv = b.allocate_kv(model.kv_layout(), 12, BS)
-        got[fused] = [b.forward(model, batch, kv) for batch in steps]
-        assert (getattr(model, "_torch_stack", None) is not None) == fused
+        weights = [w.data_ptr() for w in _tensors(model)]
+        got[lower] = [b.forward(model, batch, kv) for batch in steps]
+        assert (b.lowering(model) is not None) == lower
+        assert [w.data_ptr() for w in _tensors(model)] == weights, "the model's weights moved"
     tol = 2e-5 if dtype == "float32" else 0.05
     for i, (a, want) in enumerate(zip(got[True], got[False])):
         assert a.shape == want.shape
         np.testing.assert_allclose(a, want, atol=tol * float(want.std()), err_msg=f"step {i}")
 
 
-def test_fused_stack_holds_each_weight_once():
-    """q/k/v and gate/up become views of their concatenations: the model's op path shares them."""
-    from tinyserve.backends.torch_backend import TorchBackend
-    from tinyserve.batch import Batch
-    from tinyserve.models import build_model
+def _tensors(model) -> list:
+    """Every weight tensor the model's layers hold (the lowering must not rewrite them)."""
+    import torch
 
-    b = TorchBackend()
-    ckpt = tiny_checkpoint("llama")
-    model = build_model(ckpt.config, ckpt.tensors, b.ops)
-    kv = b.allocate_kv(model.kv_layout(), 4, 4)
-    b.forward(model, Batch.build([([3, 4, 5], 0, [1])], 4), kv)
-    layer, fused = model.layers[0], model._torch_stack.layers[0]
-    for lin in (layer.q, layer.k, layer.v):
-        assert lin.w.untyped_storage().data_ptr() == fused.qkv.untyped_storage().data_ptr()
-    assert layer.up.w.untyped_storage().data_ptr() == fused.gate_up.untyped_storage().data_ptr()
+    out = []
+    for layer in model.layers:
+        for value in vars(layer).values() if hasattr(layer, "__dict__") else (
+            getattr(layer, f) for f in layer.__slots__
+        ):
+            w = getattr(value, "w", value)
+            if isinstance(w, torch.Tensor):
+                out.append(w)
+    return out

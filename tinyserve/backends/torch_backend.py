@@ -2,11 +2,11 @@
 
 Weights are uploaded once at load (GGUF blocks and bf16 bits dequantized straight to the compute
 dtype); the paged KV pools live in device memory; one forward runs the whole flat batch. Per step,
-the batch's index arrays go to the device once (`TorchOps.begin`), so no layer waits on the host.
-Attention gathers each sequence's blocks into a padded (S, L) view and runs one masked
-scaled_dot_product_attention over all sequences, query heads grouped under their KV head.
-A plain Llama-family model runs the fused stack of torch_llama.py instead (same maths, about a
-third of the kernel launches); `fused=False` or TINYSERVE_TORCH_FUSED=0 runs it op by op.
+the batch's index arrays go to the device once, in a TorchStep (the StepMeta with device copies),
+so no layer waits on the host. Attention gathers each sequence's blocks into a padded (S, L) view
+and runs one masked scaled_dot_product_attention over all sequences, query heads grouped under
+their KV head. A model declaring a Decoder spec runs the lowering of torch_decoder.py instead
+(same maths, fewer kernel launches); `lower=False` runs it op by op.
 
 This module imports torch at import time; the registry imports it only when "torch" is asked for,
 so `import tinyserve` never does.
@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..batch import Batch
+from ..models.spec import Decoder
+from ..step import StepMeta, as_step
 from .base import Backend
 
 try:
     import torch
     import torch.nn.functional as F
+
+    from .torch_decoder import TorchDecoder, to_device
 except ImportError as _e:  # reported by TorchBackend.availability()
-    torch = None
+    torch = TorchDecoder = None
     _IMPORT_ERROR = str(_e)
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -63,6 +67,18 @@ def _device_problem(kind: str) -> str | None:
     return f"unknown device kind {kind!r}; known: {', '.join(DEVICE_KINDS)}"
 
 
+@dataclass(frozen=True, slots=True)
+class TorchStep(StepMeta):
+    """A StepMeta whose token_ids / positions / slots / logits_rows are device tensors, with the
+    attention layout on the device too; built by TorchOps.step_meta in one host-to-device copy."""
+
+    seq_of_t: Any = None  # (N,) sequence of each token
+    local_t: Any = None  # (N,) its row within that sequence
+    q_pos_t: Any = None  # (S, T) position of each padded query row (padding: 0)
+    tables_t: Any = None  # (S, max_blocks) block tables
+    masks: dict = None  # (window, G, L) -> this step's attention mask, made at first use
+
+
 class TorchOps:
     """The NumpyOps op set on torch tensors of one device and compute dtype."""
 
@@ -70,13 +86,6 @@ class TorchOps:
         self.device, self.dtype = device, dtype
         # float64 rope angles where the device has float64 (MPS does not)
         self.angle_dtype = torch.float32 if device.type == "mps" else torch.float64
-        self._batch: Batch | None = None  # the batch whose metadata is on the device
-        self._uploaded: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # id -> (array, its upload)
-        self._attn_layout: tuple | None = None
-        self._rope: tuple | None = (
-            None  # (positions, inv_freq, {dtype: (cos, sin)}) of the last rope
-        )
-        self._masks: dict = {}  # (sliding window, G, L) -> this forward's attention mask
 
     # -- weights and arrays -------------------------------------------------------------------
 
@@ -109,9 +118,6 @@ class TorchOps:
         """Integer arrays as int64 indices, float arrays in the compute dtype, on the device."""
         if isinstance(x, torch.Tensor):
             return x.to(self.device)
-        hit = self._uploaded.get(id(x))
-        if hit is not None and hit[0] is x:  # one of the current batch's arrays: already there
-            return hit[1]
         x = np.asarray(x)
         if x.dtype.kind in "iub":
             return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(self.device)
@@ -119,45 +125,42 @@ class TorchOps:
             self.device, self.dtype
         )
 
-    # -- per-forward metadata -----------------------------------------------------------------
+    # -- per-step metadata ----------------------------------------------------------------------
 
-    def begin(self, batch: Batch) -> None:
-        """Send the batch's index arrays and its attention layout to the device in one copy."""
-        starts = batch.query_start
-        q_lens = np.diff(starts)  # (S,)
-        S, T = batch.n_seqs, int(q_lens.max(initial=1))
-        seq_of = np.repeat(np.arange(S), q_lens)  # (N,) sequence of each flat token
-        local = np.arange(batch.n_tokens) - starts[:-1][seq_of]  # (N,) its row within that sequence
+    def step_meta(self, batch: Batch) -> TorchStep:
+        """The step's index arrays and attention layout on the device, in one copy."""
+        host = StepMeta.build(batch)
+        S, T = batch.n_seqs, host.max_q_len
         q_pos = np.zeros((S, T), dtype=np.int64)  # padding rows look at position 0 only
-        q_pos[seq_of, local] = batch.positions
+        q_pos[host.seq_of, host.local] = batch.positions
         arrays = [
             batch.token_ids,
             batch.positions,
             batch.slots,
             batch.logits_rows,
-            seq_of,
-            local,
+            host.seq_of,
+            host.local,
             q_pos,
             batch.block_tables,
         ]
         flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays])
-        host = torch.from_numpy(flat)
-        if self.device.type == "cuda":
-            host = host.pin_memory()  # lets the copy run ahead without stalling the host
-        dev = host.to(self.device, non_blocking=True)
+        dev = to_device(flat, self.device)
         views, offset = [], 0
         for a in arrays:
             views.append(dev[offset : offset + a.size].view(a.shape))
             offset += a.size
-        self._batch = batch
-        self._uploaded = {id(a): (a, t) for a, t in zip(arrays[:4], views[:4])}
-        self._attn_layout = (*views[4:], T, int(batch.seq_lens.max(initial=1)))
-        self._rope, self._masks = None, {}
-
-    def end(self) -> None:
-        """Drop the batch's device metadata."""
-        self._batch, self._uploaded, self._attn_layout, self._rope = None, {}, None, None
-        self._masks = {}
+        return TorchStep.build(
+            batch,
+            token_ids=views[0],
+            positions=views[1],
+            slots=views[2],
+            logits_rows=views[3],
+            seq_of_t=views[4],
+            local_t=views[5],
+            q_pos_t=views[6],
+            tables_t=views[7],
+            masks={},
+        )
 
     # -- the ops ------------------------------------------------------------------------------
 
@@ -179,28 +182,15 @@ class TorchOps:
         """(N, h, Dh), (N,), (R/2,) -> (N, h, Dh): rotate the first R dims in halves (NeoX / HF)."""
         positions = self.from_numpy(positions)
         half = inv_freq.shape[0]
-        cos, sin = self._cos_sin(positions, inv_freq, x.dtype)  # (N, 1, R/2) each
+        angles = positions.to(self.angle_dtype)[:, None] * inv_freq.to(self.angle_dtype)  # (N, R/2)
+        # rounded like NumPy's: float64 -> float32, then to the activations' dtype
+        cos = torch.cos(angles).float()[:, None, :].to(x.dtype)  # (N, 1, R/2)
+        sin = torch.sin(angles).float()[:, None, :].to(x.dtype)
         x1, x2 = x[..., :half], x[..., half : 2 * half]  # (N, h, R/2) each
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         if 2 * half == x.shape[-1]:
             return rotated
         return torch.cat([rotated, x[..., 2 * half :]], dim=-1)  # partial rotary: the rest passes
-
-    def _cos_sin(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple:
-        """(N, 1, R/2) cos and sin in dtype, computed once per forward: q and k of every layer
-        share them."""
-        if self._rope is None or self._rope[0] is not positions or self._rope[1] is not inv_freq:
-            angles = positions.to(self.angle_dtype)[:, None] * inv_freq.to(
-                self.angle_dtype
-            )  # (N, R/2)
-            cos = torch.cos(angles).float()[:, None, :]  # rounded like NumPy's: float64 -> float32
-            sin = torch.sin(angles).float()[:, None, :]
-            self._rope = (positions, inv_freq, {torch.float32: (cos, sin)})
-        by_dtype = self._rope[2]
-        if dtype not in by_dtype:
-            cos, sin = by_dtype[torch.float32]
-            by_dtype[dtype] = (cos.to(dtype), sin.to(dtype))
-        return by_dtype[dtype]
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """(N, F), (N, F) -> (N, F): silu(gate) * up."""
@@ -277,15 +267,16 @@ class TorchOps:
         q: torch.Tensor,
         k_pool: torch.Tensor,
         v_pool: torch.Tensor,
-        batch: Batch,
+        step: StepMeta | Batch,
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         """(N, H, Dh), (NB, BS, KVH, Dh) x2 -> (N, H, Dh): causal attention of each sequence's new
         tokens over its whole context, all sequences in one padded, masked kernel call."""
-        if self._batch is not batch:  # called outside a forward (e.g. by the conformance kit)
-            self.begin(batch)
-        seq_of, local, q_pos, tables, T, max_len = self._attn_layout
+        if not isinstance(step, TorchStep):  # called outside a forward (e.g. the conformance kit)
+            step = self.step_meta(as_step(step).batch)
+        seq_of, local, q_pos, tables = step.seq_of_t, step.local_t, step.q_pos_t, step.tables_t
+        T, max_len = step.max_q_len, step.max_seq_len
         q = q.to(k_pool.dtype)
         H, Dh = q.shape[1:]
         BS, KVH, Dv = v_pool.shape[1:]
@@ -300,14 +291,14 @@ class TorchOps:
         qp[seq_of, local] = q  # (S, T, H, Dh) padded per sequence
         # the G query heads of a kv head become G x T query rows against that head's keys
         qp = qp.view(S, T, KVH, G, Dh).permute(0, 2, 1, 3, 4).reshape(S, KVH, T * G, Dh)
-        mask = self._masks.get((sliding_window, G, L))
+        mask = step.masks.get((sliding_window, G, L))
         if mask is None:  # once per forward and window: every layer shares it
             k_pos = torch.arange(L, device=q.device)  # (L,)
             allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # (S, T, L) causal
             if sliding_window is not None:
                 allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
             mask = allowed[:, None, :, None, :].expand(S, 1, T, G, L).reshape(S, 1, T * G, L)
-            self._masks[(sliding_window, G, L)] = mask
+            step.masks[(sliding_window, G, L)] = mask
         o = F.scaled_dot_product_attention(
             qp, k, v, attn_mask=mask, scale=scale
         )  # (S, KVH, T*G, Dv)
@@ -322,13 +313,13 @@ class TorchBackend(Backend):
         device: "cpu" (default), "cuda", "cuda:N", "npu[:N]" (torch_npu), "mps" or "xpu[:N]".
         dtype: "float32", "bfloat16" or "float16"; default float32 on cpu, float16 on mps,
             bfloat16 elsewhere.
+        lower: run declared specs through torch_decoder.py (False: the model file op by op).
     """
 
     name = "torch"
+    lowerings: ClassVar[dict] = {Decoder: TorchDecoder} if TorchDecoder is not None else {}
 
-    def __init__(
-        self, device: str | None = None, dtype: str | None = None, fused: bool | None = None
-    ):
+    def __init__(self, device: str | None = None, dtype: str | None = None, lower: bool = True):
         ok, reason = self.availability()
         if not ok:
             raise ValueError(reason)
@@ -345,15 +336,11 @@ class TorchBackend(Backend):
             torch.empty(1, device=dev)  # a bad index ("cuda:7" on a 1-GPU box) fails here
         except (RuntimeError, AssertionError) as e:
             raise ValueError(f"device {device!r} is not usable: {str(e).splitlines()[0]}") from None
-        super().__init__(device, dtype)
+        super().__init__(device, dtype, lower=lower)
         self.torch_device = dev
         self.torch_dtype = getattr(torch, dtype)
         self.kv_itemsize = torch.tensor([], dtype=self.torch_dtype).element_size()
         self.ops = TorchOps(dev, self.torch_dtype)
-        # the fused Llama stack (torch_llama.py); TINYSERVE_TORCH_FUSED=0 runs every model op by op
-        if fused is None:
-            fused = os.environ.get("TINYSERVE_TORCH_FUSED", "1") != "0"
-        self.fused = fused
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -398,6 +385,9 @@ class TorchBackend(Backend):
                 for pool in layer.values():
                     pool[dst_t] = pool[src_t]
 
+    def step_meta(self, batch: Batch) -> TorchStep:
+        return self.ops.step_meta(batch)
+
     def forward(self, model, batch: Batch, kv: list[dict[str, Any]]) -> np.ndarray:
         """Run the model over one batch; float32 logits (R, V) of batch.logits_rows, on the host."""
         _, logits = self.forward_greedy(
@@ -410,15 +400,12 @@ class TorchBackend(Backend):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Argmax on the device for the greedy rows; only the other rows' logits cross to the host."""
         with torch.inference_mode():
-            stack = self._stack(model)
-            if stack is not None:
-                logits = stack.forward(batch, kv)  # (R, V) on the device
+            step = self.step_meta(batch)
+            lowered = self.lowered(model)
+            if lowered is not None:
+                logits = lowered(step, kv)  # (R, V) on the device
             else:
-                self.ops.begin(batch)
-                try:
-                    logits = model.forward(batch, kv)  # (R, V) on the device
-                finally:
-                    self.ops.end()
+                logits = model.forward(step, kv)
             ids = logits.argmax(dim=-1)  # (R,): cheap, and no data-dependent shapes (no sync)
             if greedy.all():
                 host_rows = np.zeros((0, logits.shape[1]), dtype=np.float32)
@@ -429,22 +416,6 @@ class TorchBackend(Backend):
                 ).float()  # (R-G, V)
                 host_rows = self._to_host(rows)
             return ids.cpu().numpy()[greedy], host_rows  # the step's one wait on the device
-
-    def _stack(self, model):
-        """The fused Llama stack for a plain LlamaModel (built at its first forward), else None."""
-        if not self.fused:
-            return None
-        from ..models.llama import LlamaModel
-
-        if type(model) is not LlamaModel:
-            return None
-        stack = getattr(model, "_torch_stack", None)
-        if stack is None or stack.ops is not self.ops:
-            from .torch_llama import LlamaStack
-
-            stack = LlamaStack(model, self.ops)
-            model._torch_stack = stack
-        return stack
 
     def _to_host(self, x: torch.Tensor) -> np.ndarray:
         if self.torch_device.type != "cuda" or x.numel() == 0:

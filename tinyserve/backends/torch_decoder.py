@@ -1,0 +1,290 @@
+"""The torch backend's lowering of a Decoder spec: the model file's maths in fewer kernels.
+
+A decode step on a GPU is bound by the host (Python and one launch per op), not by the device. So
+for a model declaring a models.spec.Decoder the torch backend runs this instead of the model's
+op-by-op forward, over the very tensors the model holds (nothing copied, nothing rewritten):
+
+- rope's cos / sin computed once per step on the host (float64 angles, as NumpyOps; LongRoPE's
+  long frequencies per token, its attention factor folded in), shipped with the step's index arrays
+  in one copy, and applied to q and k of a layer in one rotation;
+- the additive attention mask (one per distinct window) and the block-gather index built once per
+  step, not per layer;
+- the residual adds fused into the output projections (addmm) where there is no post-norm;
+- decode steps (one new token per sequence) view q in place: no padding scatter, no gather back;
+- a fused qkv / gate_up matrix (Phi-3) is one matmul; separate q, k, v are three.
+
+Mixture-of-experts layers route on the host and run their experts through TorchOps.moe, as the
+model file does. Same weights, same maths; only the rounding order moves (within each dtype's
+tolerance). tests/test_torch_backend.py holds this and the op-by-op forward to one answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.spec import Decoder, DecoderLayer, GatedMLP, MoE, Rope
+from .lowering import NotLowerable
+
+
+@dataclass(slots=True)
+class _Layer:
+    attn_norm: torch.Tensor  # (D,)
+    qkv: list  # [(w, b)]: one fused (q | k | v rows) or three
+    q_norm: torch.Tensor | None  # (Dh,)
+    k_norm: torch.Tensor | None
+    o: torch.Tensor  # (D, H*Dh)
+    o_bias: torch.Tensor | None
+    post_attn_norm: torch.Tensor | None
+    ffn_norm: torch.Tensor
+    ffn: Any  # GatedMLP or MoE (the spec's)
+    post_ffn_norm: torch.Tensor | None
+    rope: int  # index into the step's trig tables
+    window: int | None
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One step's metadata on the device, shared by every layer."""
+
+    token_ids: torch.Tensor  # (N,)
+    slots: torch.Tensor  # (N,) block * BS + offset
+    gather: torch.Tensor  # (S*nb,) the blocks each sequence reads, padded with block 0
+    logits_rows: torch.Tensor | None  # (R,), None when every token's row is wanted in order
+    trig: list  # per rope: (cos, sin) (N, 1, Dh): [cos, cos, 1..] and [-sin, sin, 0..]
+    masks: dict  # window -> (S, 1, 1 or T*G, L) additive mask: 0 where allowed, -inf elsewhere
+    q_src: torch.Tensor | None  # (S*T,) flat token of each padded query row; None at decode
+    out_rows: torch.Tensor | None  # (N,) padded row of each flat token; None at decode
+    n_seqs: int  # S
+    q_len: int  # T, the longest run of new tokens (1 at decode)
+    ctx_len: int  # L = nb * BS, the padded context
+
+
+class TorchDecoder:
+    """A Decoder spec on torch. (TorchStep, kv pools) -> logits (R, V) on the device."""
+
+    name = "torch decoder stack"
+
+    def __init__(self, spec: Decoder, backend):
+        self.spec, self.ops = spec, backend.ops
+        dt = self.ops.dtype
+        # float32 norms keep NumpyOps' formula exactly; narrow dtypes hand the fused kernel its dtype
+        self.norm_dtype = torch.float32 if dt == torch.float32 else dt
+        self.ropes: list[Rope] = []
+        self.layers = [self._layer(layer) for layer in spec.layers]
+        self.final_norm = self._norm_weight(spec.norm)
+        self.windows = sorted({w.window for w in self.layers}, key=lambda w: w or 0)
+
+    def _norm_weight(self, w):
+        return None if w is None else w.to(self.norm_dtype)
+
+    def _layer(self, layer: DecoderLayer) -> _Layer:
+        attn = layer.attn
+        if not isinstance(layer.ffn, (GatedMLP, MoE)):
+            raise NotLowerable(f"feed-forward {type(layer.ffn).__name__}")
+        if 2 * len(attn.rope.inv_freq) > self.spec.head_dim:
+            raise NotLowerable("rope rotates more dims than a head has")
+        return _Layer(
+            attn_norm=self._norm_weight(layer.attn_norm),
+            qkv=[(lin.w, None if lin.b is None else lin.b.to(self.ops.dtype)) for lin in attn.qkv],
+            q_norm=self._norm_weight(attn.q_norm),
+            k_norm=self._norm_weight(attn.k_norm),
+            o=attn.o.w,
+            o_bias=None if attn.o.b is None else attn.o.b.to(self.ops.dtype),
+            post_attn_norm=self._norm_weight(layer.post_attn_norm),
+            ffn_norm=self._norm_weight(layer.ffn_norm),
+            ffn=layer.ffn,
+            post_ffn_norm=self._norm_weight(layer.post_ffn_norm),
+            rope=self._rope_index(attn.rope),
+            window=attn.window,
+        )
+
+    def _rope_index(self, rope: Rope) -> int:
+        for i, known in enumerate(self.ropes):
+            if known is rope:
+                return i
+        self.ropes.append(rope)
+        return len(self.ropes) - 1
+
+    # -- per step -------------------------------------------------------------------------------
+
+    def plan(self, step, block_size: int) -> _Plan:
+        """Index arrays and cos / sin built on the host, sent in two copies; masks on the device."""
+        spec, dev, b = self.spec, self.ops.device, step.batch
+        S, N, T, Dh = b.n_seqs, b.n_tokens, step.max_q_len, spec.head_dim
+        nb = -(-step.max_seq_len // block_size)
+        L = nb * block_size
+        decode = T == 1
+        ints = [b.block_tables[:, :nb]]
+        if not decode:
+            out_rows = step.seq_of * T + step.local  # (N,)
+            q_src = np.zeros(S * T, dtype=np.int64)  # padding rows copy token 0, masked below
+            q_src[out_rows] = np.arange(N)
+            ints += [q_src, out_rows]
+        q_pos = np.zeros((S, T), dtype=np.int64)  # padding rows look at position 0 only
+        q_pos[step.seq_of, step.local] = b.positions
+        ints.append(q_pos)
+        flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in ints])
+        dev_ints = to_device(flat, dev)
+        trig = to_device(self._trig(step), dev).to(self.ops.dtype)  # (n_ropes, N, 2*Dh)
+        views, offset = [], 0
+        for a in ints:
+            views.append(dev_ints[offset : offset + a.size].view(a.shape))
+            offset += a.size
+        q_pos_t = views[-1]  # (S, T)
+        k_pos = torch.arange(L, device=dev)  # (L,)
+        masks = {}
+        for window in self.windows:
+            allowed = k_pos <= q_pos_t[:, :, None]  # (S, T, L) causal
+            if window is not None:
+                allowed &= k_pos > q_pos_t[:, :, None] - window
+            mask = torch.zeros(allowed.shape, dtype=self.ops.dtype, device=dev)
+            mask.masked_fill_(~allowed, float("-inf"))  # (S, T, L)
+            if decode:
+                mask = mask.view(S, 1, 1, L)  # one query row per (kv head, group): broadcast
+            else:
+                G = spec.n_heads // spec.n_kv_heads  # query rows ordered (t, g)
+                mask = mask[:, None, :, None, :].expand(S, 1, T, G, L).reshape(S, 1, T * G, L)
+            masks[window] = mask
+        return _Plan(
+            token_ids=step.token_ids,
+            slots=step.slots,
+            gather=views[0].reshape(-1),
+            logits_rows=None if step.all_rows else step.logits_rows,
+            trig=[(t[:, None, :Dh], t[:, None, Dh:]) for t in trig],
+            masks=masks,
+            q_src=None if decode else views[1],
+            out_rows=None if decode else views[2],
+            n_seqs=S,
+            q_len=T,
+            ctx_len=L,
+        )
+
+    def _trig(self, step) -> np.ndarray:
+        """(n_ropes, N, 2*Dh) float32: per rope [cos, cos, 1...] | [-sin, sin, 0...], so that
+        rotating the first R dims in halves is x * c + swap(x) * s; angles in float64 as NumpyOps,
+        LongRoPE's long frequencies for tokens past its original context, its factor folded in."""
+        b, Dh = step.batch, self.spec.head_dim
+        positions = np.asarray(b.positions, np.float64)
+        out = []
+        for rope in self.ropes:
+            inv = np.asarray(self.ops.to_numpy(rope.inv_freq), np.float32)
+            angles = positions[:, None] * inv  # (N, R/2)
+            if rope.inv_freq_long is not None:
+                long = step.seq_len_of_tokens() > rope.original_len
+                inv_long = np.asarray(self.ops.to_numpy(rope.inv_freq_long), np.float32)
+                angles[long] = positions[long, None] * inv_long
+            cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+            cos, sin = cos * np.float32(rope.scale), sin * np.float32(rope.scale)
+            N, rest = len(positions), Dh - 2 * inv.shape[0]
+            ones, zeros = np.ones((N, rest), np.float32), np.zeros((N, rest), np.float32)
+            out.append(np.concatenate([cos, cos, ones, -sin, sin, zeros], axis=1))
+        return np.stack(out) if out else np.zeros((0, len(positions), 2 * Dh), np.float32)
+
+    # -- the forward ----------------------------------------------------------------------------
+
+    def __call__(self, step, kv: list[dict[str, Any]]) -> torch.Tensor:
+        """A step of N tokens -> logits (R, V) for its logits_rows, on the device."""
+        spec = self.spec
+        m = self.plan(step, kv[0]["k"].shape[1])
+        x = F.embedding(m.token_ids, spec.embed)  # (N, D)
+        if spec.embed_scale != 1.0:
+            x = x * spec.embed_scale
+        for w, layer_kv in zip(self.layers, kv):
+            x = self.attention(x, w, layer_kv, m)
+            x = self.feed_forward(x, w)
+        if m.logits_rows is not None:
+            x = x.index_select(0, m.logits_rows)  # (R, D): only the rows we sample from
+        logits = F.linear(self.norm(x, self.final_norm), spec.lm_head)  # (R, V)
+        cap = spec.logit_softcap
+        return logits if cap is None else self.ops.softcap(logits, cap)
+
+    def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., D) RMSNorm, one fused kernel where torch has one."""
+        return F.rms_norm(x, (x.shape[-1],), w, self.spec.norm_eps)
+
+    def _residual(self, x, a, w, bias, post_norm):
+        """x + post_norm(a @ w.T + bias): one addmm when there is neither."""
+        if bias is None and post_norm is None:
+            return torch.addmm(x, a, w.t())
+        h = F.linear(a, w, bias)
+        return x + (h if post_norm is None else self.norm(h, post_norm))
+
+    def attention(self, x: torch.Tensor, w: _Layer, kv: dict, m: _Plan) -> torch.Tensor:
+        """(N, D) -> (N, D): x plus grouped-query attention over the paged cache."""
+        spec = self.spec
+        N, H, KVH, Dh = x.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
+        G, S, T, L = H // KVH, m.n_seqs, m.q_len, m.ctx_len
+        h = self.norm(x, w.attn_norm)
+        qkv = torch.cat([F.linear(h, wt, b) for wt, b in w.qkv], 1) if len(w.qkv) > 1 else None
+        if qkv is None:
+            qkv = F.linear(h, *w.qkv[0])  # (N, (H+2KVH)*Dh)
+        qk = qkv[:, : (H + KVH) * Dh].view(N, H + KVH, Dh)
+        if w.q_norm is not None:  # Qwen3 / Gemma 3 normalize each head before rotating it
+            qk = torch.cat([self.norm(qk[:, :H], w.q_norm), self.norm(qk[:, H:], w.k_norm)], 1)
+        cos, sin = m.trig[w.rope]
+        R = 2 * len(self.ropes[w.rope].inv_freq)
+        # rope on q and k heads together: x * [cos, cos, 1] + [x2, x1, x_rest] * [-sin, sin, 0]
+        swapped = torch.cat([qk[..., R // 2 : R], qk[..., : R // 2], qk[..., R:]], dim=-1)
+        qk = torch.addcmul(qk * cos, swapped, sin)  # (N, H+KVH, Dh)
+        k = qk[:, H:]  # (N, KVH, Dh)
+        v = qkv[:, (H + KVH) * Dh :].view(N, KVH, Dh)
+        k_pool, v_pool = kv["k"], kv["v"]
+        k_pool.view(-1, KVH, Dh).index_copy_(0, m.slots, k.to(k_pool.dtype))
+        v_pool.view(-1, KVH, Dh).index_copy_(0, m.slots, v.to(v_pool.dtype))
+        # every sequence's context through its block table; padding reads block 0, masked
+        kc = k_pool.index_select(0, m.gather).view(S, L, KVH, Dh).transpose(1, 2)  # (S,KVH,L,Dh)
+        vc = v_pool.index_select(0, m.gather).view(S, L, KVH, Dh).transpose(1, 2)
+        # the G query heads of a kv head become G x T query rows against that head's keys
+        if m.q_src is None:  # decode: token s is sequence s's only row
+            q = qk[:, :H].reshape(S, KVH, G, Dh)
+        else:
+            q = qk[:, :H].index_select(0, m.q_src)  # (S*T, H, Dh) padded per sequence
+            q = q.view(S, T, KVH, G, Dh).permute(0, 2, 1, 3, 4).reshape(S, KVH, T * G, Dh)
+        scale = spec.layers[0].attn.scale
+        o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=m.masks[w.window], scale=scale)
+        if m.out_rows is None:
+            a = o.reshape(N, H * Dh)  # (S, KVH, G, Dh) is already token-major
+        else:
+            o = o.view(S, KVH, T, G, Dh).permute(0, 2, 1, 3, 4).reshape(S * T, H * Dh)
+            a = o.index_select(0, m.out_rows)  # (N, H*Dh)
+        return self._residual(x, a, w.o, w.o_bias, w.post_attn_norm)
+
+    def feed_forward(self, x: torch.Tensor, w: _Layer) -> torch.Tensor:
+        """(N, D) -> (N, D): x plus the gated MLP or the mixture of experts."""
+        h = self.norm(x, w.ffn_norm)
+        ffn = w.ffn
+        if isinstance(ffn, MoE):
+            ops = self.ops
+            ids, weights = ffn.route(ops.to_numpy(ops.matmul(h, ffn.router)))  # (N, K) each
+            y = ops.moe(h, ids, weights, ffn.experts, act=ffn.act)  # (N, D)
+            if ffn.shared is not None:
+                y = y + self._gated(h, ffn.shared)
+            return x + (y if w.post_ffn_norm is None else self.norm(y, w.post_ffn_norm))
+        return self._residual(x, self._act(h, ffn), ffn.down.w, ffn.down.b, w.post_ffn_norm)
+
+    def _act(self, h: torch.Tensor, mlp: GatedMLP) -> torch.Tensor:
+        """(N, D) -> (N, F): act(gate h) * up h."""
+        if len(mlp.gate_up) == 1:
+            gu = F.linear(h, mlp.gate_up[0].w, mlp.gate_up[0].b)  # (N, 2F)
+            gate, up = gu.chunk(2, dim=1)
+        else:
+            gate, up = (F.linear(h, lin.w, lin.b) for lin in mlp.gate_up)
+        if mlp.act == "silu":
+            return F.silu(gate) * up
+        return F.gelu(gate, approximate="tanh") * up
+
+    def _gated(self, h: torch.Tensor, mlp: GatedMLP) -> torch.Tensor:
+        return F.linear(self._act(h, mlp), mlp.down.w, mlp.down.b)
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device; through pinned memory on CUDA so the copy does not stall."""
+    host = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
