@@ -109,11 +109,6 @@ def test_llm_takes_the_environment_under_its_backend_options(tiny_dir, monkeypat
     assert seen == [{"num_threads": 1, "lower": False}, {"num_threads": 3, "lower": False}]
 
 
-# Backend modules whose owners still read the environment themselves; each leaves this set when it
-# takes its settings as constructor arguments.
-STILL_READING = {"tinyserve/backends/cpu.py", "tinyserve/backends/torch_backend.py"}
-
-
 def test_only_settings_reads_the_environment():
     """No module of the package but settings.py touches os.environ / os.getenv."""
     readers: dict[str, list[int]] = {}
@@ -124,4 +119,4 @@ def test_only_settings_reads_the_environment():
         for node in ast.walk(ast.parse(path.read_text(), name)):
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "putenv"):
                 readers.setdefault(name, []).append(node.lineno)
-    assert set(readers) == STILL_READING, readers
+    assert readers == {}
