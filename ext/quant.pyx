@@ -11,16 +11,15 @@ blocks (relative Frobenius error ~5e-3 on Gaussian data).
 
 The work is in ext/quant.h (driver, C API) with quant_scalar.h (portable C) and quant_simd.h
 (+ quant_simd_wide.h, quant_simd_k.h): portable C, AVX2 and AVX-512 VNNI twins picked at run
-time (get_isa / set_isa, env TINYSERVE_QUANT_ISA), the kernel thread pool (ext/pool.h) over chunks of output rows, each
+time (get_isa / set_isa; TINYSERVE_QUANT_ISA through tinyserve.settings), the kernel thread pool (ext/pool.h) over chunks of output rows, each
 weight row read once for a tile of 4 (AVX2) or 8 (VNNI) activation rows. The wrappers here only
 check arguments (ValueError) and release the GIL.
 """
 
-import os
-
 import numpy as np
 
 from tinyserve._ext import blas_min_rows, default_threads, find_blas_local_threads, find_sgemm
+from tinyserve.settings import settings
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint16_t
@@ -130,8 +129,8 @@ def get_blas_min_rows() -> int:
 
 
 set_blas_min_rows(blas_min_rows())
-if os.environ.get("TINYSERVE_QUANT_ISA"):
-    set_isa(os.environ["TINYSERVE_QUANT_ISA"])
+if settings().quant_isa:
+    set_isa(settings().quant_isa)
 
 
 cdef inline int _check_qtype(int qtype) except -1:

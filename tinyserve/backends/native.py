@@ -2,14 +2,14 @@
 
 `kernels` holds the row ops, paged attention and the decoder stack; `quant` the matmuls over
 GGUF blocks and bf16 bits. Either is None when not built or when TINYSERVE_PURE_PYTHON=1 asks for
-the NumPy path (read once, here, at import)."""
+the NumPy path (read once, at import)."""
 
 from __future__ import annotations
 
-import os
+from ..settings import settings
 
 try:
-    if os.environ.get("TINYSERVE_PURE_PYTHON") == "1":
+    if settings().pure_python:
         raise ImportError("TINYSERVE_PURE_PYTHON=1")
     from .._ext import kernels
 
