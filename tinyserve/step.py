@@ -57,6 +57,19 @@ class StepMeta:
         }
         return cls(**{**fields, **arrays})
 
+    # the Batch's other fields, so an op written against a Batch reads a StepMeta alike
+    @property
+    def query_start(self) -> np.ndarray:
+        return self.batch.query_start
+
+    @property
+    def seq_lens(self) -> np.ndarray:
+        return self.batch.seq_lens
+
+    @property
+    def block_tables(self) -> np.ndarray:
+        return self.batch.block_tables
+
     @property
     def n_tokens(self) -> int:
         return self.batch.n_tokens
