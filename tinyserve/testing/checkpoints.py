@@ -10,6 +10,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..loading import Checkpoint
+from .quantize import QK_K, quantize_q4_k
 
 _BASE = {
     "vocab_size": 128,
@@ -78,8 +79,7 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], str]] = {
     "qwen3": ({"model_type": "qwen3", "head_dim": 32}, "float32"),  # q/k norm, Dh != D / H
     "llama_bf16": ({"model_type": "llama"}, "bfloat16"),
     "llama_f16": ({"model_type": "llama"}, "float16"),
-    "llama_q8_0": ({"model_type": "llama"}, "Q8_0"),  # GGUF blocks, dequantized by the backend
-    "llama_q4_0": ({"model_type": "llama"}, "Q4_0"),
+    "llama_q4_0": ({"model_type": "llama"}, "Q4_0"),  # GGUF blocks (more below: _q8_0, _q4_k)
     # the newer families, as tests/fixtures/hf has them (tests/make_fixtures.py), vocab 128
     "gemma3": (
         {
@@ -123,11 +123,88 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], str]] = {
     "deepseek_v3": (_DEEPSEEK_V3, "float32"),  # MLA with q LoRA, YaRN, grouped sigmoid MoE
     "deepseek_v3_qlora": ({**_DEEPSEEK_V3, "q_lora_rank": None}, "float32"),  # q_proj, no LoRA
 }
+
+
+def _longrope(rotary_dim: int) -> dict[str, Any]:
+    """Phi-3's LongRoPE parameters for a rotary dim: short and long factors, switching at 16."""
+    n = rotary_dim // 2
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 16,
+        "short_factor": np.round(np.linspace(1.0, 2.5, n), 3).tolist(),
+        "long_factor": np.round(np.geomspace(1.0, 32.0, n), 3).tolist(),
+    }
+
+
+# The quantized variants: every family in Q8_0 and Q4_K (<family>_q8_0, <family>_q4_k). Q4_K's
+# super-blocks are 256 wide along a row, so these run at widths where a matrix's row (its input
+# features) is whole super-blocks: D 256, F 512, H*Dh 256. A row that is not (DeepSeek's LoRA
+# ranks) falls back to Q8_0, as llama.cpp's quantizer falls back to a 32-wide type (there Q5_0
+# for Q4_K); norms, biases and routers stay float32 as in llama.cpp's files.
+QUANT_TYPES = ("Q8_0", "Q4_K")
+QUANT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "mixtral", "phi3", "deepseek_v3")
+_WIDE = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}  # 4 heads, 2 kv heads
+_WIDE_FAMILY: dict[str, dict[str, Any]] = {
+    "qwen3": {"head_dim": 128},  # Dh != D / H, as in the float32 variant
+    "gemma3": {"head_dim": 64},
+    "mixtral": {"intermediate_size": 256},  # per expert
+    "phi3": {"rope_parameters": _longrope(48)},  # rotary 3/4 of Dh 64
+    "deepseek_v3": {
+        "num_hidden_layers": 2,  # one dense layer, one MoE layer
+        "q_lora_rank": 64,  # q_b and kv_b rows: Q8_0 under Q4_K
+        "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "moe_intermediate_size": 256,
+    },
+}
+for _family in QUANT_FAMILIES:
+    for _qtype in QUANT_TYPES:
+        ARCHITECTURES[f"{_family}_{_qtype.lower()}"] = (
+            {**ARCHITECTURES[_family][0], **_WIDE, **_WIDE_FAMILY.get(_family, {})},
+            _qtype,
+        )
+QUANTIZED_ARCHITECTURES = [name for name, (_, s) in ARCHITECTURES.items() if s.startswith("Q")]
+
 # mixtures of experts: a router's top-k is a discrete choice (see _pinned_routing)
-MOE_ARCHITECTURES = ("mixtral", "deepseek_v3", "deepseek_v3_qlora")
+MOE_ARCHITECTURES = tuple(
+    name
+    for name, (overrides, _) in ARCHITECTURES.items()
+    if overrides["model_type"] in ("mixtral", "deepseek_v3")
+)
 
-
-GREEDY_ARCHITECTURES = ["llama", "mistral", "qwen3", "llama_q8_0", "gemma3", "phi3", "deepseek_v3"]
+# The quantized variants in the greedy, batching and lowering checks: a subset, to keep the kit's
+# run time modest (each check runs on every backend): every family once in Q4_K, a few in Q8_0.
+GREEDY_ARCHITECTURES = [
+    "llama",
+    "mistral",
+    "qwen3",
+    "gemma3",
+    "phi3",
+    "deepseek_v3",
+    *(f"{family}_q4_k" for family in QUANT_FAMILIES),
+    "llama_q8_0",
+]
+# batched == alone, paged == contiguous and chunked == whole: every family, float32 and quantized
+BATCH_ARCHITECTURES = [
+    "llama_q4_k",
+    "qwen2",  # q/k/v biases
+    "qwen3_q8_0",
+    "mistral",  # sliding window: attention must mask by position
+    "gemma3_q4_k",
+    "mixtral_q8_0",
+    "phi3",  # LongRoPE
+    "deepseek_v3_q4_k",
+]
+# the fused lowering == op by op: every family in Q4_K, and Q8_0 where llama.cpp files mostly are
+LOWERING_ARCHITECTURES = [
+    *(f"{family}_q4_k" for family in QUANT_FAMILIES),
+    "llama_q8_0",
+    "mixtral_q8_0",
+]
 
 
 def tiny_checkpoint(arch: str = "llama", seed: int = 0) -> Checkpoint:
@@ -142,9 +219,11 @@ def tiny_checkpoint(arch: str = "llama", seed: int = 0) -> Checkpoint:
     D, V = cfg.hidden_size, cfg.vocab_size
     tensors: dict[str, Any] = {}
 
-    def matrix(name: str, rows: int, cols: int, std: float | None = None) -> None:
+    def matrix(
+        name: str, rows: int, cols: int, std: float | None = None, router: bool = False
+    ) -> None:
         w = rng.standard_normal((rows, cols), dtype=np.float32) * (std or 1 / math.sqrt(cols))
-        tensors[name] = _stored(w, storage)
+        tensors[name] = w if router else _stored(w, storage)  # routers stay float32
 
     def vector(name: str, size: int, mean: float = 1.0) -> None:
         tensors[name] = (mean + 0.1 * rng.standard_normal(size, dtype=np.float32)).astype(
@@ -209,7 +288,7 @@ def _mixtral_tensors(cfg: ModelConfig, matrix, vector) -> None:
         vector(f"{p}.post_attention_layernorm.weight", D)
         _attention_tensors(p, cfg, matrix)
         moe = f"{p}.block_sparse_moe"
-        matrix(f"{moe}.gate.weight", cfg.n_experts, D, std=1.0)  # router: spread-out choices
+        matrix(f"{moe}.gate.weight", cfg.n_experts, D, std=1.0, router=True)  # spread-out choices
         for e in range(cfg.n_experts):
             matrix(f"{moe}.experts.{e}.w1.weight", F, D)
             matrix(f"{moe}.experts.{e}.w3.weight", F, D)
@@ -252,7 +331,7 @@ def _deepseek_v3_tensors(cfg: ModelConfig, matrix, vector) -> None:
             experts, F = [mlp], cfg.intermediate_size
         else:
             F = cfg.moe_intermediate_size
-            matrix(f"{mlp}.gate.weight", E, D, std=1.0)  # router
+            matrix(f"{mlp}.gate.weight", E, D, std=1.0, router=True)
             vector(f"{mlp}.gate.e_score_correction_bias", E, mean=0.0)
             experts = [f"{mlp}.experts.{e}" for e in range(E)]
             experts.append(f"{mlp}.shared_experts")  # F x n_shared_experts (1 here)
@@ -287,5 +366,9 @@ def _stored(w: np.ndarray, storage: str):
 
     from ..loading.gguf_file import QuantTensor
 
+    if storage == "Q4_K":
+        if w.shape[-1] % QK_K == 0:
+            return QuantTensor(GGMLQuantizationType.Q4_K, w.shape, quantize_q4_k(w))
+        storage = "Q8_0"  # a row that is not whole super-blocks (see QUANT_TYPES)
     qtype = GGMLQuantizationType[storage]
     return QuantTensor(qtype, w.shape, quantize(w, qtype))

@@ -14,7 +14,7 @@ from ..loading import Checkpoint
 from ..models import build_model
 from ..models.rope import rope_inv_freq
 from ..sampling import SamplingParams
-from .checkpoints import MOE_ARCHITECTURES, tiny_checkpoint
+from .checkpoints import ARCHITECTURES, MOE_ARCHITECTURES, tiny_checkpoint
 from .routing import _pinned_routing
 from .tolerances import _dtype, _logits_atol, tolerance
 
@@ -178,11 +178,13 @@ def check_logits(backend, arch: str, seed: int = 0) -> None:
     """The backend's logits of every position match the numpy backend's on a random checkpoint:
     one prompt of 29 tokens, one of 11 (Phi-3's LongRoPE: both sides of its switch at 16).
 
-    Mixtures of experts below float32 get the reference's expert choices (_pinned_routing): a
-    near-tie between two experts may flip under rounding and move whole rows, a discrete event
-    that says nothing about the backend's arithmetic."""
+    Mixtures of experts below float32, or with quantized weights (whose activations a backend may
+    round to 8 bits), get the reference's expert choices (_pinned_routing): a near-tie between
+    two experts may flip under rounding and move whole rows, a discrete event that says nothing
+    about the backend's arithmetic."""
     ckpt = tiny_checkpoint(arch, seed)
-    pin = arch in MOE_ARCHITECTURES and _dtype(backend) != "float32"
+    quantized = ARCHITECTURES[arch][1].startswith("Q")
+    pin = arch in MOE_ARCHITECTURES and (_dtype(backend) != "float32" or quantized)
     for ids in _prompts(seed + 1, lengths=(29, 11)):
         choices: list[np.ndarray] = []
         with _pinned_routing(choices, replay=False):
@@ -214,9 +216,9 @@ def check_greedy(backend, arch: str = "llama", n_tokens: int = 12, seed: int = 0
             )
 
 
-def check_batched_equals_alone(backend, seed: int = 0) -> None:
+def check_batched_equals_alone(backend, arch: str = "qwen2", seed: int = 0) -> None:
     """Sequences batched with others (prefill chunks and decodes mixed) get the logits they get alone."""
-    ckpt = tiny_checkpoint("qwen2", seed)
+    ckpt = tiny_checkpoint(arch, seed)
     model = build_model(ckpt.config, ckpt.tensors, backend.ops)
     BS = 4
     prompts = _prompts(seed + 3, lengths=(9, 3, 14))
@@ -234,22 +236,29 @@ def check_batched_equals_alone(backend, seed: int = 0) -> None:
     together = run([0, 1, 2])
     for s in range(3):
         alone = run([s])
-        atol = _logits_atol(backend, alone[0])
+        atol = _logits_atol(backend, alone[0], arch)
         _close(together[0][s : s + 1], alone[0], atol, f"prefill of sequence {s} batched vs alone")
         _close(together[1][s : s + 1], alone[1], atol, f"decode of sequence {s} batched vs alone")
     engine = _engine(ckpt, backend)
     batched = _greedy(engine, prompts, 6)
-    if (getattr(backend, "dtype", None) or "float32") == "float32":
-        assert batched == [_greedy(engine, [p], 6)[0] for p in prompts], "greedy batched != alone"
+    if _dtype(backend) == "float32":
+        alone = [_greedy(engine, [p], 6)[0] for p in prompts]
+        assert batched == alone, f"{arch}: greedy batched {batched} != alone {alone}"
 
 
-def check_paged_equals_contiguous(backend, seed: int = 0) -> None:
+def check_paged_equals_contiguous(backend, arch: str = "mistral", seed: int = 0) -> None:
     """A sequence in scattered blocks of a pool full of other data == the same in blocks 0, 1, 2, ...;
     and prefill in chunks with cached decode == one forward over everything."""
-    ckpt = tiny_checkpoint("mistral", seed)  # sliding window: attention must mask by position
+    ckpt = tiny_checkpoint(arch, seed)
     model = build_model(ckpt.config, ckpt.tensors, backend.ops)
     BS, NB = 4, 16
-    ids = _prompts(seed + 4, lengths=(22,))[0]
+    n_tokens = 22
+    rs = ckpt.config.rope_scaling or {}
+    if rs.get("rope_type") == "longrope":
+        # LongRoPE picks its factors from the sequence's length at each forward, so chunks shorter
+        # than the switch would rotate differently from the whole (as in transformers): stay below
+        n_tokens = int(rs["original_max_position_embeddings"])
+    ids = _prompts(seed + 4, lengths=(n_tokens,))[0]
     n_blocks = -(-len(ids) // BS)
     rows = list(range(len(ids)))
 
@@ -265,15 +274,61 @@ def check_paged_equals_contiguous(backend, seed: int = 0) -> None:
     backend.forward(model, Batch.build([(noise, 0, list(range(NB)))], BS), kv)
     scattered = list(np.random.default_rng(seed).permutation(NB)[:n_blocks])
     paged = np.asarray(backend.forward(model, Batch.build([(ids, 0, scattered)], BS, rows), kv))
-    _close(paged, contiguous, _logits_atol(backend, contiguous), "fragmented pool vs contiguous")
+    atol = _logits_atol(backend, contiguous, arch)
+    _close(paged, contiguous, atol, f"{arch}: fragmented pool vs contiguous")
 
     kv = backend.allocate_kv(model.kv_layout(), NB, BS)
     stepwise, start = [], 0
     for n in (5, 8, 1, 7, 1):  # chunked prefill, then decodes reading the cached K/V
         chunk = ids[start : start + n]
-        b = Batch.build([(chunk, start, scattered)], BS, list(range(n)))
+        if not chunk:
+            break
+        b = Batch.build([(chunk, start, scattered)], BS, list(range(len(chunk))))
         stepwise.append(np.asarray(backend.forward(model, b, kv)))
-        start += n
-    _close(
-        np.concatenate(stepwise), contiguous, _logits_atol(backend, contiguous), "chunked vs full"
+        start += len(chunk)
+    _close(np.concatenate(stepwise), contiguous, atol, f"{arch}: chunked vs full")
+
+
+def check_lowering_equals_op_by_op(
+    backend_name: str,
+    arch: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+) -> str | None:
+    """The backend's fast form of a model (its lowering, `lower=True`) gives the logits of the
+    model file run op by op on the same backend (`lower=False`), and in float32 the same greedy
+    tokens. Returns the name of the lowering that ran (None: the model has none there).
+
+    Skips (pytest.skip) a backend whose constructor takes no `lower` argument."""
+    import inspect
+
+    import pytest
+
+    from ..backends import create_backend, get_backend_class
+
+    cls = get_backend_class(backend_name)
+    if "lower" not in inspect.signature(cls.__init__).parameters:
+        pytest.skip(f"backend {backend_name!r} takes no `lower` argument: one way to run a model")
+    ckpt = tiny_checkpoint(arch, seed)
+    lowered, op_by_op = (
+        create_backend(backend_name, device=device, dtype=dtype, lower=lower)
+        for lower in (True, False)
     )
+    for b in (lowered, op_by_op):
+        assert callable(getattr(b, "lowering", None)), f"{backend_name}: no lowering(model) method"
+    name = lowered.lowering(build_model(ckpt.config, ckpt.tensors, lowered.ops))
+    off = op_by_op.lowering(build_model(ckpt.config, ckpt.tensors, op_by_op.ops))
+    assert off is None, f"{backend_name} lower=False still lowers {arch} ({off!r})"
+    print(f"{backend_name}: {arch} runs as {name or 'op by op'}")
+    for ids in _prompts(seed + 6, lengths=(29, 11)):
+        want = _engine(ckpt, op_by_op).logits(ids)  # (T, V)
+        got = _engine(ckpt, lowered).logits(ids)
+        what = f"{arch} logits, {backend_name} lowering {name!r} vs op by op"
+        _close(np.asarray(got), np.asarray(want), _logits_atol(lowered, want, arch), what)
+    if _dtype(lowered) == "float32":
+        prompts = _prompts(seed + 7)
+        want_ids = _greedy(_engine(ckpt, op_by_op), prompts, 8)
+        got_ids = _greedy(_engine(ckpt, lowered), prompts, 8)
+        assert got_ids == want_ids, f"{arch}: greedy with lowering {name!r} != op by op"
+    return name

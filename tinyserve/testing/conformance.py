@@ -5,11 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..backends import create_backend
-from .checkpoints import ARCHITECTURES, GREEDY_ARCHITECTURES, MOE_ARCHITECTURES
+from .checkpoints import (
+    ARCHITECTURES,
+    BATCH_ARCHITECTURES,
+    GREEDY_ARCHITECTURES,
+    LOWERING_ARCHITECTURES,
+    MOE_ARCHITECTURES,
+)
 from .checks import (
     check_batched_equals_alone,
     check_greedy,
     check_logits,
+    check_lowering_equals_op_by_op,
     check_ops,
     check_paged_equals_contiguous,
 )
@@ -31,6 +38,10 @@ class BackendConformance:
             metafunc.parametrize("conformance_arch", list(ARCHITECTURES))
         if "conformance_greedy_arch" in metafunc.fixturenames:
             metafunc.parametrize("conformance_greedy_arch", GREEDY_ARCHITECTURES)
+        if "conformance_batch_arch" in metafunc.fixturenames:
+            metafunc.parametrize("conformance_batch_arch", BATCH_ARCHITECTURES)
+        if "conformance_lowering_arch" in metafunc.fixturenames:
+            metafunc.parametrize("conformance_lowering_arch", LOWERING_ARCHITECTURES)
 
     def test_availability(self):
         from ..backends import get_backend_class
@@ -53,11 +64,16 @@ class BackendConformance:
             pytest.skip("a router's near-tie may flip below float32 (test_logits pins routing)")
         check_greedy(backend, conformance_greedy_arch)
 
-    def test_batched_equals_alone(self):
-        check_batched_equals_alone(self.make_backend())
+    def test_batched_equals_alone(self, conformance_batch_arch):
+        check_batched_equals_alone(self.make_backend(), conformance_batch_arch)
 
-    def test_paged_equals_contiguous(self):
-        check_paged_equals_contiguous(self.make_backend())
+    def test_paged_equals_contiguous(self, conformance_batch_arch):
+        check_paged_equals_contiguous(self.make_backend(), conformance_batch_arch)
+
+    def test_lowering_equals_op_by_op(self, conformance_lowering_arch):
+        check_lowering_equals_op_by_op(
+            self.backend, conformance_lowering_arch, self.device, self.dtype
+        )
 
 
 def conformance_tests(backend: str, device: str | None = None, dtype: str | None = None) -> type:

@@ -36,7 +36,8 @@ def tolerance(backend) -> Tolerance:
 
 # A backend may round activations to 8 bits for its dot products with GGUF blocks (llama.cpp's
 # q8 x q4 kernels do); on quantized checkpoints logits may then move by this much (x their std).
-QUANTIZED_ACTIVATION_TOLERANCE = 0.1
+# Not 0.1: MLA's chain of low-rank products (DeepSeek in Q4_K) rounds its activations more often.
+QUANTIZED_ACTIVATION_TOLERANCE = 0.15
 
 
 def _logits_atol(backend, reference: np.ndarray, arch: str = "llama") -> float:
