@@ -14,6 +14,9 @@ every repeat, so drift and noise hit both); every figure is the median over the 
   a model's runs. A child's ru_maxrss also counts the parent's RSS at spawn, so the parent here
   stays plain Python (no NumPy, no model): the models are resolved and the bandwidth measured in
   a child too.
+- quiet: the share of the machine's CPU other processes took during each run (/proc/stat less
+  the child's own rusage); a noisy run is flagged. llama.cpp's spinning thread pool slows many
+  times over when a core is shared, so a busy machine flatters tinyserve.
 - ISA (/proc/cpuinfo flags), read bandwidth (NumPy sum over 512 MiB, --threads threads, best of
   5) and the floor: weight bytes a decode step reads / that bandwidth.
 
@@ -48,6 +51,7 @@ TPOT_TARGET = 0.8  # tinyserve TPOT <= 0.8 x llama.cpp's
 PREFILL_TARGET = {"smollm2-135m-instruct": 2.0, "gemma3-270m": 1.5}  # prefill >= N x
 RSS_TARGET = 1.2  # peak RSS <= 1.2 x llama.cpp's
 ENGINES = ("tinyserve", "llama.cpp")
+NOISY = 0.05  # a run during which other processes took more of the CPU than this is flagged
 
 
 # -- children (each a fresh `python this_script --child ...`) --------------------------------------
@@ -75,9 +79,9 @@ def info_child(a) -> dict:
 
 def weight_bytes_per_token(path) -> int:
     """Bytes of every matrix a decode step reads: the layers, the norms and the output head."""
-    from tinyserve.loading import load_checkpoint
+    from tinyserve.loading.gguf_file import read_gguf  # the tensors only: no config needed
 
-    tensors = load_checkpoint(path).tensors
+    tensors = read_gguf(path).tensors
     total = 0
     for name, t in tensors.items():
         if name == "model.embed_tokens.weight" and "lm_head.weight" in tensors:
@@ -153,24 +157,34 @@ def child_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in CHILD_ENV_DROP}
 
 
-def run(cmd: list[str]) -> tuple[str, float]:
-    """(stdout, peak RSS in MiB) of one child, its rusage read with wait4."""
+def run(cmd: list[str]) -> tuple[str, dict]:
+    """(stdout, {peak RSS MiB, share of the machine's CPU others used meanwhile}) of one child."""
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: no deadlock on a full pipe
+        busy0, t0 = busy_cpu_s(), time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=child_env(), text=True)
         stdout = p.stdout.read()  # not communicate(): it would reap the child before wait4
         p.stdout.close()
         _, status, usage = os.wait4(p.pid, 0)
+        wall, busy = time.perf_counter() - t0, busy_cpu_s() - busy0
         p.returncode = code = os.waitstatus_to_exitcode(status)
         if code != 0:
             err.seek(0)
             raise SystemExit(f"child failed ({code}): {' '.join(cmd)}\n{err.read()[-3000:]}")
-    return stdout, usage.ru_maxrss / 1024
+    others = max(0.0, busy - usage.ru_utime - usage.ru_stime) / (wall * os.cpu_count())
+    return stdout, {"rss_mib": usage.ru_maxrss / 1024, "others_cpu": others}
 
 
-def run_py_child(a, *args) -> tuple[dict, float]:
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def run_py_child(a, *args) -> tuple[dict, dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(a.threads), *args]
-    stdout, rss = run(cmd)
-    return json.loads(stdout.strip().splitlines()[-1]), rss
+    stdout, stats = run(cmd)
+    return json.loads(stdout.strip().splitlines()[-1]), stats
 
 
 def find_llama_bench(given: str | None) -> Path:
@@ -195,18 +209,18 @@ def llama_bench_features(exe: Path) -> dict:
     return {"depth": "--n-depth" in text, "fa": "on" if fa_words else "1"}
 
 
-def llama_bench(a, exe: Path, feats: dict, model: str, kind: str, P: int) -> tuple[dict, float]:
+def llama_bench(a, exe: Path, feats: dict, model: str, kind: str, P: int) -> tuple[dict, dict]:
     cmd = [str(exe), "-m", model, "-t", str(a.threads), "-r", "1", "-fa", feats["fa"], "-o", "json"]
     if kind == "prefill":
         cmd += ["-p", str(P), "-n", "0"]
     else:
         cmd += ["-p", "0", "-n", str(a.output_len)] + (["-d", str(P)] if feats["depth"] else [])
-    stdout, rss = run(cmd)
+    stdout, stats = run(cmd)
     (test,) = json.loads(stdout)
     ts = test["avg_ts"]
     res = {"build": f"{test.get('build_commit')} ({test.get('build_number')})"}
     res.update({"prefill_tok_s": ts} if kind == "prefill" else {"tpot_ms": 1e3 / ts})
-    return res, rss
+    return res, stats
 
 
 def cpu_isa() -> dict:
@@ -290,17 +304,20 @@ def main(argv=None) -> int:
     for m in info["models"]:
         samples: dict = {e: {} for e in ENGINES}
         rss: dict = {e: [] for e in ENGINES}
+        others: list[float] = []  # per run: the machine's CPU share other processes took
         for rep in range(a.repeats):
             for P in lens:
                 for kind in ("prefill", "decode"):
                     for engine in ENGINES if rep % 2 == 0 else ENGINES[::-1]:
                         print(f"[{m['name']}] repeat {rep + 1}: {engine} {kind} P={P}", file=log)
-                        value, peak = measure(a, exe, feats, m, engine, kind, P, rep)
+                        value, stats = measure(a, exe, feats, m, engine, kind, P, rep)
                         samples[engine].setdefault(f"{kind}_{P}", []).append(value)
-                        rss[engine].append(peak)
+                        rss[engine].append(stats["rss_mib"])
+                        others.append(stats["others_cpu"])
         m["samples"] = samples
         m["median"] = {e: {k: median(v) for k, v in samples[e].items()} for e in ENGINES}
         m["peak_rss_mib"] = {e: max(rss[e]) for e in ENGINES}
+        m["others_cpu"] = others
         r["models"].append(m)
     r["load_avg_end"] = os.getloadavg()
     print(json.dumps(r, indent=1) if a.json else report(r, lens))
@@ -308,17 +325,17 @@ def main(argv=None) -> int:
 
 
 def measure(a, exe, feats, m: dict, engine: str, kind: str, P: int, rep: int):
-    """(prefill tok/s or TPOT ms, peak RSS MiB) of one run; notes what each engine was in `m`."""
+    """(prefill tok/s or TPOT ms, run()'s stats) of one run; notes each engine's build in `m`."""
     if engine == "tinyserve":
-        res, peak = run_py_child(
+        res, stats = run_py_child(
             a, "--child", "tinyserve", "--model", m["path"], "--kind", kind,
             "--prompt-len", str(P), "--output-len", str(a.output_len), "--repeat", str(rep),
         )  # fmt: skip
         m["tinyserve_blas"], m["tinyserve_describe"] = res["blas"], res["describe"]
     else:
-        res, peak = llama_bench(a, exe, feats, m["path"], kind, P)
+        res, stats = llama_bench(a, exe, feats, m["path"], kind, P)
         m["llama_build"] = res["build"]
-    return res["prefill_tok_s" if kind == "prefill" else "tpot_ms"], peak
+    return res["prefill_tok_s" if kind == "prefill" else "tpot_ms"], stats
 
 
 def parent_rss_mib() -> float:
@@ -360,6 +377,7 @@ def report(r: dict, lens: list[int]) -> str:
             f"## {m['name']}: {Path(m['path']).name} ({m['file_bytes'] / 2**20:.1f} MiB)",
             f"tinyserve: {m.get('tinyserve_describe')}; BLAS: {m.get('tinyserve_blas')}",
             f"llama.cpp build {m.get('llama_build')}",
+            busy_note(m["others_cpu"]),
             "",
             "| metric | tinyserve | llama.cpp | ratio | target | met |",
             "|---|---|---|---|---|---|",
@@ -389,6 +407,17 @@ def report(r: dict, lens: list[int]) -> str:
                 + f"llama.cpp {median(ll[k]) / floor_ms:.2f}x"
             )
     return "\n".join(out)
+
+
+def busy_note(others: list[float]) -> str:
+    """How much of the machine other processes took while these runs ran."""
+    note = (
+        f"other processes took {median(others):.0%} of the machine's CPU during a run (median; "
+        f"worst run {max(others):.0%})"
+    )
+    if max(others) > NOISY:
+        note += ": NOT QUIET, other work competes for the cores; rerun before quoting"
+    return note
 
 
 def row(name, ours: list, theirs: list, fmt, target, sense) -> str:
