@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 from tinyserve.backends import create_backend
 from tinyserve.config import ModelConfig
 from tinyserve.engine import Engine, EngineConfig
-from tinyserve.loading import Checkpoint
+from tinyserve.loading import Checkpoint, config_from_hf
 from tinyserve.sampling import SamplingParams
 
 # Llama-3.2-1B's config.json, less the tokenizer ids
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     backend = create_backend("torch", device=args.device, dtype=dtype)
-    cfg = ModelConfig.from_hf(TINY if args.tiny else LLAMA_3_2_1B)
+    cfg = config_from_hf(TINY if args.tiny else LLAMA_3_2_1B)
     t = time.perf_counter()
     ckpt = random_checkpoint(cfg, backend.torch_device, dtype)
     # KV room for every request's whole context at the top level at once: no preemption

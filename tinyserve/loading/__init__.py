@@ -11,6 +11,15 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import ModelNotFound, UnsafeCheckpoint, WeightsError
+from .model_config import config_from_gguf, config_from_hf, config_from_json_file
+
+__all__ = [
+    "Checkpoint",
+    "config_from_gguf",
+    "config_from_hf",
+    "config_from_json_file",
+    "load_checkpoint",
+]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -48,7 +57,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if path.is_dir():
         from .safetensors_file import read_safetensors_dir
 
-        config = ModelConfig.from_json_file(path / "config.json")
+        config = config_from_json_file(path / "config.json")
         if (
             not any(path.glob("*.safetensors"))
             and not (path / "model.safetensors.index.json").exists()

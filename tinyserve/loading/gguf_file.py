@@ -17,14 +17,17 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..config import ModelConfig
 from ..errors import ConfigError, ModelNotFound, WeightsError
+from ..models.family import Family
+from ..models.registry import gguf_family
 from .ggml_quants import (  # noqa: F401 - QK_K, Q re-exported: they lived here
     DENSE_TYPES,
     QK_K,
@@ -36,6 +39,7 @@ from .ggml_quants import (  # noqa: F401 - QK_K, Q re-exported: they lived here
 )
 from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from .gguf_header import BadFile, HeaderReader, TruncatedFile
+from .model_config import config_from_gguf
 
 # -- the quantized tensor -----------------------------------------------------------------
 
@@ -98,97 +102,27 @@ class QuantTensor:
 Tensor = np.ndarray | QuantTensor
 
 
-# -- GGUF names -> Hugging Face names -----------------------------------------------------
+# -- GGUF names -> Hugging Face names (each family declares its map) ------------------------
 
-# Per architecture: whole-tensor names and per-block tensor names (without .weight/.bias).
-_LLAMA_GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "rope_freqs.weight": "rope_freqs",  # llama3 rope factors (Llama-3.1 GGUFs)
-}
-_LLAMA_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LLAMA_BLOCK_MOE = {  # Mixtral (filed as llama): router and stacked experts (E, out, in)
-    **_LLAMA_BLOCK,
-    "ffn_gate_inp": "block_sparse_moe.gate",
-    "ffn_gate_exps": "block_sparse_moe.experts.w1",  # stacked: every expert's gate, (E*F, D)
-    "ffn_down_exps": "block_sparse_moe.experts.w2",  # (E*D, F)
-    "ffn_up_exps": "block_sparse_moe.experts.w3",  # (E*F, D)
-}
-_GEMMA3_BLOCK = {
-    **_LLAMA_BLOCK,
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-_PHI3_GLOBAL = {
-    **_LLAMA_GLOBAL,
-    "rope_factors_long.weight": "rope_factors_long",
-    "rope_factors_short.weight": "rope_factors_short",
-}
-_PHI3_BLOCK = {
-    **_LLAMA_BLOCK,
-    "attn_qkv": "self_attn.qkv_proj",
-    "ffn_up": "mlp.gate_up_proj",  # llama.cpp keeps Phi-3's fused gate/up under ffn_up
-}
-_DEEPSEEK2_BLOCK = {
-    **_LLAMA_BLOCK,
-    "attn_q_a": "self_attn.q_a_proj",
-    "attn_q_a_norm": "self_attn.q_a_layernorm",
-    "attn_q_b": "self_attn.q_b_proj",
-    "attn_q": "self_attn.q_proj",
-    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
-    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
-    "attn_kv_b": "self_attn.kv_b_proj",
-    "attn_k_b": "self_attn.k_b_proj",  # newer converters split kv_b: merged back at load
-    "attn_v_b": "self_attn.v_b_proj",
-    "ffn_gate_inp": "mlp.gate",
-    "exp_probs_b": "mlp.gate.e_score_correction",  # + ".bias": e_score_correction_bias
-    "ffn_gate_exps": "mlp.experts.gate_proj",  # stacked (E*F, D)
-    "ffn_up_exps": "mlp.experts.up_proj",
-    "ffn_down_exps": "mlp.experts.down_proj",
-    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
-    "ffn_up_shexp": "mlp.shared_experts.up_proj",
-    "ffn_down_shexp": "mlp.shared_experts.down_proj",
-}
-TENSOR_NAMES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
-    "llama": (_LLAMA_GLOBAL, _LLAMA_BLOCK_MOE),
-    "gemma3": (_LLAMA_GLOBAL, _GEMMA3_BLOCK),
-    "phi3": (_PHI3_GLOBAL, _PHI3_BLOCK),
-    "deepseek2": (_LLAMA_GLOBAL, _DEEPSEEK2_BLOCK),
-    "mistral": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
-    "qwen2": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
-    "qwen3": (_LLAMA_GLOBAL, _LLAMA_BLOCK),
-}
-# Archs whose q/k llama.cpp stores permuted for its interleaved ("normal") rope; NeoX-rope archs
-# (qwen2, qwen3) are stored as in the HF checkpoint.
-PERMUTED_QK_ARCHS = {"llama", "mistral"}
-# Archs whose RMSNorm gains llama.cpp stores as 1 + w (Gemma applies norms as (1 + w)): undone at load.
-NORM_PLUS_ONE_ARCHS = {"gemma3"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _QK_RE = re.compile(r"model\.layers\.\d+\.self_attn\.[qk]_proj\.(weight|bias)")
 
 
-def gguf_to_hf_name(name: str, arch: str) -> str:
+def gguf_to_hf_name(name: str, arch: str, metadata: Mapping[str, Any] | None = None) -> str:
     """GGUF tensor name -> Hugging Face name; names without a mapping are returned unchanged."""
-    global_names, block_names = TENSOR_NAMES.get(arch, ({}, {}))
-    if name in global_names:
-        return global_names[name]
+    found = gguf_family({**(metadata or {}), "general.architecture": arch})
+    return _hf_name(name, found[0] if found else None)
+
+
+def _hf_name(name: str, family: Family | None) -> str:
+    """name as the family's GGUF name map renames it; unchanged if it has no entry."""
+    if family is None:
+        return name
+    if name in family.gguf_global_names:
+        return family.gguf_global_names[name]
     m = _BLOCK_RE.fullmatch(name)
-    if m and m.group(2) in block_names:
-        hf = f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in family.gguf_block_names:
+        hf = f"model.layers.{m.group(1)}.{family.gguf_block_names[m.group(2)]}.{m.group(3)}"
         # DeepSeek's router bias: HF names it e_score_correction_bias, one attribute
         return hf.replace("e_score_correction.bias", "e_score_correction_bias")
     return name
@@ -233,11 +167,9 @@ class GGUFModelFile:
     def arch(self) -> str:
         return self.metadata.get("general.architecture", "")
 
-    def config(self):
+    def config(self) -> ModelConfig:
         """ModelConfig from this file's metadata (raises UnsupportedArchitecture / ConfigError)."""
-        from ..config import ModelConfig
-
-        return ModelConfig.from_gguf(self.metadata, set(self.gguf_names.values()))
+        return config_from_gguf(self.metadata, set(self.gguf_names.values()))
 
 
 def read_gguf(path: str | Path) -> GGUFModelFile:
@@ -265,26 +197,34 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
         raise WeightsError(f"{path} is corrupt: {_one_line(e)}") from None
 
     _drop_pages(mm, 0, data_start)  # the header is parsed into Python values: never read again
-    arch = metadata.get("general.architecture", "")
+    found = gguf_family(metadata)  # None: unsupported, names left as they are; config() says so
+    family = found[0] if found else None
     tensors: dict[str, Tensor] = {}
     gguf_names: dict[str, str] = {}
     for name, shape, qtype, offset in infos:
-        hf_name = gguf_to_hf_name(name, arch)
+        hf_name = _hf_name(name, family)
         tensors[hf_name] = _tensor(path, mm, name, shape, qtype, data_start + offset)
         gguf_names[hf_name] = name
+    if family is not None:
+        _undo_quirks(path, mm, family, metadata, tensors, gguf_names)
+    return GGUFModelFile(path=path, metadata=metadata, tensors=tensors, gguf_names=gguf_names)
+
+
+def _undo_quirks(path: Path, mm, family: Family, metadata, tensors, gguf_names) -> None:
+    """Undo how llama.cpp stores the family's tensors (its declared quirks), in place."""
+    arch = metadata.get("general.architecture", "")
     before = dict(tensors)  # the mapped originals (q/k are replaced by un-permuted copies below)
-    if arch in PERMUTED_QK_ARCHS:
+    if arch in family.gguf_permuted_qk:
         _unpermute_qk(path, arch, metadata, tensors)
         for name in tensors:  # un-permuting copied q/k: the file's pages of them are not read again
             if _QK_RE.fullmatch(name) and name in gguf_names:
                 _drop_pages(mm, *_span(mm, before[name]))
-    if arch in NORM_PLUS_ONE_ARCHS:
+    if family.gguf_norms_plus_one:
         for hf_name, name in gguf_names.items():
             if name.endswith("norm.weight"):
                 tensors[hf_name] = np.asarray(tensors[hf_name], dtype=np.float32) - np.float32(1.0)
-    if arch == "deepseek2":
-        _merge_kv_b(path, tensors, gguf_names)
-    return GGUFModelFile(path=path, metadata=metadata, tensors=tensors, gguf_names=gguf_names)
+    if family.gguf_fix_tensors is not None:
+        family.gguf_fix_tensors(path, tensors, gguf_names)
 
 
 def _tensor(path, mm, name: str, shape: tuple[int, ...], qtype_id: int, start: int) -> Tensor:
@@ -350,51 +290,6 @@ def _unpermute_qk(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str
                 tensors[name] = unpermute_from_gguf(tensor, heads)
             except WeightsError as e:
                 raise WeightsError(f"{path}: tensor {name}: {e}") from None
-
-
-_K_B_RE = re.compile(r"(model\.layers\.\d+\.self_attn\.)k_b_proj\.weight")
-
-
-def _merge_kv_b(path: Path, tensors: dict[str, Tensor], gguf_names: dict[str, str]):
-    """MLA's kv_b_proj (H*(dn+dv), r) back from the attn_k_b (H, r, dn) / attn_v_b (H, dv, r) pair
-    newer convert_hf_to_gguf.py writes instead (k_b transposed for llama.cpp's absorbed product).
-
-    The model dequantizes kv_b at load anyway, so the merged tensor is float32."""
-    for k_name in [n for n in tensors if _K_B_RE.fullmatch(n)]:
-        prefix = _K_B_RE.fullmatch(k_name).group(1)
-        v_name, kv_name = f"{prefix}v_b_proj.weight", f"{prefix}kv_b_proj.weight"
-        if v_name not in tensors:
-            raise WeightsError(f"{path}: {gguf_names[k_name]} has no matching attn_v_b tensor")
-        k_b, v_b = _dense(tensors.pop(k_name)), _dense(tensors.pop(v_name))
-        if k_b.ndim == 2 or v_b.ndim == 2:  # quantized: rows of all heads folded together
-            k_b, v_b = _heads_like(k_b, v_b, path, gguf_names[k_name])
-        if k_b.ndim != 3 or v_b.ndim != 3 or k_b.shape[:2] != (v_b.shape[0], v_b.shape[2]):
-            raise WeightsError(
-                f"{path}: {gguf_names[k_name]} {k_b.shape} and its attn_v_b {v_b.shape} are not "
-                f"(H, r, dn) and (H, dv, r)"
-            )
-        kv_b = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)  # (H, dn + dv, r)
-        tensors[kv_name] = np.ascontiguousarray(kv_b.reshape(-1, kv_b.shape[-1]))  # (H*(dn+dv), r)
-        gguf_names[kv_name] = gguf_names.pop(k_name).replace("attn_k_b", "attn_kv_b")
-        gguf_names.pop(v_name)
-
-
-def _dense(t: Tensor) -> np.ndarray:
-    return t.dequantize() if isinstance(t, QuantTensor) else np.asarray(t, dtype=np.float32)
-
-
-def _heads_like(k_b: np.ndarray, v_b: np.ndarray, path: Path, name: str):
-    """Quantized k_b (H*r, dn) / v_b (H*dv, r) -> (H, r, dn), (H, dv, r): r is v_b's row length."""
-    r = v_b.shape[-1]
-    if k_b.ndim == 2:
-        if k_b.shape[0] % r:
-            raise WeightsError(f"{path}: {name} rows {k_b.shape[0]} do not split into heads of {r}")
-        k_b = k_b.reshape(-1, r, k_b.shape[-1])  # (H, r, dn)
-    if v_b.ndim == 2:
-        if v_b.shape[0] % k_b.shape[0]:
-            raise WeightsError(f"{path}: attn_v_b rows {v_b.shape[0]} do not match {name}'s heads")
-        v_b = v_b.reshape(k_b.shape[0], -1, r)  # (H, dv, r)
-    return k_b, v_b
 
 
 def _per_layer(value: int | list[int], layer: int) -> int:

@@ -1,8 +1,7 @@
-"""Model families: config.family -> the class that implements it, imported on first use."""
+"""Model families (one file each, listed in registry.py) and the weight plumbing they share."""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,20 +9,12 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import WeightsError
-
-_FAMILIES = {
-    "llama": "tinyserve.models.llama:LlamaModel",
-    "gemma3": "tinyserve.models.gemma3:Gemma3Model",
-    "mixtral": "tinyserve.models.mixtral:MixtralModel",
-    "phi3": "tinyserve.models.phi3:Phi3Model",
-    "deepseek_v3": "tinyserve.models.deepseek_v3:DeepseekV3Model",
-}
+from .registry import get_family
 
 
 def build_model(cfg: ModelConfig, tensors: dict, ops):
     """The model for cfg with its weights handed to the backend's ops."""
-    module, _, name = _FAMILIES[cfg.family].partition(":")
-    return getattr(importlib.import_module(module), name)(cfg, tensors, ops)
+    return get_family(cfg.family).model(cfg, tensors, ops)
 
 
 @dataclass(slots=True)

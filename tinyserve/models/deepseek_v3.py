@@ -13,14 +13,18 @@ experts. Reference: transformers' modeling_deepseek_v3.py.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import ConfigError, WeightsError
 from ..step import StepMeta
 from . import WeightReader, as_numpy
+from .family import GGUF_BLOCK, Family, round_near
 from .moe import load_experts, route_sigmoid_grouped, route_softmax
 from .rope import interleaved_to_halves, rope_attention_factor, rope_inv_freq, yarn_softmax_mscale
 
@@ -223,3 +227,157 @@ class DeepseekV3Model:
             x = x + self.feed_forward(ops.rms_norm(x, w.ffn_norm, eps), w.ffn)
         x = x[ops.from_numpy(step.logits_rows)]  # (R, D): only the rows we sample from
         return ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)
+
+
+# -- the family: what checkpoints say about it -----------------------------------------------
+
+
+def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    dn, dr = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
+    q_lora = hf.get("q_lora_rank")
+    return {
+        "n_kv_heads": int(hf["num_attention_heads"]),  # MLA: every head has its own k/v
+        "head_dim": dn + dr,
+        "hidden_act": hf.get("hidden_act", "silu"),
+        "q_lora_rank": None if q_lora is None else int(q_lora),
+        "kv_lora_rank": int(hf["kv_lora_rank"]),
+        "qk_nope_head_dim": dn,
+        "qk_rope_head_dim": dr,
+        "v_head_dim": int(hf["v_head_dim"]),
+        "rope_interleave": bool(hf.get("rope_interleave", True)),
+        "n_experts": int(hf.get("n_routed_experts") or 0),
+        "n_experts_per_tok": int(hf.get("num_experts_per_tok") or 0),
+        "moe_intermediate_size": int(hf.get("moe_intermediate_size") or 0),
+        "n_shared_experts": int(hf.get("n_shared_experts") or 0),
+        "first_k_dense_replace": int(hf.get("first_k_dense_replace") or 0),
+        "scoring_func": hf.get("scoring_func", "sigmoid"),
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
+        "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+        "n_group": int(hf.get("n_group") or 1),
+        "topk_group": int(hf.get("topk_group") or 1),
+    }
+
+
+def _config_from_gguf(get, n_layers: int, tensor_names: set[str]) -> dict[str, Any]:
+    dr = int(get("rope.dimension_count"))
+    dk = int(get("attention.key_length_mla", 0) or get("attention.key_length"))
+    dv = int(get("attention.value_length_mla", 0) or get("attention.value_length"))
+    q_lora = int(get("attention.q_lora_rank", 0))
+    n_heads = int(get("attention.head_count"))
+    kw = {
+        "n_kv_heads": n_heads,
+        "head_dim": dk,
+        "q_lora_rank": q_lora or None,
+        "kv_lora_rank": int(get("attention.kv_lora_rank")),
+        "qk_nope_head_dim": dk - dr,
+        "qk_rope_head_dim": dr,
+        "v_head_dim": dv,
+        "rope_interleave": True,
+        "n_experts": int(get("expert_count", 0)),
+        "n_experts_per_tok": int(get("expert_used_count", 0)),
+        "moe_intermediate_size": int(get("expert_feed_forward_length", 0)),
+        "n_shared_experts": int(get("expert_shared_count", 0)),
+        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
+        "scoring_func": _gating_func(int(get("expert_gating_func", 0))),
+        "norm_topk_prob": bool(get("expert_weights_norm", False)),
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
+        "n_group": int(get("expert_group_count", 1)),
+        "topk_group": int(get("expert_group_used_count", 1)),
+    }
+    stype = get("rope.scaling.type", "none")
+    if stype == "yarn":
+        # convert stores 0.1 * mscale_all_dim as yarn_log_multiplier (deepseek2's legacy
+        # convention) and no mscale: DeepSeek-V3 / Kimi-K2 configs have mscale = 1
+        rs = {
+            "rope_type": "yarn",
+            "factor": float(get("rope.scaling.factor")),
+            "original_max_position_embeddings": int(get("rope.scaling.original_context_length")),
+            "mscale": 1.0,
+            "mscale_all_dim": round_near(float(get("rope.scaling.yarn_log_multiplier", 0.1)) * 10),
+        }
+        for key in ("beta_fast", "beta_slow"):
+            value = get(f"rope.scaling.yarn_{key}", 0.0)
+            if value:
+                rs[key] = float(value)
+        kw["rope_scaling"] = rs
+    return kw
+
+
+def _gating_func(value: int) -> str:
+    """llama.cpp's expert_gating_func id -> scoring_func; absent (0) means softmax (DeepSeek-V2)."""
+    names = {0: "softmax", 1: "softmax", 2: "sigmoid"}
+    if value not in names:
+        raise ConfigError(f"expert_gating_func {value} is not supported (1 softmax, 2 sigmoid)")
+    return names[value]
+
+
+_K_B_RE = re.compile(r"(model\.layers\.\d+\.self_attn\.)k_b_proj\.weight")
+
+
+def _merge_kv_b(path: Path, tensors: dict, gguf_names: dict[str, str]) -> None:
+    """MLA's kv_b_proj (H*(dn+dv), r) back from the attn_k_b (H, r, dn) / attn_v_b (H, dv, r) pair
+    newer convert_hf_to_gguf.py writes instead (k_b transposed for llama.cpp's absorbed product).
+
+    The model dequantizes kv_b at load anyway, so the merged tensor is float32."""
+    for k_name in [n for n in tensors if _K_B_RE.fullmatch(n)]:
+        prefix = _K_B_RE.fullmatch(k_name).group(1)
+        v_name, kv_name = f"{prefix}v_b_proj.weight", f"{prefix}kv_b_proj.weight"
+        if v_name not in tensors:
+            raise WeightsError(f"{path}: {gguf_names[k_name]} has no matching attn_v_b tensor")
+        k_b = np.asarray(as_numpy(tensors.pop(k_name)), dtype=np.float32)
+        v_b = np.asarray(as_numpy(tensors.pop(v_name)), dtype=np.float32)
+        if k_b.ndim == 2 or v_b.ndim == 2:  # quantized: rows of all heads folded together
+            k_b, v_b = _heads_like(k_b, v_b, path, gguf_names[k_name])
+        if k_b.ndim != 3 or v_b.ndim != 3 or k_b.shape[:2] != (v_b.shape[0], v_b.shape[2]):
+            raise WeightsError(
+                f"{path}: {gguf_names[k_name]} {k_b.shape} and its attn_v_b {v_b.shape} are not "
+                f"(H, r, dn) and (H, dv, r)"
+            )
+        kv_b = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)  # (H, dn + dv, r)
+        tensors[kv_name] = np.ascontiguousarray(kv_b.reshape(-1, kv_b.shape[-1]))  # (H*(dn+dv), r)
+        gguf_names[kv_name] = gguf_names.pop(k_name).replace("attn_k_b", "attn_kv_b")
+        gguf_names.pop(v_name)
+
+
+def _heads_like(k_b: np.ndarray, v_b: np.ndarray, path: Path, name: str):
+    """Quantized k_b (H*r, dn) / v_b (H*dv, r) -> (H, r, dn), (H, dv, r): r is v_b's row length."""
+    r = v_b.shape[-1]
+    if k_b.ndim == 2:
+        if k_b.shape[0] % r:
+            raise WeightsError(f"{path}: {name} rows {k_b.shape[0]} do not split into heads of {r}")
+        k_b = k_b.reshape(-1, r, k_b.shape[-1])  # (H, r, dn)
+    if v_b.ndim == 2:
+        if v_b.shape[0] % k_b.shape[0]:
+            raise WeightsError(f"{path}: attn_v_b rows {v_b.shape[0]} do not match {name}'s heads")
+        v_b = v_b.reshape(k_b.shape[0], -1, r)  # (H, dv, r)
+    return k_b, v_b
+
+
+FAMILY = Family(
+    name="deepseek_v3",
+    model=DeepseekV3Model,
+    model_types=("deepseek_v3", "kimi_k2"),
+    gguf_archs={"deepseek2": "deepseek_v3"},  # llama.cpp's arch for DeepSeek-V2/V3 and Kimi-K2
+    config_from_hf=_config_from_hf,
+    config_from_gguf=_config_from_gguf,
+    gguf_block_names={
+        **GGUF_BLOCK,
+        "attn_q_a": "self_attn.q_a_proj",
+        "attn_q_a_norm": "self_attn.q_a_layernorm",
+        "attn_q_b": "self_attn.q_b_proj",
+        "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+        "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+        "attn_kv_b": "self_attn.kv_b_proj",
+        "attn_k_b": "self_attn.k_b_proj",  # newer converters split kv_b: merged back at load
+        "attn_v_b": "self_attn.v_b_proj",
+        "ffn_gate_inp": "mlp.gate",
+        "exp_probs_b": "mlp.gate.e_score_correction",  # + ".bias": e_score_correction_bias
+        "ffn_gate_exps": "mlp.experts.gate_proj",  # stacked (E*F, D)
+        "ffn_up_exps": "mlp.experts.up_proj",
+        "ffn_down_exps": "mlp.experts.down_proj",
+        "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+        "ffn_up_shexp": "mlp.shared_experts.up_proj",
+        "ffn_down_shexp": "mlp.shared_experts.down_proj",
+    },
+    gguf_fix_tensors=_merge_kv_b,
+)

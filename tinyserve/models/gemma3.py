@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ModelConfig
-from ..errors import ConfigError
+from ..config import FULL, SLIDING, ModelConfig
+from ..errors import ConfigError, UnsupportedArchitecture
 from ..step import StepMeta
 from . import Linear, WeightReader, as_numpy, linear
+from .family import GGUF_BLOCK, Family, rope_scaling_from_hf, round_near
 from .rope import default_inv_freq, rope_inv_freq
 from .spec import GQA, Decoder, DecoderLayer, GatedMLP, Rope
 
@@ -168,3 +169,84 @@ class Gemma3Model:
         logits = ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)
         cap = self.cfg.final_logit_softcapping
         return logits if cap is None else ops.softcap(logits, cap)  # cap * tanh(logits / cap)
+
+
+# -- the family: what checkpoints say about it -----------------------------------------------
+
+
+def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    if "text_config" in hf:
+        raise UnsupportedArchitecture(
+            "Gemma 3 multimodal checkpoints (Gemma3ForConditionalGeneration) are not supported; "
+            "use a text-only (gemma3_text) checkpoint or GGUF"
+        )
+    if hf.get("attn_logit_softcapping") is not None or hf.get("use_bidirectional_attention"):
+        raise ConfigError(
+            "Gemma 3 attention logit soft-capping / bidirectional attention is not supported"
+        )
+    n = int(hf["num_hidden_layers"])
+    types = hf.get("layer_types")
+    if not types:  # older configs: every `sliding_window_pattern`-th layer is global
+        pattern = int(hf.get("sliding_window_pattern") or 6)
+        types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    rp = hf.get("rope_parameters") or {}
+    if isinstance(rp.get(FULL), dict):  # transformers >= 5: one rope dict per layer type
+        theta = rp[FULL].get("rope_theta", 1e6)
+        local_theta = (rp.get(SLIDING) or {}).get("rope_theta", 1e4)
+        scaling = rope_scaling_from_hf(rp[FULL])
+    else:  # 4.x: rope_theta / rope_scaling for global layers, rope_local_base_freq for local ones
+        theta = hf.get("rope_theta") or 1e6
+        local_theta = hf.get("rope_local_base_freq") or 1e4
+        scaling = rope_scaling_from_hf(hf.get("rope_scaling"))
+    cap = hf.get("final_logit_softcapping")
+    return {
+        "head_dim": int(hf.get("head_dim") or 256),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "hidden_act": hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
+        "layer_types": tuple(types),
+        "rope_theta": float(theta),
+        "rope_local_theta": float(local_theta),
+        "rope_scaling": scaling,
+        "query_pre_attn_scalar": float(hf.get("query_pre_attn_scalar") or 256),
+        "final_logit_softcapping": None if cap is None else float(cap),
+    }
+
+
+def _config_from_gguf(get, n_layers: int, tensor_names: set[str]) -> dict[str, Any]:
+    # llama.cpp: every 6th layer global, local rope base 10000, q scaled by 1/sqrt(head_dim)
+    pattern = get("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # newer files: one flag per layer, True = sliding
+        types = [SLIDING if p else FULL for p in pattern]
+    else:
+        types = [SLIDING if (i + 1) % int(pattern) else FULL for i in range(n_layers)]
+    head_dim = int(get("attention.key_length"))
+    cap = get("final_logit_softcapping", 0.0)
+    # llama.cpp's Gemma 3 graph scales q by 1/sqrt(head_dim); a file may say otherwise with
+    # attention.scale (= query_pre_attn_scalar^-1/2, written where the two differ)
+    scale = get("attention.scale", 0.0)
+    scalar = float(head_dim) if not scale else round_near(float(scale) ** -2)
+    return {
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_types": tuple(types),
+        "rope_local_theta": float(get("rope.freq_base_swa", 10000.0)),
+        "query_pre_attn_scalar": scalar,
+        "final_logit_softcapping": float(cap) if cap else None,
+    }
+
+
+FAMILY = Family(
+    name="gemma3",
+    model=Gemma3Model,
+    model_types=("gemma3", "gemma3_text"),
+    gguf_archs={"gemma3": "gemma3"},
+    config_from_hf=_config_from_hf,
+    config_from_gguf=_config_from_gguf,
+    gguf_block_names={  # four norms per layer
+        **GGUF_BLOCK,
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    gguf_norms_plus_one=True,  # llama.cpp stores Gemma's norm gains as 1 + w
+)

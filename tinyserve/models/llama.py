@@ -15,6 +15,7 @@ from typing import Any
 from ..config import ModelConfig
 from ..step import StepMeta
 from . import Linear, WeightReader, linear
+from .family import Family
 from .rope import rope_inv_freq
 from .spec import GQA, Decoder, DecoderLayer, GatedMLP, Rope
 
@@ -145,3 +146,30 @@ class LlamaModel:
             x = x + self.feed_forward(ops.rms_norm(x, w.ffn_norm, eps), w)
         x = x[ops.from_numpy(step.logits_rows)]  # (R, D): only the rows we sample from
         return ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)
+
+
+# -- the family: what checkpoints say about it -----------------------------------------------
+
+
+def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {"qk_norm": hf.get("model_type") == "qwen3"}
+    if hf.get("model_type") in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        kw["sliding_window"] = None  # Qwen configs carry a window they do not use
+    return kw
+
+
+def _config_from_gguf(get, n_layers: int, tensor_names: set[str]) -> dict[str, Any]:
+    return {"qk_norm": "blk.0.attn_q_norm.weight" in tensor_names}  # Qwen3's per-head q/k norm
+
+
+FAMILY = Family(
+    name="llama",
+    model=LlamaModel,
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    gguf_archs={"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"},
+    config_from_hf=_config_from_hf,
+    config_from_gguf=_config_from_gguf,
+    # llama.cpp's rope for these is interleaved ("normal"); NeoX-rope archs (qwen2, qwen3) keep
+    # q/k as in the HF checkpoint
+    gguf_permuted_qk=frozenset({"llama", "mistral"}),
+)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from . import Linear, WeightReader
+from .family import GGUF_BLOCK, Family
 from .llama import LlamaModel
 from .moe import load_experts, route_softmax
 from .rope import rope_inv_freq
@@ -89,3 +90,42 @@ class MixtralModel(LlamaModel):
 
     def ffn_spec(self, w: LayerWeights) -> MoE:
         return MoE(w.router, self.route, w.experts, "silu")
+
+
+# -- the family: what checkpoints say about it -----------------------------------------------
+
+
+def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "hidden_act": hf.get("hidden_act", "silu"),
+        "n_experts": int(hf["num_local_experts"]),
+        "n_experts_per_tok": int(hf["num_experts_per_tok"]),
+        "moe_intermediate_size": int(hf["intermediate_size"]),
+    }
+
+
+def _config_from_gguf(get, n_layers: int, tensor_names: set[str]) -> dict[str, Any]:
+    return {
+        "n_experts": int(get("expert_count")),
+        "n_experts_per_tok": int(get("expert_used_count")),
+        "moe_intermediate_size": int(get("feed_forward_length")),
+    }
+
+
+FAMILY = Family(
+    name="mixtral",
+    model=MixtralModel,
+    model_types=("mixtral",),
+    gguf_archs={"llama": "mixtral"},  # llama.cpp files Mixtral under llama, with expert_count
+    gguf_marker="expert_count",
+    config_from_hf=_config_from_hf,
+    config_from_gguf=_config_from_gguf,
+    gguf_block_names={  # router and stacked experts
+        **GGUF_BLOCK,
+        "ffn_gate_inp": "block_sparse_moe.gate",
+        "ffn_gate_exps": "block_sparse_moe.experts.w1",  # every expert's gate, (E*F, D)
+        "ffn_down_exps": "block_sparse_moe.experts.w2",  # (E*D, F)
+        "ffn_up_exps": "block_sparse_moe.experts.w3",  # (E*F, D)
+    },
+    gguf_permuted_qk=frozenset({"llama"}),  # as for Llama: llama.cpp's interleaved rope
+)

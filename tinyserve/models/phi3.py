@@ -20,6 +20,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..step import StepMeta
 from . import Linear, WeightReader, linear
+from .family import GGUF_BLOCK, GGUF_GLOBAL, Family, rope_scaling_from_hf
 from .rope import longrope_inv_freq, longrope_original_len, rope_attention_factor, rope_inv_freq
 from .spec import GQA, Decoder, DecoderLayer, GatedMLP, Rope
 
@@ -165,3 +166,56 @@ class Phi3Model:
             x = x + self.feed_forward(ops.rms_norm(x, w.ffn_norm, eps), w)
         x = x[ops.from_numpy(step.logits_rows)]  # (R, D): only the rows we sample from
         return ops.matmul(ops.rms_norm(x, self.norm, eps), self.lm_head)  # (R, V)
+
+
+# -- the family: what checkpoints say about it -----------------------------------------------
+
+
+def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    rp = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if rp.get("rope_type", rp.get("type")) in ("su", "yarn"):  # Phi-3's old names for LongRoPE
+        rp["rope_type"] = "longrope"
+    if "original_max_position_embeddings" in hf:
+        rp.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
+    factor = hf.get("partial_rotary_factor") or rp.get("partial_rotary_factor") or 1.0
+    return {
+        "hidden_act": hf.get("hidden_act", "silu"),
+        "rope_scaling": rope_scaling_from_hf(rp),
+        "partial_rotary_factor": float(factor),
+    }
+
+
+def _config_from_gguf(get, n_layers: int, tensor_names: set[str]) -> dict[str, Any]:
+    head_dim = int(get("embedding_length")) // int(get("attention.head_count"))
+    rot = int(get("rope.dimension_count", head_dim))
+    orig = int(get("rope.scaling.original_context_length", 0))
+    # convert writes no rope.scaling.type for Phi-3, and the original context for every Phi-3
+    # (Phi-3-mini-4k too, whose rope is plain): the LongRoPE factors, stored as the tensors
+    # rope_factors_long/short (the model reads them there), are what mark LongRoPE
+    scaling = None
+    if orig and {"rope_factors_long.weight", "rope_factors_short.weight"} <= tensor_names:
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": orig}
+        attn_factor = get("rope.scaling.attn_factor", 0.0)
+        if attn_factor:  # sqrt(1 + ln(scale) / ln(orig)), as convert computed it
+            scaling["attention_factor"] = float(attn_factor)
+    return {"head_dim": head_dim, "partial_rotary_factor": rot / head_dim, "rope_scaling": scaling}
+
+
+FAMILY = Family(
+    name="phi3",
+    model=Phi3Model,
+    model_types=("phi3",),
+    gguf_archs={"phi3": "phi3"},
+    config_from_hf=_config_from_hf,
+    config_from_gguf=_config_from_gguf,
+    gguf_global_names={
+        **GGUF_GLOBAL,
+        "rope_factors_long.weight": "rope_factors_long",
+        "rope_factors_short.weight": "rope_factors_short",
+    },
+    gguf_block_names={
+        **GGUF_BLOCK,
+        "attn_qkv": "self_attn.qkv_proj",
+        "ffn_up": "mlp.gate_up_proj",  # llama.cpp keeps Phi-3's fused gate/up under ffn_up
+    },
+)

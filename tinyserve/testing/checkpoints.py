@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig
-from ..loading import Checkpoint
+from ..loading import Checkpoint, config_from_hf
 from .quantize import QK_K, quantize_q4_k
 
 _BASE = {
@@ -214,7 +214,7 @@ def tiny_checkpoint(arch: str = "llama", seed: int = 0) -> Checkpoint:
             f"unknown architecture variant {arch!r}; known: {', '.join(ARCHITECTURES)}"
         )
     overrides, storage = ARCHITECTURES[arch]
-    cfg = ModelConfig.from_hf({**_BASE, **overrides})
+    cfg = config_from_hf({**_BASE, **overrides})
     rng = np.random.default_rng(seed)
     D, V = cfg.hidden_size, cfg.vocab_size
     tensors: dict[str, Any] = {}
