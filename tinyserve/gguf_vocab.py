@@ -10,8 +10,11 @@ transformers convert_slow_tokenizer.py (LlamaConverter).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from .errors import TokenizerError
 
@@ -115,17 +118,24 @@ def gguf_spm(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> An
     normal = {t: i for i, t in enumerate(tokens) if types[i] == TOKEN_NORMAL and vocab[t] == i}
     # sentencepiece BPE merges the adjacent pair whose union scores highest; a merge list sorted
     # by the union's score gives the same order (ties: lower ids first, as in HF's extractor).
-    merges = []
+    # A vocab of 262k pieces has ~500k such pairs: kept as three flat arrays, not as tuples.
+    union_score, left_ids, right_ids = array("d"), array("q"), array("q")
     for piece, i in normal.items():
         for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in normal and right in normal:
-                merges.append((-scores[i], normal[left], normal[right], left, right))
-    merges.sort()
+            left, right = normal.get(piece[:k]), normal.get(piece[k:])
+            if left is not None and right is not None:
+                union_score.append(-scores[i])
+                left_ids.append(left)
+                right_ids.append(right)
+    left_ids, right_ids = np.frombuffer(left_ids, np.int64), np.frombuffer(right_ids, np.int64)
+    order = np.lexsort((right_ids, left_ids, np.frombuffer(union_score, np.float64)))
+    merges = [
+        (tokens[a], tokens[b]) for a, b in zip(left_ids[order].tolist(), right_ids[order].tolist())
+    ]
     unk_id = next((i for i, t in enumerate(types) if t == TOKEN_UNKNOWN), None)
     bpe = models.BPE(
         vocab,
-        [(m[3], m[4]) for m in merges],
+        merges,
         unk_token=tokens[unk_id] if unk_id is not None else None,
         byte_fallback=True,
         fuse_unk=True,

@@ -69,6 +69,9 @@ class CpuDecoder:
         head = spec.lm_head
         self.argmax_head = native.is_quant(head) and native.quant_supports(head.qtype)
         self.n_steps = 0
+        # built at the first forward, after loading the checkpoint and building the tokenizer
+        # freed far more heap than they kept: hand it back before the weights' pages come in
+        trim_heap()
 
     # -- building the stack ---------------------------------------------------------------------
 
