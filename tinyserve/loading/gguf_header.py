@@ -25,7 +25,8 @@ class BadFile(Exception):
     """Not a GGUF file this reader understands (magic, version, byte order)."""
 
 
-# String arrays longer than this (the vocab: tokens, merges) stay raw bytes until read
+# String arrays longer than this (the vocab: tokens, merges) stay raw bytes until read, numeric
+# ones (scores, token types) NumPy arrays
 _LAZY_STRINGS = 1024
 
 _SCALARS = {  # GGUF value type -> little-endian NumPy dtype
@@ -74,8 +75,9 @@ class HeaderReader:
             item_type, count = self._u32(), self._u64()
             if item_type in _SCALARS:  # one vectorized read for numeric arrays
                 dtype = np.dtype(_SCALARS[GGUFValueType(item_type)])
-                raw = self._take(count * dtype.itemsize)
-                return np.frombuffer(raw, dtype=dtype).tolist()
+                values = np.frombuffer(self._take(count * dtype.itemsize), dtype=dtype)
+                # a vocab's scores / token types stay one array (a list: 32 bytes an item)
+                return values.copy() if count > _LAZY_STRINGS else values.tolist()
             if item_type == GGUFValueType.STRING and count > _LAZY_STRINGS:
                 try:
                     strings, self.pos = GGUFStrings.parse(self.buf, self.pos, count)
