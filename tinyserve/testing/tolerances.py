@@ -36,8 +36,9 @@ def tolerance(backend) -> Tolerance:
 
 # A backend may round activations to 8 bits for its dot products with GGUF blocks (llama.cpp's
 # q8 x q4 kernels do); on quantized checkpoints logits may then move by this much (x their std).
-# Not 0.1: MLA's chain of low-rank products (DeepSeek in Q4_K) rounds its activations more often.
-QUANTIZED_ACTIVATION_TOLERANCE = 0.15
+# Not 0.1: MLA's chain of low-rank products (DeepSeek) and a mixture's experts (Mixtral in Q4_K)
+# round activations more often than one dense layer does; op by op and fused alike.
+QUANTIZED_ACTIVATION_TOLERANCE = 0.2
 
 
 def _logits_atol(backend, reference: np.ndarray, arch: str = "llama") -> float:
