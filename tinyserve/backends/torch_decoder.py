@@ -41,6 +41,8 @@ class _Layer:
     o_bias: torch.Tensor | None
     post_attn_norm: torch.Tensor | None
     ffn_norm: torch.Tensor
+    ffn_norm_f32: torch.Tensor  # the spec's float32 gain: a mixture's router input is normed as
+    # the model file norms it (its top-k is a discrete choice that rounding may flip)
     ffn: Any  # GatedMLP or MoE (the spec's)
     post_ffn_norm: torch.Tensor | None
     rope: int  # index into the step's trig tables
@@ -97,6 +99,7 @@ class TorchDecoder:
             o_bias=None if attn.o.b is None else attn.o.b.to(self.ops.dtype),
             post_attn_norm=self._norm_weight(layer.post_attn_norm),
             ffn_norm=self._norm_weight(layer.ffn_norm),
+            ffn_norm_f32=layer.ffn_norm,
             ffn=layer.ffn,
             post_ffn_norm=self._norm_weight(layer.post_ffn_norm),
             rope=self._rope_index(attn.rope),
@@ -256,15 +259,16 @@ class TorchDecoder:
 
     def feed_forward(self, x: torch.Tensor, w: _Layer) -> torch.Tensor:
         """(N, D) -> (N, D): x plus the gated MLP or the mixture of experts."""
-        h = self.norm(x, w.ffn_norm)
         ffn = w.ffn
         if isinstance(ffn, MoE):
             ops = self.ops
+            h = ops.rms_norm(x, w.ffn_norm_f32, self.spec.norm_eps)  # (N, D) as the model file
             ids, weights = ffn.route(ops.to_numpy(ops.matmul(h, ffn.router)))  # (N, K) each
             y = ops.moe(h, ids, weights, ffn.experts, act=ffn.act)  # (N, D)
             if ffn.shared is not None:
                 y = y + self._gated(h, ffn.shared)
             return x + (y if w.post_ffn_norm is None else self.norm(y, w.post_ffn_norm))
+        h = self.norm(x, w.ffn_norm)
         return self._residual(x, self._act(h, ffn), ffn.down.w, ffn.down.b, w.post_ffn_norm)
 
     def _act(self, h: torch.Tensor, mlp: GatedMLP) -> torch.Tensor:
