@@ -233,6 +233,8 @@ def test_lowering_equals_op_by_op(arch, dtype):
     from tinyserve.batch import Batch
     from tinyserve.models import build_model
 
+    if arch == "mixtral" and dtype != "float32":
+        pytest.skip("a router's near-tie may flip below float32; the kit pins routing there")
     ckpt = tiny_checkpoint(arch)
     BS, tables = 4, [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11]]
     prompts = [list(range(3, 20)), [5, 9, 2], list(range(40, 51))]
