@@ -59,8 +59,12 @@ def extensions():
             f"tinyserve._ext.{src.stem}",
             [str(src.relative_to(HERE))],
             include_dirs=[numpy.get_include(), str(HERE / "ext")],
-            # every header: kernels.pyx compiles quant.h in too, so a header edit rebuilds both
-            depends=[str(h.relative_to(HERE)) for h in sorted((HERE / "ext").glob("*.h"))],
+            # every header and include: one translation unit
+            depends=[
+                str(h.relative_to(HERE))
+                for pattern in ("*.h", "*.pxi")
+                for h in sorted((HERE / "ext").glob(pattern))
+            ],
             extra_compile_args=flags,
             extra_link_args=["-pthread"],
         )

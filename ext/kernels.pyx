@@ -1,15 +1,24 @@
 # cython: language_level=3, cdivision=True
-"""Native twins of tinyserve.backends.numpy_ops (and of sampling.filtered_probs).
+"""The native kernels, one module: twins of tinyserve.backends.numpy_ops (and of
+sampling.filtered_probs), the quantized / bf16 matmuls over ggml blocks (quant.pxi, ext/quant.h),
+and the decoder layer stack the cpu backend lowers specs to. One thread pool (ext/pool.h), one
+BLAS and instruction-set state.
 
 Each `def` has the name, arguments and shape contract of its NumPy reference; it coerces inputs
 (float32, C-contiguous, 2-D views) and calls a `cdef ... noexcept nogil` kernel on typed
-memoryviews, parallel over rows / heads / sequences on the kernel thread pool (ext/pool.h).
-tests/test_cpu_kernels.py runs every twin against its reference.
+memoryviews, parallel over rows / heads / sequences on the kernel thread pool.
+tests/test_cpu_kernels.py and tests/test_quant_kernels.py run every twin against its reference.
 """
 
 import numpy as np
 
-from tinyserve._ext import default_threads
+from tinyserve._ext import (
+    blas_min_rows,
+    default_threads,
+    find_blas_local_threads,
+    find_sgemm,
+    quant_isa,
+)
 
 cimport cython
 cimport numpy as cnp
@@ -69,8 +78,8 @@ cdef extern from "kernels_sample.h" nogil:
 
 
 def set_num_threads(int n):
-    """Threads for every parallel kernel, here and in tinyserve._ext.quant (one pool, one count;
-    the pool grows to n - 1 workers). Default: $TINYSERVE_NUM_THREADS, else os.cpu_count()."""
+    """Threads for every parallel kernel (one pool, one count; the pool grows to n - 1 workers).
+    Default: TINYSERVE_NUM_THREADS (tinyserve.settings), else os.cpu_count()."""
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
     ts_set_threads(n)
@@ -78,11 +87,6 @@ def set_num_threads(int n):
 
 def get_num_threads() -> int:
     return ts_threads()
-
-
-def _pool_address() -> int:
-    """Address of the process's kernel thread pool (ext/pool.h), for tinyserve._ext.quant."""
-    return <size_t>ts_pool_get(0)
 
 
 if ts_pool_get(0) == NULL:  # made at import, under the GIL: one pool per process
@@ -498,49 +502,41 @@ def filtered_probs(logits, p):
     return probs
 
 
-# -- quantized matmuls and BLAS, for the decoder stack below ------------------------------------
+# -- quantized matmuls over ggml blocks (ext/quant.h) ------------------------------------------
 
 cdef extern from "quant.h" nogil:
-    int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_t *w, int64_t m,
-                    int64_t w_stride, int qtype, float *out, int nthreads, int isa)
+    int TS_ISA_SCALAR, TS_ISA_AVX2, TS_ISA_VNNI
+    int ts_block_size(int qtype)
+    int ts_type_size(int qtype)
+    int ts_best_isa()
     int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_t x_stride, int nw,
                           const uint8_t *const *w, const int64_t *m, const int64_t *w_stride,
                           const int *qtype, float *const *out, int nthreads, int isa)
-    int ts_block_size(int qtype)
+    int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                            const uint8_t *w, int64_t m, int64_t w_stride, int qtype, float *out,
+                            int nthreads, int isa)
+    int ts_matmul_q_argmax(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                           const uint8_t *w, int64_t m, int64_t w_stride, int qtype, int64_t *ids,
+                           int nthreads, int isa)
+    void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                                const uint16_t *w, int64_t m, int64_t w_stride, float *out,
+                                int nthreads, int isa)
+    void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
+                            const int64_t *ids, int64_t n, float *out, int nthreads)
     int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads)
     int64_t ts_blas_min_n
     void *ts_blas_local_ptr
 
 
-def set_blas_min_rows(Py_ssize_t n, bint per_thread=True) -> bool:
-    """llama_layers' quantized matmuls of >= n rows go through BLAS sgemm (0: never); the twin of
-    quant.set_blas_min_rows (each module holds its own copy of ext/quant.h)."""
-    from tinyserve._ext import find_blas_local_threads, find_sgemm
-
-    if n < 0:
-        raise ValueError(f"row threshold must be >= 0, got {n}")
-    addr, ilp64 = find_sgemm()
-    local = find_blas_local_threads() if per_thread else 0
-    return bool(ts_set_sgemm(<void *><size_t>addr, ilp64, n, <void *><size_t>local)) and n > 0
+include "quant.pxi"
 
 
-def get_blas_min_rows() -> int:
-    return ts_blas_min_n
 
 
-def _init_blas():
-    from tinyserve._ext import blas_min_rows
-
-    set_blas_min_rows(blas_min_rows())
-
-
-_init_blas()
-
-
-# -- the decoder layer stack (a DecoderSpec lowered by tinyserve/backends/cpu_decoder.py) -------
+# -- the decoder layer stack (a Decoder spec lowered by tinyserve/backends/cpu_decoder.py) ------
 # The model files stay the readable reference; this runs the SAME weights through the same maths
 # with one Python call per forward instead of ~15 per layer, the quantized matmuls coming from
-# ext/quant.h (the kernels of tinyserve._ext.quant).
+# ext/quant.h.
 
 DEF W_Q = 0
 DEF W_K = 1
@@ -713,7 +709,7 @@ cdef class DecoderStack:
         free(self.layers)
 
     def run(self, x, kv, positions, slots, seq_of, seq_lens, block_tables, list rope_tables,
-            int isa, Py_ssize_t first=0, Py_ssize_t last=-1):
+            Py_ssize_t first=0, Py_ssize_t last=-1):
         """(N, D) float32 residual stream through layers [first, last) in place (last -1: all).
         kv: (L, 2, NB, BS, KVH, Dh) pools; rope_tables: (N, 2 * half) cos | sin tables (rope_table),
         layer l rotated by table layers[l].rope; seq_of (N,): each token's row of seq_lens /
@@ -773,7 +769,7 @@ cdef class DecoderStack:
         cdef int rc
         with nogil:
             rc = self._run(&xv[0, 0], N, <char *>kv_addr, kv_f16, NB, BS, pos,
-                           slot, sq, lens, tables, cs, half, isa, first, last, n_spans, qv, kv2,
+                           slot, sq, lens, tables, cs, half, _isa, first, last, n_spans, qv, kv2,
                            vv2, &hv[0, 0], &gate[0, 0], &up[0, 0])
         if rc != 0:
             raise MemoryError("DecoderStack: out of memory (quantized activations or attention)")

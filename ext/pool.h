@@ -15,9 +15,9 @@
  * Workers spin (with pause, yielding the core now and then) for TS_POOL_SPIN_NS after a job, so
  * the jobs of a forward reach a running worker, and then sleep on a condition variable.
  *
- * One pool per process: ext/kernels.pyx makes it at import (ts_pool_get); ext/quant.pyx, which
- * compiles its own copy of these functions, is handed its address (ts_pool_attach). One thread
- * owns it at a time; another thread's parallel loop meanwhile runs on that thread alone.
+ * One pool per process: ext/kernels.pyx (the one native module) makes it at import
+ * (ts_pool_get). One thread owns it at a time; another thread's parallel loop meanwhile runs on
+ * that thread alone.
  */
 #ifndef TINYSERVE_POOL_H
 #define TINYSERVE_POOL_H
@@ -190,9 +190,6 @@ static inline int ts_threads(void) {
 static inline void ts_set_threads(int n) {
     if (ts_pool_g) ts_pool_g->n_threads = n;
 }
-
-/* Use the pool another module created (its ts_pool_get's result). */
-static inline void ts_pool_attach(void *pool) { ts_pool_g = (ts_pool *)pool; }
 
 /* fn(ctx, t) for t in [0, n_tasks), on up to nthreads threads (the caller is one of them); returns
  * when every task is done. One thread owns the pool at a time: a call from another thread while

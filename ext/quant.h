@@ -10,10 +10,10 @@
  * Block layouts: ggml-common.h (block_q4_0 ... block_q6_K); values follow ggml's
  * dequantize_row_* in ggml-quants.c (and tinyserve/loading/gguf_file.py, the NumPy twin).
  *
- * C API (ext/quant.pyx wraps it; ext/kernels.pyx includes this header and calls it directly, so
- * keep these signatures): ts_matmul_q, ts_matmul_q_strided, ts_matmul_bf16,
+ * C API (ext/quant.pxi wraps it and ext/kernels.pyx's decoder stack calls it directly, one
+ * translation unit): ts_matmul_q, ts_matmul_q_strided, ts_matmul_bf16,
  * ts_matmul_bf16_strided, ts_dequantize_rows, ts_best_isa, ts_block_size, ts_type_size and the
- * TS_ISA_* values (0 scalar, 1 avx2, 2 vnni: the index of quant.get_isa() in available_isas()).
+ * TS_ISA_* values (0 scalar, 1 avx2, 2 vnni: the index of kernels.get_isa() in available_isas()).
  */
 #ifndef TINYSERVE_QUANT_H
 #define TINYSERVE_QUANT_H
@@ -191,7 +191,7 @@ static int64_t ts_rows_per_task(int64_t m, int nthreads) {
  * ~130 GOP/s on 2 cores while OpenBLAS's sgemm runs ~300-430 GFLOP/s: dequantizing the weight
  * (O(m k), ~0.2 ms for 1536 x 576 on 2 threads) and one sgemm (O(n m k)) then wins by ~3x, and
  * is more accurate (float activations). The sgemm is whichever cblas_sgemm the process already
- * loaded (NumPy's OpenBLAS), handed over by quant.pyx / kernels.pyx (ts_set_sgemm): no link-time
+ * loaded (NumPy's OpenBLAS), handed over by quant.pxi (ts_set_sgemm): no link-time
  * BLAS dependency. Unset (0), every n takes the integer path. */
 typedef void (*ts_sgemm32_fn)(int, int, int, int, int, int, float, const float *, int,
                               const float *, int, float, float *, int);

@@ -257,11 +257,14 @@ def test_greedy_head_argmax_equals_logits_route(tmp_path, monkeypatch):
     prompts = [ref["input_ids"].tolist(), ref["input_ids_2"].tolist()]
     llm = LLM(model=str(path), backend="cpu", enable_prefix_caching=False)
     calls = []
-    argmax = native.quant.matmul_q_argmax
+    argmax = native.kernels.matmul_q_argmax
     monkeypatch.setattr(
-        native.quant, "matmul_q_argmax", lambda x, *a: calls.append(len(x)) or argmax(x, *a)
+        native.kernels, "matmul_q_argmax", lambda x, *a: calls.append(len(x)) or argmax(x, *a)
     )
-    fast = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))]
+    fast = [
+        o.outputs[0].token_ids
+        for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+    ]
     assert _lowered(llm) and calls, "the argmax head did not run"
     slow = SamplingParams(max_tokens=8, temperature=0, logprobs=1)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, slow)] == fast
@@ -289,7 +292,9 @@ def test_fused_layers_chunked_equal_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(
         llm.backend.lowered(llm.engine.model),
         "stack",
-        type("Counted", (), {"run": lambda self, x, *a: calls.append(len(x)) or stack.run(x, *a)})(),
+        type(
+            "Counted", (), {"run": lambda self, x, *a: calls.append(len(x)) or stack.run(x, *a)}
+        )(),
     )
     np.testing.assert_allclose(llm.logits(ids), whole, rtol=1e-5, atol=1e-5)
     assert greedy(llm, prompts, 4) == whole_greedy

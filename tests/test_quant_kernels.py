@@ -1,4 +1,4 @@
-"""Quantized matmul kernels (ext/quant.pyx) against the NumPy reference.
+"""Quantized matmul kernels (ext/quant.pxi in tinyserve._ext.kernels) against the NumPy reference.
 
 Reference: QuantTensor.dequantize (tinyserve/loading/gguf_file.py, itself checked against gguf-py)
 and x @ W.T in float64. The kernels quantize each activation row to int8 blocks (32 values for
@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from tinyserve.loading.gguf_file import QuantTensor
 
-quant = pytest.importorskip(
-    "tinyserve._ext.quant",
+quant = pytest.importorskip(  # the quantized matmuls live in the one native module
+    "tinyserve._ext.kernels",
     reason="native kernels not built (pip install -e . --no-build-isolation)",
 )
 
@@ -376,7 +376,7 @@ def test_bad_input_raises_clear_value_errors():
 
 def test_thread_count_from_environment():
     def threads_in_child(env):
-        code = "from tinyserve._ext import quant; print(quant.get_num_threads())"
+        code = "from tinyserve._ext import kernels; print(kernels.get_num_threads())"
         run = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
         )

@@ -1,8 +1,8 @@
 """The main kernels at decode (1 token) and prefill (512 tokens) sizes, per implementation.
 
 Each implementation is a backend's op set (same names and shape contracts as the NumPy reference):
-`numpy` (tinyserve/backends/numpy_ops.py) and `cpu` (the Cython kernels tinyserve._ext.kernels /
-tinyserve._ext.quant behind tinyserve/backends/cpu.py), skipped when not built. Shapes are those
+`numpy` (tinyserve/backends/numpy_ops.py) and `cpu` (the Cython kernels tinyserve._ext.kernels
+behind tinyserve/backends/cpu.py), skipped when not built. Shapes are those
 of the default model, SmolLM2-135M: D 576, H 9, KVH 3, Dh 64, F 1536.
 """
 

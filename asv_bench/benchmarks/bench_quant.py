@@ -1,4 +1,4 @@
-"""The quantized matmul (tinyserve._ext.quant.matmul_q) on the default model's shapes.
+"""The quantized matmul (tinyserve._ext.kernels.matmul_q) on the default model's shapes.
 
 SmolLM2-135M Q4_1: q/o (576 x 576), k/v (192 x 576), gate/up (1536 x 576), down (576 x 1536),
 and the tied Q8_0 output head (49152 x 576). N = 1 (decode), 16 (a batched decode step) and 512
@@ -43,7 +43,7 @@ class MatmulQ:
 
     def setup(self, weight, n_tokens, threads):
         try:
-            from tinyserve._ext import quant
+            from tinyserve._ext import kernels as quant
         except ImportError as e:
             raise NotImplementedError(f"native kernels not built: {e}") from None
         from gguf import GGMLQuantizationType

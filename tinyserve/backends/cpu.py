@@ -1,7 +1,7 @@
 """The `cpu` backend: the same model files over Cython kernels (ext/ -> tinyserve._ext).
 
 Weights stay as the checkpoint holds them: GGUF blocks stay quantized (resident memory ~ file size)
-and are read directly by `tinyserve._ext.quant.matmul_q`; bf16 stays bf16; float32 goes to BLAS.
+and are read directly by `tinyserve._ext.kernels.matmul_q`; bf16 stays bf16; float32 goes to BLAS.
 Every op has the name and shape contract of its NumPy reference (numpy_ops.py), checked by
 tests/test_cpu_kernels.py. A model whose declared spec has a lowering here (a Decoder with its
 matrices quantized: cpu_decoder.py) runs its layer stack in one native call; any other runs the
@@ -25,7 +25,7 @@ from .cpu_decoder import CpuDecoder
 from .memory import lazy_zeros
 from .numpy_ops import NumpyOps
 
-_kernels, _quant = native.kernels, native.quant
+_kernels = native.kernels
 
 
 def _pin_blas(n_threads: int):
@@ -41,7 +41,7 @@ class CpuOps(NumpyOps):
     """NumpyOps' names and contracts over native kernels; weights held quantized / bf16 / f32."""
 
     def __init__(self, quantized: bool = True):
-        self.quantized = quantized and _quant is not None
+        self.quantized = quantized and _kernels is not None
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -52,7 +52,7 @@ class CpuOps(NumpyOps):
                 return w
             return w.dequantize()
         if native.is_bf16(w):
-            if self.quantized and hasattr(_quant, "matmul_bf16"):
+            if self.quantized:
                 return w
             return w.dequantize()
         return np.ascontiguousarray(w, dtype=np.float32)
@@ -62,9 +62,7 @@ class CpuOps(NumpyOps):
     def embedding(self, ids: np.ndarray, w) -> np.ndarray:
         """(N,), (V, D) -> (N, D): only the looked-up rows are dequantized."""
         if native.is_quant(w):
-            if hasattr(_quant, "dequantize_rows"):
-                return _quant.dequantize_rows(w.data, int(w.qtype), w.shape[1], np.asarray(ids))
-            return w.dequantize_rows(ids)
+            return _kernels.dequantize_rows(w.data, int(w.qtype), w.shape[1], np.asarray(ids))
         if native.is_bf16(w):
             return (w.bits[np.asarray(ids)].astype(np.uint32) << 16).view(np.float32)
         return w[ids]
@@ -73,9 +71,9 @@ class CpuOps(NumpyOps):
         """(N, K), (M, K) -> (N, M): x @ w.T over quantized blocks, bf16 bits or float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if native.is_quant(w):
-            return _quant.matmul_q(x, w.data, int(w.qtype), w.shape[1], out)
+            return _kernels.matmul_q(x, w.data, int(w.qtype), w.shape[1], out)
         if native.is_bf16(w):
-            return _quant.matmul_bf16(x, w.bits, out)
+            return _kernels.matmul_bf16(x, w.bits, out)
         if out is None:
             return x @ w.T
         return np.matmul(x, w.T, out=out)
@@ -165,7 +163,7 @@ class CpuBackend(Backend):
 
     def _set_threads(self, n: int) -> None:
         if n != self._threads_now:
-            _kernels.set_num_threads(n)  # tinyserve._ext.quant shares the count (one pool)
+            _kernels.set_num_threads(n)
             self._threads_now = n
 
     @classmethod
@@ -177,13 +175,9 @@ class CpuBackend(Backend):
     @classmethod
     def summary(cls) -> str:
         """One line for `tinyserve backends`: native kernels active, SIMD level, threads."""
-        quant = (
-            "quantized matmul"
-            if _quant is not None
-            else "no quantized matmul (weights dequantized)"
-        )
         return (
-            f"native kernels active ({_kernels.simd_level()}), {quant}, {default_threads()} threads"
+            f"native kernels active ({_kernels.simd_level()}, {_kernels.get_isa()} quantized "
+            f"matmul), {default_threads()} threads"
         )
 
     def describe(self) -> str:
@@ -240,11 +234,11 @@ class CpuBackend(Backend):
 
     def forward_greedy(self, model, batch: Batch, kv, greedy: np.ndarray):
         """All rows greedy on the native stack with a quantized head below the BLAS row threshold:
-        the head's argmax straight from the kernel (quant.matmul_q_argmax, the same integer-path
+        the head's argmax straight from the kernel (kernels.matmul_q_argmax, the same integer-path
         outputs), without the (R, V) logits."""
         fast = self._native(model, kv)
         R = len(batch.logits_rows)
-        blas_rows = _quant.get_blas_min_rows() if _quant is not None else 0
+        blas_rows = _kernels.get_blas_min_rows()
         if (
             fast is None
             or not greedy.all()

@@ -34,7 +34,7 @@ class CpuDecoder:
     name = "cpu native decoder stack"
 
     def __init__(self, spec: Decoder, backend):
-        if native.kernels is None or native.quant is None:
+        if native.kernels is None:
             raise NotLowerable("the native kernels are not built")
         self.spec, self.ops = spec, backend.ops
         H, KVH, Dh = spec.n_heads, spec.n_kv_heads, spec.head_dim
@@ -141,7 +141,6 @@ class CpuDecoder:
         if n == 0:
             return np.zeros((0, spec.embed.shape[1]), np.float32)
         seq_lens = step.seq_len_of_tokens()  # (N,)
-        isa = native.isa_index()
         hidden, order = [], []  # per chunk: the residual rows we sample from, their places in rows
         # At most LAYERS_CHUNK tokens go through the stack at a time, embedded chunk by chunk: a
         # chunk writes its K/V before the next one attends to them (causal by position), so the
@@ -159,7 +158,6 @@ class CpuDecoder:
                 b.seq_lens,
                 b.block_tables,
                 self.rope_tables(b.positions[c0:c1], seq_lens[c0:c1]),
-                isa,
             )
             first = 0
             for moe_layer in self.moe_layers:  # the stack up to and including its attention
@@ -199,7 +197,7 @@ class CpuDecoder:
         """(R, D) -> (R,) the head's argmax from the kernel, no (R, V) logits (the soft-cap is
         monotonic: it moves no maximum)."""
         head = self.spec.lm_head
-        return native.quant.matmul_q_argmax(x, head.data, int(head.qtype), head.shape[1])
+        return native.kernels.matmul_q_argmax(x, head.data, int(head.qtype), head.shape[1])
 
     def after_step(self, n_tokens: int) -> None:
         self.n_steps += 1

@@ -1,91 +1,28 @@
-# cython: language_level=3
-"""Quantized and bf16 matmul kernels over ggml blocks as they lie in a GGUF file (no repack).
-
-matmul_q(x, data, qtype, cols) computes x @ dequantize(data).T the way llama.cpp does: each
-activation row is quantized once per call to int8 blocks, scale d = max|x_block| / 127 (blocks
-of 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 like llama.cpp's Q8_0/Q8_1, of 256 for Q4_K/Q5_K/Q6_K like
-Q8_K), and every weight block meets its activation block in an integer dot product scaled in
-float. The error against the float reference is the activation rounding, at most d/2 per
-element: a relative error of a block's dot product of order 1/127, which averages down over
-blocks (relative Frobenius error ~5e-3 on Gaussian data).
-
-The work is in ext/quant.h (driver, C API) with quant_scalar.h (portable C) and quant_simd.h
-(+ quant_simd_wide.h, quant_simd_k.h): portable C, AVX2 and AVX-512 VNNI twins picked at run
-time (get_isa / set_isa; TINYSERVE_QUANT_ISA through tinyserve.settings), the kernel thread pool (ext/pool.h) over chunks of output rows, each
-weight row read once for a tile of 4 (AVX2) or 8 (VNNI) activation rows. The wrappers here only
-check arguments (ValueError) and release the GIL.
-"""
-
-import numpy as np
-
-from tinyserve._ext import blas_min_rows, default_threads, find_blas_local_threads, find_sgemm
-from tinyserve.settings import settings
-
-cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t, uint16_t
-
-cnp.import_array()
-
-cdef extern from "quant.h" nogil:
-    int TS_ISA_SCALAR, TS_ISA_AVX2, TS_ISA_VNNI
-    int ts_block_size(int qtype)
-    int ts_type_size(int qtype)
-    int ts_best_isa()
-    int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                            const uint8_t *w, int64_t m, int64_t w_stride, int qtype, float *out,
-                            int nthreads, int isa)
-    int ts_matmul_q_argmax(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                           const uint8_t *w, int64_t m, int64_t w_stride, int qtype, int64_t *ids,
-                           int nthreads, int isa)
-    void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                                const uint16_t *w, int64_t m, int64_t w_stride, float *out,
-                                int nthreads, int isa)
-    void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
-                            const int64_t *ids, int64_t n, float *out, int nthreads)
-    int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads)
-    int64_t ts_blas_min_n
-    void *ts_blas_local_ptr
-
-cdef extern from "pool.h" nogil:
-    void ts_pool_attach(void *pool)
-    void *ts_pool_get(int workers)
-    int ts_threads()
-    void ts_set_threads(int n)
+# Quantized and bf16 matmul kernels (included by kernels.pyx: one module, one pool, one ISA state).
+#
+# Quantized and bf16 matmul kernels over ggml blocks as they lie in a GGUF file (no repack).
+#
+# matmul_q(x, data, qtype, cols) computes x @ dequantize(data).T the way llama.cpp does: each
+# activation row is quantized once per call to int8 blocks, scale d = max|x_block| / 127 (blocks
+# of 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 like llama.cpp's Q8_0/Q8_1, of 256 for Q4_K/Q5_K/Q6_K like
+# Q8_K), and every weight block meets its activation block in an integer dot product scaled in
+# float. The error against the float reference is the activation rounding, at most d/2 per
+# element: a relative error of a block's dot product of order 1/127, which averages down over
+# blocks (relative Frobenius error ~5e-3 on Gaussian data).
+#
+# The work is in ext/quant.h (driver, C API) with quant_scalar.h (portable C) and quant_simd.h
+# (+ quant_simd_wide.h, quant_simd_k.h): portable C, AVX2 and AVX-512 VNNI twins picked at run
+# time (get_isa / set_isa; TINYSERVE_QUANT_ISA through tinyserve.settings), the kernel thread pool (ext/pool.h) over chunks of output rows, each
+# weight row read once for a tile of 4 (AVX2) or 8 (VNNI) activation rows. The wrappers here only
+# check arguments (ValueError) and release the GIL.
 
 # gguf.GGMLQuantizationType value -> name, for the types these kernels run
 QTYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 SUPPORTED_QTYPES = tuple(QTYPES)
 _ISA_NAMES = ("scalar", "avx2", "vnni")
 
-def _attach_pool():
-    """Share ext/kernels.pyx's thread pool: one set of workers per process."""
-    try:
-        from tinyserve._ext.kernels import _pool_address
-    except ImportError:  # no kernels module: this module's own pool
-        if ts_pool_get(0) == NULL:
-            raise MemoryError("cannot allocate the kernel thread pool") from None
-        ts_set_threads(default_threads())
-        return
-    ts_pool_attach(<void *><size_t>_pool_address())
-
-
-_attach_pool()
-
 cdef int _best_isa = ts_best_isa()
 cdef int _isa = _best_isa
-def set_num_threads(int n) -> None:
-    """Threads the kernels use: one count with tinyserve._ext.kernels (they share ext/pool.h's
-    pool). Default: $TINYSERVE_NUM_THREADS, else os.cpu_count()."""
-    if n < 1:
-        raise ValueError(f"number of threads must be >= 1, got {n}")
-    ts_set_threads(n)
-
-
-def get_num_threads() -> int:
-    """The thread count the kernels use."""
-    return ts_threads()
-
-
 def available_isas() -> list:
     """Implementations this CPU runs, best last: a subset of ['scalar', 'avx2', 'vnni']."""
     return list(_ISA_NAMES[: _best_isa + 1])
@@ -129,8 +66,8 @@ def get_blas_min_rows() -> int:
 
 
 set_blas_min_rows(blas_min_rows())
-if settings().quant_isa:
-    set_isa(settings().quant_isa)
+if quant_isa():
+    set_isa(quant_isa())
 
 
 cdef inline int _check_qtype(int qtype) except -1:
