@@ -140,18 +140,7 @@ class Gemma3Model:
             )
             for w in self.layers
         )
-        return Decoder(
-            embed=self.embed,
-            embed_scale=self.embed_scale,
-            layers=layers,
-            norm=self.norm,
-            lm_head=self.lm_head,
-            norm_eps=cfg.norm_eps,
-            n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim,
-            logit_softcap=cfg.final_logit_softcapping,
-        )
+        return Decoder.of(self, layers, self.embed_scale, cfg.final_logit_softcapping)
 
     def forward(self, step: StepMeta, kv: list[dict]):
         """A step of N tokens -> logits (R, V) for its logits_rows."""

@@ -141,17 +141,7 @@ class Phi3Model:
             )
             for w in self.layers
         )
-        return Decoder(
-            embed=self.embed,
-            embed_scale=1.0,
-            layers=layers,
-            norm=self.norm,
-            lm_head=self.lm_head,
-            norm_eps=cfg.norm_eps,
-            n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim,
-        )
+        return Decoder.of(self, layers)
 
     def forward(self, step: StepMeta, kv: list[dict]):
         """A step of N tokens -> logits (R, V) for its logits_rows."""

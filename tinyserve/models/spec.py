@@ -87,3 +87,21 @@ class Decoder:
     n_kv_heads: int
     head_dim: int
     logit_softcap: float | None = None
+
+    @classmethod
+    def of(cls, model, layers, embed_scale: float = 1.0, logit_softcap=None) -> Decoder:
+        """A model's decoder from its layers' specs and the weights every decoder model holds
+        (embed, norm, lm_head) and its config's shapes."""
+        cfg = model.cfg
+        return cls(
+            embed=model.embed,
+            embed_scale=embed_scale,
+            layers=tuple(layers),
+            norm=model.norm,
+            lm_head=model.lm_head,
+            norm_eps=cfg.norm_eps,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            logit_softcap=logit_softcap,
+        )
