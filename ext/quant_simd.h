@@ -75,9 +75,18 @@ SFX(tile_32)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int
              int qtype) {
     const int ts = ts_type_size(qtype);
     const int has_min = qtype == TS_Q4_1 || qtype == TS_Q5_1;
-    TILE_BEGIN
+    /* even and odd blocks go to separate accumulators: one FMA chain would wait out its latency
+     * at every block (a row of small blocks is a few cycles of work each). The split depends
+     * only on the block index, so a row's sum is the same whatever the tile size. */
+    __m256 acc[2][8];
+    float accm[2][8];
+    for (int t = 0; t < NT; t++) {
+        acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+        accm[0][t] = accm[1][t] = 0.0f;
+    }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * ts;
+        const int e = (int)(b & 1);
         const float dw = SFX(h2f)(blk), mw = has_min ? SFX(h2f)(blk + 2) : 0.0f;
         __m256i q;
         switch (qtype) {
@@ -94,12 +103,13 @@ SFX(tile_32)(const uint8_t *w, const XQ *xq, int64_t nb, int NT, float *out, int
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t].q + b * 32));
             const __m256i p = DOT_US(aq, has_min ? xv : _mm256_sign_epi8(xv, q));
-            acc[t] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]), acc[t]);
-            if (has_min) accm[t] -= mw * xq[t].s[b];
+            acc[e][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xq[t].d[b]),
+                                        acc[e][t]);
+            if (has_min) accm[e][t] -= mw * xq[t].s[b];
         }
     }
-    TILE_END
+    for (int t = 0; t < NT; t++)
+        out[t * os] = SFX(hsum)(_mm256_add_ps(acc[0][t], acc[1][t])) - (accm[0][t] + accm[1][t]);
 }
 
 #define TILE_32(name, qt)                                                                          \
