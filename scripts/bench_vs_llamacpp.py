@@ -1,4 +1,4 @@
-"""tinyserve's cpu backend against llama.cpp's own llama-bench: same GGUF, same machine, same threads.
+"""tinyserve's cpu backend beside llama.cpp's own llama-bench: same GGUF, machine and threads.
 
     python scripts/bench_vs_llamacpp.py [--models smollm2-135m-instruct,gemma3-270m] [--threads 2]
         [--repeats 3] [--prompt-lens 128,512] [--output-len 64] [--llama-bench PATH] [--json]
@@ -15,8 +15,9 @@ every repeat, so drift and noise hit both); every figure is the median over the 
   stays plain Python (no NumPy, no model): the models are resolved and the bandwidth measured in
   a child too.
 - quiet: the share of the machine's CPU other processes took during each run (/proc/stat less
-  the child's own rusage); a pair with a noisy run is run again (twice at most), then flagged. llama.cpp's spinning thread pool slows many
-  times over when a core is shared, so a busy machine flatters tinyserve.
+  the child's own rusage); a pair with a noisy run is run again (twice at most), then flagged.
+  llama.cpp's spinning thread pool slows many times over when a core is shared, so a busy
+  machine flatters tinyserve.
 - ISA (/proc/cpuinfo flags), read bandwidth (NumPy sum over 512 MiB, --threads threads, best of
   5) and the floor: weight bytes a decode step reads / that bandwidth.
 
@@ -189,14 +190,18 @@ def run_py_child(a, *args) -> tuple[dict, dict]:
 
 
 def find_llama_bench(given: str | None) -> Path:
-    for cand in (given, shutil.which("llama-bench"), DEFAULT_BIN / "llama-bench"):
+    """--llama-bench as given, else llama-bench on $PATH, else the build script's bin folder."""
+    if given:
+        if not (Path(given).is_file() and os.access(given, os.X_OK)):
+            raise SystemExit(f"--llama-bench {given}: not an executable file")
+        return Path(given)
+    for cand in (shutil.which("llama-bench"), DEFAULT_BIN / "llama-bench"):
         if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
             return Path(cand)
     build = os.path.relpath(BUILD_SCRIPT, Path.cwd())
     raise SystemExit(
-        "llama-bench not found (--llama-bench PATH, $PATH, or "
-        f"{DEFAULT_BIN.relative_to(Path.home())} under your home). Build it with:\n"
-        f"    bash {build}    (~12 min on 2 cores; prints the bin folder)"
+        f"llama-bench not found (--llama-bench PATH, $PATH, "
+        f"~/{DEFAULT_BIN.relative_to(Path.home())}). Build it with:\n    bash {build}    (~12 min on 2 cores; prints the bin folder)"
     )
 
 
