@@ -201,7 +201,8 @@ def find_llama_bench(given: str | None) -> Path:
     build = os.path.relpath(BUILD_SCRIPT, Path.cwd())
     raise SystemExit(
         f"llama-bench not found (--llama-bench PATH, $PATH, "
-        f"~/{DEFAULT_BIN.relative_to(Path.home())}). Build it with:\n    bash {build}    (~12 min on 2 cores; prints the bin folder)"
+        f"~/{DEFAULT_BIN.relative_to(Path.home())}). Build it with:\n"
+        f"    bash {build}    (~12 min on 2 cores; prints the bin folder)"
     )
 
 
