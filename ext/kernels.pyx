@@ -65,6 +65,7 @@ cdef extern from "kernels_attn.h" nogil:
         float scale
         float *out
         float *part
+        const int64_t *tokens
     void ts_attn_task(void *ctx, int64_t item)
     void ts_attn_merge_task(void *ctx, int64_t th)
 
@@ -316,6 +317,9 @@ def write_kv(pool, x, slots):
     _write_kv(<void *>p, pool.dtype == np.float16, x2, slots)
 
 
+DEF ATTN_GEMM_MIN_TOKENS = 32  # a sequence's run of new tokens from which attention uses sgemm
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef int _paged_attention(
@@ -346,16 +350,67 @@ cdef int _paged_attention(
     job.window, job.scale, job.n_spans = window, scale, n_spans
     job.out = &out[0, 0, 0]
     job.part = NULL
-    if n_spans > 1:
-        job.part = <float *>malloc(N * H * n_spans * (Dv + 2) * sizeof(float))
-        if job.part == NULL:
-            return -1
+    job.tokens = NULL
     cdef int threads = _threads_for(N * H * 4096)
-    ts_parallel_for(threads, N * KVH * n_spans, ts_attn_task, &job)
-    if n_spans > 1:
-        ts_parallel_for(threads if N * H >= 64 else 1, N * H, ts_attn_merge_task, &job)
+    cdef Py_ssize_t n_rest = N
+    cdef ts_attn_gemm_job gemm
+    cdef int rc = 0
+    if not kv_f16 and n_spans == 1 and Dv <= Dh and N >= ATTN_GEMM_MIN_TOKENS and ts_attn_gemm_ready():
+        # long runs of one sequence's new tokens (prefill) through sgemm, in tiles; the rest
+        # (decodes batched with them) through the per-token online softmax below
+        gemm.a, gemm.failed = &job, 0
+        gemm.tiles = <int64_t *>malloc((2 * N + 2) * sizeof(int64_t))
+        job.tokens = <int64_t *>malloc((N + 1) * sizeof(int64_t))
+        if gemm.tiles == NULL or job.tokens == NULL:
+            free(<void *>gemm.tiles)
+            free(<void *>job.tokens)
+            return -1
+        gemm.n_tiles = _gemm_tiles(seq_of, <int64_t *>gemm.tiles, <int64_t *>job.tokens, &n_rest)
+        if gemm.n_tiles:
+            rc = ts_attn_gemm(&gemm, ts_threads())
+        free(<void *>gemm.tiles)
+    if rc == 0 and n_rest:
+        if n_spans > 1:
+            job.part = <float *>malloc(N * H * n_spans * (Dv + 2) * sizeof(float))
+            if job.part == NULL:
+                rc = -1
+        if rc == 0:
+            ts_parallel_for(threads, n_rest * KVH * n_spans, ts_attn_task, &job)
+            if n_spans > 1:
+                ts_parallel_for(threads if n_rest * H >= 64 else 1, n_rest * H, ts_attn_merge_task,
+                                &job)
         free(job.part)
-    return 0
+    free(<void *>job.tokens)
+    return rc
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int64_t _gemm_tiles(const int64_t[::1] seq_of, int64_t *tiles, int64_t *rest,
+                         Py_ssize_t *n_rest) noexcept nogil:
+    """Cut the runs of equal seq_of (one sequence's new tokens) of >= ATTN_GEMM_MIN_TOKENS into
+    tiles of <= TS_ATTN_TILE tokens ((first, end) pairs in tiles); the other tokens go to rest.
+    -> the number of tiles."""
+    cdef Py_ssize_t N = seq_of.shape[0], a = 0, b, t
+    cdef int64_t n_tiles = 0
+    n_rest[0] = 0
+    while a < N:
+        b = a + 1
+        while b < N and seq_of[b] == seq_of[a]:
+            b += 1
+        if b - a >= ATTN_GEMM_MIN_TOKENS:
+            t = a
+            while t < b:
+                tiles[2 * n_tiles] = t
+                tiles[2 * n_tiles + 1] = min(t + TS_ATTN_TILE, b)
+                n_tiles += 1
+                t += TS_ATTN_TILE
+        else:
+            for t in range(a, b):
+                rest[n_rest[0]] = t
+                n_rest[0] += 1
+        a = b
+    return n_tiles
 
 
 SPAN_MIN_KEYS = 64  # a decode step's keys are split into pieces of at least this many
@@ -529,6 +584,17 @@ cdef extern from "quant.h" nogil:
 
 
 include "quant.pxi"
+
+
+cdef extern from "attn_gemm.h" nogil:
+    int TS_ATTN_TILE
+    ctypedef struct ts_attn_gemm_job:
+        const ts_attn_job *a
+        const int64_t *tiles
+        int64_t n_tiles
+        int failed
+    int ts_attn_gemm_ready()
+    int ts_attn_gemm(ts_attn_gemm_job *gj, int nthreads)
 
 
 

@@ -192,13 +192,14 @@ typedef struct {
     float scale;
     float *out; /* (N, H, Dv) */
     float *part; /* n_spans > 1: (N, KVH, n_spans, G, Dv + 2) */
+    const int64_t *tokens; /* the flat tokens the items cover, in order; NULL: all N */
 } ts_attn_job;
 
 static void ts_attn_task(void *ctx, int64_t item) {
     const ts_attn_job *j = (const ts_attn_job *)ctx;
     const int64_t G = j->H / j->KVH, Dh = j->Dh, Dv = j->Dv;
     const int64_t span = item % j->n_spans, kvh = item / j->n_spans % j->KVH;
-    const int64_t t = item / j->n_spans / j->KVH;
+    const int64_t ti = item / j->n_spans / j->KVH, t = j->tokens ? j->tokens[ti] : ti;
     const int64_t s = j->seq_of[t], pos = j->positions[t];
     int64_t hi = pos; /* causal: keys at positions <= the query's */
     if (hi > j->seq_lens[s] - 1) hi = j->seq_lens[s] - 1;
@@ -235,7 +236,8 @@ static void ts_attn_task(void *ctx, int64_t item) {
 /* out = the n_spans pieces of each (token, head) combined: sum_c e^(m_c - M) acc_c / L */
 static void ts_attn_merge_task(void *ctx, int64_t th) {
     const ts_attn_job *j = (const ts_attn_job *)ctx;
-    const int64_t G = j->H / j->KVH, Dv = j->Dv, t = th / j->H, h = th % j->H;
+    const int64_t G = j->H / j->KVH, Dv = j->Dv, h = th % j->H;
+    const int64_t t = j->tokens ? j->tokens[th / j->H] : th / j->H;
     const int64_t kvh = h / G, g = h % G, stride = G * (Dv + 2);
     const float *p0 = j->part + (t * j->KVH + kvh) * j->n_spans * stride;
     float M = -INFINITY, L = 0.0f;
@@ -243,7 +245,7 @@ static void ts_attn_merge_task(void *ctx, int64_t th) {
         const float mc = p0[c * stride + G * Dv + g];
         M = mc > M ? mc : M;
     }
-    float *o = j->out + th * Dv;
+    float *o = j->out + (t * j->H + h) * Dv;
     for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
     for (int64_t c = 0; c < j->n_spans; c++) {
         const float *pc = p0 + c * stride;

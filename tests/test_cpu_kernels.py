@@ -226,6 +226,32 @@ def test_float16_pools_round_like_numpy_and_attend_like_float32(kernels):
         kernels.paged_attention(q, k16, v_pool, batch, 0.125)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "spec, H, KVH, Dh, BS, window",
+    [
+        ([(150, 0)], 4, 1, 64, 16, None),  # a prefill: tiles of sgemm, the last one short
+        ([(70, 45), (1, 30), (33, 0), (31, 5)], 9, 3, 32, 16, None),  # mixed with decodes and a
+        # run one token short of the sgemm path
+        ([(130, 20), (2, 60)], 4, 2, 24, 8, 37),  # sliding window cutting through the tiles
+        ([(64, 0)], 8, 8, 40, 5, 1),  # window 1: each query sees itself only
+    ],
+)
+def test_paged_attention_prefill_through_sgemm(kernels, threads, spec, H, KVH, Dh, BS, window):
+    """Runs of >= 32 new tokens of one sequence attend through sgemm (scores and values as two
+    matrix products per tile), the other tokens per token: both equal the reference."""
+    rng = np.random.default_rng(10)
+    q, k_pool, v_pool, batch = _paged_case(rng, spec, H, KVH, Dh, BS, NB=96)
+    old = kernels.get_num_threads()
+    kernels.set_num_threads(threads)
+    try:
+        got = kernels.paged_attention(q, k_pool, v_pool, batch, 0.125, window)
+    finally:
+        kernels.set_num_threads(old)
+    want = REF.paged_attention(q, k_pool, v_pool, batch, 0.125, window)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
 def test_paged_attention_equals_dense_causal_attention(ops):
     """A second route: the same tokens attended densely with a plain causal mask."""
     rng = np.random.default_rng(6)
