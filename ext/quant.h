@@ -358,6 +358,15 @@ typedef struct {
 /* v beats the best so far as numpy.argmax sees it: larger, or the first nan */
 static inline int ts_beats(float v, float best) { return v > best || (v != v && best == best); }
 
+/* A decode step (one activation row) spends only a few cycles on each weight block, so a row's
+ * bytes must already be on their way when its turn comes: the row TS_PREFETCH_ROWS ahead is
+ * requested now (the hardware prefetcher alone left the head's matvec short of the bandwidth). */
+#define TS_PREFETCH_ROWS 4
+static inline void ts_prefetch_row(const uint8_t *w, int64_t r, int64_t r_end, int64_t ws, int n_x) {
+    if (n_x != 1 || r >= r_end) return;
+    for (int64_t c = 0; c < ws; c += 64) __builtin_prefetch(w + r * ws + c);
+}
+
 /* one chunk of <= rc rows of one matrix against <= TS_X_PER_TASK activation rows */
 static void ts_mm_task(void *ctx, int64_t task) {
     const ts_mm_job *jb = (const ts_mm_job *)ctx;
@@ -379,15 +388,20 @@ static void ts_mm_task(void *ctx, int64_t task) {
             tile[t].s = jb->xs + (t0 + t) * jb->nbx;
             tile[t].bs = jb->xb + (t0 + t) * jb->nbx;
         }
+        const int64_t ws = jb->w_stride[j];
         if (!jb->best_v) {
-            for (int64_t r = r0; r < r1; r++)
-                jb->row[j](wj + r * jb->w_stride[j], tile, jb->nb[j], n_x, oj + t0 * m + r, m);
+            for (int64_t r = r0; r < r1; r++) {
+                ts_prefetch_row(wj, r + TS_PREFETCH_ROWS, r1, ws, n_x);
+                jb->row[j](wj + r * ws, tile, jb->nb[j], n_x, oj + t0 * m + r, m);
+            }
             continue;
         }
         float buf[8 * 64]; /* (n_x, rc <= 64): this chunk's outputs, reduced right away */
         const int64_t w_ = r1 - r0;
-        for (int64_t r = r0; r < r1; r++)
-            jb->row[j](wj + r * jb->w_stride[j], tile, jb->nb[j], n_x, buf + (r - r0), w_);
+        for (int64_t r = r0; r < r1; r++) {
+            ts_prefetch_row(wj, r + TS_PREFETCH_ROWS, r1, ws, n_x);
+            jb->row[j](wj + r * ws, tile, jb->nb[j], n_x, buf + (r - r0), w_);
+        }
         for (int t = 0; t < n_x; t++) {
             int64_t bi = 0;
             for (int64_t r = 1; r < w_; r++)
