@@ -85,9 +85,10 @@ static void ts_attn_gemm_task(void *ctx, int64_t item) {
     }
     const float *kp = (const float *)j->k, *vp = (const float *)j->v;
     for (int64_t p = k_lo; p <= k_hi; p++) { /* this kv head's rows, out of their blocks */
-        const int64_t slot = (int64_t)table[p / BS] * BS + p % BS;
+        const int64_t block = table[p / BS], slot = block * BS + p % BS;
         memcpy(kc + (p - k_lo) * Dh, kp + (slot * KVH + kvh) * Dh, (size_t)Dh * sizeof(float));
-        memcpy(vc + (p - k_lo) * Dv, vp + (slot * KVH + kvh) * Dv, (size_t)Dv * sizeof(float));
+        memcpy(vc + (p - k_lo) * Dv, vp + block * j->v_block + (p % BS) * j->v_row + kvh * Dv,
+               (size_t)Dv * sizeof(float));
     }
     ts_sgemm_nt(rows, n, Dh, q, Dh, kc, sc, n); /* (T*G, n) scores */
     for (int64_t t = t0; t < t1; t++) {

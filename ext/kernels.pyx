@@ -56,6 +56,7 @@ cdef extern from "kernels_attn.h" nogil:
         const float *q
         const void *k
         const void *v
+        int64_t v_block, v_row
         int kv_f16
         const int64_t *seq_of
         const int64_t *seq_lens
@@ -327,6 +328,7 @@ cdef int _paged_attention(
     const void *k_pool,  # (NB, BS, KVH, Dh), C-contiguous: float32, or IEEE half if kv_f16
     const void *v_pool,  # (NB, BS, KVH, Dv)
     int kv_f16, Py_ssize_t BS, Py_ssize_t KVH, Py_ssize_t Dv,
+    int64_t v_block, int64_t v_row,  # elements between v's blocks / rows (contiguous: BS*KVH*Dv, KVH*Dv)
     const int64_t[::1] seq_of,  # (N,) sequence of each token
     const int64_t[::1] seq_lens,  # (S,)
     const int64_t[::1] positions,  # (N,)
@@ -341,6 +343,7 @@ cdef int _paged_attention(
     cdef ts_attn_job job
     job.q = &q[0, 0, 0]
     job.k, job.v, job.kv_f16 = k_pool, v_pool, kv_f16
+    job.v_block, job.v_row = v_block, v_row
     job.seq_of = &seq_of[0]
     job.seq_lens = &seq_lens[0]
     job.positions = &positions[0]
@@ -434,8 +437,15 @@ def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, 
     N, H, Dh = q.shape
     if k_pool.dtype not in (np.float32, np.float16) or v_pool.dtype != k_pool.dtype:
         raise ValueError("paged_attention needs float32 or float16 pools of one dtype")
-    k_pool, v_pool = np.ascontiguousarray(k_pool), np.ascontiguousarray(v_pool)
-    KVH, Dv = k_pool.shape[2], v_pool.shape[3]
+    k_pool = np.ascontiguousarray(k_pool)
+    KVH, Dv, item = k_pool.shape[2], v_pool.shape[3], k_pool.itemsize
+    v_steps = [st // item for st in v_pool.strides]
+    # values may be a strided view (MLA: the latent part of the key rows): read in place when its
+    # rows are contiguous values and its heads Dv apart, else copied once
+    if (v_pool.ndim != 4 or any(st % item for st in v_pool.strides) or v_steps[3] != 1
+            or (KVH > 1 and v_steps[2] != Dv) or v_pool.shape[:3] != k_pool.shape[:3]):
+        v_pool = np.ascontiguousarray(v_pool)
+        v_steps = [st // item for st in v_pool.strides]
     if H % KVH or k_pool.shape[3] != Dh:
         raise ValueError(f"q {q.shape} does not fit the key pool {k_pool.shape}")
     query_start = np.asarray(query_start, dtype=np.int64)
@@ -455,7 +465,8 @@ def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, 
         out = np.empty((N, H, Dv), dtype=np.float32)
     cdef size_t kp = k_pool.ctypes.data, vp = v_pool.ctypes.data
     if N and _paged_attention(q, <const void *>kp, <const void *>vp, k_pool.dtype == np.float16,
-                              k_pool.shape[1], KVH, Dv, seq_of, seq_lens, positions, block_tables,
+                              k_pool.shape[1], KVH, Dv, v_steps[0], v_steps[1], seq_of, seq_lens,
+                              positions, block_tables,
                               scale, int(sliding_window or 0),
                               _attn_spans(N, KVH, int(seq_lens.max())), out):
         raise MemoryError("paged_attention: out of memory")
@@ -879,8 +890,8 @@ cdef class DecoderStack:
             _write_kv(kp, kv_f16, k, slots)
             _write_kv(vp, kv_f16, v, slots)
             # attention's output overwrites its queries (each work item reads its heads' first)
-            if _paged_attention(q, kp, vp, kv_f16, BS, KVH, Dh, seq_of, seq_lens, positions,
-                                block_tables, self.scale, lw.window, n_spans, q):
+            if _paged_attention(q, kp, vp, kv_f16, BS, KVH, Dh, BS * W, W, seq_of, seq_lens,
+                                positions, block_tables, self.scale, lw.window, n_spans, q):
                 return -1
             out[0] = h
             if _matmuls(qp, N, QW, lw, W_O, 1, out, isa):

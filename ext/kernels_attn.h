@@ -185,6 +185,8 @@ static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, 
 typedef struct {
     const float *q; /* (N, H, Dh) */
     const void *k, *v; /* pools (NB, BS, KVH, Dh), (NB, BS, KVH, Dv): float32, or half if kv_f16 */
+    int64_t v_block, v_row; /* elements between v's blocks and rows: values may be a view into
+                               the key rows (MLA's latent, after its rope dims) */
     int kv_f16;
     const int64_t *seq_of, *seq_lens, *positions; /* (N,), (S,), (N,) */
     const int32_t *block_tables; /* (S, max_blocks) */
@@ -224,7 +226,7 @@ static void ts_attn_task(void *ctx, int64_t item) {
     const int64_t es = j->kv_f16 ? 2 : 4;
     ts_attn_span(qs, (int)G, Dh, Dv, (const char *)j->k + kvh * Dh * es,
                  (const char *)j->v + kvh * Dv * es, j->kv_f16, j->BS * j->KVH * Dh,
-                 j->KVH * Dh, j->BS * j->KVH * Dv, j->KVH * Dv, j->block_tables + s * j->max_blocks,
+                 j->KVH * Dh, j->v_block, j->v_row, j->block_tables + s * j->max_blocks,
                  j->BS, lo, hi, acc, m, l, span_work);
     if (j->n_spans == 1) {
         float *o = j->out + (t * j->H + kvh * G) * Dv;

@@ -266,6 +266,20 @@ def test_paged_attention_equals_dense_causal_attention(ops):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_new, n_cached", [(1, 40), (40, 9)])  # decode, and prefill via sgemm
+def test_paged_attention_values_as_a_view_of_the_keys(kernels, n_new, n_cached):
+    """MLA attends one latent head whose values are the key rows after their rope dims: a strided
+    view into the key pool, read in place through its strides, equal to the reference."""
+    rng = np.random.default_rng(11)
+    dr, r = 8, 24
+    q, pool, _, batch = _paged_case(rng, [(n_new, n_cached)], 4, 1, dr + r, 16)
+    values = pool[..., dr:]  # (NB, BS, 1, r) strided
+    assert not values.flags.c_contiguous
+    got = kernels.paged_attention(q, pool, values, batch, 0.2)
+    want = REF.paged_attention(q, pool, values, batch, 0.2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
 def test_paged_attention_extreme_scores(ops):
     """Huge logits: the online softmax must rescale without overflow."""
     rng = np.random.default_rng(7)
