@@ -78,6 +78,12 @@ class CpuOps(NumpyOps):
             return x @ w.T
         return np.matmul(x, w.T, out=out)
 
+    def head_matmul(self, x, w):
+        """(N, h, K), (h, M, K) -> (N, h, M): per head x[:, i] @ w[i].T as one batched BLAS
+        matmul (the reference's einsum runs its own loops: ~5x slower over a prefill chunk)."""
+        x = np.asarray(x, dtype=np.float32).transpose(1, 0, 2)  # (h, N, K)
+        return np.ascontiguousarray(np.matmul(x, w.transpose(0, 2, 1)).transpose(1, 0, 2))
+
     def rms_norm(self, x, w, eps: float):
         """(..., D), (D,) -> (..., D): x / rms(x) * w."""
         return _kernels.rms_norm(x, w, eps)
