@@ -80,7 +80,9 @@ def _stream(llm, prompt, params, stats: bool) -> str:
         ttft = t_first - t0
         tpot = (t_end - t_first) / (n - 1) if n > 1 else float("nan")
         print(
-            f"[stats] backend={llm.backend.name} prompt={n_prompt} tok  output={n} tok  "
+            f"[stats] backend={llm.backend.name} "
+            f"({llm.backend.lowering(llm.engine.model) or 'model file op by op'}) "
+            f"prompt={n_prompt} tok  output={n} tok  "
             f"TTFT={ttft * 1e3:.1f} ms  TPOT={tpot * 1e3:.2f} ms  "
             f"decode={1 / tpot if n > 1 else float('nan'):.1f} tok/s  "
             f"prefill={n_prompt / ttft:.1f} tok/s  e2e={n / (t_end - t0):.1f} tok/s",
