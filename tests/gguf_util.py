@@ -452,3 +452,81 @@ _FAMILY_TENSORS = {
     "phi3": _phi3_tensors,
     "deepseek2": _deepseek2_tensors,
 }
+
+
+# -- hostile files: GGUF and safetensors written byte by byte, so that they can lie ------------
+
+GGUF_U32, GGUF_F32, GGUF_STRING, GGUF_ARRAY, GGUF_U64 = 4, 6, 8, 9, 10
+
+
+def gguf_str(s: str | bytes) -> bytes:
+    """A GGUF string: u64 length, then the bytes."""
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def gguf_kv(key: str, vtype: int, payload: bytes) -> bytes:
+    """One metadata key/value: the key, the value type, the value's bytes as given."""
+    return gguf_str(key) + struct.pack("<I", vtype) + payload
+
+
+def gguf_array(item_type: int, count: int, items: bytes = b"") -> bytes:
+    """An array value's payload: its item type and declared count, then whatever items follow."""
+    return struct.pack("<IQ", item_type, count) + items
+
+
+def gguf_tensor_info(name: str, dims: tuple[int, ...], qtype: int, offset: int) -> bytes:
+    """One tensor record; dims in ggml order (innermost first), offset from the data start."""
+    return (
+        gguf_str(name)
+        + struct.pack("<I", len(dims))
+        + struct.pack(f"<{len(dims)}Q", *dims)
+        + struct.pack("<IQ", qtype, offset)
+    )
+
+
+def raw_gguf(
+    kvs: list[bytes],
+    infos: list[bytes],
+    data: bytes = b"",
+    n_kv: int | None = None,
+    n_tensors: int | None = None,
+    alignment: int = 32,
+) -> bytes:
+    """A GGUF v3 file from encoded key/values and tensor records; the counts may lie."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(infos) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv)  # fmt: skip
+    head += b"".join(kvs) + b"".join(infos)
+    return head + bytes(-len(head) % alignment) + data
+
+
+def raw_gguf_tensors(
+    tensors: list[tuple[str, np.ndarray | bytes, int, tuple[int, ...]]],
+    offsets: list[int] | None = None,
+    kvs: list[bytes] = (),
+    alignment: int = 32,
+) -> bytes:
+    """A GGUF holding tensors [(name, data, ggml type, dims)], laid out aligned one after another
+    unless offsets says where each starts (they may overlap, repeat or be misaligned)."""
+    blobs = [np.ascontiguousarray(d).tobytes() if isinstance(d, np.ndarray) else d
+             for _, d, _, _ in tensors]  # fmt: skip
+    if offsets is None:
+        offsets, at = [], 0
+        for b in blobs:
+            offsets.append(at)
+            at += len(b) + (-len(b) % alignment)
+    size = max([o + len(b) for o, b in zip(offsets, blobs)], default=0)
+    data = bytearray(size)
+    for o, b in zip(offsets, blobs):
+        data[o : o + len(b)] = b
+    kvs = [gguf_kv("general.architecture", GGUF_STRING, gguf_str("llama")), *kvs]
+    infos = [gguf_tensor_info(n, dims, q, o) for (n, _, q, dims), o in zip(tensors, offsets)]
+    return raw_gguf(kvs, infos, bytes(data), alignment=alignment)
+
+
+def raw_safetensors(header: dict | str | bytes, data: bytes = b"", n: int | None = None) -> bytes:
+    """A safetensors file: an 8-byte header length (may lie), the JSON header as given, the data."""
+    if isinstance(header, dict):
+        header = json.dumps(header)
+    h = header.encode() if isinstance(header, str) else header
+    return struct.pack("<Q", len(h) if n is None else n) + h + data

@@ -10,7 +10,6 @@ vocab's rebuilding in gguf_vocab.py, and streamed decoding in detokenizer.py.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from .chat_template import (
     pick_template,
     render_chat_template,
 )
-from .errors import RequestError, TokenizerError
+from .errors import ConfigError, RequestError, TokenizerError
 from .gguf_vocab import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, gguf_bpe, gguf_spm
 from .tokenizer_engines import HFEngine, SPEngine, SPMEngine
 
@@ -56,7 +55,7 @@ class Tokenizer:
         path = Path(path)
         if not path.is_dir():
             raise TokenizerError(f"tokenizer directory not found: {path}")
-        cfg = _read_json(path / "tokenizer_config.json")
+        cfg = _read_json(path / "tokenizer_config.json", TOKENIZER_CONFIG_TYPES)
         bos_token = _token_content(cfg.get("bos_token"))
         eos_token = _token_content(cfg.get("eos_token"))
         add_bos, add_eos = cfg.get("add_bos_token"), cfg.get("add_eos_token")
@@ -95,9 +94,10 @@ class Tokenizer:
         if eos_token and engine.token_to_id(eos_token) is not None:
             eos_ids.append(engine.token_to_id(eos_token))
         for name in ("generation_config.json", "config.json"):
-            eos_ids += _as_id_list(_read_json(path / name).get("eos_token_id"))
+            special_ids = _read_json(path / name, SPECIAL_ID_TYPES)
+            eos_ids += _as_id_list(special_ids.get("eos_token_id"))
             if bos_id is None:
-                bos_id = _read_json(path / name).get("bos_token_id")
+                bos_id = special_ids.get("bos_token_id")
         template = pick_template(cfg.get("chat_template"))
         if template is None and (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
@@ -239,16 +239,25 @@ def _set_bos_eos_processor(tok: Any, bos: str | None, eos: str | None) -> None:
 
 
 # -- small helpers ---------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from path, {} when the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"cannot read {path}: {_first_line(e)}") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} is not a JSON object")
+_TOKEN = ("string", "object", "null")  # a special token: its text, or an AddedToken object
+# the JSON types of the fields read from tokenizer_config.json, and of the special ids read
+# from generation_config.json / config.json
+TOKENIZER_CONFIG_TYPES = {
+    "bos_token": _TOKEN, "eos_token": _TOKEN, "add_bos_token": ("bool", "null"),
+    "add_eos_token": ("bool", "null"), "chat_template": ("string", "array", "null"),
+}  # fmt: skip
+SPECIAL_ID_TYPES = {"bos_token_id": ("int", "null"), "eos_token_id": ("int", "int array", "null")}
+
+
+def _read_json(path: Path, types: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """A JSON object from path, {} when the file is absent; the fields in types type-checked."""
+    from .loading.json_file import check_field_types, read_json_object
+
+    data = read_json_object(path, missing_ok=True) if not path.is_dir() else {}
+    check_field_types(data, types, str(path))
+    for key in ("bos_token", "eos_token"):
+        if isinstance(data.get(key), dict) and not isinstance(data[key].get("content"), str):
+            raise ConfigError(f"{path}: field {key!r} is an object without a string 'content'")
     return data
 
 

@@ -13,6 +13,7 @@ References: GGUF spec (ggml/docs/gguf.md); llama.cpp convert_hf_to_gguf.py (name
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import re
@@ -28,6 +29,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, ModelNotFound, WeightsError
 from ..models.family import Family
 from ..models.registry import gguf_family
+from .finite import check_finite
 from .ggml_quants import (  # noqa: F401 - QK_K, Q re-exported: they lived here
     DENSE_TYPES,
     QK_K,
@@ -39,7 +41,7 @@ from .ggml_quants import (  # noqa: F401 - QK_K, Q re-exported: they lived here
 )
 from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from .gguf_header import BadFile, HeaderReader, TruncatedFile
-from .model_config import config_from_gguf
+from .model_config import config_from_gguf, named
 
 # -- the quantized tensor -----------------------------------------------------------------
 
@@ -169,7 +171,10 @@ class GGUFModelFile:
 
     def config(self) -> ModelConfig:
         """ModelConfig from this file's metadata (raises UnsupportedArchitecture / ConfigError)."""
-        return config_from_gguf(self.metadata, set(self.gguf_names.values()))
+        try:
+            return config_from_gguf(self.metadata, set(self.gguf_names.values()))
+        except ConfigError as e:
+            raise named(e, str(self.path)) from None
 
 
 def read_gguf(path: str | Path) -> GGUFModelFile:
@@ -186,7 +191,8 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
         header = HeaderReader(mm)
         metadata = header.read_metadata()
         infos = header.read_tensor_infos()
-        data_start = header.data_start(metadata.get("general.alignment", 32))
+        alignment = metadata.get("general.alignment", 32)
+        data_start = header.data_start(alignment)
     except OSError as e:
         raise WeightsError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
     except TruncatedFile as e:
@@ -196,14 +202,23 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise WeightsError(f"{path} is corrupt: {_one_line(e)}") from None
 
+    if not isinstance(metadata.get("general.architecture", ""), str):
+        raise WeightsError(f"{path}: metadata general.architecture is not a string")
     _drop_pages(mm, 0, data_start)  # the header is parsed into Python values: never read again
+    layout = _layout(path, infos, data_start, alignment, mm.shape[0])
     found = gguf_family(metadata)  # None: unsupported, names left as they are; config() says so
     family = found[0] if found else None
     tensors: dict[str, Tensor] = {}
     gguf_names: dict[str, str] = {}
-    for name, shape, qtype, offset in infos:
+    for name, shape, qtype, start, nbytes in layout:
         hf_name = _hf_name(name, family)
-        tensors[hf_name] = _tensor(path, mm, name, shape, qtype, data_start + offset)
+        if hf_name in tensors:  # two GGUF names for one weight: which one counts is a guess
+            raise WeightsError(
+                f"{path}: tensors {gguf_names[hf_name]} and {name} are both {hf_name}"
+            )
+        tensor = _tensor(mm, shape, qtype, start, nbytes)
+        check_finite(tensor, f"{path}: tensor {name}")
+        tensors[hf_name] = tensor
         gguf_names[hf_name] = name
     if family is not None:
         _undo_quirks(path, mm, family, metadata, tensors, gguf_names)
@@ -227,30 +242,61 @@ def _undo_quirks(path: Path, mm, family: Family, metadata, tensors, gguf_names) 
         family.gguf_fix_tensors(path, tensors, gguf_names)
 
 
-def _tensor(path, mm, name: str, shape: tuple[int, ...], qtype_id: int, start: int) -> Tensor:
-    """One tensor's bytes in the mapped file -> float32 array (dense) or QuantTensor."""
-    try:
-        qtype = GGMLQuantizationType(qtype_id)
-    except ValueError:
-        raise WeightsError(f"{path}: tensor {name} has unknown ggml type id {qtype_id}") from None
-    if qtype not in SUPPORTED_TYPES:
-        names = ", ".join(q.name for q in SUPPORTED_TYPES)
-        raise WeightsError(
-            f"{path}: tensor {name} has quantization type {qtype.name}, which is not supported "
-            f"(supported: {names})"
-        )
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    if not shape or min(shape) <= 0:
-        raise WeightsError(f"{path}: tensor {name} has an empty shape {shape}")
-    cols, rows = shape[-1], math.prod(shape[:-1])  # leading dims folded into rows
-    if cols % block_size:
-        raise WeightsError(f"{path}: tensor {name} row of {cols} is not a whole number of blocks")
-    nbytes = rows * (cols // block_size) * type_size
-    if start + nbytes > mm.shape[0]:
-        raise WeightsError(f"{path} is truncated: tensor {name} extends past the end of the file")
+Layout = list[tuple[str, tuple[int, ...], GGMLQuantizationType, int, int]]
+
+
+def _layout(path: Path, infos, data_start: int, alignment: int, file_size: int) -> Layout:
+    """Check every tensor record before any is read: [(name, shape, type, start, nbytes)].
+
+    A type with no dequantizer, an empty shape, rows that are not whole blocks, data that is not
+    aligned to general.alignment, runs past the end of the file, or overlaps another tensor's is
+    a WeightsError naming the tensor."""
+    layout: Layout = []
+    for name, shape, qtype_id, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(qtype_id)
+        except ValueError:
+            raise WeightsError(
+                f"{path}: tensor {name} has unknown ggml type id {qtype_id}"
+            ) from None
+        if qtype not in SUPPORTED_TYPES:
+            names = ", ".join(q.name for q in SUPPORTED_TYPES)
+            raise WeightsError(
+                f"{path}: tensor {name} has quantization type {qtype.name}, which is not "
+                f"supported (supported: {names})"
+            )
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        if not shape or min(shape) <= 0:
+            raise WeightsError(f"{path}: tensor {name} has an empty shape {shape}")
+        cols, rows = shape[-1], math.prod(shape[:-1])  # leading dims folded into rows
+        if cols % block_size:
+            raise WeightsError(
+                f"{path}: tensor {name} row of {cols} is not a whole number of blocks"
+            )
+        if offset % alignment:
+            raise WeightsError(
+                f"{path}: tensor {name} data offset {offset} is not a multiple of "
+                f"general.alignment {alignment}"
+            )
+        start, nbytes = data_start + offset, rows * (cols // block_size) * type_size
+        if start + nbytes > file_size:
+            raise WeightsError(
+                f"{path} is truncated: tensor {name} extends past the end of the file"
+            )
+        layout.append((name, shape, qtype, start, nbytes))
+    by_start = sorted(layout, key=lambda t: t[3])
+    for (prev, *_, prev_start, prev_n), (name, _, _, start, _) in itertools.pairwise(by_start):
+        if start < prev_start + prev_n:  # also two tensors at one offset: sizes are never 0
+            raise WeightsError(f"{path}: tensor {name} overlaps the data of tensor {prev}")
+    return layout
+
+
+def _tensor(mm, shape: tuple[int, ...], qtype: GGMLQuantizationType, start: int, nbytes: int):
+    """One checked tensor record's bytes in the mapped file -> float32 array (dense) or QuantTensor."""
     raw = mm[start : start + nbytes].view(np.ndarray)  # no copy: a view of the mapping
     if qtype in DENSE_TYPES:
         return dense_to_float32(raw, qtype).reshape(shape)
+    cols, rows = shape[-1], math.prod(shape[:-1])
     return QuantTensor(qtype, (rows, cols), raw.reshape(rows, nbytes // rows))
 
 
@@ -278,22 +324,30 @@ def _drop_pages(mm: np.ndarray, start: int, end: int) -> None:
 
 def _unpermute_qk(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, Tensor]):
     """llama.cpp stores q/k permuted for its rope: undo it so tensors equal the HF checkpoint."""
-    n_head = meta.get(f"{arch}.attention.head_count")
-    n_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
     for name, tensor in tensors.items():
         if _QK_RE.fullmatch(name):
-            if n_head is None:
-                raise ConfigError(f"{path}: GGUF metadata lacks {arch}.attention.head_count")
             i = int(name.split(".")[2])
-            heads = _per_layer(n_head if ".q_proj." in name else n_kv, i)
+            key = f"{arch}.attention.head_count" + ("" if ".q_proj." in name else "_kv")
+            heads = _per_layer(path, meta, key, i)
             try:
                 tensors[name] = unpermute_from_gguf(tensor, heads)
             except WeightsError as e:
                 raise WeightsError(f"{path}: tensor {name}: {e}") from None
 
 
-def _per_layer(value: int | list[int], layer: int) -> int:
-    return int(value[layer] if isinstance(value, list) else value)
+def _per_layer(path: Path, meta: dict[str, Any], key: str, layer: int) -> int:
+    """A head count for one layer: key's integer, or its entry for the layer (head_count_kv may
+    fall back to head_count)."""
+    if key not in meta and key.endswith("_kv"):
+        key = key[: -len("_kv")]
+    if key not in meta:
+        raise ConfigError(f"{path}: GGUF metadata lacks {key}")
+    value = meta[key]
+    if isinstance(value, list):
+        value = value[layer] if layer < len(value) else None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: GGUF metadata {key} is not a head count for layer {layer}")
+    return value
 
 
 def _one_line(e: Exception) -> str:

@@ -28,6 +28,15 @@ class BadFile(Exception):
 # String arrays longer than this (the vocab: tokens, merges) stay raw bytes until read, numeric
 # ones (scores, token types) NumPy arrays
 _LAZY_STRINGS = 1024
+# Arrays of arrays deeper than this are refused: each level is a Python call, and a hostile file
+# of nested array headers would otherwise end in a RecursionError
+_MAX_NESTING = 4
+# The fewest bytes one item can take: a declared count is checked against the bytes left with
+# these before anything is allocated (a 2^40-string array must not reach np.empty)
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
+_MIN_STRING_BYTES = 8  # the length of an empty string
+_MIN_ARRAY_BYTES = 4 + 8  # item type and count of an empty array
 
 _SCALARS = {  # GGUF value type -> little-endian NumPy dtype
     GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
@@ -51,6 +60,8 @@ class HeaderReader:
             hint = " (big-endian files are not supported)" if version > 0xFFFF else ""
             raise BadFile(f"unsupported GGUF version {version}{hint}")
         self.n_tensors, self.n_kv = self._u64(), self._u64()
+        self._check_count(self.n_tensors, 0, "tensor count")  # checked again after the metadata
+        self._check_count(self.n_kv, _MIN_KV_BYTES, "metadata key/value count")
 
     def _take(self, n: int) -> memoryview:
         end = self.pos + n
@@ -58,6 +69,15 @@ class HeaderReader:
             raise TruncatedFile(f"needs {n} bytes at offset {self.pos}, file has {len(self.buf)}")
         out, self.pos = self.buf[self.pos : end], end
         return out
+
+    def _check_count(self, count: int, min_item_bytes: int, what: str) -> None:
+        """Raise TruncatedFile if count items of at least min_item_bytes each cannot fit in what is left."""
+        left = len(self.buf) - self.pos
+        if count * min_item_bytes > left:
+            raise TruncatedFile(
+                f"{what} {count} at offset {self.pos} needs at least {count * min_item_bytes} "
+                f"bytes, {left} remain"
+            )
 
     def _u32(self) -> int:
         return struct.unpack("<I", self._take(4))[0]
@@ -68,11 +88,23 @@ class HeaderReader:
     def _str(self) -> str:
         return bytes(self._take(self._u64())).decode("utf-8", errors="replace")
 
-    def _value(self, vtype: int) -> Any:
+    def _value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == GGUFValueType.STRING:
             return self._str()
         if vtype == GGUFValueType.ARRAY:
+            at = self.pos
             item_type, count = self._u32(), self._u64()
+            if depth >= _MAX_NESTING:
+                raise BadFile(f"metadata arrays nested deeper than {_MAX_NESTING} at offset {at}")
+            if item_type in _SCALARS:
+                min_item = np.dtype(_SCALARS[GGUFValueType(item_type)]).itemsize
+            elif item_type == GGUFValueType.STRING:
+                min_item = _MIN_STRING_BYTES
+            elif item_type == GGUFValueType.ARRAY:
+                min_item = _MIN_ARRAY_BYTES
+            else:
+                raise BadFile(f"unknown metadata array item type {item_type} at offset {at}")
+            self._check_count(count, min_item, "metadata array length")
             if item_type in _SCALARS:  # one vectorized read for numeric arrays
                 dtype = np.dtype(_SCALARS[GGUFValueType(item_type)])
                 values = np.frombuffer(self._take(count * dtype.itemsize), dtype=dtype)
@@ -84,7 +116,7 @@ class HeaderReader:
                 except IndexError as e:
                     raise TruncatedFile(str(e)) from None
                 return strings
-            return [self._value(item_type) for _ in range(count)]
+            return [self._value(item_type, depth + 1) for _ in range(count)]
         if vtype in _SCALARS:
             dtype = np.dtype(_SCALARS[GGUFValueType(vtype)])
             value = np.frombuffer(self._take(dtype.itemsize), dtype=dtype)[0]
@@ -96,17 +128,23 @@ class HeaderReader:
     def read_metadata(self) -> dict[str, Any]:
         meta = {}
         for _ in range(self.n_kv):
-            key = self._str()
+            at, key = self.pos, self._str()
+            if key in meta:  # llama.cpp refuses these too: which value would count is a guess
+                raise BadFile(f"metadata key {key!r} appears twice (offset {at})")
             meta[key] = self._value(self._u32())
         return meta
 
     def read_tensor_infos(self) -> list[tuple[str, tuple[int, ...], int, int]]:
         """-> [(name, NumPy shape, ggml type id, offset from the data start)]."""
-        infos = []
+        self._check_count(self.n_tensors, _MIN_TENSOR_INFO_BYTES, "tensor count")
+        infos, seen = [], set()
         for _ in range(self.n_tensors):
             at, name = self.pos, self._str()
             if len(name) > 256 or not name.isprintable():  # ggml caps names at 64 bytes
                 raise BadFile(f"corrupt tensor name at offset {at}")
+            if name in seen:
+                raise BadFile(f"tensor {name} appears twice in the tensor list")
+            seen.add(name)
             n_dims = self._u32()
             if n_dims > 8:
                 raise BadFile(f"tensor {name} claims {n_dims} dimensions")
@@ -117,9 +155,14 @@ class HeaderReader:
             )  # ggml ne[] is innermost-first
         return infos
 
-    def data_start(self, alignment: int) -> int:
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise BadFile(f"general.alignment {alignment} is not a power of two")
+    def data_start(self, alignment: Any) -> int:
+        if (
+            not isinstance(alignment, int)
+            or isinstance(alignment, bool)
+            or alignment <= 0
+            or alignment & (alignment - 1)
+        ):
+            raise BadFile(f"general.alignment {alignment!r} is not a power of two")
         return -(-self.pos // alignment) * alignment
 
 
@@ -135,6 +178,8 @@ class GGUFStrings(Sequence):
     def parse(cls, buf: memoryview, pos: int, count: int) -> tuple[GGUFStrings, int]:
         """count (u64 length, bytes) items from buf[pos:] -> (the array, the offset after it).
         Raises IndexError if they run past the buffer."""
+        if pos + count * _MIN_STRING_BYTES > len(buf):  # before allocating count offsets
+            raise IndexError(f"{count} strings cannot fit in the {len(buf) - pos} bytes left")
         starts = np.empty(count, dtype=np.int64)
         ends = np.empty(count, dtype=np.int64)
         at, size, unpack = pos, len(buf), struct.Struct("<Q").unpack_from
