@@ -127,6 +127,7 @@ cdef struct _RowJob:
     const float *b  # (N, D) second input / (D,) weight / (N, 2 * half) cos|sin table
     float *out  # (N, D)
     Py_ssize_t N, D, nh, half
+    Py_ssize_t ld  # row stride, where rows are not D apart (_rms_ld_task)
     float eps
 
 
@@ -141,6 +142,18 @@ cdef void _rms_task(void *ctx, int64_t t) noexcept nogil:
     for n in range(t * ROWS, min(t * ROWS + ROWS, j.N)):
         r = 1.0 / sqrtf(ts_sumsq(j.a + n * D, D) / D + j.eps)
         ts_scale_mul(j.out + n * D, j.a + n * D, r, j.b, D)
+
+
+cdef void _rms_ld_task(void *ctx, int64_t t) noexcept nogil:
+    """In place: rows of D numbers, ld apart (a slice of wider rows)."""
+    cdef _RowJob *j = <_RowJob *>ctx
+    cdef Py_ssize_t n, D = j.D
+    cdef float r
+    cdef float *row
+    for n in range(t * ROWS, min(t * ROWS + ROWS, j.N)):
+        row = j.out + n * j.ld
+        r = 1.0 / sqrtf(ts_sumsq(row, D) / D + j.eps)
+        ts_scale_mul(row, row, r, j.b, D)
 
 
 @cython.boundscheck(False)
@@ -595,6 +608,11 @@ cdef extern from "quant.h" nogil:
 
 
 include "quant.pxi"
+
+
+cdef extern from "head_matmul.h" nogil:
+    void ts_head_matmul(const float *x, int64_t N, int64_t H, int64_t K, const float *w,
+                        int64_t M, float *out, int nthreads)
 
 
 cdef extern from "attn_gemm.h" nogil:

@@ -178,6 +178,9 @@ def _lowered(llm) -> bool:
 # the fixtures whose every matrix row is a multiple of 32 (Q8_0 blocks); llama_mqa's and mistral's
 # feed-forward widths (172, 144) are not, so their down matrix stays F32 and they run op by op
 LOWERED = {"qwen2": True, "qwen3": True, "gemma3": True, "phi3": True, "mixtral": True}
+# DeepSeek-V3's q LoRA rank (24) and o's input (4 heads x 12) are no whole Q8_0 blocks: op by op
+# here; the conformance kit's deepseek_v3_q8_0 / _q4_k / _qlora_q8_0 hold its MLA lowering
+LOWERED |= {"deepseek_v3": False}
 LOWERED |= {"llama_mqa": False, "mistral": False}
 
 
@@ -198,7 +201,7 @@ def test_native_stack_equals_op_by_op(name):
     reason = fast.backend._lowered.reasons.get(fast.engine.model)
     assert lowered == LOWERED[name], reason
     if not LOWERED[name]:
-        assert "down is not in a quantized type" in reason
+        assert "is not in a quantized type the native matmul reads" in reason
     assert not _lowered(slow)
     np.testing.assert_allclose(fast.logits(ids), slow.logits(ids), rtol=1e-5, atol=1e-5)
     assert greedy(fast, prompts, 5) == greedy(slow, prompts, 5)

@@ -165,7 +165,7 @@ class CpuBackend(Backend):
         self._blas_limits = _pin_blas(self.num_threads)
         self.ops = CpuOps()
         self._step_threads = _StepThreads(self.num_threads, adapt=adapt_threads)
-        self._pools: np.ndarray | None = None  # (L, 2, NB, BS, KVH, Dh) behind allocate_kv's views
+        self._pools: np.ndarray | None = None  # (L, P, NB, BS, ...) behind allocate_kv's views
 
     def _set_threads(self, n: int) -> None:
         if n != self._threads_now:
@@ -195,25 +195,27 @@ class CpuBackend(Backend):
     # -- KV pools and the forward ---------------------------------------------------------------
 
     def allocate_kv(self, layer_specs, num_blocks: int, block_size: int):
-        """One (L, 2, NB, BS, KVH, Dh) array when every layer stores k and v alike, handed out as
-        per-layer views, so the decoder stack reaches all layers through one buffer."""
-        shapes = {tuple(spec.get("k", ())) for spec in layer_specs}
-        if len(shapes) != 1 or any(
-            set(spec) != {"k", "v"} or spec["k"] != spec["v"] for spec in layer_specs
-        ):
+        """One (L, P, NB, BS, *shape) array when every layer stores its P pools alike (k and v;
+        MLA's one latent "kv"), handed out as per-layer views, so the decoder stack reaches all
+        layers through one buffer."""
+        names = list(layer_specs[0]) if layer_specs else []
+        shapes = {tuple(shape) for spec in layer_specs for shape in spec.values()}
+        if len(shapes) != 1 or any(list(spec) != names for spec in layer_specs):
             return super().allocate_kv(layer_specs, num_blocks, block_size)
         pools = lazy_zeros(
-            (len(layer_specs), 2, num_blocks, block_size, *shapes.pop()), self.kv_dtype
+            (len(layer_specs), len(names), num_blocks, block_size, *shapes.pop()), self.kv_dtype
         )
         self._pools = pools
-        return [{"k": pools[i, 0], "v": pools[i, 1]} for i in range(len(layer_specs))]
+        return [
+            {name: pools[i, j] for j, name in enumerate(names)} for i in range(len(layer_specs))
+        ]
 
     def _stack_pools(self, kv) -> np.ndarray | None:
         """The single buffer behind kv, when kv is the set of views allocate_kv handed out."""
         pools = self._pools
-        if pools is None or len(kv) != pools.shape[0] or "k" not in kv[0]:
+        if pools is None or len(kv) != pools.shape[0] or not kv[0]:
             return None
-        if kv[0]["k"].ctypes.data != pools.ctypes.data:
+        if next(iter(kv[0].values())).ctypes.data != pools.ctypes.data:
             return None
         return pools
 

@@ -1,9 +1,10 @@
 """The cpu backend's lowering of a Decoder spec: its layer stack in one native call.
 
 At batch 1 a Python call per op per layer costs more than the arithmetic, so the layers of a
-models.spec.Decoder run in kernels.DecoderStack (ext/kernels.pyx): the spec's own quantized
+models.spec.Decoder run in kernels.DecoderStack (ext/decoder.pxi): the spec's own quantized
 matrices read in place (a fused qkv or gate_up matrix is row ranges of its blocks), norms, biases,
-q/k norms, rope, paged attention, the gated feed-forward. A mixture-of-experts layer's attention
+q/k norms, rope, paged attention (GQA, or MLA absorbed over its latent cache), the gated
+feed-forward. A mixture-of-experts layer's attention
 runs there too; its routed feed-forward runs here through the ops (tokens grouped by expert,
 experts kept quantized). Everything else (embedding, the final norm, the head, the soft-cap) is
 the op set's. tests/test_cpu_backend.py holds this route and the model file to the same logits.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..models.spec import GQA, Decoder, DecoderLayer, GatedMLP, MoE, Rope
+from ..models.spec import GQA, MLA, Decoder, DecoderLayer, GatedMLP, MoE, Rope
 from ..step import StepMeta
 from . import native
 from .lowering import NotLowerable
@@ -29,7 +30,7 @@ TRIM_EVERY = 16
 
 
 class CpuDecoder:
-    """A Decoder spec on kernels.DecoderStack. (step, (L, 2, NB, BS, KVH, Dh) pools) -> logits."""
+    """A Decoder spec on kernels.DecoderStack. (step, (L, P, NB, BS, KVH, Dh) pools) -> logits."""
 
     name = "cpu native decoder stack"
 
@@ -37,12 +38,21 @@ class CpuDecoder:
         if native.kernels is None:
             raise NotLowerable("the native kernels are not built")
         self.spec, self.ops = spec, backend.ops
-        H, KVH, Dh = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        kinds = {type(layer.attn) for layer in spec.layers}
+        if len(kinds) != 1 or not kinds <= {GQA, MLA}:
+            raise NotLowerable(f"attention {', '.join(sorted(k.__name__ for k in kinds))}")
+        mla = _mla_widths(spec) if kinds == {MLA} else None
+        H = spec.n_heads
+        # an MLA stack caches one "head" of the latent [k_rope, c_kv] per token
+        KVH, Dh = (1, mla["dr"] + mla["r"]) if mla else (spec.n_kv_heads, spec.head_dim)
         self.ropes: list[Rope] = []
         layers, acts, ffn_sizes, scales = [], set(), set(), set()
         for i, layer in enumerate(spec.layers):
             try:
-                layers.append(self._layer(layer, H * Dh, KVH * Dh))
+                if mla:
+                    layers.append(self._mla_layer(layer, mla))
+                else:
+                    layers.append(self._layer(layer, H * Dh, KVH * Dh))
             except NotLowerable as e:
                 raise NotLowerable(f"layer {i}: {e}") from None
             scales.add(layer.attn.scale)
@@ -65,6 +75,7 @@ class CpuDecoder:
             native.kernels.ACTIVATIONS[act],
             spec.norm_eps,
             scales.pop(),
+            mla,
         )
         head = spec.lm_head
         self.argmax_head = native.is_quant(head) and native.quant_supports(head.qtype)
@@ -81,18 +92,8 @@ class CpuDecoder:
         bias = _biases(attn.qkv, (q_size, kv_size, kv_size))
         if attn.o.b is not None:
             raise NotLowerable("o has a bias")
-        ffn = layer.ffn
-        if isinstance(ffn, GatedMLP):
-            F = _rows(ffn.down.w, "down")[1]  # the down matrix's input width
-            w += _rows_of(ffn.gate_up, (F, F), "gate_up") + _rows_of((ffn.down,), None, "down")
-            if any(lin.b is not None for lin in (*ffn.gate_up, ffn.down)):
-                raise NotLowerable("the feed-forward has a bias")
-        elif isinstance(ffn, MoE):
-            w += [(0, 0, 0, 0)] * 3  # run through the ops between stack calls
-        else:
-            raise NotLowerable(f"feed-forward {type(ffn).__name__}")
         return {
-            "w": w,
+            "w": w + _ffn_rows(layer.ffn),
             "attn_norm": layer.attn_norm,
             "post_attn_norm": layer.post_attn_norm,
             "ffn_norm": layer.ffn_norm,
@@ -104,7 +105,44 @@ class CpuDecoder:
             "k_norm": attn.k_norm,
             "window": attn.window or 0,
             "rope": self._rope_index(attn.rope),
-            "has_ffn": isinstance(ffn, GatedMLP),
+            "has_ffn": isinstance(layer.ffn, GatedMLP),
+        }
+
+    def _mla_layer(self, layer: DecoderLayer, mla: dict) -> dict:
+        """An MLA layer's matrices in DecoderStack's slots: the latent's, the one its query reads
+        from x (q LoRA's down-projection, else q itself), q LoRA's up-projection, o."""
+        attn: MLA = layer.attn
+        H, D = self.spec.n_heads, self.spec.embed.shape[1]
+        q_width = H * (mla["dr"] + mla["dn"])
+        # (matrix, its (rows, cols)): the stack's buffers are sized by these
+        shapes = [(attn.kv_a, (mla["dr"] + mla["r"], D)), (attn.o, (D, H * mla["dv"]))]
+        if attn.q_a is None:
+            shapes.append((attn.q_b, (q_width, D)))
+        else:
+            shapes += [(attn.q_a, (mla["q_lora"], D)), (attn.q_b, (q_width, mla["q_lora"]))]
+        for lin, shape in shapes:
+            if lin.b is not None:
+                raise NotLowerable("an MLA projection has a bias")
+            if _rows(lin.w, "an MLA projection") != shape:
+                raise NotLowerable(f"an MLA projection is {lin.w.shape}, expected {shape}")
+        lins = [attn.kv_a, attn.q_a or attn.q_b] + ([attn.q_b] if attn.q_a else [])
+        w = _rows_of(lins, None, "MLA's projections")
+        if attn.q_a is None:
+            w.append((0, 0, 0, 0))
+        w += _rows_of((attn.o,), None, "o")
+        return {
+            "w": w + _ffn_rows(layer.ffn),
+            "attn_norm": layer.attn_norm,
+            "post_attn_norm": layer.post_attn_norm,
+            "ffn_norm": layer.ffn_norm,
+            "post_ffn_norm": layer.post_ffn_norm,
+            "q_a_norm": attn.q_a_norm,
+            "kv_a_norm": attn.kv_a_norm,
+            "q_absorb": attn.q_absorb,
+            "v_up": attn.v_up,
+            "window": 0,
+            "rope": self._rope_index(attn.rope),
+            "has_ffn": isinstance(layer.ffn, GatedMLP),
         }
 
     def _rope_index(self, rope: Rope) -> int:
@@ -203,6 +241,33 @@ class CpuDecoder:
         self.n_steps += 1
         if n_tokens >= TRIM_MIN_TOKENS or self.n_steps % TRIM_EVERY == 0:
             trim_heap()
+
+
+def _mla_widths(spec: Decoder) -> dict:
+    """DecoderStack's MLA widths, read off the first layer's matrices: dr (rope dims), dn (the
+    query's other dims), dv (value dims), r (latent rank), q_lora (0 without q LoRA)."""
+    attn: MLA = spec.layers[0].attn
+    _, dr_r, qk = attn.q_absorb.shape
+    r = attn.kv_a_norm.shape[0]
+    return {
+        "dr": dr_r - r,
+        "dn": qk - (dr_r - r),
+        "dv": attn.v_up.shape[1],
+        "r": r,
+        "q_lora": 0 if attn.q_a is None else attn.q_a_norm.shape[0],
+    }
+
+
+def _ffn_rows(ffn) -> list[tuple[int, int, int, int]]:
+    """gate, up, down in DecoderStack's slots; empty for a mixture (run by the ops in between)."""
+    if isinstance(ffn, MoE):
+        return [(0, 0, 0, 0)] * 3
+    if not isinstance(ffn, GatedMLP):
+        raise NotLowerable(f"feed-forward {type(ffn).__name__}")
+    if any(lin.b is not None for lin in (*ffn.gate_up, ffn.down)):
+        raise NotLowerable("the feed-forward has a bias")
+    F = _rows(ffn.down.w, "down")[1]  # the down matrix's input width
+    return _rows_of(ffn.gate_up, (F, F), "gate_up") + _rows_of((ffn.down,), None, "down")
 
 
 def _rows(w, what: str) -> tuple[int, int]:

@@ -13,6 +13,10 @@ op-by-op forward, over the very tensors the model holds (nothing copied, nothing
 - decode steps (one new token per sequence) view q in place: no padding scatter, no gather back;
 - a fused qkv / gate_up matrix (Phi-3) is one matmul; separate q, k, v are three.
 
+Multi-head latent attention (DeepSeek-V3, Kimi-K2) runs as the model file's absorbed form: one
+MQA of the H absorbed queries over the latent pool, its values the latent's c_kv part, the
+per-head absorptions batched matmuls.
+
 Mixture-of-experts layers route on the host and run their experts through TorchOps.moe, as the
 model file does. Same weights, same maths; only the rounding order moves (within each dtype's
 tolerance). tests/test_torch_backend.py holds this and the op-by-op forward to one answer.
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.spec import Decoder, DecoderLayer, GatedMLP, MoE, Rope
+from ..models.spec import MLA, Decoder, DecoderLayer, GatedMLP, MoE, Rope
 from .lowering import NotLowerable
 
 
@@ -47,6 +51,9 @@ class _Layer:
     post_ffn_norm: torch.Tensor | None
     rope: int  # index into the step's trig tables
     window: int | None
+    mla: MLA | None = None  # the spec's latent attention (qkv, q_norm, k_norm, o_bias unused)
+    q_a_norm: torch.Tensor | None = None  # MLA's norms in the norm dtype
+    kv_a_norm: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +84,18 @@ class TorchDecoder:
         # float32 norms keep NumpyOps' formula exactly; narrow dtypes hand the fused kernel its dtype
         self.norm_dtype = torch.float32 if dt == torch.float32 else dt
         self.ropes: list[Rope] = []
+        kinds = {type(layer.attn) for layer in spec.layers}
+        if len(kinds) != 1:
+            raise NotLowerable("layers of more than one attention kind")
+        self.mla = kinds == {MLA}
+        if self.mla:  # one latent "kv head" of dr + r that all H query heads share
+            first: MLA = spec.layers[0].attn
+            self.kv_width = first.q_absorb.shape[1]  # dr + r
+            self.q_width = first.q_absorb.shape[2]  # dr + dn
+            self.rope_dims = self.kv_width - first.kv_a_norm.shape[0]  # dr
+            self.n_kv_heads, self.trig_width = 1, max(self.kv_width, self.q_width)
+        else:
+            self.n_kv_heads, self.trig_width = spec.n_kv_heads, spec.head_dim
         self.layers = [self._layer(layer) for layer in spec.layers]
         self.final_norm = self._norm_weight(spec.norm)
         self.windows = sorted({w.window for w in self.layers}, key=lambda w: w or 0)
@@ -88,6 +107,8 @@ class TorchDecoder:
         attn = layer.attn
         if not isinstance(layer.ffn, (GatedMLP, MoE)):
             raise NotLowerable(f"feed-forward {type(layer.ffn).__name__}")
+        if isinstance(attn, MLA):
+            return self._mla_layer(layer)
         if 2 * len(attn.rope.inv_freq) > self.spec.head_dim:
             raise NotLowerable("rope rotates more dims than a head has")
         return _Layer(
@@ -106,6 +127,32 @@ class TorchDecoder:
             window=attn.window,
         )
 
+    def _mla_layer(self, layer: DecoderLayer) -> _Layer:
+        attn: MLA = layer.attn
+        if 2 * len(attn.rope.inv_freq) != self.rope_dims:
+            raise NotLowerable("MLA's rope does not rotate exactly its rope dims")
+        lins = (attn.q_a, attn.q_b, attn.kv_a, attn.o)
+        if any(lin is not None and lin.b is not None for lin in lins):
+            raise NotLowerable("an MLA projection has a bias")
+        return _Layer(
+            attn_norm=self._norm_weight(layer.attn_norm),
+            qkv=[],
+            q_norm=None,
+            k_norm=None,
+            o=attn.o.w,
+            o_bias=None,
+            post_attn_norm=self._norm_weight(layer.post_attn_norm),
+            ffn_norm=self._norm_weight(layer.ffn_norm),
+            ffn_norm_f32=layer.ffn_norm,
+            ffn=layer.ffn,
+            post_ffn_norm=self._norm_weight(layer.post_ffn_norm),
+            rope=self._rope_index(attn.rope),
+            window=None,
+            mla=attn,
+            q_a_norm=self._norm_weight(attn.q_a_norm),
+            kv_a_norm=self._norm_weight(attn.kv_a_norm),
+        )
+
     def _rope_index(self, rope: Rope) -> int:
         for i, known in enumerate(self.ropes):
             if known is rope:
@@ -118,7 +165,7 @@ class TorchDecoder:
     def plan(self, step, block_size: int) -> _Plan:
         """Index arrays and cos / sin built on the host, sent in two copies; masks on the device."""
         spec, dev, b = self.spec, self.ops.device, step.batch
-        S, N, T, Dh = b.n_seqs, b.n_tokens, step.max_q_len, spec.head_dim
+        S, N, T, Dh = b.n_seqs, b.n_tokens, step.max_q_len, self.trig_width
         nb = -(-step.max_seq_len // block_size)
         L = nb * block_size
         decode = T == 1
@@ -150,7 +197,7 @@ class TorchDecoder:
             if decode:
                 mask = mask.view(S, 1, 1, L)  # one query row per (kv head, group): broadcast
             else:
-                G = spec.n_heads // spec.n_kv_heads  # query rows ordered (t, g)
+                G = spec.n_heads // self.n_kv_heads  # query rows ordered (t, g)
                 mask = mask[:, None, :, None, :].expand(S, 1, T, G, L).reshape(S, 1, T * G, L)
             masks[window] = mask
         return _Plan(
@@ -170,8 +217,9 @@ class TorchDecoder:
     def _trig(self, step) -> np.ndarray:
         """(n_ropes, N, 2*Dh) float32: per rope [cos, cos, 1...] | [-sin, sin, 0...], so that
         rotating the first R dims in halves is x * c + swap(x) * s; angles in float64 as NumpyOps,
-        LongRoPE's long frequencies for tokens past its original context, its factor folded in."""
-        b, Dh = step.batch, self.spec.head_dim
+        LongRoPE's long frequencies for tokens past its original context, its factor folded in.
+        Dh: the widest head rotated (MLA: its query heads and its latent; each takes a prefix)."""
+        b, Dh = step.batch, self.trig_width
         positions = np.asarray(b.positions, np.float64)
         out = []
         for rope in self.ropes:
@@ -193,12 +241,13 @@ class TorchDecoder:
     def __call__(self, step, kv: list[dict[str, Any]]) -> torch.Tensor:
         """A step of N tokens -> logits (R, V) for its logits_rows, on the device."""
         spec = self.spec
-        m = self.plan(step, kv[0]["k"].shape[1])
+        m = self.plan(step, next(iter(kv[0].values())).shape[1])
         x = F.embedding(m.token_ids, spec.embed)  # (N, D)
         if spec.embed_scale != 1.0:
             x = x * spec.embed_scale
+        attention = self.mla_attention if self.mla else self.attention
         for w, layer_kv in zip(self.layers, kv):
-            x = self.attention(x, w, layer_kv, m)
+            x = attention(x, w, layer_kv, m)
             x = self.feed_forward(x, w)
         if m.logits_rows is not None:
             x = x.index_select(0, m.logits_rows)  # (R, D): only the rows we sample from
@@ -229,11 +278,7 @@ class TorchDecoder:
         qk = qkv[:, : (H + KVH) * Dh].view(N, H + KVH, Dh)
         if w.q_norm is not None:  # Qwen3 / Gemma 3 normalize each head before rotating it
             qk = torch.cat([self.norm(qk[:, :H], w.q_norm), self.norm(qk[:, H:], w.k_norm)], 1)
-        cos, sin = m.trig[w.rope]
-        R = 2 * len(self.ropes[w.rope].inv_freq)
-        # rope on q and k heads together: x * [cos, cos, 1] + [x2, x1, x_rest] * [-sin, sin, 0]
-        swapped = torch.cat([qk[..., R // 2 : R], qk[..., : R // 2], qk[..., R:]], dim=-1)
-        qk = torch.addcmul(qk * cos, swapped, sin)  # (N, H+KVH, Dh)
+        qk = self._rope(qk, m, w)  # q and k heads in one rotation: (N, H+KVH, Dh)
         k = qk[:, H:]  # (N, KVH, Dh)
         v = qkv[:, (H + KVH) * Dh :].view(N, KVH, Dh)
         k_pool, v_pool = kv["k"], kv["v"]
@@ -256,6 +301,47 @@ class TorchDecoder:
             o = o.view(S, KVH, T, G, Dh).permute(0, 2, 1, 3, 4).reshape(S * T, H * Dh)
             a = o.index_select(0, m.out_rows)  # (N, H*Dh)
         return self._residual(x, a, w.o, w.o_bias, w.post_attn_norm)
+
+    def _rope(self, x: torch.Tensor, m: _Plan, w: _Layer) -> torch.Tensor:
+        """(N, h, W) -> same: the first R dims rotated in halves, x * [cos, cos, 1] +
+        [x2, x1, x_rest] * [-sin, sin, 0] (the step's tables cut to the heads' width W)."""
+        cos, sin = m.trig[w.rope]
+        W, R = x.shape[-1], 2 * len(self.ropes[w.rope].inv_freq)
+        swapped = torch.cat([x[..., R // 2 : R], x[..., : R // 2], x[..., R:]], dim=-1)
+        return torch.addcmul(x * cos[..., :W], swapped, sin[..., :W])
+
+    def mla_attention(self, x: torch.Tensor, w: _Layer, kv: dict, m: _Plan) -> torch.Tensor:
+        """(N, D) -> (N, D): x plus multi-head latent attention, absorbed, over the latent pool."""
+        a, spec = w.mla, self.spec
+        N, H, dr, Lw = x.shape[0], spec.n_heads, self.rope_dims, self.kv_width
+        S, T, L = m.n_seqs, m.q_len, m.ctx_len
+        h = self.norm(x, w.attn_norm)
+        x_q = h if a.q_a is None else self.norm(F.linear(h, a.q_a.w), w.q_a_norm)
+        q = self._rope(F.linear(x_q, a.q_b.w).view(N, H, self.q_width), m, w)  # (N, H, dr+dn)
+        latent = F.linear(h, a.kv_a.w)  # (N, dr + r): [k_rope, c_kv]
+        latent = torch.cat([latent[:, :dr], self.norm(latent[:, dr:], w.kv_a_norm)], dim=1)
+        latent = self._rope(latent.view(N, 1, Lw), m, w)  # (N, 1, dr + r)
+        pool = kv["kv"]
+        pool.view(-1, 1, Lw).index_copy_(0, m.slots, latent.to(pool.dtype))
+        # [q_rope, W_UK^T q_nope] per head, one batched matmul in the absorption's float32, as
+        # the model file's head_matmul: (H, N, dr+dn) @ (H, dr+dn, Lw)
+        q = self.ops.head_matmul(q, a.q_absorb)  # (N, H, Lw)
+        ctx = pool.index_select(0, m.gather).view(S, 1, L, Lw)  # keys; values: their c_kv part
+        if m.q_src is None:  # decode: token s is sequence s's only row; its H heads are G rows
+            q = q.reshape(S, 1, H, Lw)
+        else:
+            q = q.index_select(0, m.q_src).view(S, 1, T * H, Lw)  # rows ordered (t, h)
+        o = F.scaled_dot_product_attention(
+            q, ctx, ctx[..., dr:], attn_mask=m.masks[None], scale=a.scale
+        )  # (S, 1, T*H, r)
+        o = o.reshape(-1, H, Lw - dr)  # (S*T or N, H, r)
+        if m.out_rows is not None:
+            o = o.index_select(0, m.out_rows)  # (N, H, r)
+        v = self.ops.head_matmul(o, a.v_up)  # (N, H, dv): W_UV per head
+        # unfused: the residual add rounded after o's product, as the model file rounds it (the
+        # absorbed path's extra products leave a narrow dtype less room than GQA's)
+        y = F.linear(v.reshape(N, -1), w.o)
+        return x + (y if w.post_attn_norm is None else self.norm(y, w.post_attn_norm))
 
     def feed_forward(self, x: torch.Tensor, w: _Layer) -> torch.Tensor:
         """(N, D) -> (N, D): x plus the gated MLP or the mixture of experts."""

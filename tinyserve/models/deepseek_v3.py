@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ConfigError, WeightsError
 from ..step import StepMeta
-from . import WeightReader, as_numpy
+from . import Linear, WeightReader, as_numpy, spec
 from .family import GGUF_BLOCK, Family, round_near
 from .moe import load_experts, route_sigmoid_grouped, route_softmax
 from .rope import interleaved_to_halves, rope_attention_factor, rope_inv_freq, yarn_softmax_mscale
@@ -195,27 +196,77 @@ class DeepseekV3Model:
         ops = self.ops
         return ops.matmul(ops.silu_mul(ops.matmul(x, m.gate), ops.matmul(x, m.up)), m.down)
 
-    def feed_forward(self, x, ffn: MLP | MoE):
-        """(N, D) -> (N, D): dense SwiGLU, or routed experts plus shared ones."""
-        if isinstance(ffn, MLP):
-            return self._mlp(x, ffn)
-        ops, cfg = self.ops, self.cfg
-        logits = ops.to_numpy(ops.matmul(x, ffn.router))  # (N, E)
+    def route(self, logits: np.ndarray, bias: np.ndarray):
+        """(N, E) NumPy router logits -> expert ids (N, K), weights (N, K)."""
+        cfg = self.cfg
         if cfg.scoring_func == "sigmoid":
-            ids, weights = route_sigmoid_grouped(
+            return route_sigmoid_grouped(
                 logits,
-                ffn.bias,
+                bias,
                 cfg.n_experts_per_tok,
                 cfg.n_group,
                 cfg.topk_group,
                 cfg.norm_topk_prob,
                 cfg.routed_scaling_factor,
             )
-        else:  # DeepSeek-V2 style softmax routing
-            ids, weights = route_softmax(logits, cfg.n_experts_per_tok, cfg.norm_topk_prob)
-            weights = weights * np.float32(cfg.routed_scaling_factor)
+        # DeepSeek-V2 style softmax routing
+        ids, weights = route_softmax(logits, cfg.n_experts_per_tok, cfg.norm_topk_prob)
+        return ids, weights * np.float32(cfg.routed_scaling_factor)
+
+    def feed_forward(self, x, ffn: MLP | MoE):
+        """(N, D) -> (N, D): dense SwiGLU, or routed experts plus shared ones."""
+        if isinstance(ffn, MLP):
+            return self._mlp(x, ffn)
+        ops = self.ops
+        ids, weights = self.route(ops.to_numpy(ops.matmul(x, ffn.router)), ffn.bias)  # (N, K)
         y = ops.moe(x, ids, weights, ffn.experts, act="silu")  # (N, D)
         return y if ffn.shared is None else y + self._mlp(x, ffn.shared)
+
+    # -- the declared fast form ---------------------------------------------------------------
+
+    def lowering_spec(self) -> spec.Decoder:
+        """This decoder as a backend's fast path may run it (tinyserve/models/spec.py): MLA layers
+        over the latent cache, dense or routed feed-forwards."""
+        cfg = self.cfg
+        rope = spec.Rope(rope_inv_freq(cfg, rotary_dim=cfg.qk_rope_head_dim), self.rope_scale)
+
+        def mlp(m: MLP) -> spec.GatedMLP:
+            return spec.GatedMLP((Linear(m.gate), Linear(m.up)), Linear(m.down), "silu")
+
+        def ffn(f: MLP | MoE):
+            if isinstance(f, MLP):
+                return mlp(f)
+            return spec.MoE(
+                f.router,
+                partial(self.route, bias=f.bias),
+                f.experts,
+                "silu",
+                None if f.shared is None else mlp(f.shared),
+            )
+
+        layers = tuple(
+            spec.DecoderLayer(
+                attn_norm=w.attn_norm,
+                attn=spec.MLA(
+                    q_a=None if w.q_a is None else Linear(w.q_a),
+                    q_a_norm=w.q_a_norm,
+                    q_b=Linear(w.q_b),
+                    kv_a=Linear(w.kv_a),
+                    kv_a_norm=w.kv_a_norm,
+                    q_absorb=w.q_absorb,
+                    v_up=w.v_up,
+                    o=Linear(w.o),
+                    rope=rope,
+                    scale=self.scale,
+                ),
+                post_attn_norm=None,
+                ffn_norm=w.ffn_norm,
+                ffn=ffn(w.ffn),
+                post_ffn_norm=None,
+            )
+            for w in self.layers
+        )
+        return spec.Decoder.of(self, layers)
 
     def forward(self, step: StepMeta, kv: list[dict]):
         """A step of N tokens -> logits (R, V) for its logits_rows."""

@@ -43,6 +43,24 @@ class GQA:
 
 
 @dataclass(frozen=True, slots=True)
+class MLA:
+    """Multi-head latent attention, absorbed (DeepSeek-V2/V3, Kimi-K2): keys and values come from
+    one cached latent per token, a "kv" pool of (1, dr + r) = [k_rope, c_kv]; attention is an MQA
+    of the H absorbed queries [q_rope, W_UK^T q_nope] over it, with values its c_kv part."""
+
+    q_a: Linear | None  # (q_lora, D) q LoRA's down-projection, or None (q_b reads x)
+    q_a_norm: Any  # (q_lora,) or None
+    q_b: Linear  # (H * (dr + dn), q_lora or D); each head's rows [rope, nope]
+    kv_a: Linear  # (dr + r, D): rows [k_rope, c_kv]
+    kv_a_norm: Any  # (r,) RMSNorm of c_kv
+    q_absorb: Any  # (H, dr + r, dr + dn) float32: [q_rope, q_nope] -> [q_rope, W_UK^T q_nope]
+    v_up: Any  # (H, dv, r) float32: W_UV, the attended latent -> each head's value
+    o: Linear  # (D, H * dv)
+    rope: Rope  # over the first dr dims of q heads and of the latent
+    scale: float  # softmax scale (of the uncompressed head dn + dr, times YaRN's mscale^2)
+
+
+@dataclass(frozen=True, slots=True)
 class GatedMLP:
     """down(act(gate x) * up x)."""
 
@@ -65,7 +83,7 @@ class MoE:
 @dataclass(frozen=True, slots=True)
 class DecoderLayer:
     attn_norm: Any  # (D,)
-    attn: GQA
+    attn: GQA | MLA
     post_attn_norm: Any  # (D,) norm of the attention's output before the residual add, or None
     ffn_norm: Any  # (D,)
     ffn: GatedMLP | MoE
@@ -74,8 +92,9 @@ class DecoderLayer:
 
 @dataclass(frozen=True, slots=True)
 class Decoder:
-    """A pre-norm decoder of GQA layers: embed (* embed_scale) -> layers -> norm -> head
-    (-> softcap). Llama, Qwen2/3, Mistral, Gemma 3, Phi-3 and Mixtral declare this."""
+    """A pre-norm decoder: embed (* embed_scale) -> layers -> norm -> head (-> softcap). Llama,
+    Qwen2/3, Mistral, Gemma 3, Phi-3 and Mixtral declare one of GQA layers, DeepSeek-V3 and
+    Kimi-K2 one of MLA layers (n_kv_heads and head_dim then describe the uncompressed heads)."""
 
     embed: Any  # (V, D)
     embed_scale: float

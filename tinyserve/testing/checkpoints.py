@@ -167,6 +167,11 @@ for _family in QUANT_FAMILIES:
             {**ARCHITECTURES[_family][0], **_WIDE, **_WIDE_FAMILY.get(_family, {})},
             _qtype,
         )
+# MLA without q LoRA (q_proj reads x), quantized: the other way into DeepSeek's attention
+ARCHITECTURES["deepseek_v3_qlora_q8_0"] = (
+    {**ARCHITECTURES["deepseek_v3_q8_0"][0], "q_lora_rank": None},
+    "Q8_0",
+)
 QUANTIZED_ARCHITECTURES = [name for name, (_, s) in ARCHITECTURES.items() if s.startswith("Q")]
 
 # mixtures of experts: a router's top-k is a discrete choice (see _pinned_routing)
@@ -204,6 +209,7 @@ LOWERING_ARCHITECTURES = [
     *(f"{family}_q4_k" for family in QUANT_FAMILIES),
     "llama_q8_0",
     "mixtral_q8_0",
+    "deepseek_v3_qlora_q8_0",
 ]
 
 
