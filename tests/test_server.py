@@ -419,6 +419,43 @@ def test_metrics_count_requests_tokens_and_latencies(served, client, http):
     assert metric(http, "tinyserve_kv_blocks_total") == served[1].loop.engine.kv_manager.num_blocks
 
 
+def test_router_gauges_move_as_requests_queue_and_finish(ref):
+    """A server that runs 2 sequences at a time: 4 slow streams make 2 run and 2 wait."""
+    app = create_app(
+        LLM(str(FIXTURE), backend="numpy", max_num_seqs=2), ServerConfig(model_name=MODEL)
+    )
+    state = app.server_state
+    body = {"prompt": "Story 7: the", "max_tokens": 100, "stream": True, "ignore_eos": True}
+    with running(app) as url, httpx.Client(base_url=url, timeout=10) as c:
+        assert metric(c, "tinyserve_num_requests_running") == 0
+        assert metric(c, "tinyserve_kv_cache_usage_perc") == 0
+        with slow_steps(state, 0.01), contextlib.ExitStack() as streams:
+            for _ in range(4):  # each response has started: its request is in the engine
+                streams.enter_context(c.stream("POST", "/v1/completions", json=body))
+            assert wait_until(lambda: metric(c, "tinyserve_num_requests_waiting") == 2)
+            assert metric(c, "tinyserve_num_requests_running") == 2
+            usage = metric(c, "tinyserve_kv_cache_usage_perc")
+            kv = state.loop.engine.kv_manager
+            assert 0 < usage <= 1 and usage == pytest.approx(kv.n_used_blocks / kv.num_blocks)
+        assert wait_until(lambda: metric(c, "tinyserve_num_requests_running") == 0)
+        assert metric(c, "tinyserve_num_requests_waiting") == 0
+        assert metric(c, "tinyserve_kv_cache_usage_perc") == 0
+
+
+def test_prefix_cache_counters_count_tokens_looked_up_and_reused(served, http, ref):
+    prompt = "Story 11: " + "the cat sat on the mat and " * 4  # 57 tokens: 3 full blocks
+    n_prompt = len(ref.tokenizer.encode(prompt))
+    block = served[1].loop.engine.kv_manager.block_size
+    queries = metric(http, "tinyserve_prefix_cache_queries_total")
+    hits = metric(http, "tinyserve_prefix_cache_hits_total")
+    for _ in range(2):
+        r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200
+    assert metric(http, "tinyserve_prefix_cache_queries_total") - queries == 2 * n_prompt
+    # the second request reuses every full block but the one holding the prompt's last token
+    assert metric(http, "tinyserve_prefix_cache_hits_total") - hits == (n_prompt - 1) // block * block
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 
@@ -619,3 +656,26 @@ def test_tinyserve_serve_command_serves(tmp_path):
         proc.terminate()
         proc.wait(10)
         proc.stderr.close()
+
+
+def test_replica_metrics_merge_into_one_exposition():
+    """Behind Ray the ingress shows every replica's samples, each metric's TYPE line once."""
+    from tinyserve.serving.metrics import Metrics, merge
+
+    replicas = [Metrics({"replica": name}) for name in ("a", "b")]
+    replicas[0].count_http("/v1/completions", 200)
+    replicas[1].gauges["num_requests_waiting"] = 3
+    text = merge([m.render() for m in replicas])
+    lines = text.splitlines()
+    assert lines.count("# TYPE tinyserve_num_requests_waiting gauge") == 1
+    assert 'tinyserve_num_requests_waiting{replica="a"} 0' in lines
+    assert 'tinyserve_num_requests_waiting{replica="b"} 3' in lines
+    assert 'tinyserve_http_requests_total{replica="a",path="/v1/completions",status="200"} 1' in lines
+    assert 'tinyserve_time_to_first_token_seconds_bucket{replica="b",le="+Inf"} 0' in lines
+    # every sample sits right under its own family's TYPE line
+    family = None
+    for line in lines:
+        if line.startswith("# TYPE"):
+            family = line.split()[2]
+        elif not line.startswith("#"):
+            assert line.startswith(family) and "replica=" in line, line

@@ -78,6 +78,10 @@ class KVCacheManager:
         self.allocator = BlockAllocator(num_blocks)
         self.allocator.on_evict = self._forget
         self.enable_prefix_caching = enable_prefix_caching
+        # prefix-cache lookups, in tokens (vLLM's prefix_cache_queries / _hits): hits / queries
+        # is the share of prompt tokens a router's affinity saved from being prefilled again
+        self.n_prefix_queries = 0
+        self.n_prefix_hits = 0
         self.cached: dict[int, int] = {}  # chained key -> block id
         self.block_key: dict[
             int, tuple[int, int | None, tuple[int, ...]]
@@ -138,6 +142,8 @@ class KVCacheManager:
             self.allocator.share(block_id)
         seq.block_table = hits
         seq.num_computed = len(hits) * bs
+        self.n_prefix_queries += len(seq.token_ids)
+        self.n_prefix_hits += seq.num_computed
         return seq.num_computed
 
     def cache_full_blocks(self, seq: Sequence) -> None:

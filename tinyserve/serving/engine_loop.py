@@ -175,11 +175,19 @@ class EngineLoop:
             handle.post(out)
 
     def _publish(self) -> None:
-        kv = self.engine.kv_manager
+        kv, scheduler = self.engine.kv_manager, self.engine.scheduler
         with self.metrics.lock:
             self.metrics.gauges.update(
                 kv_blocks_in_use=kv.n_used_blocks,
                 kv_blocks_total=kv.num_blocks,
-                sequences_running=len(self.engine.scheduler.running),
-                sequences_waiting=len(self.engine.scheduler.waiting),
+                sequences_running=len(scheduler.running),
+                sequences_waiting=len(scheduler.waiting),
+                # what routers score (vLLM's names): requests, not sequences (n > 1 forks)
+                num_requests_running=len({s.request_id for s in scheduler.running}),
+                num_requests_waiting=len({s.request_id for s in scheduler.waiting}),
+                kv_cache_usage_perc=kv.n_used_blocks / kv.num_blocks,
+            )
+            self.metrics.counters.update(
+                prefix_cache_queries_total=kv.n_prefix_queries,
+                prefix_cache_hits_total=kv.n_prefix_hits,
             )

@@ -34,10 +34,24 @@ class Histogram:
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class Metrics:
-    """Counters the engine thread and the HTTP handlers update; rendered as Prometheus text."""
+_HELP = {
+    "num_requests_running": "Requests with a sequence in the running batch.",
+    "num_requests_waiting": "Requests queued for the engine, not yet running.",
+    "kv_cache_usage_perc": "Share of KV-cache blocks in use, 0 to 1 (free cached blocks count free).",
+    "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hits_total": "Prompt tokens found in the prefix cache (not prefilled again).",
+}
 
-    def __init__(self):
+
+class Metrics:
+    """Counters the engine thread and the HTTP handlers update; rendered as Prometheus text.
+
+    `labels` go on every sample: behind Ray Serve, {"replica": id}, so one scrape of the ingress
+    shows each replica's queue and cache apart, as routers that score replicas need.
+    """
+
+    def __init__(self, labels: dict[str, str] | None = None):
+        self.labels = labels or {}
         self.lock = threading.Lock()
         self.http: dict[tuple[str, int], int] = {}  # (path, status) -> responses
         self.finished: dict[str, int] = {}  # finish reason of each request's first sample -> count
@@ -54,9 +68,12 @@ class Metrics:
         self.e2e = Histogram(
             "tinyserve_e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS
         )
-        self.gauges = dict.fromkeys(
-            ["kv_blocks_in_use", "kv_blocks_total", "sequences_running", "sequences_waiting"], 0
+        self.gauges: dict[str, float] = dict.fromkeys(
+            ["kv_blocks_in_use", "kv_blocks_total", "sequences_running", "sequences_waiting"]
+            + ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"],
+            0,
         )
+        self.counters = dict.fromkeys(["prefix_cache_queries_total", "prefix_cache_hits_total"], 0)
 
     def count_http(self, path: str, status: int) -> None:
         with self.lock:
@@ -101,8 +118,42 @@ class Metrics:
                     f"# TYPE tinyserve_{name} counter",
                     f"tinyserve_{name} {v}",
                 ]
-            for name, v in self.gauges.items():
-                lines += [f"# TYPE tinyserve_{name} gauge", f"tinyserve_{name} {v}"]
+            for kind, values in (("counter", self.counters), ("gauge", self.gauges)):
+                for name, v in values.items():
+                    if name in _HELP:
+                        lines.append(f"# HELP tinyserve_{name} {_HELP[name]}")
+                    lines += [f"# TYPE tinyserve_{name} {kind}", f"tinyserve_{name} {v}"]
             for hist in (self.ttft, self.tpot, self.e2e):
                 lines += hist.render()
+        if self.labels:
+            lines = [_labelled(line, self.labels) for line in lines]
         return "\n".join(lines) + "\n"
+
+
+def _labelled(line: str, labels: dict[str, str]) -> str:
+    """One exposition line with `labels` put first in its sample's label set."""
+    if line.startswith("#"):
+        return line
+    name, sep, rest = line.partition("{")
+    if not sep:
+        name, _, value = line.partition(" ")
+        rest = "} " + value
+    extra = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return f"{name}{{{extra}{',' if rest[0] != '}' else ''}{rest}"
+
+
+def merge(texts: list[str]) -> str:
+    """Prometheus texts of several replicas as one: each metric's HELP / TYPE once, then its
+    samples from every replica (a scraper refuses a second TYPE line for one name)."""
+    families: dict[str, list[str]] = {}  # name -> its HELP / TYPE lines, then samples
+    for text in texts:
+        name = None
+        for line in text.splitlines():
+            if line.startswith("# "):
+                name = line.split()[2]
+                family = families.setdefault(name, [])
+                if line not in family:
+                    family.append(line)
+            elif line and name is not None:
+                families[name].append(line)
+    return "".join(line + "\n" for family in families.values() for line in family)
