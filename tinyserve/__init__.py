@@ -10,6 +10,7 @@ from .backends import list_backends, register_backend
 from .errors import TinyServeError
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
+from .structured import StructuredOutputsParams
 
 __version__ = "0.1.0"
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "CompletionOutput",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
     "TinyServeError",
     "list_backends",
     "register_backend",

@@ -22,6 +22,7 @@ from .outputs import CompletionOutput, RequestOutput
 from .sampling import Sample, SamplingParams, sample_row
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Request, Sequence, Status
+from .structured import GrammarCompiler
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,8 @@ class Engine:
         self._n_admitted = 0  # requests admitted so far: a seedless request's seed derives from it
         self.n_prefilled_tokens = 0  # tokens computed by prefill steps (not served from cache)
         self.n_steps = 0
+        self.mask_seconds = 0.0  # time spent computing structured-output masks (bench reads it)
+        self._grammar_compiler: GrammarCompiler | None = None  # built on the first constraint
 
     def _num_blocks(self, layout) -> int:
         c = self.config
@@ -113,10 +116,21 @@ class Engine:
         max_len = min(len(ids) + params.max_tokens, self.model_config.context_len)
         seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, seed, max_len)
         seq.detokenizer = self._detokenizer(params)
+        if params.structured_outputs is not None:  # compiled now: a bad spec never gets queued
+            seq.matcher = self.grammar_compiler.matcher(params.structured_outputs)
         req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)
         return request_id
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler over this model's vocabulary (made on first use)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, self.model_config.vocab_size, self.eos_ids
+            )
+        return self._grammar_compiler
 
     def _default_seed(self, admission_index: int) -> int:
         """The seed of a request that brings none: the engine seed in the high bits, the
@@ -199,6 +213,7 @@ class Engine:
             seq.num_computed += n
             self.kv_manager.cache_full_blocks(seq)
         now = time.perf_counter()
+        allowed = self._masks([seq for seq, f in zip(sampled, fast) if not f])
         touched: dict[str, Request] = {}
         rows_of = iter(logits)
         ids_of = iter(greedy_ids)
@@ -209,18 +224,30 @@ class Engine:
                 self._append(seq, Sample(int(next(ids_of)), float("nan"), None), now)
                 continue
             row = next(rows_of)
+            mask = allowed.get(seq.seq_id)
             if not req.forked:
                 self._fork(req)
-                for sibling in req.seqs[1:]:
-                    self._append(sibling, self._sample(sibling, row), now)
-            self._append(seq, self._sample(seq, row), now)
+                for sibling in req.seqs[1:]:  # a fresh copy of seq's matcher: the same mask
+                    self._append(sibling, self._sample(sibling, row, mask), now)
+            self._append(seq, self._sample(seq, row, mask), now)
         return [self._output(req) for req in touched.values()]
+
+    def _masks(self, seqs: list[Sequence]) -> dict[int, np.ndarray]:
+        """seq_id -> (V,) bool: the tokens each constrained sequence may take next."""
+        constrained = [seq for seq in seqs if seq.matcher is not None]
+        if not constrained:
+            return {}
+        t0 = time.perf_counter()
+        masks = self.grammar_compiler.masks([seq.matcher for seq in constrained])  # (R, V)
+        self.mask_seconds += time.perf_counter() - t0
+        return {seq.seq_id: m for seq, m in zip(constrained, masks)}
 
     def _argmax_only(self, seq: Sequence) -> bool:
         """Greedy with nothing that needs the whole row: no penalties, logprobs or siblings to fork."""
         p = seq.params
         return (
             p.greedy
+            and seq.matcher is None
             and p.logprobs is None
             and p.n == 1
             and p.repetition_penalty == 1.0
@@ -229,9 +256,10 @@ class Engine:
         )
 
     @staticmethod
-    def _sample(seq: Sequence, logits: np.ndarray) -> Sample:
+    def _sample(seq: Sequence, logits: np.ndarray, allowed: np.ndarray | None) -> Sample:
         rng = None if seq.params.greedy else seq.rng  # greedy rows make no generator
-        return sample_row(logits, seq.params, rng, seq.token_ids[: seq.prompt_len], seq.output_ids)
+        prompt_ids = seq.token_ids[: seq.prompt_len]
+        return sample_row(logits, seq.params, rng, prompt_ids, seq.output_ids, allowed)
 
     def _fork(self, req: Request) -> None:
         """n > 1: siblings share the computed prompt's blocks and sample their own tokens."""
@@ -247,6 +275,8 @@ class Engine:
                 parent.max_len,
             )
             child.detokenizer = self._detokenizer(req.params)
+            if parent.matcher is not None:  # each child walks the grammar on its own
+                child.matcher = parent.matcher.fork()
             self.kv_manager.fork(parent, child)
             self.scheduler.add_running(child)
             req.seqs.append(child)
@@ -256,6 +286,8 @@ class Engine:
         """Append seq's next token and check every stop condition."""
         p = seq.params
         seq.token_ids.append(s.token_id)
+        if seq.matcher is not None:  # the grammar follows exactly the tokens the output keeps
+            seq.matcher.accept(s.token_id)
         if seq.logprobs is not None:
             seq.logprobs.append({**(s.top_logprobs or {}), s.token_id: s.logprob})
             seq.cumulative_logprob += s.logprob
@@ -270,6 +302,8 @@ class Engine:
             seq.text += seq.detokenizer.add([s.token_id])
             if p.stop and self._cut_at_stop(seq):
                 return self._finish(seq, "stop", flush=False)
+        if seq.matcher is not None and seq.matcher.done:  # the grammar takes nothing more
+            return self._finish(seq, "stop")
         if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= seq.max_len:
             self._finish(seq, "length")
 

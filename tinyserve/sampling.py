@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import RequestError
 from .settings import settings
+from .structured import StructuredOutputsParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,8 @@ class SamplingParams:
         logprobs: return the log-probabilities of the top-n tokens at each step (None: none).
         n: number of completions sampled from one prompt.
         skip_special_tokens: leave special tokens out of the text.
+        structured_outputs: constrain the output to a JSON schema, regex, choice or grammar
+            (StructuredOutputsParams; needs the `structured` extra).
     """
 
     max_tokens: int = 16
@@ -51,6 +54,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         # lists from JSON / callers become tuples so the params stay hashable and immutable
@@ -58,6 +62,9 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
+        if isinstance(self.structured_outputs, dict):
+            so = StructuredOutputsParams.from_dict(self.structured_outputs)
+            object.__setattr__(self, "structured_outputs", so)
         checks = [
             (
                 isinstance(self.max_tokens, int) and self.max_tokens >= 1,
@@ -88,6 +95,11 @@ class SamplingParams:
             ),
             (isinstance(self.n, int) and 1 <= self.n <= 64, f"n must be in [1, 64], got {self.n}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (
+                self.structured_outputs is None
+                or isinstance(self.structured_outputs, StructuredOutputsParams),
+                "structured_outputs must be a StructuredOutputsParams",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -162,12 +174,22 @@ if not settings().pure_python:
 
 
 def sample_row(
-    logits: np.ndarray, p: SamplingParams, rng: np.random.Generator | None, prompt_ids, output_ids
+    logits: np.ndarray,
+    p: SamplingParams,
+    rng: np.random.Generator | None,
+    prompt_ids,
+    output_ids,
+    allowed: np.ndarray | None = None,
 ) -> Sample:
-    """One token from one row of logits (V,); rng may be None when p is greedy."""
+    """One token from one row of logits (V,); rng may be None when p is greedy.
+
+    allowed (V,) bool, a grammar's mask: only those tokens can be drawn. Logprobs stay the
+    model's own (as vLLM returns them), not the masked distribution's."""
     logits = np.array(logits, dtype=np.float32)  # our copy: penalties edit it
     raw_logprobs = log_softmax(logits) if p.logprobs is not None else None
     logits = apply_penalties(logits, p, prompt_ids, output_ids)
+    if allowed is not None:
+        logits[~allowed] = -np.inf
     if p.greedy:
         token = int(np.argmax(logits))
     else:

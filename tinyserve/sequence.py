@@ -81,6 +81,7 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.detokenizer = None
+        self.matcher = None  # structured output: where the grammar stands (structured.Matcher)
         self.text = ""  # output text so far (stop strings cut out)
         self.sent_text_len = 0  # how much of text has been handed out as deltas
         self.sent_token_len = 0

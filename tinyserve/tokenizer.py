@@ -195,6 +195,11 @@ class Tokenizer:
             raise TokenizerError(f"token {s!r} is not in the vocab")
         return i
 
+    def tokenizers_json(self) -> str | None:
+        """The vocabulary as tokenizer.json text (grammar engines read it); None for sentencepiece."""
+        tok = getattr(self._engine, "tok", None)
+        return None if tok is None else tok.to_str()
+
     def _token_or_none(self, i: int | None) -> str | None:
         return self._engine.id_to_token(i) if i is not None else None
 
