@@ -64,6 +64,9 @@ class LLM:
         enable_prefix_caching: reuse the KV blocks of shared prompt prefixes.
         seed: seeds the requests that bring no seed of their own: the k-th request admitted
             samples as if its seed were seed * 2**32 + k.
+        tensor_parallel_size: ranks one model is split over (backend "torch": heads and
+            feed-forward split Megatron-style, experts spread over the ranks; gloo on the CPU,
+            NCCL on CUDA, HCCL on Ascend). This process is rank 0; the others start here.
 
     The environment's backend settings (tinyserve.settings: TINYSERVE_NUM_THREADS, ...) are
     the defaults of backend_options; what backend_options names wins.
@@ -84,6 +87,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         chunk_size: int | None = None,
         seed: int = 0,
+        tensor_parallel_size: int = 1,
     ):
         from . import catalog
         from .loading import load_checkpoint
@@ -93,6 +97,12 @@ class LLM:
         self.config = self.checkpoint.config
         self.tokenizer = _load_tokenizer(self.checkpoint)
         options = {**settings().backend_options(backend), **(backend_options or {})}
+        if tensor_parallel_size != 1:
+            if backend != "torch":
+                raise BackendError(
+                    f"tensor parallelism runs on the torch backend, not {backend!r}"
+                )
+            options["tensor_parallel_size"] = tensor_parallel_size
         self.backend = _create_backend(backend, device, dtype, options)
         try:
             engine_config = EngineConfig(

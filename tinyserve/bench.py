@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 backend=args.backend,
                 device=args.device,
                 dtype=args.dtype,
+                tensor_parallel_size=args.tensor_parallel_size,
                 backend_options=thread_options(args.backend, args.threads),
                 max_num_seqs=max(64, *args.batch_size),
                 max_num_batched_tokens=args.max_num_batched_tokens,

@@ -26,6 +26,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="device for the backend, e.g. cuda:0")
     p.add_argument("--dtype", default=None, help="compute dtype for the backend, e.g. bfloat16")
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="ranks the model is split over (torch backend; gloo on the CPU, NCCL on CUDA)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +64,13 @@ def _sampling_params(args):
 def _load(args):
     from .api import LLM
 
-    return LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    return LLM(
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
 
 
 def _stream(llm, prompt, params, stats: bool) -> str:

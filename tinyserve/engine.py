@@ -56,6 +56,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.backend = backend
         self.model = build_model(checkpoint.config, checkpoint.tensors, backend.ops)
+        backend.prepare(checkpoint, self.model)
         layout = self.model.kv_layout()
         num_blocks = self._num_blocks(layout)
         self.kv = backend.allocate_kv(layout, num_blocks, config.block_size)

@@ -54,6 +54,10 @@ class Backend:
         """One line about this instance: what it runs on, in which dtype."""
         return ""
 
+    def prepare(self, checkpoint, model) -> None:
+        """Called once by the engine with the model it built, before the KV cache: a backend that
+        runs a model over several processes (tensor parallelism) starts them here."""
+
     def allocate_kv(
         self, layer_specs: list[dict[str, tuple[int, ...]]], num_blocks: int, block_size: int
     ) -> list[dict[str, Any]]:

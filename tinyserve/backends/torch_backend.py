@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..batch import Batch
+from ..errors import BackendError
 from ..models.spec import Decoder
 from ..step import StepMeta, as_step
 from .base import Backend
@@ -31,6 +33,7 @@ try:
     import torch.nn.functional as F
 
     from .torch_decoder import TorchDecoder, to_device
+    from .torch_tp import TensorParallel
 except ImportError as _e:  # reported by TorchBackend.availability()
     torch = TorchDecoder = None
     _IMPORT_ERROR = str(_e)
@@ -236,7 +239,10 @@ class TorchOps:
         ys = torch.empty((N * K, D), dtype=torch.float32, device=x.device)
         start = 0
         for e, n in enumerate(counts):
-            if n:
+            if n and experts[e] is None:  # held by another rank (expert parallel): adds there
+                ys[start : start + n] = 0
+                start += n
+            elif n:
                 gate, up, down = experts[e]
                 xe = xs[start : start + n]  # (n_e, D) the tokens routed to expert e
                 ys[start : start + n] = self.matmul(
@@ -314,12 +320,21 @@ class TorchBackend(Backend):
         dtype: "float32", "bfloat16" or "float16"; default float32 on cpu, float16 on mps,
             bfloat16 elsewhere.
         lower: run declared specs through torch_decoder.py (False: the model file op by op).
+        tensor_parallel_size: ranks that share the model (torch_tp.py: heads and feed-forward
+            split Megatron-style, experts spread); this process is rank 0, the others are started
+            on the same checkpoint at prepare(). On CUDA rank r uses device index + r.
     """
 
     name = "torch"
     lowerings: ClassVar[dict] = {Decoder: TorchDecoder} if TorchDecoder is not None else {}
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, lower: bool = True):
+    def __init__(
+        self,
+        device: str | None = None,
+        dtype: str | None = None,
+        lower: bool = True,
+        tensor_parallel_size: int = 1,
+    ):
         ok, reason = self.availability()
         if not ok:
             raise ValueError(reason)
@@ -341,6 +356,9 @@ class TorchBackend(Backend):
         self.torch_dtype = getattr(torch, dtype)
         self.kv_itemsize = torch.tensor([], dtype=self.torch_dtype).element_size()
         self.ops = TorchOps(dev, self.torch_dtype)
+        if int(tensor_parallel_size) < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        self.tp = TensorParallel(int(tensor_parallel_size), 0, device) if tensor_parallel_size > 1 else None
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -364,10 +382,42 @@ class TorchBackend(Backend):
     def describe(self) -> str:
         return f"torch {torch.__version__} on {self.torch_device} ({self.dtype})"
 
+    # -- tensor parallelism: rank 0 hands each call to the other ranks first ----------------------
+
+    def prepare(self, checkpoint, model) -> None:
+        """With tensor_parallel_size > 1: shard the model's lowering here (a ConfigError when
+        its heads do not split), then start the other ranks on the same checkpoint."""
+        if self.tp is None:
+            return
+        if self.lowered(model) is None:
+            reason = self._lowered.reasons.get(model, "lower=False")
+            raise BackendError(f"tensor parallelism runs the torch lowering; this model has none ({reason})")
+        if self.tp.rank == 0:
+            self.tp.launch(checkpoint.path, self.device or "cpu", self.dtype)
+            weakref.finalize(self, self.tp.close)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks now (else when this backend is collected)."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def forward_shard(self, model, batch: Batch, kv) -> None:
+        """Ranks 1..K-1: this rank's part of a step (its collectives meet rank 0's); no head."""
+        with torch.inference_mode():
+            self.lowered(model).hidden(self.step_meta(batch), kv)
+
+    def _tell_ranks(self, *message) -> None:
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.send(*message)
+
     def allocate_kv(
         self, layer_specs: list[dict[str, tuple[int, ...]]], num_blocks: int, block_size: int
     ) -> list[dict[str, Any]]:
-        """Per layer, one zeroed pool (NB, BS, *shape) per cache entry, in device memory."""
+        """Per layer, one zeroed pool (NB, BS, *shape) per cache entry, in device memory (under
+        tensor parallelism: this rank's kv heads)."""
+        if self.tp is not None:
+            self._tell_ranks("allocate", layer_specs, num_blocks, block_size)
+            layer_specs = self.tp.kv_layout(layer_specs)
         dev, dt = self.torch_device, self.torch_dtype
         return [
             {
@@ -379,6 +429,7 @@ class TorchBackend(Backend):
 
     def copy_blocks(self, kv: list[dict[str, Any]], src: list[int], dst: list[int]) -> None:
         """Copy KV blocks src[i] -> dst[i] in every pool (copy-on-write)."""
+        self._tell_ranks("copy", src, dst)
         src_t, dst_t = self.ops.from_numpy(np.asarray(src)), self.ops.from_numpy(np.asarray(dst))
         with torch.inference_mode():
             for layer in kv:
@@ -399,6 +450,7 @@ class TorchBackend(Backend):
         self, model, batch: Batch, kv, greedy: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Argmax on the device for the greedy rows; only the other rows' logits cross to the host."""
+        self._tell_ranks("forward", batch)
         with torch.inference_mode():
             step = self.step_meta(batch)
             lowered = self.lowered(model)

@@ -79,6 +79,11 @@ class TorchDecoder:
     name = "torch decoder stack"
 
     def __init__(self, spec: Decoder, backend):
+        # tensor parallelism (torch_tp.py): this rank's shard of the spec, all-reduces after the
+        # row-parallel products
+        self.tp = getattr(backend, "tp", None)
+        if self.tp is not None:
+            spec = self.tp.shard(spec)
         self.spec, self.ops = spec, backend.ops
         dt = self.ops.dtype
         # float32 norms keep NumpyOps' formula exactly; narrow dtypes hand the fused kernel its dtype
@@ -241,6 +246,13 @@ class TorchDecoder:
     def __call__(self, step, kv: list[dict[str, Any]]) -> torch.Tensor:
         """A step of N tokens -> logits (R, V) for its logits_rows, on the device."""
         spec = self.spec
+        logits = F.linear(self.hidden(step, kv), spec.lm_head)  # (R, V)
+        cap = spec.logit_softcap
+        return logits if cap is None else self.ops.softcap(logits, cap)
+
+    def hidden(self, step, kv: list[dict[str, Any]]) -> torch.Tensor:
+        """(R, D): the final-normed residual rows of step.logits_rows (what the head reads)."""
+        spec = self.spec
         m = self.plan(step, next(iter(kv[0].values())).shape[1])
         x = F.embedding(m.token_ids, spec.embed)  # (N, D)
         if spec.embed_scale != 1.0:
@@ -251,19 +263,25 @@ class TorchDecoder:
             x = self.feed_forward(x, w)
         if m.logits_rows is not None:
             x = x.index_select(0, m.logits_rows)  # (R, D): only the rows we sample from
-        logits = F.linear(self.norm(x, self.final_norm), spec.lm_head)  # (R, V)
-        cap = spec.logit_softcap
-        return logits if cap is None else self.ops.softcap(logits, cap)
+        return self.norm(x, self.final_norm)
 
     def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D) RMSNorm, one fused kernel where torch has one."""
         return F.rms_norm(x, (x.shape[-1],), w, self.spec.norm_eps)
 
     def _residual(self, x, a, w, bias, post_norm):
-        """x + post_norm(a @ w.T + bias): one addmm when there is neither."""
-        if bias is None and post_norm is None:
+        """x + post_norm(a @ w.T + bias): one addmm when there is neither. Under tensor
+        parallelism a @ w.T is this rank's share (w row-parallel), summed over the ranks first."""
+        if bias is None and post_norm is None and self.tp is None:
             return torch.addmm(x, a, w.t())
-        h = F.linear(a, w, bias)
+        return self._add(x, F.linear(a, w), bias, post_norm)
+
+    def _add(self, x, h, bias, post_norm):
+        """x + post_norm(sum over ranks of h, + bias)."""
+        if self.tp is not None:
+            h = self.tp.all_reduce(h)
+        if bias is not None:
+            h = h + bias
         return x + (h if post_norm is None else self.norm(h, post_norm))
 
     def attention(self, x: torch.Tensor, w: _Layer, kv: dict, m: _Plan) -> torch.Tensor:
@@ -340,8 +358,7 @@ class TorchDecoder:
         v = self.ops.head_matmul(o, a.v_up)  # (N, H, dv): W_UV per head
         # unfused: the residual add rounded after o's product, as the model file rounds it (the
         # absorbed path's extra products leave a narrow dtype less room than GQA's)
-        y = F.linear(v.reshape(N, -1), w.o)
-        return x + (y if w.post_attn_norm is None else self.norm(y, w.post_attn_norm))
+        return self._add(x, F.linear(v.reshape(N, -1), w.o), None, w.post_attn_norm)
 
     def feed_forward(self, x: torch.Tensor, w: _Layer) -> torch.Tensor:
         """(N, D) -> (N, D): x plus the gated MLP or the mixture of experts."""
@@ -351,9 +368,11 @@ class TorchDecoder:
             h = ops.rms_norm(x, w.ffn_norm_f32, self.spec.norm_eps)  # (N, D) as the model file
             ids, weights = ffn.route(ops.to_numpy(ops.matmul(h, ffn.router)))  # (N, K) each
             y = ops.moe(h, ids, weights, ffn.experts, act=ffn.act)  # (N, D)
-            if ffn.shared is not None:
-                y = y + self._gated(h, ffn.shared)
-            return x + (y if w.post_ffn_norm is None else self.norm(y, w.post_ffn_norm))
+            if ffn.shared is None:
+                return self._add(x, y, None, w.post_ffn_norm)
+            shared = ffn.shared  # its down bias added once, to the sum over ranks
+            y = y + F.linear(self._act(h, shared), shared.down.w)
+            return self._add(x, y, shared.down.b, w.post_ffn_norm)
         h = self.norm(x, w.ffn_norm)
         return self._residual(x, self._act(h, ffn), ffn.down.w, ffn.down.b, w.post_ffn_norm)
 
@@ -367,9 +386,6 @@ class TorchDecoder:
         if mlp.act == "silu":
             return F.silu(gate) * up
         return F.gelu(gate, approximate="tanh") * up
-
-    def _gated(self, h: torch.Tensor, mlp: GatedMLP) -> torch.Tensor:
-        return F.linear(self._act(h, mlp), mlp.down.w, mlp.down.b)
 
 
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         device=args.device,
         dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
         max_num_seqs=args.max_num_seqs,
         kv_cache_tokens=args.kv_cache_tokens,
     )
