@@ -246,3 +246,76 @@ def test_seedless_requests_are_seeded_by_engine_seed_and_admission_index(make_ll
 
 def _ids_all(outs):
     return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+# -- prompt logprobs (echo, lm-eval's loglikelihood) ----------------------------------------------
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _assert_prompt_logprobs(pl, prompt, logits, top):
+    """pl[t] scores prompt[t] given prompt[:t]: row t - 1 of the full forward's log-softmax."""
+    logp = _log_softmax(logits)  # (T, V)
+    assert len(pl) == len(prompt) and pl[0] is None
+    for t in range(1, len(prompt)):
+        row, entry = logp[t - 1], pl[t]
+        assert entry[prompt[t]] == pytest.approx(row[prompt[t]], abs=1e-4)
+        best = np.argsort(-row)[:top].tolist()
+        assert set(best) <= set(entry) and len(entry) <= top + 1
+        np.testing.assert_allclose([entry[i] for i in best], row[best], atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_prompt_logprobs_equal_log_softmax_of_the_logits(make_llm, backend):
+    llm = make_llm(backend=backend)
+    prompt = np.random.default_rng(7).integers(4, 384, size=40).tolist()
+    out = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))[0]
+    _assert_prompt_logprobs(out.prompt_logprobs, prompt, llm.logits(prompt), 3)
+    assert llm.generate([prompt], GREEDY)[0].prompt_logprobs is None
+
+
+def test_prompt_logprobs_only_for_the_request_that_asks(make_llm):
+    """In one step, the scored request gets every prompt row's logits, the other its last row."""
+    llm = make_llm(enable_prefix_caching=False)
+    scored, other = list(range(10, 40)), list(range(50, 70))
+    rows = []
+    forward = llm.backend.forward_greedy
+
+    def recording(model, batch, kv, greedy):
+        rows.append(len(batch.logits_rows))
+        return forward(model, batch, kv, greedy)
+
+    llm.backend.forward_greedy = recording
+    params = [SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0), GREEDY]
+    outs = llm.generate([scored, other], params)
+    assert rows[0] == len(scored) + 1  # 29 scoring rows + its sampling row + the other's last row
+    assert (
+        outs[1].prompt_logprobs is None
+        and outs[1].outputs[0].token_ids == _ids(llm.generate([other], GREEDY))[0]
+    )
+    pl = outs[0].prompt_logprobs
+    assert all(len(e) == 1 for e in pl[1:])  # prompt_logprobs=0: the prompt's own token only
+    _assert_prompt_logprobs(pl, scored, llm.logits(scored), 0)
+
+
+def test_prompt_logprobs_with_the_prefix_cache_and_chunks(make_llm):
+    """A cached prefix still gets its logprobs (recomputed, not skipped); chunked prefill too."""
+    llm = make_llm(block_size=16, chunk_size=7)
+    prompt = np.random.default_rng(8).integers(4, 384, size=50).tolist()
+    llm.generate([prompt], GREEDY)  # its first 3 blocks are cached now
+    assert llm.generate([prompt], GREEDY)[0].metrics.n_prefilled_tokens == 50 - 48
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    _assert_prompt_logprobs(out.prompt_logprobs, prompt, llm.logits(prompt), 2)
+    assert out.metrics.n_prefilled_tokens == 50
+
+
+def test_max_tokens_0_scores_the_prompt_only(make_llm):
+    llm = make_llm()
+    prompt = list(range(20, 45))
+    out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=1, n=2))[0]
+    assert [(c.token_ids, c.finish_reason) for c in out.outputs] == [([], "length")] * 2
+    _assert_prompt_logprobs(out.prompt_logprobs, prompt, llm.logits(prompt), 1)
+    assert llm.engine.kv_manager.n_used_blocks == 0 and not llm.engine.has_unfinished()

@@ -8,6 +8,7 @@ import pytest
 from tinyserve.errors import RequestError
 from tinyserve.sampling import (
     SamplingParams,
+    TokenRules,
     apply_penalties,
     filtered_probs,
     log_softmax,
@@ -86,7 +87,14 @@ def test_logprobs_are_the_model_distribution():
         ({"temperature": -0.1}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"logit_bias": {3: 101}}, "logit_bias"),
+        ({"logit_bias": {-1: 1}}, "logit_bias"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"bad_words": [""]}, "bad_words"),
         ({"top_k": 0}, "top_k"),
         ({"min_p": 2}, "min_p"),
         ({"n": 0}, "n must"),
@@ -158,3 +166,97 @@ def test_seeded_requests_repeat_and_differ_by_seed(make_llm):
     p = lambda s: SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True)
     a, b, c = (llm.generate("abc", p(s))[0].outputs[0].token_ids for s in (1, 1, 2))
     assert a == b and a != c
+
+
+# -- token rules: logit_bias, allowed_token_ids, min_tokens, bad_words ----------------------------
+
+
+def _rules(p, vocab=50, eos=(1,), encode=None):
+    return TokenRules.build(p, vocab, eos, encode)
+
+
+def test_logit_bias_adds_to_the_logits_and_can_ban_or_force():
+    x = _logits(4)
+    p = SamplingParams(temperature=0, logit_bias={7: 100.0})
+    assert sample_row(x, p, None, [], [], rules=_rules(p)).token_id == 7
+    best = int(np.argmax(x))
+    p = SamplingParams(temperature=0, logit_bias={best: -100})
+    s = sample_row(x, p, None, [], [], rules=_rules(p))
+    assert s.token_id == int(np.argsort(-x)[1])
+    p = SamplingParams(logit_bias={"3": 0.5, 4: -2})  # JSON keys are strings
+    out = _rules(p).apply(x.copy(), [])
+    np.testing.assert_allclose(
+        out - x, np.where(np.arange(50) == 3, 0.5, 0) - 2 * (np.arange(50) == 4)
+    )
+
+
+def test_allowed_token_ids_keep_only_those():
+    x = _logits(5)
+    p = SamplingParams(temperature=1.0, allowed_token_ids=[3, 9, 11])
+    rng = np.random.default_rng(0)
+    picks = {sample_row(x, p, rng, [], [], rules=_rules(p)).token_id for _ in range(200)}
+    assert picks <= {3, 9, 11} and len(picks) >= 2
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    x = np.zeros(50, dtype=np.float32)
+    x[1], x[2] = 10, 9  # EOS, then a stop token id, are the likeliest
+    p = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[2])
+    rules = _rules(p)
+    assert sample_row(x, p, None, [], [5, 6], rules=rules).token_id not in (1, 2)
+    assert sample_row(x, p, None, [], [5, 6, 7], rules=rules).token_id == 1
+
+
+def test_bad_words_ban_the_last_token_after_the_rest():
+    # as vLLM: the word alone and after a space, when the space makes a same-length new first token
+    words = {"ab": [10, 11], " ab": [12, 11], "c": [13], " c": [14, 15]}
+    x = np.zeros(50, dtype=np.float32)
+    x[[11, 12, 13]] = [5, 4, 3]
+    p = SamplingParams(temperature=0, bad_words=["ab", "c"])
+    rules = _rules(p, encode=lambda s: words.get(s, []))
+    assert rules.bad_words == ((10, 11), (12, 11), (13,))
+    assert sample_row(x, p, None, [], [3], rules=rules).token_id == 11  # 11 alone is not "ab"
+    assert sample_row(x, p, None, [], [3, 10], rules=rules).token_id == 12  # 11 and 13 banned
+    assert sample_row(x, p, None, [], [12], rules=rules).token_id == 12
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"logit_bias": {50: 1.0}}, "logit_bias"),
+        ({"allowed_token_ids": [3, 50]}, "allowed_token_ids"),
+    ],
+)
+def test_token_ids_outside_the_vocab_raise(kw, match):
+    with pytest.raises(RequestError, match=match):
+        _rules(SamplingParams(**kw))
+
+
+def test_best_of_returns_the_n_likeliest(make_llm):
+    llm = make_llm()
+    hot = {"max_tokens": 8, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    all4 = llm.generate([[5, 6, 7]], SamplingParams(n=4, logprobs=0, **hot))[0].outputs
+    best = llm.generate([[5, 6, 7]], SamplingParams(n=2, best_of=4, **hot))[0].outputs
+    ranked = sorted(all4, key=lambda c: -c.cumulative_logprob)[:2]
+    assert [c.token_ids for c in best] == [c.token_ids for c in ranked]
+    assert [c.index for c in best] == [0, 1]
+    assert [c.token_ids for c in best] != [c.token_ids for c in all4[:2]]  # not just the first two
+
+
+def test_engine_applies_token_rules_per_row_in_one_batch(make_llm):
+    """Requests with different rules in one step: each follows its own, the others none."""
+    llm = make_llm()
+    plain = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    free = llm.generate([[5, 6, 7]], plain)[0].outputs[0].token_ids
+    banned = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                            logit_bias={t: -100 for t in free})  # fmt: skip
+    only = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, allowed_token_ids=[40, 41])
+    outs = llm.generate([[5, 6, 7]] * 3, [plain, banned, only])
+    assert outs[0].outputs[0].token_ids == free
+    assert not set(outs[1].outputs[0].token_ids) & set(free)
+    assert set(outs[2].outputs[0].token_ids) <= {40, 41}
+    llm.engine.eos_ids = {free[0]}
+    short = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6, temperature=0))[0].outputs[0]
+    assert short.token_ids == free[:1]
+    held = SamplingParams(max_tokens=6, temperature=0, min_tokens=3)
+    assert free[0] not in llm.generate([[5, 6, 7]], held)[0].outputs[0].token_ids[:3]

@@ -8,6 +8,7 @@ drives this step loop; there is no other.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from .errors import OutOfBlocks, RequestError
 from .kv_cache import KVCacheManager
 from .models import build_model
 from .outputs import CompletionOutput, RequestOutput
-from .sampling import Sample, SamplingParams, sample_row
+from .sampling import Sample, SamplingParams, TokenRules, log_softmax, sample_row
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Request, Sequence, Status
 from .structured import GrammarCompiler
@@ -111,11 +112,13 @@ class Engine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self._check_prompt(ids, params)
+        encode = None if self.tokenizer is None else self._encode_plain
+        rules = TokenRules.build(params, self.model_config.vocab_size, self.eos_ids, encode)
         seed = self._default_seed(self._n_admitted) if params.seed is None else params.seed
         self._n_admitted += 1
         req = Request(request_id, text, ids, params, seed)
         max_len = min(len(ids) + params.max_tokens, self.model_config.context_len)
-        seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, seed, max_len)
+        seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, seed, max_len, rules)
         seq.detokenizer = self._detokenizer(params)
         if params.structured_outputs is not None:  # compiled now: a bad spec never gets queued
             seq.matcher = self.grammar_compiler.matcher(params.structured_outputs)
@@ -132,6 +135,9 @@ class Engine:
                 self.tokenizer, self.model_config.vocab_size, self.eos_ids
             )
         return self._grammar_compiler
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _default_seed(self, admission_index: int) -> int:
         """The seed of a request that brings none: the engine seed in the high bits, the
@@ -150,10 +156,11 @@ class Engine:
             )
         kv = self.kv_manager
         total = min(len(ids) + params.max_tokens, ctx)
-        need = kv.blocks_for(total) + (params.n - 1) * (kv.blocks_for(params.max_tokens) + 1)
+        n = params.n_samples
+        need = kv.blocks_for(total) + (n - 1) * (kv.blocks_for(params.max_tokens) + 1)
         if need > kv.num_blocks:
             raise RequestError(
-                f"request needs {need} KV blocks ({total} tokens x n={params.n}) but the cache has only "
+                f"request needs {need} KV blocks ({total} tokens x n={n}) but the cache has only "
                 f"{kv.num_blocks}; lower max_tokens or raise kv_cache_tokens"
             )
 
@@ -185,14 +192,21 @@ class Engine:
         copies = self.kv_manager.take_copies()
         if copies:
             self.backend.copy_blocks(self.kv, [s for s, _ in copies], [d for _, d in copies])
-        chunks, rows, sampled = [], [], []
+        # logits rows, in flat order: a sequence's prompt-scoring rows (prompt_logprobs), then
+        # the row it samples from once its chunk reaches its newest token; others need no logits
+        chunks, rows, fast, plan = [], [], [], []
         start = 0
         for seq, n in zip(sched.seqs, sched.n_tokens):
             c = seq.num_computed
             chunks.append((seq.token_ids[c : c + n], c, seq.block_table))
-            if c + n == len(seq.token_ids):  # this chunk reaches the newest token: sample after it
+            scored = seq.prompt_rows(c, n)
+            rows += [start + p - c for p in scored]
+            fast += [False] * len(scored)
+            sample = c + n == len(seq.token_ids) and seq.params.max_tokens > 0
+            if sample:
                 rows.append(start + n - 1)
-                sampled.append(seq)
+                fast.append(self._argmax_only(seq))
+            plan.append((seq, len(scored), sample, c + n == len(seq.token_ids)))
             start += n
         batch = Batch.build(chunks, self.kv_manager.block_size, rows)
         now = time.perf_counter()
@@ -203,7 +217,7 @@ class Engine:
         for seq in sched.preempted:
             self.requests[seq.request_id].metrics.n_preemptions += 1
         # rows that need only an argmax get it on the backend's device; the rest come back as logits
-        fast = np.array([self._argmax_only(seq) for seq in sampled], dtype=bool)  # (R,)
+        fast = np.array(fast, dtype=bool)  # (R,)
         greedy_ids, logits = self.backend.forward_greedy(self.model, batch, self.kv, fast)
         self.n_steps += 1
         for seq, n in zip(sched.seqs, sched.n_tokens):
@@ -214,23 +228,38 @@ class Engine:
             seq.num_computed += n
             self.kv_manager.cache_full_blocks(seq)
         now = time.perf_counter()
-        allowed = self._masks([seq for seq, f in zip(sampled, fast) if not f])
+        allowed = self._masks(
+            [seq for seq, _, sample, _ in plan if sample and not self._argmax_only(seq)]
+        )
         touched: dict[str, Request] = {}
-        rows_of = iter(logits)
+        row = 0  # into logits (the rows not taken by their argmax), in row order
         ids_of = iter(greedy_ids)
-        for seq, is_fast in zip(sampled, fast):
+        for seq, n_scored, sample, done in plan:
             req = self.requests[seq.request_id]
+            if n_scored:
+                self._score_prompt(seq, logits[row : row + n_scored])
+                row += n_scored
+                touched[req.request_id] = req
+            if done and not sample:  # max_tokens=0: the prompt was all there was to compute
+                touched[req.request_id] = req
+                self._fork(req)
+                for s in req.seqs:
+                    self._finish(s, "length")
+                continue
+            if not sample:
+                continue
             touched[req.request_id] = req
-            if is_fast:
+            if self._argmax_only(seq):
                 self._append(seq, Sample(int(next(ids_of)), float("nan"), None), now)
                 continue
-            row = next(rows_of)
+            sample_logits = logits[row]
+            row += 1
             mask = allowed.get(seq.seq_id)
             if not req.forked:
                 self._fork(req)
                 for sibling in req.seqs[1:]:  # a fresh copy of seq's matcher: the same mask
-                    self._append(sibling, self._sample(sibling, row, mask), now)
-            self._append(seq, self._sample(seq, row, mask), now)
+                    self._append(sibling, self._sample(sibling, sample_logits, mask), now)
+            self._append(seq, self._sample(seq, sample_logits, mask), now)
         return [self._output(req) for req in touched.values()]
 
     def _masks(self, seqs: list[Sequence]) -> dict[int, np.ndarray]:
@@ -243,14 +272,34 @@ class Engine:
         self.mask_seconds += time.perf_counter() - t0
         return {seq.seq_id: m for seq, m in zip(constrained, masks)}
 
+    def _score_prompt(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Append the prompt logprobs that these rows (K, V), in position order, give."""
+        pl = seq.prompt_logprobs
+        top_n = seq.params.prompt_logprobs
+        logp = log_softmax(logits)  # (K, V)
+        targets = np.array(seq.token_ids[len(pl) : len(pl) + len(logits)])  # (K,) scored tokens
+        chosen = logp[np.arange(len(logits)), targets]  # (K,)
+        if top_n:
+            top = np.argpartition(-logp, top_n - 1, axis=-1)[:, :top_n]  # (K, top_n)
+            top_lp = np.take_along_axis(logp, top, axis=-1)  # (K, top_n)
+            order = np.argsort(-top_lp, axis=-1, kind="stable")
+            top = np.take_along_axis(top, order, axis=-1)
+            top_lp = np.take_along_axis(top_lp, order, axis=-1)
+        for k, (t, v) in enumerate(zip(targets.tolist(), chosen.tolist())):
+            entry = dict(zip(top[k].tolist(), top_lp[k].tolist())) if top_n else {}
+            entry[t] = v
+            pl.append(entry)
+
     def _argmax_only(self, seq: Sequence) -> bool:
-        """Greedy with nothing that needs the whole row: no penalties, logprobs or siblings to fork."""
+        """Greedy with nothing that needs the whole row: no penalties, token rules, logprobs or
+        siblings to fork."""
         p = seq.params
         return (
             p.greedy
             and seq.matcher is None
             and p.logprobs is None
-            and p.n == 1
+            and p.n_samples == 1
+            and not seq.rules.active
             and p.repetition_penalty == 1.0
             and not p.presence_penalty
             and not p.frequency_penalty
@@ -260,12 +309,12 @@ class Engine:
     def _sample(seq: Sequence, logits: np.ndarray, allowed: np.ndarray | None) -> Sample:
         rng = None if seq.params.greedy else seq.rng  # greedy rows make no generator
         prompt_ids = seq.token_ids[: seq.prompt_len]
-        return sample_row(logits, seq.params, rng, prompt_ids, seq.output_ids, allowed)
+        return sample_row(logits, seq.params, rng, prompt_ids, seq.output_ids, allowed, seq.rules)
 
     def _fork(self, req: Request) -> None:
         """n > 1: siblings share the computed prompt's blocks and sample their own tokens."""
         parent = req.seqs[0]
-        for i in range(1, req.params.n):
+        for i in range(1, req.params.n_samples):
             child = Sequence(
                 next(self._seq_ids),
                 req.request_id,
@@ -274,6 +323,7 @@ class Engine:
                 req.params,
                 req.seed,
                 parent.max_len,
+                parent.rules,
             )
             child.detokenizer = self._detokenizer(req.params)
             if parent.matcher is not None:  # each child walks the grammar on its own
@@ -291,6 +341,7 @@ class Engine:
             seq.matcher.accept(s.token_id)
         if seq.logprobs is not None:
             seq.logprobs.append({**(s.top_logprobs or {}), s.token_id: s.logprob})
+        if not math.isnan(s.logprob):  # computed for logprobs and for best_of's ranking
             seq.cumulative_logprob += s.logprob
         m = self.requests[seq.request_id].metrics
         if seq.index == 0:
@@ -298,6 +349,7 @@ class Engine:
             if m.first_token_time is None:
                 m.first_token_time = now
         if (s.token_id in self.eos_ids and not p.ignore_eos) or s.token_id in p.stop_token_ids:
+            # (min_tokens masked these until it was reached)
             return self._finish(seq, "stop")
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.add([s.token_id])
@@ -330,7 +382,11 @@ class Engine:
 
     def _output(self, req: Request) -> RequestOutput:
         outputs, deltas = [], []
-        for seq in req.seqs:
+        seqs = req.seqs
+        best_of = req.params.n_samples > req.params.n
+        if best_of:  # only the n best are shown, so nothing is until all have finished
+            seqs = self._best(req) if req.finished else []
+        for index, seq in enumerate(seqs):
             text = seq.text
             if (
                 not seq.finished and seq.params.stop
@@ -340,19 +396,15 @@ class Engine:
                 ]
             out_ids = seq.output_ids
             lp = seq.logprobs
+            cumulative = seq.cumulative_logprob if lp is not None or best_of else None
             outputs.append(
                 CompletionOutput(
-                    seq.index,
-                    text,
-                    list(out_ids),
-                    seq.finish_reason,
-                    lp and list(lp),
-                    seq.cumulative_logprob if lp is not None else None,
+                    index, text, list(out_ids), seq.finish_reason, lp and list(lp), cumulative
                 )
             )
             deltas.append(
                 CompletionOutput(
-                    seq.index,
+                    index,
                     text[seq.sent_text_len :],
                     out_ids[seq.sent_token_len :],
                     seq.finish_reason,
@@ -363,9 +415,25 @@ class Engine:
         finished = req.finished
         if finished:
             del self.requests[req.request_id]
+        prompt_logprobs = req.seqs[0].prompt_logprobs
+        if prompt_logprobs is not None and len(prompt_logprobs) < len(req.prompt_ids):
+            prompt_logprobs = None  # not all computed yet
         return RequestOutput(
-            req.request_id, req.prompt, req.prompt_ids, outputs, finished, req.metrics, deltas
+            req.request_id,
+            req.prompt,
+            req.prompt_ids,
+            outputs,
+            finished,
+            req.metrics,
+            deltas,
+            prompt_logprobs,
         )
+
+    @staticmethod
+    def _best(req: Request) -> list[Sequence]:
+        """best_of: the n samples with the highest cumulative logprob (ties: the earlier one)."""
+        ranked = sorted(req.seqs, key=lambda seq: (-seq.cumulative_logprob, seq.index))
+        return ranked[: req.params.n]
 
     # -- verification ---------------------------------------------------------------------------
 

@@ -34,3 +34,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     deltas: list[CompletionOutput] = field(default_factory=list)  # what this step added
+    # with SamplingParams.prompt_logprobs, once the prompt is computed: per prompt token, top-n
+    # ids -> logprob (+ the prompt's own token); None for the first token
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -105,8 +105,8 @@ class Scheduler:
         # 2. new (or preempted) requests, first come first served; never preempt for them
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.kv.match_prefix(seq)
+            if not seq.block_table and not seq.needs_prompt_logits:
+                self.kv.match_prefix(seq)  # cached rows would have no logits to score them
             n = min(seq.n_uncomputed, budget, chunk)
             try:
                 self.kv.reserve(seq, n)

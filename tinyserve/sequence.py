@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .sampling import SamplingParams
+from .sampling import NO_RULES, SamplingParams, TokenRules
 
 
 class Status(enum.Enum):
@@ -64,6 +64,7 @@ class Sequence:
         params: SamplingParams,
         seed: int | None,
         max_len: int,
+        rules: TokenRules = NO_RULES,
     ):
         self.seq_id = seq_id
         self.request_id = request_id
@@ -71,6 +72,7 @@ class Sequence:
         self.token_ids = list(prompt_ids)  # prompt then output
         self.prompt_len = len(prompt_ids)
         self.params = params
+        self.rules = rules  # logit_bias, allowed ids, min_tokens, bad words: resolved once
         self.seed = seed  # samples from default_rng([seed, index])
         self._rng: np.random.Generator | None = None
         self.max_len = max_len  # prompt + output may not exceed this (context / max_tokens)
@@ -79,6 +81,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # the first sequence computes the prompt (its siblings fork after it): entry t scores
+        # prompt token t given the ones before it, so the first is None
+        wants = params.prompt_logprobs is not None and index == 0
+        self.prompt_logprobs: list[dict[int, float] | None] | None = [None] if wants else None
         self.cumulative_logprob = 0.0
         self.detokenizer = None
         self.matcher = None  # structured output: where the grammar stands (structured.Matcher)
@@ -101,6 +107,21 @@ class Sequence:
     @property
     def n_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt logprobs still to compute: every prompt row must run (no prefix-cache hits)."""
+        pl = self.prompt_logprobs
+        return pl is not None and len(pl) < self.prompt_len
+
+    def prompt_rows(self, start: int, n: int) -> range:
+        """Positions among [start, start + n) whose logits score the next, still unscored prompt
+        token."""
+        if not self.needs_prompt_logits:
+            return range(0)
+        first = len(self.prompt_logprobs) - 1  # the position that scores the first unscored token
+        assert start <= first, f"{self} skipped the rows that score prompt tokens {start}..{first}"
+        return range(first, min(start + n, self.prompt_len - 1))
 
     @property
     def is_prefill(self) -> bool:
@@ -138,7 +159,7 @@ class Request:
         self.metrics = RequestMetrics(
             arrival_time=time.perf_counter(), n_prompt_tokens=len(prompt_ids)
         )
-        self.forked = params.n == 1  # siblings exist once the prompt's logits are in
+        self.forked = params.n_samples == 1  # siblings exist once the prompt's logits are in
 
     @property
     def finished(self) -> bool:

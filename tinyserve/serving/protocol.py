@@ -159,6 +159,8 @@ def _sampling_params(
     limit: int,
     logprobs_field: str = "logprobs",
 ) -> SamplingParams:
+    if max_tokens == 0 and not body.get("echo"):
+        raise HTTPError(400, "max_tokens must be >= 1 (0 only with 'echo')", "max_tokens")
     if max_tokens is not None and max_tokens > limit:
         raise HTTPError(
             400, f"max_tokens {max_tokens} is above this server's limit of {limit}", "max_tokens"
