@@ -299,6 +299,90 @@ def test_chat_logprobs(client):
         assert tok.bytes == list(tok.token.encode())
 
 
+def _logp(ref, ids):
+    x = ref.logits(ids).astype(np.float64)  # (T, V)
+    x -= x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_with_logprobs_scores_the_prompt(client, ref, max_tokens):
+    """What lm-eval's local-completions sends for a loglikelihood: echo, logprobs, max_tokens 1
+    (or 0): the prompt's tokens come back with their logprobs, the first one's null."""
+    ids = ref.tokenizer.encode("Story 5: the cat sat on the mat")
+    r = client.completions.create(
+        model=MODEL, prompt=[ids], echo=True, logprobs=2, max_tokens=max_tokens, temperature=0
+    )
+    lp = r.choices[0].logprobs
+    logp = _logp(ref, ids)
+    assert len(lp.tokens) == len(ids) + max_tokens
+    assert lp.tokens[: len(ids)] == [
+        ref.tokenizer.decode([t], skip_special_tokens=False) for t in ids
+    ]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = logp[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(lp.token_logprobs[1 : len(ids)], want, atol=1e-4)
+    for row, top in zip(logp, lp.top_logprobs[1 : len(ids)]):
+        assert max(top.values()) == pytest.approx(row.max(), abs=1e-4) and len(top) <= 3
+    assert r.choices[0].text.startswith(ref.tokenizer.decode(ids))
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == max_tokens
+    text = client.completions.create(model=MODEL, prompt="Story 5: the", echo=True, max_tokens=3,
+                                     temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert (
+        text.choices[0].text
+        == "Story 5: the" + ref.generate("Story 5: the", greedy(3))[0].outputs[0].text
+    )
+
+
+def test_batched_prompts_one_choice_per_prompt_and_sample(client, ref, served):
+    prompts = ["Story 1: the", "Story 2: a", "Story 3: one"]
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=5, n=2, ignore_eos=True)
+    want = [[o.text for o in ref.generate(p, params)[0].outputs] for p in prompts]
+    kw = {"model": MODEL, "max_tokens": 6, "temperature": 0.8, "seed": 5, "n": 2,
+          "extra_body": {"ignore_eos": True}}  # fmt: skip
+    steps = served[1].loop.engine.n_steps
+    r = client.completions.create(prompt=prompts, **kw)
+    assert served[1].loop.engine.n_steps - steps <= 7, "the prompts ran in the same steps"
+    got = {c.index: c.text for c in r.choices}
+    assert got == {p * 2 + i: want[p][i] for p in range(3) for i in range(2)}  # as OpenAI indexes
+    assert r.usage.completion_tokens == 36
+    assert r.usage.prompt_tokens == sum(len(ref.tokenizer.encode(p)) for p in prompts)
+    ids = [ref.tokenizer.encode(p) for p in prompts]
+    by_ids = client.completions.create(prompt=ids, **kw)
+    assert {c.index: c.text for c in by_ids.choices} == got
+    streamed = dict.fromkeys(got, "")
+    for chunk in client.completions.create(prompt=prompts, stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == got
+
+
+def test_logit_bias_min_tokens_bad_words_reach_the_engine(client, ref):
+    base = {"model": MODEL, "prompt": "Story 7: the", "max_tokens": 5, "temperature": 0}
+    r = client.completions.create(**base, logit_bias={"42": 100})
+    want = ref.generate(
+        "Story 7: the", SamplingParams(max_tokens=5, temperature=0, logit_bias={42: 100})
+    )
+    assert r.choices[0].text == want[0].outputs[0].text == ref.tokenizer.decode([42] * 5)
+    extra = {"min_tokens": 4, "bad_words": ["the"], "allowed_token_ids": list(range(40, 200))}
+    r = client.completions.create(**base, extra_body=extra)
+    want = ref.generate("Story 7: the", SamplingParams(max_tokens=5, temperature=0, **extra))[0]
+    assert r.choices[0].text == want.outputs[0].text
+    best = client.completions.create(**{**base, "temperature": 1.0, "seed": 1}, n=2, best_of=4)
+    assert sorted(c.index for c in best.choices) == [0, 1]
+
+
+def test_tokenizer_endpoints_as_vllm_has_them(http, ref):
+    """lm-eval's remote tokenizer: /tokenizer_info, /tokenize, /detokenize (no hub download)."""
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] == ref.tokenizer.eos_token
+    r = http.post("/tokenize", json={"prompt": "Story 1: the", "add_special_tokens": False})
+    ids = ref.tokenizer.encode("Story 1: the", add_special_tokens=False)
+    assert r.json()["tokens"] == ids and r.json()["count"] == len(ids)
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "Story 1: the"
+    assert_error(http.post("/tokenize", json={"prompt": 5}), 400, "prompt")
+
+
 # -- concurrency and disconnects ----------------------------------------------------------------
 
 
@@ -472,7 +556,15 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"five": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 9, "max_tokens": 8}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "best_of": 1, "n": 2}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [999999]}, 400, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": ["x", ""]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], "x"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, None),
     ("/v1/completions", {"prompt": "word " * 80}, 400, "prompt"),

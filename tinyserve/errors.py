@@ -30,7 +30,13 @@ class TokenizerError(TinyServeError):
 
 
 class RequestError(TinyServeError, ValueError):
-    """A request that cannot be served: prompt too long, invalid sampling parameters, ..."""
+    """A request that cannot be served: prompt too long, invalid sampling parameters, ...
+
+    `param` names the request field at fault when one is (the server's error names it too)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class BackendError(TinyServeError):

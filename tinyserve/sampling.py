@@ -215,9 +215,11 @@ class TokenRules:
         ):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
-                raise RequestError(f"{name}: token ids must be in [0, {vocab_size}), got {bad[:5]}")
+                raise RequestError(
+                    f"{name}: token ids must be in [0, {vocab_size}), got {bad[:5]}", name
+                )
         if p.bad_words and encode is None:
-            raise RequestError("bad_words needs a tokenizer")
+            raise RequestError("bad_words needs a tokenizer", "bad_words")
         stop = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
         return cls(
             bias_ids=np.array([t for t, _ in p.logit_bias], dtype=np.int64),

@@ -18,16 +18,17 @@ from .protocol import (
     _CHAT,
     _COMMON,
     _COMPLETION,
+    _KINDS,
     _SAMPLING,
     HTTPError,
     ServerConfig,
     _chat_messages,
     _check_fields,
-    _completion_prompt,
     _field,
     _Formatter,
     _sampling_params,
-    _usage,
+    completion_prompts,
+    usage_of,
 )
 
 try:  # the `serve` extra; the rest of tinyserve does without it
@@ -38,30 +39,55 @@ else:
     _MISSING_EXTRA = None
 
 
-async def _events(handle: Handle, fmt: _Formatter, include_usage: bool) -> AsyncIterator[str]:
+async def merged(handles: list[Handle]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from the engine requests of one HTTP request, as they come."""
+    streams = [h.outputs() for h in handles]
+    pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.get):
+                i = pending.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
+                yield i, out
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
+async def _events(
+    handles: list[Handle], fmt: _Formatter, include_usage: bool
+) -> AsyncIterator[str]:
     """SSE chunks of one streamed request, [DONE] last."""
     started, ended = set(), set()
-    last = None
+    last: dict[int, RequestOutput] = {}
     try:
-        async for out in handle.outputs():
-            last = out
+        async for p, out in merged(handles):
+            last[p] = out
             choices = []
             for d in out.deltas:
-                if d.index in ended or not (
-                    d.text or d.token_ids or d.finish_reason or d.index not in started
+                index = fmt.index(p, d)
+                if index in ended or not (
+                    d.text or d.token_ids or d.finish_reason or index not in started
                 ):
                     continue
-                choices.append(fmt.choice_delta(d, d.index not in started))
-                started.add(d.index)
+                choices.append(fmt.choice_delta(d, index not in started, p, out))
+                started.add(index)
                 if d.finish_reason is not None:
-                    ended.add(d.index)
+                    ended.add(index)
             if choices:
                 yield fmt.chunk(choices, None, include_usage)
     except HTTPError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
         return
-    if include_usage and last is not None:
-        yield fmt.chunk([], _usage(last.prompt_token_ids, last.outputs), True)
+    if include_usage and last:
+        yield fmt.chunk([], usage_of(list(last.values())), True)
     yield "data: [DONE]\n\n"
 
 
@@ -87,7 +113,7 @@ async def _until(disconnect: asyncio.Future, coro):
     except (HTTPError, StopAsyncIteration):
         raise
     except TinyServeError as e:  # RequestError, TokenizerError: this request cannot be served
-        raise HTTPError(400, str(e), code="invalid_request") from None
+        raise HTTPError(400, str(e), getattr(e, "param", None), "invalid_request") from None
     except Exception as e:  # noqa: BLE001 - reported to the client as a 500
         raise HTTPError(
             500, f"internal error: {type(e).__name__}: {e}", type="server_error"
@@ -102,17 +128,19 @@ async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
 
 
 class _Generation:
-    """One admitted request until its end; `close` frees its blocks if it is cut short."""
+    """One admitted HTTP request (an engine request per prompt) until its end; `close` frees
+    their blocks if it is cut short."""
 
-    def __init__(self, server: _Server, request, handle: Handle):
-        self.server, self.request, self.handle = server, request, handle
+    def __init__(self, server: _Server, request, handles: list[Handle]):
+        self.server, self.request, self.handles = server, request, handles
         self.disconnect = asyncio.ensure_future(_wait_disconnect(request.receive))
 
     def close(self) -> None:
         self.disconnect.cancel()
-        self.server.n_in_flight -= 1
-        if not self.handle.done:  # the client went away (or we failed) mid-request
-            self.server.loop.abort(self.handle.request_id)
+        self.server.n_in_flight -= len(self.handles)
+        for handle in self.handles:
+            if not handle.done:  # the client went away (or we failed) mid-request
+                self.server.loop.abort(handle.request_id)
 
 
 class _EventStream:
@@ -214,14 +242,23 @@ class _Server:
         body = await self._body(request)
         _check_fields(body, {**_COMMON, **_SAMPLING, **_COMPLETION})
         self._check_model(body)
-        prepare = _completion_prompt(body, self.llm.tokenizer)
+        tokenizer = self.llm.tokenizer
+        prompts = completion_prompts(body, tokenizer)
         top_n = _field(body, "logprobs", "int")
+        echo = _field(body, "echo", "bool", False)
         params = _sampling_params(
-            body, _field(body, "max_tokens", "int"), top_n, self.config.max_tokens_limit
+            body,
+            _field(body, "max_tokens", "int"),
+            top_n,
+            self.config.max_tokens_limit,
+            prompt_logprobs=top_n if echo else None,
         )
-        return await self._generate(
-            request, body, _Submit(None, prepare, params, False, "prompt"), False, top_n
-        )
+        submits = [_Submit(None, _prepare(p, tokenizer), params, False, "prompt") for p in prompts]
+        texts = None
+        if echo:
+            texts = [p if isinstance(p, str) else _decode(tokenizer, p) for p in prompts]
+        fmt = _Formatter(False, self.config.model_name, tokenizer, top_n, params.n, texts)
+        return await self._generate(request, body, submits, fmt)
 
     async def chat(self, request):
         body = await self._body(request)
@@ -241,35 +278,99 @@ class _Server:
         )
         prepare = lambda: self.llm.chat_prompt(messages)
         submit = _Submit(None, prepare, params, max_tokens is None, "messages")
-        return await self._generate(request, body, submit, True, top_n)
+        fmt = _Formatter(True, self.config.model_name, self.llm.tokenizer, top_n, params.n)
+        return await self._generate(request, body, [submit], fmt)
 
-    async def _generate(self, request, body: dict, submit: _Submit, chat: bool, top_n: int | None):
-        if self.n_in_flight >= self.config.max_queue:
+    async def admit(self, request, submits: list[_Submit], request_id: str) -> _Generation:
+        """Queue one engine request per submit; returns once the engine has them all."""
+        if self.n_in_flight + len(submits) > self.config.max_queue:
             raise HTTPError(
                 503,
                 f"{self.n_in_flight} requests in flight, the server's limit: try again later",
                 type="server_error",
                 code="queue_full",
             )
-        fmt = _Formatter(chat, self.config.model_name, self.llm.tokenizer, top_n)
-        handle = Handle(fmt.id, asyncio.get_running_loop())
-        self.n_in_flight += 1
-        gen = _Generation(self, request, handle)
+        loop = asyncio.get_running_loop()
+        handles = [Handle(f"{request_id}-{i}", loop) for i in range(len(submits))]
+        self.n_in_flight += len(handles)
+        gen = _Generation(self, request, handles)
+        try:
+            for submit, handle in zip(submits, handles):
+                self.loop.submit(dataclasses.replace(submit, handle=handle))
+            for handle in handles:
+                await _until(gen.disconnect, handle.accepted())
+        except BaseException:
+            gen.close()
+            raise
+        return gen
+
+    async def _generate(self, request, body: dict, submits: list[_Submit], fmt: _Formatter):
         streaming = False
         try:
-            self.loop.submit(dataclasses.replace(submit, handle=handle))
-            await _until(gen.disconnect, handle.accepted())
+            gen = await self.admit(request, submits, fmt.id)
+        except _ClientGone:
+            return Response(status_code=499)
+        try:
             if body.get("stream"):
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 streaming = True  # from here on the stream owns gen and closes it
-                return _EventStream(gen, _events(handle, fmt, usage))
-            final = await _until(gen.disconnect, _last(handle.outputs()))
-            return JSONResponse(fmt.response(final))
+                return _EventStream(gen, _events(gen.handles, fmt, usage))
+            finals = [await _until(gen.disconnect, _last(h.outputs())) for h in gen.handles]
+            return JSONResponse(fmt.response(finals))
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it
         finally:
             if not streaming:
                 gen.close()
+
+    # vLLM's tokenizer endpoints: what lm-eval's remote tokenizer reads (no hub download) -------
+
+    def _tokenizer(self):
+        if self.llm.tokenizer is None:
+            raise HTTPError(400, "this model has no tokenizer")
+        return self.llm.tokenizer
+
+    async def tokenizer_info(self, request):
+        tok = self._tokenizer()
+        return JSONResponse(
+            {
+                "tokenizer_class": "tinyserve",
+                "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token,
+                "pad_token": None,
+                "chat_template": None,
+                "model_max_length": self.llm.engine.model_config.context_len,
+            }
+        )
+
+    async def tokenize(self, request):
+        body = await self._body(request)
+        text = _field(body, "prompt", "str")
+        if not text:
+            raise HTTPError(400, "'prompt' must be a non-empty string", "prompt")
+        special = _field(body, "add_special_tokens", "bool", True)
+        ids = self._tokenizer().encode(text, add_special_tokens=special)
+        ctx = self.llm.engine.model_config.context_len
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": ctx})
+
+    async def detokenize(self, request):
+        body = await self._body(request)
+        ids = _field(body, "tokens", "list")
+        if ids is None or not all(_KINDS["int"][0](t) for t in ids):
+            raise HTTPError(400, "'tokens' must be an array of token ids", "tokens")
+        return JSONResponse({"prompt": self._tokenizer().decode(ids, skip_special_tokens=False)})
+
+
+def _prepare(prompt: str | list[int], tokenizer):
+    """What the engine thread runs to get a prompt's token ids."""
+    if isinstance(prompt, str):
+        return lambda: tokenizer.encode(prompt)
+    return lambda: list(prompt)
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    """Token ids' text as echoed: special tokens included, as the prompt had them."""
+    return "" if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=False)
 
 
 async def _error_response(request, exc):
@@ -282,8 +383,12 @@ async def _error_response(request, exc):
     return JSONResponse(HTTPError(exc.status_code, exc.detail, code=code).body(), exc.status_code)
 
 
+_TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
 class _Guard:
-    """Outermost ASGI layer: the API key on /v1/*; a count of responses by path and status."""
+    """Outermost ASGI layer: the API key on /v1/* and the tokenizer endpoints; a count of
+    responses by path and status."""
 
     def __init__(self, app, server: _Server):
         self.app, self.server = app, server
@@ -304,7 +409,7 @@ class _Guard:
             key = self.server.config.api_key
             if (
                 key is not None
-                and scope["path"].startswith("/v1/")
+                and (scope["path"].startswith("/v1/") or scope["path"] in _TOKENIZER_PATHS)
                 and not self._authorized(scope, key)
             ):
                 err = HTTPError(
@@ -351,6 +456,9 @@ def create_app(llm, config: ServerConfig = _DEFAULT_CONFIG):
             Route("/v1/completions", server.completions, methods=["POST"]),
             Route("/v1/chat/completions", server.chat, methods=["POST"]),
             Route("/v1/models", server.models, methods=["GET"]),
+            Route("/tokenize", server.tokenize, methods=["POST"]),
+            Route("/detokenize", server.detokenize, methods=["POST"]),
+            Route("/tokenizer_info", server.tokenizer_info, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.prometheus, methods=["GET"]),
         ],

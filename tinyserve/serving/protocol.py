@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import RequestError
@@ -85,6 +84,11 @@ _SAMPLING = {
     "repetition_penalty": "number",
     "ignore_eos": "bool",
     "skip_special_tokens": "bool",
+    "min_tokens": "int",
+    "best_of": "int",
+    "logit_bias": "dict",
+    "allowed_token_ids": "list",
+    "bad_words": "list",
 }
 _COMMON = {
     "model": "str",
@@ -94,8 +98,6 @@ _COMMON = {
     "stop_token_ids": "list",
     "max_tokens": "int",
     "user": "str",
-    "best_of": "int",
-    "logit_bias": "dict",
     "response_format": "dict",
     "metadata": "dict",
     "store": "bool",
@@ -131,9 +133,7 @@ def _check_fields(body: dict, allowed: dict) -> None:
     for name, kind in allowed.items():
         _field(body, name, kind)
     for name, bad in [
-        ("echo", body.get("echo")),
         ("suffix", body.get("suffix")),
-        ("logit_bias", body.get("logit_bias")),
         ("tools", body.get("tools")),
         ("tool_choice", body.get("tool_choice") not in (None, "none")),
     ]:
@@ -144,8 +144,6 @@ def _check_fields(body: dict, allowed: dict) -> None:
         raise HTTPError(
             400, "only response_format {'type': 'text'} is supported", "response_format"
         )
-    if body.get("best_of") not in (None, body.get("n", 1)):
-        raise HTTPError(400, "'best_of' other than n is not supported", "best_of")
     if body.get("stream_options") is not None and not body.get("stream"):
         raise HTTPError(
             400, "'stream_options' is only allowed when 'stream' is true", "stream_options"
@@ -158,6 +156,7 @@ def _sampling_params(
     logprobs: int | None,
     limit: int,
     logprobs_field: str = "logprobs",
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     if max_tokens == 0 and not body.get("echo"):
         raise HTTPError(400, "max_tokens must be >= 1 (0 only with 'echo')", "max_tokens")
@@ -182,6 +181,7 @@ def _sampling_params(
             stop=tuple(stop or ()),
             stop_token_ids=tuple(stop_ids),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             **kwargs,
         )
     except RequestError as e:
@@ -192,23 +192,33 @@ def _sampling_params(
         ) from None
 
 
-def _completion_prompt(body: dict, tokenizer) -> Callable[[], list[int]]:
+def _is_ids(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(_KINDS["int"][0](t) for t in v)
+
+
+def completion_prompts(body: dict, tokenizer) -> list[str | list[int]]:
+    """'prompt' as OpenAI and vLLM take it: a string, token ids, or a batch of either."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str) and prompt:
-        if tokenizer is None:
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        prompts = prompt
+    else:
+        prompts = []
+    if len({isinstance(p, str) for p in prompts}) > 1:
+        raise HTTPError(400, "a batch of prompts is all strings or all token id arrays", "prompt")
+    for p in prompts:
+        if isinstance(p, str) and p and tokenizer is None:
             raise HTTPError(
                 400, "this model has no tokenizer: send 'prompt' as token ids", "prompt"
             )
-        return lambda: tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(_KINDS["int"][0](t) for t in prompt):
-        return lambda: list(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1:
-        raise HTTPError(
-            400, "batched prompts are not supported: send one request per prompt", "prompt"
-        )
-    raise HTTPError(400, "'prompt' must be a non-empty string or array of token ids", "prompt")
+        if not ((isinstance(p, str) and p) or _is_ids(p)):
+            raise HTTPError(
+                400,
+                "'prompt' must be a non-empty string or array of token ids, or an array of those",
+                "prompt",
+            )
+    return prompts
 
 
 _ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's new name for system
@@ -245,13 +255,11 @@ def _chat_messages(body: dict) -> list[dict]:
 # -- outputs -> OpenAI JSON ---------------------------------------------------------------------
 
 
-def _usage(prompt_ids: list[int], outputs: list[CompletionOutput]) -> dict:
-    n_out = sum(len(o.token_ids) for o in outputs)
-    return {
-        "prompt_tokens": len(prompt_ids),
-        "completion_tokens": n_out,
-        "total_tokens": len(prompt_ids) + n_out,
-    }
+def usage_of(outs: list[RequestOutput]) -> dict:
+    """OpenAI's usage over the engine requests of one HTTP request."""
+    n_in = sum(len(out.prompt_token_ids) for out in outs)
+    n_out = sum(len(o.token_ids) for out in outs for o in out.outputs)
+    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
 
 
 def _finish_reason(o: CompletionOutput) -> str | None:
@@ -259,10 +267,23 @@ def _finish_reason(o: CompletionOutput) -> str | None:
 
 
 class _Formatter:
-    """Turns engine outputs into OpenAI completion / chat JSON for one request."""
+    """Turns engine outputs into OpenAI completion / chat JSON for one HTTP request: one engine
+    request per prompt, choice index = prompt index * n + sample index (as OpenAI numbers them).
 
-    def __init__(self, chat: bool, model: str, tokenizer, top_n: int | None):
+    echo (completions): each choice starts with its prompt's text, and with logprobs its prompt
+    tokens' logprobs (the first one's null), as lm-eval's loglikelihood requests read them."""
+
+    def __init__(
+        self,
+        chat: bool,
+        model: str,
+        tokenizer,
+        top_n: int | None,
+        n: int = 1,
+        echo: list[str] | None = None,
+    ):
         self.chat, self.model, self.tokenizer, self.top_n = chat, model, tokenizer, top_n
+        self.n, self.echo = n, echo
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.text_offset: dict[int, int] = {}  # completions logprobs: where each choice's text is
@@ -270,7 +291,10 @@ class _Formatter:
     def _token(self, t: int) -> str:
         return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer else str(t)
 
-    def logprobs(self, o: CompletionOutput) -> dict | None:
+    def index(self, prompt_index: int, o: CompletionOutput) -> int:
+        return prompt_index * self.n + o.index
+
+    def logprobs(self, o: CompletionOutput, index: int = 0) -> dict | None:
         if self.top_n is None or o.logprobs is None:
             return None
         chosen = o.token_ids
@@ -282,40 +306,70 @@ class _Formatter:
                     {**self._lp(t, lp[t]), "top_logprobs": [self._lp(i, v) for i, v in top]}
                 )
             return {"content": content}
+        return self._completion_logprobs(index, chosen, o.logprobs)
+
+    def _completion_logprobs(self, index: int, ids: list[int], lps: list) -> dict:
+        """OpenAI's completions logprobs of tokens ids; lps[i] None: no logprob (the prompt's
+        first token)."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for t, lp in zip(chosen, o.logprobs):
+        for t, lp in zip(ids, lps):
             s = self._token(t)
-            offset = self.text_offset.get(o.index, 0)
-            self.text_offset[o.index] = offset + len(s)
+            offset = self.text_offset.get(index, 0)
+            self.text_offset[index] = offset + len(s)
             out["tokens"].append(s)
-            out["token_logprobs"].append(lp[t])
-            top: dict[str, float] = {}
-            for i, v in sorted(lp.items(), key=lambda kv: -kv[1]):
-                top.setdefault(self._token(i), v)  # tokens that print alike: keep the likelier one
+            out["token_logprobs"].append(None if lp is None else lp[t])
+            top: dict[str, float] | None = None
+            if lp is not None:
+                top = {}
+                for i, v in sorted(lp.items(), key=lambda kv: -kv[1]):
+                    top.setdefault(self._token(i), v)  # tokens that print alike: the likelier
             out["top_logprobs"].append(top)
             out["text_offset"].append(offset)
         return out
+
+    def _echoed(self, c: dict, prompt_index: int, out: RequestOutput, index: int) -> dict:
+        """The choice c with its prompt in front (text, and logprobs when asked for)."""
+        c["text"] = self.echo[prompt_index] + c["text"]
+        if self.top_n is not None:
+            pl = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+            tail_end = self.text_offset.get(index, 0)  # the completion's text so far
+            self.text_offset[index] = 0
+            head = self._completion_logprobs(index, out.prompt_token_ids, pl)
+            prompt_end = self.text_offset[index]
+            tail = c["logprobs"] or {k: [] for k in head}
+            tail["text_offset"] = [o + prompt_end for o in tail["text_offset"]]
+            c["logprobs"] = {k: head[k] + tail[k] for k in head}
+            self.text_offset[index] = prompt_end + tail_end
+        return c
 
     def _lp(self, t: int, v: float) -> dict:
         s = self._token(t)
         return {"token": s, "logprob": v, "bytes": list(s.encode())}
 
-    def response(self, out: RequestOutput) -> dict:
+    def response(self, outs: list[RequestOutput]) -> dict:
         choices = []
-        for o in out.outputs:
-            c = {"index": o.index, "logprobs": self.logprobs(o), "finish_reason": _finish_reason(o)}
-            if self.chat:
-                c["message"] = {"role": "assistant", "content": o.text}
-            else:
-                c["text"] = o.text
-            choices.append(c)
+        for p, out in enumerate(outs):
+            for o in out.outputs:
+                index = self.index(p, o)
+                c = {
+                    "index": index,
+                    "logprobs": self.logprobs(o, index),
+                    "finish_reason": _finish_reason(o),
+                }
+                if self.chat:
+                    c["message"] = {"role": "assistant", "content": o.text}
+                else:
+                    c["text"] = o.text
+                    if self.echo is not None:
+                        c = self._echoed(c, p, out, index)
+                choices.append(c)
         return {
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": _usage(out.prompt_token_ids, out.outputs),
+            "usage": usage_of(outs),
         }
 
     def chunk(
@@ -332,10 +386,19 @@ class _Formatter:
             c["usage"] = usage
         return f"data: {json.dumps(c)}\n\n"
 
-    def choice_delta(self, d: CompletionOutput, first: bool) -> dict:
-        c = {"index": d.index, "logprobs": self.logprobs(d), "finish_reason": _finish_reason(d)}
+    def choice_delta(
+        self, d: CompletionOutput, first: bool, prompt_index: int = 0, out=None
+    ) -> dict:
+        index = self.index(prompt_index, d)
+        c = {
+            "index": index,
+            "logprobs": self.logprobs(d, index),
+            "finish_reason": _finish_reason(d),
+        }
         if self.chat:
             c["delta"] = {"role": "assistant", "content": d.text} if first else {"content": d.text}
         else:
             c["text"] = d.text
+            if first and self.echo is not None:
+                c = self._echoed(c, prompt_index, out, index)
         return c
