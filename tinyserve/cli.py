@@ -47,8 +47,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_params(args):
+    from .errors import RequestError
     from .sampling import SamplingParams
 
+    if args.max_tokens < 1:  # 0 (score the prompt only) means nothing to print here
+        raise RequestError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
