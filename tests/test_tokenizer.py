@@ -2,17 +2,23 @@
 
 Oracles: a byte-level BPE trained here with `tokenizers` vs the same vocab rebuilt from GGUF
 metadata; sentencepiece's own encode vs the SPM vocab rebuilt from GGUF; llama.cpp's ids for the
-real SmolLM2 vocab (committed fixture, see make_tokenizer_fixtures.py); streaming vs full decode.
+real SmolLM2 vocab (committed fixture, see make_tokenizer_fixtures.py); streaming vs full decode;
+transformers' ids and decodes on a committed corpus (curated strings plus seeded random ones) for a
+Llama-2-style tokenizer.model, SmolLM2's GGUF vocab and Gemma 3's (transformers_ids.json, written
+offline by make_tokenizer_fixtures.py: transformers is not a test dependency).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tinyserve.detokenizer import IncrementalDetokenizer
 from tinyserve.errors import RequestError, TokenizerError
@@ -165,7 +171,8 @@ def test_gguf_bpe_special_tokens_and_ids(bpe_pair):
     assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False)  # add_bos is False
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_ids[0]
-    assert tok.decode(ids) == "user\nhi"  # control tokens skipped by default
+    assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>"  # kept by default, as transformers
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"
     assert tok.token_to_id(tok.id_to_token(300)) == 300
     # models pad their embedding past the vocab: such ids have no text (the engine may sample them)
     assert tok.decode([*ids, tok.vocab_size + 5]) == tok.decode(ids)
@@ -225,16 +232,14 @@ def sp_model(tmp_path_factory):
 
 
 def _sp_reference(sp, text: str) -> list[int]:
-    """llama.cpp's rule: BOS, then control-token strings become their ids, each text run sp-encoded."""
-    controls = {
-        sp.id_to_piece(i): i
-        for i in range(sp.get_piece_size())
-        if sp.is_control(i) or sp.is_unknown(i)
-    }
-    ids = [sp.bos_id()]
-    for part in re.split("(" + "|".join(map(re.escape, controls)) + ")", text):
-        ids += [controls[part]] if part in controls else sp.encode(part) if part else []
-    return ids
+    """BOS, then sentencepiece's own encode. transformers differs from sentencepiece only after a
+    special token and on text that starts with a space (no dummy prefix there): see SP_AGREES."""
+    return [sp.bos_id(), *sp.encode(text)]
+
+
+def _sp_agrees(text: str) -> bool:
+    """Texts on which sentencepiece's encode is transformers' (the rest: transformers_ids.json)."""
+    return not text.startswith(" ") and not re.search("<s>|</s>|<unk>", text)
 
 
 def _sp_kv(sp) -> dict:
@@ -280,13 +285,12 @@ def spm_dir_tok(sp_model, tmp_path_factory):
     return Tokenizer.from_dir(d)
 
 
-@pytest.mark.parametrize("text", TRICKY)
+@pytest.mark.parametrize("text", [t for t in TRICKY if _sp_agrees(t)])
 def test_gguf_spm_ids_match_sentencepiece(sp_model, spm_gguf_tok, text):
     sp, _ = sp_model
     assert spm_gguf_tok.encode(text) == _sp_reference(sp, text)
-    if not re.search("<s>|</s>|<unk>", text):  # a space is prefixed after special tokens
-        ids = spm_gguf_tok.encode(text, add_special_tokens=False)
-        assert spm_gguf_tok.decode(ids) == sp.decode(ids) == text
+    ids = spm_gguf_tok.encode(text, add_special_tokens=False)
+    assert spm_gguf_tok.decode(ids) == sp.decode(ids) == text
 
 
 @pytest.mark.parametrize("text", TRICKY)
@@ -295,7 +299,9 @@ def test_tokenizer_model_dir_matches_sentencepiece_and_gguf_route(
 ):
     sp, _ = sp_model
     ids = spm_dir_tok.encode(text)
-    assert ids == _sp_reference(sp, text) == spm_gguf_tok.encode(text)
+    assert ids == spm_gguf_tok.encode(text)
+    if _sp_agrees(text):
+        assert ids == _sp_reference(sp, text)
     assert spm_dir_tok.decode(ids) == spm_gguf_tok.decode(ids)
 
 
@@ -380,7 +386,8 @@ def test_stream_keeps_spm_spaces_after_skipped_specials(spm_gguf_tok):
     ids = [*tok.encode("hello world", add_special_tokens=False), tok.eos_token_ids[0]]
     ids += tok.encode(" the end", add_special_tokens=False)
     deltas, tail, _ = _stream(tok, ids)
-    assert "".join(deltas) + tail == tok.decode(ids) == "hello world  the end"
+    assert "".join(deltas) + tail == tok.decode(ids, skip_special_tokens=True)
+    assert tok.decode(ids, skip_special_tokens=True) == "hello world the end"
 
 
 def test_stream_decodes_a_bounded_window(bpe_pair, monkeypatch):
@@ -390,7 +397,7 @@ def test_stream_decodes_a_bounded_window(bpe_pair, monkeypatch):
     decode = tok.decode
     monkeypatch.setattr(tok, "decode", lambda i, **kw: windows.append(len(i)) or decode(i, **kw))
     deltas, tail, _ = _stream(tok, ids)
-    assert "".join(deltas) + tail == decode(ids)
+    assert "".join(deltas) + tail == decode(ids, skip_special_tokens=True)
     assert len(ids) > 300 and max(windows) <= 8, (
         "each step must decode a short window, not the whole output"
     )
@@ -493,3 +500,116 @@ def test_smollm2_chat_template(smollm2_tok):
     )
     ids = tok.encode(tok.apply_chat_template(msgs[:1]))
     assert ids[0] == tok.token_to_id("<|im_start|>") and ids.count(tok.eos_token_ids[0]) == 2
+
+
+# -- transformers' ids on the committed corpus -------------------------------------------------
+CORPUS = json.loads((FIXTURES / "corpus.json").read_text(encoding="utf-8"))["texts"]
+
+
+@pytest.fixture(scope="module")
+def transformers_ref():
+    return json.loads((FIXTURES / "transformers_ids.json").read_text(encoding="utf-8"))["models"]
+
+
+def _mismatches(tok, ref: dict) -> list[str]:
+    """Every corpus string on which tok's ids or decodes differ from transformers'."""
+    bad = []
+    for k, text in enumerate(CORPUS):
+        plain = tok.encode(text, add_special_tokens=False)
+        if tok.encode(text) != ref["ids"][k]:
+            bad.append(f"encode {text!r}: {tok.encode(text)} != {ref['ids'][k]}")
+        elif tok.decode(plain) != ref["decode"][k]:
+            bad.append(f"decode {text!r}: {tok.decode(plain)!r} != {ref['decode'][k]!r}")
+        elif tok.decode(plain, skip_special_tokens=True) != ref["decode_skip"][k]:
+            bad.append(f"decode skip {text!r}: {tok.decode(plain, skip_special_tokens=True)!r}")
+    return bad
+
+
+def test_corpus_covers_the_classes(transformers_ref):
+    assert len(CORPUS) > 400 and all(
+        len(r["ids"]) == len(CORPUS) for r in transformers_ref.values()
+    )
+    for needle in (
+        "    1",
+        "\t\t",
+        "\n\n1",
+        "日本語",
+        "שלום",
+        "👨\u200d👩",
+        "<s> </s>",
+        "    return",
+    ):
+        assert any(needle in t for t in CORPUS), needle
+
+
+def test_tokenizer_model_equals_transformers_llama_tokenizer(transformers_ref):
+    """A Llama-2-style tokenizer.model: no extra space after a special token (<s> </s> <unk>)."""
+    ref = transformers_ref["spm_llama"]
+    tok = Tokenizer.from_dir(FIXTURES / "spm_llama")
+    assert _mismatches(tok, ref) == []
+    k = CORPUS.index("<s> </s> <unk>")
+    assert [tok.id_to_token(i) for i in tok.encode(CORPUS[k])] == [
+        "<s>",
+        "<s>",
+        "\u2581",
+        "</s>",
+        "\u2581",
+        "<unk>",
+    ]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_tokenizer_model_legacy_flag(tmp_path, legacy):
+    """transformers' legacy=True puts the dummy prefix on every run of text, also after a special
+    token; legacy=False (its default) only at the start of the text."""
+    (tmp_path / "tokenizer.model").write_bytes(
+        (FIXTURES / "spm_llama" / "tokenizer.model").read_bytes()
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": legacy}))
+    tok = Tokenizer.from_dir(tmp_path)
+    pieces = [tok.id_to_token(i) for i in tok.encode("</s>hi", add_special_tokens=False)]
+    assert pieces[0] == "</s>" and pieces[1].startswith("\u2581") == legacy, pieces
+
+
+@pytest.mark.real_model
+def test_smollm2_gguf_equals_transformers(smollm2_tok, transformers_ref):
+    ref = transformers_ref["smollm2"]
+    assert ref["sha256"] == hashlib.sha256(_smollm2_gguf().read_bytes()).hexdigest()
+    assert _mismatches(smollm2_tok, ref) == []
+    ids = smollm2_tok.encode("x    =     1;")
+    assert [smollm2_tok.id_to_token(i) for i in ids] == ["x", "ĠĠĠ", "Ġ=", "ĠĠĠĠĠ", "1", ";"]
+
+
+@pytest.mark.real_model
+def test_gemma3_gguf_equals_transformers(transformers_ref):
+    from conftest import catalog_model
+
+    from tinyserve.loading.gguf_file import read_gguf
+
+    path = catalog_model("gemma3-270m")
+    tok = Tokenizer.from_gguf_metadata(read_gguf(path).metadata)
+    assert _mismatches(tok, transformers_ref["gemma3"]) == []
+
+
+@pytest.mark.real_model
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.text(
+        st.characters(
+            max_codepoint=0x3FFFF,
+            exclude_categories=("Cs", "Cc", "Co", "Cn"),
+            include_characters="\t\n\r",
+        ),
+        max_size=40,
+    )
+)
+def test_smollm2_decode_inverts_encode(smollm2_tok, text):
+    """Byte-level BPE loses nothing: decode(encode(s)) == s, special tokens kept. (Bytes the vocab
+    has no token for are dropped, by transformers too: most C0 controls and the lead byte 0xF1 of
+    planes 4 and up.)"""
+    assert smollm2_tok.decode(smollm2_tok.encode(text)) == text

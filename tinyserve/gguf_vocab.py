@@ -2,7 +2,8 @@
 
 Two vocab kinds: "gpt2", a byte-level BPE split first by llama.cpp's pre-tokenizer regexes
 (chosen by tokenizer.ggml.pre), and "llama", an SPM vocab rebuilt as a BPE with byte fallback
-whose merges follow the piece scores, as HF's LlamaConverter builds it.
+whose merges follow the piece scores, as HF's LlamaConverter builds it (`spm_bpe`, which also
+serves a bare tokenizer.model).
 
 References: llama.cpp src/llama-vocab.cpp (pre-tokenizer regexes, SPM space prefix),
 transformers convert_slow_tokenizer.py (LlamaConverter).
@@ -106,14 +107,28 @@ def gguf_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> tu
 
 
 def gguf_spm(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> Any:
-    """SPM vocab as a BPE with byte fallback whose merges follow the piece scores (LlamaConverter)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers
-
+    """An SPM vocab from GGUF metadata, split as transformers' LlamaTokenizer / GemmaTokenizer do."""
     n = len(tokens)
     scores = [float(s) for s in meta.get("tokenizer.ggml.scores", [0.0] * n)]
     if len(scores) != n:
         raise TokenizerError(f"GGUF scores has {len(scores)} entries for {n} tokens")
+    # transformers builds a GGUF's Llama vocab with LlamaTokenizer's default, legacy=False: the
+    # space prefix goes on the start of the text only (llama.cpp puts one after every special
+    # token too). Gemma's vocab has no prefix.
+    prefix = "first" if bool(meta.get("tokenizer.ggml.add_space_prefix", True)) else "never"
+    return spm_bpe(tokens, scores, types, prefix)
+
+
+def spm_bpe(tokens: list[str], scores: list[float], types: list[int], prefix: str) -> Any:
+    """SPM pieces as a BPE with byte fallback whose merges follow the piece scores (LlamaConverter).
+
+    prefix is transformers' Metaspace prepend_scheme: "first" (a "▁" before the text unless it
+    starts with a space), "always" (legacy=True: before every run of text between special tokens,
+    as sentencepiece's dummy prefix does), or "never".
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
     vocab = _vocab_dict(tokens)
     normal = {t: i for i, t in enumerate(tokens) if types[i] == TOKEN_NORMAL and vocab[t] == i}
     # sentencepiece BPE merges the adjacent pair whose union scores highest; a merge list sorted
@@ -141,15 +156,14 @@ def gguf_spm(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> An
         fuse_unk=True,
     )
     tok = HFTokenizer(bpe)
-    add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    norm = [normalizers.Replace(" ", SPIECE_UNDERLINE)]
     steps = [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_space_prefix:
-        # llama.cpp prefixes a space to the text and after every special token, as the
-        # per-segment Prepend normalizer does.
-        norm.insert(0, normalizers.Prepend(SPIECE_UNDERLINE))
+    if prefix == "never":
+        tok.normalizer = normalizers.Replace(" ", SPIECE_UNDERLINE)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=SPIECE_UNDERLINE, prepend_scheme=prefix, split=False
+        )
         steps.append(decoders.Strip(content=" ", left=1, right=0))
-    tok.normalizer = normalizers.Sequence(norm)
     tok.decoder = decoders.Sequence(steps)
     _add_gguf_special_tokens(tok, tokens, types)
     return tok

@@ -2,7 +2,7 @@
 
   - the `tokenizers` library, for tokenizer.json and for a GGUF vocab rebuilt as a
     `tokenizers.Tokenizer` (gguf_vocab.py);
-  - `sentencepiece`, for a bare tokenizer.model.
+  - the same for a bare tokenizer.model, read with `sentencepiece` and rebuilt as transformers does.
 
 The engines live in tokenizer_engines.py, chat-template rendering in chat_template.py, the GGUF
 vocab's rebuilding in gguf_vocab.py, and streamed decoding in detokenizer.py.
@@ -21,8 +21,17 @@ from .chat_template import (
     render_chat_template,
 )
 from .errors import ConfigError, RequestError, TokenizerError
-from .gguf_vocab import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, gguf_bpe, gguf_spm
-from .tokenizer_engines import HFEngine, SPEngine, SPMEngine
+from .gguf_vocab import (
+    TOKEN_BYTE,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
+    TOKEN_UNUSED,
+    gguf_bpe,
+    gguf_spm,
+    spm_bpe,
+)
+from .tokenizer_engines import HFEngine, SPMEngine
 
 
 # -- the public face -------------------------------------------------------------------------
@@ -31,7 +40,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        engine: HFEngine | SPEngine,
+        engine: HFEngine,
         *,
         bos_token_id: int | None = None,
         eos_token_ids: Iterable[int] = (),
@@ -71,21 +80,17 @@ class Tokenizer:
                 _set_bos_eos_processor(
                     tok, bos_token if add_bos else None, eos_token if add_eos else None
                 )
-            engine: HFEngine | SPEngine = HFEngine(tok)
+            engine: HFEngine = HFEngine(tok)
         elif (path / "tokenizer.model").is_file():
-            import sentencepiece as spm
-
-            sp = spm.SentencePieceProcessor()
-            try:
-                sp.load(str(path / "tokenizer.model"))
-            except (OSError, RuntimeError) as e:
-                raise TokenizerError(f"cannot read {path / 'tokenizer.model'}: {_first_line(e)}")
-            # HF's LlamaTokenizer defaults: add BOS, not EOS.
-            engine = SPEngine(
-                sp, add_bos=True if add_bos is None else bool(add_bos), add_eos=bool(add_eos)
+            tok, specials, prefix, sp_bos, sp_eos = _sentencepiece_bpe(
+                path / "tokenizer.model", cfg
             )
-            bos_token = bos_token or (sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None)
-            eos_token = eos_token or (sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None)
+            bos_token, eos_token = bos_token or sp_bos, eos_token or sp_eos
+            add_bos = True if add_bos is None else bool(add_bos)  # LlamaTokenizer: BOS, not EOS
+            _set_bos_eos_processor(
+                tok, bos_token if add_bos else None, eos_token if add_eos else None
+            )
+            engine = SPMEngine(tok, specials, strip_leading_space=prefix != "never")
         else:
             raise TokenizerError(f"no tokenizer.json or tokenizer.model in {path}")
 
@@ -174,8 +179,11 @@ class Tokenizer:
             raise RequestError(f"encode expects a str, got {type(text).__name__}")
         return self._engine.encode(text, add_special_tokens)
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """(T,) token ids -> str; incomplete UTF-8 at the end shows as U+FFFD.
+
+        Special tokens are kept unless skip_special_tokens, as in transformers' decode (generated
+        text follows SamplingParams.skip_special_tokens instead).
 
         Ids past the tokenizer's vocab (models pad their embedding beyond it) have no text."""
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
@@ -196,7 +204,7 @@ class Tokenizer:
         return i
 
     def tokenizers_json(self) -> str | None:
-        """The vocabulary as tokenizer.json text (grammar engines read it); None for sentencepiece."""
+        """The vocabulary as tokenizer.json text (grammar engines read it)."""
         tok = getattr(self._engine, "tok", None)
         return None if tok is None else tok.to_str()
 
@@ -243,6 +251,44 @@ def _set_bos_eos_processor(tok: Any, bos: str | None, eos: str | None) -> None:
     )
 
 
+def _sentencepiece_bpe(model: Path, cfg: Mapping[str, Any]) -> tuple:
+    """tokenizer.model as transformers' LlamaTokenizer builds it.
+
+    Returns (tokenizers.Tokenizer, special ids, prefix scheme, BOS piece, EOS piece).
+
+    transformers 5 defaults to legacy=False: the dummy "▁" goes on the start of the text only, not
+    after each special token (sentencepiece itself, and legacy=True, put one on every run).
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(model))
+    except (OSError, RuntimeError) as e:
+        raise TokenizerError(f"cannot read {model}: {_first_line(e)}")
+
+    def piece_type(i: int) -> int:
+        if sp.is_unknown(i):
+            return TOKEN_UNKNOWN
+        if sp.is_control(i):
+            return TOKEN_CONTROL
+        if sp.is_unused(i):
+            return TOKEN_UNUSED
+        return TOKEN_BYTE if sp.is_byte(i) else TOKEN_NORMAL
+
+    n = sp.get_piece_size()
+    types = [piece_type(i) for i in range(n)]
+    prefix = "never"
+    if cfg.get("add_prefix_space") is not False:
+        prefix = "always" if cfg.get("legacy") else "first"
+    tokens = [sp.id_to_piece(i) for i in range(n)]
+    tok = spm_bpe(tokens, [sp.get_score(i) for i in range(n)], types, prefix)
+    specials = [i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
+    bos = sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None
+    eos = sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None
+    return tok, specials, prefix, bos, eos
+
+
 # -- small helpers ---------------------------------------------------------------------------
 _TOKEN = ("string", "object", "null")  # a special token: its text, or an AddedToken object
 # the JSON types of the fields read from tokenizer_config.json, and of the special ids read
@@ -250,6 +296,7 @@ _TOKEN = ("string", "object", "null")  # a special token: its text, or an AddedT
 TOKENIZER_CONFIG_TYPES = {
     "bos_token": _TOKEN, "eos_token": _TOKEN, "add_bos_token": ("bool", "null"),
     "add_eos_token": ("bool", "null"), "chat_template": ("string", "array", "null"),
+    "legacy": ("bool", "null"), "add_prefix_space": ("bool", "null"),
 }  # fmt: skip
 SPECIAL_ID_TYPES = {"bos_token_id": ("int", "null"), "eos_token_id": ("int", "int array", "null")}
 

@@ -1,4 +1,4 @@
-"""The engines under the `Tokenizer` face: text <-> ids through `tokenizers` or `sentencepiece`.
+"""The engines under the `Tokenizer` face: text <-> ids through `tokenizers`.
 
 Each has vocab_size, encode, decode, id_to_token and token_to_id; the face adds special tokens,
 range checks and chat templates on top.
@@ -8,7 +8,6 @@ Reference: llama.cpp src/llama-vocab.cpp (SPM piece decoding).
 
 from __future__ import annotations
 
-import re
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -76,65 +75,3 @@ def _spm_piece_bytes(piece: str | None) -> bytes:
         except ValueError:
             pass
     return piece.replace(SPIECE_UNDERLINE, " ").encode("utf-8")
-
-
-class SPEngine:
-    """A sentencepiece model; control-token strings in text become their ids, as in HF's slow tokenizer."""
-
-    def __init__(self, sp: Any, add_bos: bool, add_eos: bool):
-        self.sp = sp
-        self.vocab_size = sp.get_piece_size()
-        self.add_bos, self.add_eos = add_bos, add_eos
-        specials = [
-            sp.id_to_piece(i)
-            for i in range(self.vocab_size)
-            if sp.is_control(i) or sp.is_unknown(i)
-        ]
-        specials = sorted({s for s in specials if s}, key=len, reverse=True)
-        self.special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        ids: list[int] = []
-        if add_special_tokens and self.add_bos and self.sp.bos_id() >= 0:
-            ids.append(self.sp.bos_id())
-        pos = 0
-        for m in self.special_re.finditer(text) if self.special_re else ():
-            if m.start() > pos:
-                ids += self.sp.encode(text[pos : m.start()])
-            ids.append(self.sp.piece_to_id(m.group()))
-            pos = m.end()
-        if pos < len(text):
-            ids += self.sp.encode(text[pos:])
-        if add_special_tokens and self.add_eos and self.sp.eos_id() >= 0:
-            ids.append(self.sp.eos_id())
-        return ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        ids = list(ids)
-        if skip_special_tokens:
-            return self.sp.decode([i for i in ids if not self._is_special(i)])
-        # Render control/unknown tokens as their text; the run after one keeps its leading space.
-        out, run, start = [], [], 0
-        for k, i in enumerate(ids + [None]):
-            if i is None or self._is_special(i):
-                if run:
-                    text = self.sp.decode(run)
-                    if start > 0 and self.sp.id_to_piece(run[0]).startswith(SPIECE_UNDERLINE):
-                        text = " " + text
-                    out.append(text)
-                if i is not None:
-                    out.append(self.sp.id_to_piece(i))
-                run, start = [], k + 1
-            else:
-                run.append(i)
-        return "".join(out)
-
-    def _is_special(self, i: int) -> bool:
-        return self.sp.is_control(i) or self.sp.is_unknown(i)
-
-    def id_to_token(self, i: int) -> str | None:
-        return self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
-
-    def token_to_id(self, s: str) -> int | None:
-        i = self.sp.piece_to_id(s)
-        return None if i == self.sp.unk_id() and s != self.sp.id_to_piece(i) else i
