@@ -179,23 +179,53 @@ class LLM:
         messages: list[dict] | list[list[dict]],
         params: SamplingParams | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict = "auto",
+        parallel_tool_calls: bool = True,
     ) -> list[RequestOutput]:
-        """Render the model's chat template (sandboxed) and generate the assistant's reply."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return self.generate(
-            [self.chat_prompt(c, add_generation_prompt) for c in conversations], params
-        )
+        """Render the model's chat template (sandboxed) and generate the assistant's reply.
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with the chat template."""
-        if self.tokenizer is None:
-            raise TokenizerError("this model has no tokenizer, so no chat template")
-        text = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt
-        )
+        tools (OpenAI's function tools), tool_choice ("none", "auto", "required" or
+        {"type": "function", "function": {"name": ...}}) and parallel_tool_calls as OpenAI takes
+        them: a reply that calls tools has its `tool_calls` set (tools.ToolCall: name, arguments
+        as JSON text, id), the call syntax taken out of its text and finish_reason "tool_calls".
+        """
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if tools is None:
+            return self.generate(
+                [self.chat_prompt(c, add_generation_prompt) for c in conversations], params
+            )
+        from .tools import ToolPlan, apply_tool_calls, call_syntax
+
+        plan = ToolPlan(tools, tool_choice, parallel_tool_calls)
+        syntax = call_syntax(self._chat_tokenizer())
+        params = plan.sampling_params(params or SamplingParams(), syntax)
+        prompts = [self.chat_prompt(c, tools=plan) for c in conversations]
+        outs = self.generate(prompts, params)
+        for out in outs:
+            for o in out.outputs:
+                apply_tool_calls(o, plan, syntax)
+        return outs
+
+    def chat_prompt(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools=None
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (and a tools.ToolPlan)."""
+        tokenizer = self._chat_tokenizer()
+        if tools is not None:
+            text = tools.render(tokenizer, messages)
+        else:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt
+            )
         return self.tokenizer.encode(
             text, add_special_tokens=False
         )  # the template wrote BOS if any
+
+    def _chat_tokenizer(self):
+        if self.tokenizer is None:
+            raise TokenizerError("this model has no tokenizer, so no chat template")
+        return self.tokenizer
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """(T,) -> (T, V) float32: one full forward, for verification."""

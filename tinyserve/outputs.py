@@ -14,11 +14,12 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "tool_calls" | None
     logprobs: list[dict[int, float]] | None = (
         None  # per token: top-n ids -> logprob (+ the chosen one)
     )
     cumulative_logprob: float | None = None
+    tool_calls: list | None = None  # LLM.chat with tools: the tools.ToolCall s parsed from text
 
     @property
     def finished(self) -> bool:

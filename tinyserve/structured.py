@@ -97,6 +97,15 @@ class StructuredOutputsParams:
         )
 
 
+def available() -> bool:
+    """Whether the grammar engine is installed."""
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _llguidance():
     try:
         import llguidance

@@ -10,8 +10,10 @@ import hmac
 import json
 from collections.abc import AsyncIterator
 
-from ..errors import TinyServeError
+from .. import structured
+from ..errors import RequestError, TinyServeError
 from ..outputs import RequestOutput
+from ..tools import call_syntax
 from .engine_loop import EngineLoop, Handle, _Submit
 from .metrics import Metrics
 from .protocol import (
@@ -27,6 +29,8 @@ from .protocol import (
     _field,
     _Formatter,
     _sampling_params,
+    _structured_outputs,
+    _tool_plan,
     completion_prompts,
     usage_of,
 )
@@ -253,12 +257,38 @@ class _Server:
             self.config.max_tokens_limit,
             prompt_logprobs=top_n if echo else None,
         )
-        submits = [_Submit(None, _prepare(p, tokenizer), params, False, "prompt") for p in prompts]
+        so, so_field = _structured_outputs(body)
+        if so is not None:
+            params = dataclasses.replace(params, structured_outputs=so)
+        submits = [
+            _Submit(
+                None, self._checked(_prepare(p, tokenizer), so, so_field), params, False, "prompt"
+            )
+            for p in prompts
+        ]
         texts = None
         if echo:
             texts = [p if isinstance(p, str) else _decode(tokenizer, p) for p in prompts]
         fmt = _Formatter(False, self.config.model_name, tokenizer, top_n, params.n, texts)
         return await self._generate(request, body, submits, fmt)
+
+    def _compile(self, so, field: str) -> None:
+        """On the engine thread (it owns the compiler): a constraint it cannot serve is a 400."""
+        try:
+            self.llm.engine.grammar_compiler.matcher(so)
+        except RequestError as e:
+            raise HTTPError(400, str(e), field) from None
+
+    def _checked(self, prepare, so, field: str | None):
+        """prepare, after compiling the constraint so (if any) on the engine thread."""
+        if so is None:
+            return prepare
+
+        def run():
+            self._compile(so, field)
+            return prepare()
+
+        return run
 
     async def chat(self, request):
         body = await self._body(request)
@@ -276,9 +306,32 @@ class _Server:
         params = _sampling_params(
             body, max_tokens, top_n, self.config.max_tokens_limit, "top_logprobs"
         )
-        prepare = lambda: self.llm.chat_prompt(messages)
+        so, so_field = _structured_outputs(body)
+        if so is not None:
+            params = dataclasses.replace(params, structured_outputs=so)
+        plan, tools = _tool_plan(body), None
+        if plan is not None:
+            syntax = call_syntax(self.llm.tokenizer)
+            try:
+                params = plan.sampling_params(params, syntax)
+            except RequestError as e:
+                raise HTTPError(400, str(e), "tool_choice") from None
+            tools = (plan, syntax)
+
+        def prepare():  # on the engine thread
+            if so is not None:
+                self._compile(so, so_field)
+            if plan is not None and structured.available():  # else: no engine to ask
+                try:
+                    plan.check_parameters(self.llm.engine.grammar_compiler.matcher)
+                except RequestError as e:
+                    raise HTTPError(400, str(e), "tools") from None
+            return self.llm.chat_prompt(messages, tools=plan)
+
         submit = _Submit(None, prepare, params, max_tokens is None, "messages")
-        fmt = _Formatter(True, self.config.model_name, self.llm.tokenizer, top_n, params.n)
+        fmt = _Formatter(
+            True, self.config.model_name, self.llm.tokenizer, top_n, params.n, None, tools
+        )
         return await self._generate(request, body, [submit], fmt)
 
     async def admit(self, request, submits: list[_Submit], request_id: str) -> _Generation:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from ..errors import RequestError
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling import SamplingParams
+from ..structured import StructuredOutputsParams
+from ..tools import ToolCallStream, ToolPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ _COMMON = {
     "max_tokens": "int",
     "user": "str",
     "response_format": "dict",
+    "structured_outputs": "dict",  # vLLM's extra field: json, regex, choice, grammar, json_object
     "metadata": "dict",
     "store": "bool",
     "service_tier": "str",
@@ -134,16 +137,9 @@ def _check_fields(body: dict, allowed: dict) -> None:
         _field(body, name, kind)
     for name, bad in [
         ("suffix", body.get("suffix")),
-        ("tools", body.get("tools")),
-        ("tool_choice", body.get("tool_choice") not in (None, "none")),
     ]:
         if bad:
             raise HTTPError(400, f"'{name}' is not supported by this server", name)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt.get("type") != "text":
-        raise HTTPError(
-            400, "only response_format {'type': 'text'} is supported", "response_format"
-        )
     if body.get("stream_options") is not None and not body.get("stream"):
         raise HTTPError(
             400, "'stream_options' is only allowed when 'stream' is true", "stream_options"
@@ -192,6 +188,53 @@ def _sampling_params(
         ) from None
 
 
+def _structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str | None]:
+    """OpenAI's response_format or vLLM's structured_outputs -> (the constraint, its field)."""
+    fmt, so = body.get("response_format"), body.get("structured_outputs")
+    if fmt is not None and so is not None and fmt.get("type") != "text":
+        raise HTTPError(
+            400,
+            "give either 'response_format' or 'structured_outputs', not both",
+            "response_format",
+        )
+    try:
+        if so is not None:
+            return StructuredOutputsParams.from_dict(so), "structured_outputs"
+        if fmt is None or fmt.get("type") == "text":
+            return None, None
+        if fmt.get("type") == "json_object":
+            return StructuredOutputsParams(json_object=True), "response_format"
+        if fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+                raise RequestError("response_format.json_schema.schema must be a JSON schema")
+            # strict or not, the schema is enforced: the mask admits nothing else
+            return StructuredOutputsParams(json=json.dumps(spec["schema"])), "response_format"
+    except RequestError as e:
+        field = "structured_outputs" if so is not None else "response_format"
+        raise HTTPError(400, str(e), field) from None
+    raise HTTPError(
+        400,
+        "response_format type must be 'text', 'json_object' or 'json_schema'",
+        "response_format",
+    )
+
+
+def _tool_plan(body: dict) -> ToolPlan | None:
+    """tools, tool_choice, parallel_tool_calls -> a ToolPlan (None without tools)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise HTTPError(400, "'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    try:
+        return ToolPlan(tools, choice or "auto", body.get("parallel_tool_calls", True))
+    except RequestError as e:
+        raise HTTPError(
+            400, str(e), "tool_choice" if "tool_choice" in str(e) else "tools"
+        ) from None
+
+
 def _is_ids(v) -> bool:
     return isinstance(v, list) and bool(v) and all(_KINDS["int"][0](t) for t in v)
 
@@ -221,7 +264,7 @@ def completion_prompts(body: dict, tokenizer) -> list[str | list[int]]:
     return prompts
 
 
-_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's new name for system
+_ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's system
 
 
 def _chat_messages(body: dict) -> list[dict]:
@@ -232,9 +275,12 @@ def _chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise HTTPError(
-                400, f"messages[{i}] needs a role of system, user or assistant", "messages"
+                400, f"messages[{i}] needs a role of system, user, assistant or tool", "messages"
             )
         content = m.get("content")
+        if m["role"] == "assistant" and m.get("tool_calls") is not None:
+            out.append(_assistant_calls(m, i))
+            continue
         if isinstance(content, list):  # content parts: only text
             if not all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -246,10 +292,33 @@ def _chat_messages(body: dict) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise HTTPError(400, f"messages[{i}].content must be a string", "messages")
-        out.append(
-            {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
-        )
+        message = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
+        if m["role"] == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise HTTPError(400, f"messages[{i}].tool_call_id must be a string", "messages")
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return out
+
+
+def _assistant_calls(m: dict, i: int) -> dict:
+    """An assistant message that called tools: its calls checked and kept for the template."""
+    calls = m["tool_calls"]
+    ok = isinstance(calls, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments", "{}"), (str, dict))
+        for c in calls
+    )
+    if not ok or not isinstance(m.get("content") or "", str):
+        raise HTTPError(
+            400,
+            f"messages[{i}].tool_calls must be [{{'id', 'type': 'function', "
+            "'function': {'name', 'arguments'}}]",
+            "messages",
+        )
+    return {"role": "assistant", "content": m.get("content") or "", "tool_calls": calls}
 
 
 # -- outputs -> OpenAI JSON ---------------------------------------------------------------------
@@ -281,12 +350,16 @@ class _Formatter:
         top_n: int | None,
         n: int = 1,
         echo: list[str] | None = None,
+        tools: tuple[ToolPlan, str] | None = None,  # the plan and the model's call syntax
     ):
         self.chat, self.model, self.tokenizer, self.top_n = chat, model, tokenizer, top_n
         self.n, self.echo = n, echo
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.text_offset: dict[int, int] = {}  # completions logprobs: where each choice's text is
+        self.tools = tools
+        self.streams: dict[int, ToolCallStream] = {}  # choice index -> its streamed calls
+        self.n_calls: dict[int, int] = {}  # choice index -> tool calls streamed so far
 
     def _token(self, t: int) -> str:
         return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer else str(t)
@@ -357,7 +430,7 @@ class _Formatter:
                     "finish_reason": _finish_reason(o),
                 }
                 if self.chat:
-                    c["message"] = {"role": "assistant", "content": o.text}
+                    c["message"] = self._message(o, c)
                 else:
                     c["text"] = o.text
                     if self.echo is not None:
@@ -370,6 +443,18 @@ class _Formatter:
             "model": self.model,
             "choices": choices,
             "usage": usage_of(outs),
+        }
+
+    def _message(self, o: CompletionOutput, choice: dict) -> dict:
+        content, calls = self.tools[0].parse(o.text, self.tools[1]) if self.tools else (o.text, [])
+        if not calls:
+            return {"role": "assistant", "content": o.text}
+        if o.finish_reason == "stop":
+            choice["finish_reason"] = "tool_calls"
+        return {
+            "role": "assistant",
+            "content": content,
+            "tool_calls": [t.to_openai() for t in calls],
         }
 
     def chunk(
@@ -397,8 +482,27 @@ class _Formatter:
         }
         if self.chat:
             c["delta"] = {"role": "assistant", "content": d.text} if first else {"content": d.text}
+            if self.tools:
+                self._tool_delta(c, d)
         else:
             c["text"] = d.text
             if first and self.echo is not None:
                 c = self._echoed(c, prompt_index, out, index)
         return c
+
+    def _tool_delta(self, c: dict, d: CompletionOutput) -> None:
+        """Hold back call syntax; hand out each call once it is whole (OpenAI's delta.tool_calls)."""
+        stream = self.streams.setdefault(c["index"], ToolCallStream(*self.tools))
+        content, calls = stream.feed(d.text)
+        if d.finish_reason is not None:
+            rest, more = stream.finish()
+            content, calls = content + rest, calls + more
+        c["delta"]["content"] = content
+        if calls:
+            start = self.n_calls.get(c["index"], 0)
+            c["delta"]["tool_calls"] = [
+                {"index": start + k, **t.to_openai()} for k, t in enumerate(calls)
+            ]
+            self.n_calls[c["index"]] = start + len(calls)
+        if d.finish_reason == "stop" and self.n_calls.get(c["index"]):
+            c["finish_reason"] = "tool_calls"
