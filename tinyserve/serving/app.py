@@ -14,6 +14,7 @@ from .. import structured
 from ..errors import RequestError, TinyServeError
 from ..outputs import RequestOutput
 from ..tools import call_syntax
+from . import responses
 from .engine_loop import EngineLoop, Handle, _Submit
 from .metrics import Metrics
 from .protocol import (
@@ -334,6 +335,33 @@ class _Server:
         )
         return await self._generate(request, body, [submit], fmt)
 
+    async def responses(self, request):
+        body = await self._body(request)
+        self._check_model(body)
+        messages, params = responses.parse(body, self.config.max_tokens_limit)
+        if self.llm.tokenizer is None or not self.llm.tokenizer.has_chat_template:
+            raise HTTPError(400, "this model has no chat template: use /v1/completions", "input")
+        default_max = body.get("max_output_tokens") is None
+        prepare = self._checked(
+            lambda: self.llm.chat_prompt(messages), params.structured_outputs, "text"
+        )
+        submit = _Submit(None, prepare, params, default_max, "input")
+        fmt = responses.ResponseFormatter(self.config.model_name, body, params)
+        try:
+            gen = await self.admit(request, [submit], fmt.id)
+        except _ClientGone:
+            return Response(status_code=499)
+        (handle,) = gen.handles
+        if body.get("stream"):
+            return _EventStream(gen, fmt.events(handle.outputs()))  # the stream closes gen
+        try:
+            final = await _until(gen.disconnect, _last(handle.outputs()))
+            return JSONResponse(fmt.response(final))
+        except _ClientGone:
+            return Response(status_code=499)
+        finally:
+            gen.close()
+
     async def admit(self, request, submits: list[_Submit], request_id: str) -> _Generation:
         """Queue one engine request per submit; returns once the engine has them all."""
         if self.n_in_flight + len(submits) > self.config.max_queue:
@@ -508,6 +536,7 @@ def create_app(llm, config: ServerConfig = _DEFAULT_CONFIG):
         routes=[
             Route("/v1/completions", server.completions, methods=["POST"]),
             Route("/v1/chat/completions", server.chat, methods=["POST"]),
+            Route("/v1/responses", server.responses, methods=["POST"]),
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/tokenize", server.tokenize, methods=["POST"]),
             Route("/detokenize", server.detokenize, methods=["POST"]),
