@@ -100,6 +100,10 @@ class _ClientGone(Exception):
     """The client disconnected before its answer was ready: nothing to send."""
 
 
+class _SlowReader(OSError):
+    """The client did not take what was sent within the slow-reader timeout: drop it."""
+
+
 async def _wait_disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -132,6 +136,10 @@ async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
     raise HTTPError(500, "the engine ended the request without an output", type="server_error")
 
 
+async def _lasts(handles: list[Handle]) -> list[RequestOutput]:
+    return list(await asyncio.gather(*(_last(h.outputs()) for h in handles)))
+
+
 class _Generation:
     """One admitted HTTP request (an engine request per prompt) until its end; `close` frees
     their blocks if it is cut short."""
@@ -140,12 +148,12 @@ class _Generation:
         self.server, self.request, self.handles = server, request, handles
         self.disconnect = asyncio.ensure_future(_wait_disconnect(request.receive))
 
-    def close(self) -> None:
+    def close(self, reason: str = "abort") -> None:
         self.disconnect.cancel()
         self.server.n_in_flight -= len(self.handles)
         for handle in self.handles:
             if not handle.done:  # the client went away (or we failed) mid-request
-                self.server.loop.abort(handle.request_id)
+                self.server.loop.abort(handle.request_id, reason)
 
 
 class _EventStream:
@@ -159,6 +167,7 @@ class _EventStream:
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
         ]
+        reason = "abort"  # what an unfinished request is counted as when it is cut short
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             while True:
@@ -170,11 +179,13 @@ class _EventStream:
                     {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
                 )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except _SlowReader:
+            reason = "slow_reader"
         except OSError:  # the socket closed under us
             pass
         finally:
             await self.events.aclose()
-            self.gen.close()
+            self.gen.close(reason)
 
 
 class _Server:
@@ -372,7 +383,8 @@ class _Server:
                 code="queue_full",
             )
         loop = asyncio.get_running_loop()
-        handles = [Handle(f"{request_id}-{i}", loop) for i in range(len(submits))]
+        bound = self.config.max_pending_chunks
+        handles = [Handle(f"{request_id}-{i}", loop, bound) for i in range(len(submits))]
         self.n_in_flight += len(handles)
         gen = _Generation(self, request, handles)
         try:
@@ -396,7 +408,8 @@ class _Server:
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 streaming = True  # from here on the stream owns gen and closes it
                 return _EventStream(gen, _events(gen.handles, fmt, usage))
-            finals = [await _until(gen.disconnect, _last(h.outputs())) for h in gen.handles]
+            # every mailbox drained at once, so none fills while another is awaited
+            finals = await _until(gen.disconnect, _lasts(gen.handles))
             return JSONResponse(fmt.response(finals))
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it
@@ -484,7 +497,12 @@ class _Guard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            # the server's send waits while the socket's buffer is full: a client that reads
+            # nothing for the timeout is dropped (a stream's request is aborted on the way out)
+            try:
+                await asyncio.wait_for(send(message), self.server.config.slow_reader_timeout)
+            except asyncio.TimeoutError:
+                raise _SlowReader(f"no read for {self.server.config.slow_reader_timeout:g} s")
 
         try:
             key = self.server.config.api_key
@@ -500,6 +518,8 @@ class _Guard:
                 )
                 return await JSONResponse(err.body(), 401)(scope, receive, counting_send)
             await self.app(scope, receive, counting_send)
+        except _SlowReader:
+            pass  # the connection is dropped: nothing more can reach this client
         finally:
             path = scope["path"] if scope["path"] in self.paths else "other"
             self.server.metrics.count_http(path, status)

@@ -43,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.max_queue,
         help="requests in flight at most; more get 503",
     )
+    p.add_argument(
+        "--max-pending-chunks",
+        type=int,
+        default=defaults.max_pending_chunks,
+        help="a request's outputs waiting for a slow client at most (more are folded into one)",
+    )
+    p.add_argument(
+        "--slow-reader-timeout",
+        type=float,
+        default=defaults.slow_reader_timeout,
+        help="seconds a client may leave its stream unread before its request is aborted",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--log-level", default="info")
@@ -76,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             max_prompt_tokens=args.max_prompt_tokens,
             max_tokens_limit=args.max_tokens_limit,
             max_queue=args.max_queue,
+            max_pending_chunks=args.max_pending_chunks,
+            slow_reader_timeout=args.slow_reader_timeout,
         )
     except ValueError as e:
         print(f"tinyserve: error: {e}", file=sys.stderr)

@@ -19,16 +19,36 @@ from .protocol import HTTPError, ServerConfig
 
 
 class Handle:
-    """One request's mailbox: the engine thread posts, the handler's event loop awaits."""
+    """One request's mailbox: the engine thread posts, the handler's event loop awaits.
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+    At most `max_pending` outputs wait in it: past that the engine thread folds each new output
+    into one held back (streamed deltas concatenate, so nothing is lost and the held one stays the
+    size of the answer so far), and hands it over once the reader has taken one. So a client that
+    stops reading costs one answer's worth of memory until the server's send times out on it.
+    """
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_pending: int = 64):
         self.request_id = request_id
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.done = False  # set by the handler once it has seen the end
+        self.max_pending = max_pending
+        self.lock = threading.Lock()  # n_pending moves on both threads
+        self.n_pending = 0  # posted and not yet taken by the reader
+        self.held: RequestOutput | None = None  # engine thread only: folded outputs
 
     def post(self, item) -> None:
         """From the engine thread: a list of prompt ids (accepted), a RequestOutput or an error."""
+        if isinstance(item, RequestOutput):
+            if self.held is not None:
+                item, self.held = _fold(self.held, item), None
+            with self.lock:
+                full = self.n_pending >= self.max_pending
+            if full and not item.finished:  # the end (and errors) always go through: one more
+                self.held = item
+                return
+        with self.lock:
+            self.n_pending += 1
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -36,6 +56,8 @@ class Handle:
 
     async def _next(self):
         item = await self.queue.get()
+        with self.lock:
+            self.n_pending -= 1
         if isinstance(item, BaseException):
             self.done = True
             raise item
@@ -52,6 +74,30 @@ class Handle:
             if item.finished:
                 self.done = True
                 return
+
+
+def _fold(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: newer's totals, both steps' deltas."""
+    deltas = {d.index: d for d in older.deltas}
+    for d in newer.deltas:
+        if (o := deltas.get(d.index)) is None:
+            deltas[d.index] = d
+            continue
+        deltas[d.index] = dataclasses.replace(
+            d,
+            text=o.text + d.text,
+            token_ids=[*o.token_ids, *d.token_ids],
+            logprobs=None if o.logprobs is None else [*o.logprobs, *(d.logprobs or [])],
+            tool_calls=d.tool_calls if d.tool_calls is not None else o.tool_calls,
+        )
+    prompt_logprobs = newer.prompt_logprobs
+    if prompt_logprobs is None:
+        prompt_logprobs = older.prompt_logprobs
+    return dataclasses.replace(
+        newer,
+        deltas=sorted(deltas.values(), key=lambda d: d.index),
+        prompt_logprobs=prompt_logprobs,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +134,9 @@ class EngineLoop:
     def submit(self, cmd: _Submit) -> None:
         self._command(cmd)
 
-    def abort(self, request_id: str) -> None:
-        self._command(request_id)
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Stop a request and free its blocks; reason is what /metrics counts it as."""
+        self._command((request_id, reason))
 
     def _command(self, cmd) -> None:
         with self.cond:
@@ -108,7 +155,7 @@ class EngineLoop:
                 if isinstance(cmd, _Submit):
                     self._add(cmd)
                 else:
-                    self._abort(cmd)
+                    self._abort(*cmd)
             if self.engine.has_unfinished():
                 self._step()
             self._publish()
@@ -147,10 +194,10 @@ class EngineLoop:
         self.live[rid] = cmd.handle
         cmd.handle.post(ids)
 
-    def _abort(self, rid: str) -> None:
+    def _abort(self, rid: str, reason: str = "abort") -> None:
         if self.live.pop(rid, None) is not None:
             self.engine.abort(rid)
-            self.metrics.count_finished(None, "abort")
+            self.metrics.count_finished(None, reason)
 
     def _step(self) -> None:
         try:

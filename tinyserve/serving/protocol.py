@@ -25,11 +25,17 @@ class ServerConfig:
     max_prompt_tokens: int | None = None
     max_tokens_limit: int = 4096
     max_queue: int = 256  # requests accepted and not yet finished
+    # a request's outputs waiting for its client (more are folded into one); a client that takes
+    # nothing sent to it for slow_reader_timeout seconds is dropped and its request aborted
+    max_pending_chunks: int = 64
+    slow_reader_timeout: float = 30.0
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_tokens_limit", "max_queue"):
+        for name in ("max_body_bytes", "max_tokens_limit", "max_queue", "max_pending_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.slow_reader_timeout > 0:
+            raise ValueError(f"slow_reader_timeout must be > 0, got {self.slow_reader_timeout}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
 

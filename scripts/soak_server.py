@@ -1,0 +1,198 @@
+"""Soak `tinyserve serve` with clients that read, read slowly, stop reading, or hang up.
+
+Starts the server as a child process, runs N requests over raw sockets with C at a time (a seeded
+mix: streaming or not, reading everything, reading slowly through a small receive buffer, never
+reading after the headers, hanging up mid-stream or before the answer), then prints the server's
+RSS at the start, middle and end, the KV blocks in use once it is idle, and what /metrics counts
+by finish reason. A flat RSS and 0 blocks in use are what a slow reader must not break.
+
+    python scripts/soak_server.py --requests 3000 --concurrency 32
+    python scripts/soak_server.py --model tests/fixtures/hf/smollm2 --backend numpy --requests 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KINDS = ("reads", "slow", "never-reads", "hangup", "hangup-early")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def http_get(port: int, path: str) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    return data.split(b"\r\n\r\n", 1)[1].decode()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def one_request(port: int, kind: str, body: dict, rng: random.Random, timeout: float):
+    """One client; returns True when it read a complete answer."""
+    sock = socket.socket()
+    if kind in ("slow", "never-reads"):  # a small window, so unread bytes back up to the server
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    payload = json.dumps(body).encode()
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n".encode()
+        + payload
+    )
+    await writer.drain()
+    complete = False
+    try:
+        if kind == "hangup-early":
+            await asyncio.sleep(rng.random() * 0.05)
+            return False
+        head = await reader.readuntil(b"\r\n\r\n")
+        if kind == "never-reads":  # hold the connection open, read nothing, until dropped
+            await asyncio.wait_for(reader.read(), timeout * 3 + 5)
+            return False
+        n_cut = rng.randint(1, 6)
+        got = b""
+        while True:
+            chunk = await reader.read(256 if kind == "slow" else 65536)
+            if not chunk:
+                break
+            got += chunk
+            if kind == "slow":
+                await asyncio.sleep(0.005)
+            if kind == "hangup" and got.count(b"\n\n") >= n_cut:
+                return False
+        complete = head.startswith(b"HTTP/1.1 200") and (b"[DONE]" in got or not body.get("stream"))
+    except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+        pass
+    finally:
+        writer.close()
+    return complete
+
+
+async def soak(args, port: int, pid: int) -> dict:
+    rng = random.Random(args.seed)
+    rss = {"start": rss_mib(pid)}
+    kinds = {k: 0 for k in KINDS}
+    complete = 0
+    sem = asyncio.Semaphore(args.concurrency)
+    done = 0
+
+    async def run(i: int):
+        nonlocal complete, done
+        kind = rng.choice(KINDS)
+        kinds[kind] += 1
+        body = {
+            "model": "soak",
+            "prompt": f"Request {i}. " + rng.choice(["Tell me a story.", "List ten fruits.", "Hi"]),
+            "max_tokens": rng.randint(1, args.max_tokens),
+            "temperature": 0.8,
+            "seed": i,
+            "stream": rng.random() < 0.7,
+            "ignore_eos": True,
+        }
+        if rng.random() < 0.3:
+            body["logprobs"] = 5
+        if kind in ("slow", "never-reads"):  # long answers in big chunks: unread bytes back up
+            body.update(stream=True, logprobs=5, max_tokens=args.long_tokens)
+        async with sem:
+            ok = await one_request(port, kind, body, random.Random(i), args.timeout)
+            complete, done = complete + ok, done + 1  # after the await: no update is lost
+            if done == args.requests // 2:
+                rss["middle"] = rss_mib(pid)
+
+    await asyncio.gather(*(run(i) for i in range(args.requests)))
+    for _ in range(600):  # idle: the last aborts have reached the engine
+        text = await http_get(port, "/metrics")
+        if (
+            metric(text, "tinyserve_sequences_running") == 0
+            and metric(text, "tinyserve_sequences_waiting") == 0
+        ):
+            break
+        await asyncio.sleep(0.1)
+    rss["end"] = rss_mib(pid)
+    finished = {
+        line.split('"')[1]: int(float(line.split()[-1]))
+        for line in text.splitlines()
+        if line.startswith("tinyserve_requests_total{")
+    }
+    return {
+        "requests": args.requests,
+        "clients": kinds,
+        "complete_answers": complete,
+        "rss_mib": {k: round(v, 1) for k, v in rss.items()},
+        "kv_blocks_in_use": int(metric(text, "tinyserve_kv_blocks_in_use")),
+        "finished_by_reason": finished,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="default: the default catalog model")
+    p.add_argument("--backend", default="cpu")
+    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--long-tokens", type=int, default=200, help="max_tokens of the slow readers")
+    p.add_argument("--timeout", type=float, default=2.0, help="the server's --slow-reader-timeout")
+    p.add_argument("--pending", type=int, default=16, help="the server's --max-pending-chunks")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    port = free_port()
+    cmd = [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port)]
+    cmd += ["--backend", args.backend, "--served-model-name", "soak", "--log-level", "critical"]
+    cmd += ["--slow-reader-timeout", str(args.timeout), "--max-pending-chunks", str(args.pending)]
+    cmd += ["--max-queue", str(max(256, args.concurrency * 2))]
+    cmd += ["--model", args.model] if args.model else []
+    server = subprocess.Popen(cmd, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                asyncio.run(http_get(port, "/health"))
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    print("soak: the server did not start", file=sys.stderr)
+                    return 1
+                time.sleep(0.2)
+        t0 = time.monotonic()
+        report = asyncio.run(soak(args, port, server.pid))
+        report["seconds"] = round(time.monotonic() - t0, 1)
+        report["command"] = " ".join(cmd)
+        print(json.dumps(report, indent=1))
+        return 0 if report["kv_blocks_in_use"] == 0 else 1
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
