@@ -202,3 +202,19 @@ def test_tinyserve_bench_subcommand(capsys):
     assert (r["batch_size"], r["n_output_tokens"]) == (2, 16)
     assert cli_main(["bench", "--help"]) == 0
     assert "--tpot-slo-ms" in capsys.readouterr().out
+
+
+def test_structured_case_reports_the_mask_cost_per_step(llm, capsys):
+    pytest.importorskip("llguidance")
+    from tinyserve.bench import structured_bench_params
+
+    so = structured_bench_params(8)
+    r = run_bench(llm, 2, 16, 8, structured=so, warmup=False)
+    assert r.n_output_tokens == 2 * 8  # the schema cannot close within output_len: none ends early
+    assert r.structured and r.mask_ms_per_step > 0
+    assert r.mask_ms_per_step < r.decode_step_ms  # the mask is timed inside the step
+    free = run_bench(llm, 2, 16, 8, warmup=False)
+    assert not free.structured and free.mask_ms_per_step is None
+    assert main([*ARGS, "--batch-size", "2", "--structured"]) == 0
+    table = capsys.readouterr().out
+    assert "mask / step (ms)" in table and "structured JSON" in table

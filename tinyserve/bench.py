@@ -20,6 +20,7 @@ from .bench_run import (
     random_prompts,
     read_prompt_file,
     run_bench,
+    structured_bench_params,
     thread_options,
 )
 from .cli import add_model_args
@@ -38,6 +39,7 @@ __all__ = [
     "random_prompts",
     "read_prompt_file",
     "run_bench",
+    "structured_bench_params",
     "thread_options",
     "to_json",
 ]
@@ -107,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="BLAS / kernel threads (default: all cores available)",
     )
     p.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
+    p.add_argument(
+        "--structured",
+        action="store_true",
+        help="constrain every request to a JSON schema (structured output) and report the "
+        "grammar mask's cost per decode step",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -166,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                         warmup=not args.no_warmup and i == 0,
                         progress=not args.no_progress,
                         threads=args.threads,
+                        structured=(
+                            structured_bench_params(args.output_len) if args.structured else None
+                        ),
                     )
                 )
     except TinyServeError as e:

@@ -28,9 +28,15 @@ _ROWS = [  # (label, getter, format)
     ("requests/s", lambda r: r.request_s, "{:.3f}"),
     ("goodput (req/s)", lambda r: r.goodput_req_s, "{:.3f}"),
     ("decode step (ms)", lambda r: r.decode_step_ms, "{:.2f}"),
+    ("mask / step (ms)", lambda r: r.mask_ms_per_step, "{:.2f}"),
+    ("mask / step (%)", lambda r: _share(r.mask_ms_per_step, r.decode_step_ms), "{:.1f}"),
     ("engine steps", lambda r: r.n_steps, "{:d}"),
     ("preemptions", lambda r: r.n_preemptions, "{:d}"),
 ]
+
+
+def _share(part: float | None, whole: float | None) -> float | None:
+    return None if part is None or not whole else 100 * part / whole
 
 
 def format_table(results: Sequence[BenchResult]) -> str:
@@ -40,6 +46,7 @@ def format_table(results: Sequence[BenchResult]) -> str:
     head = (
         f"model {r0.model}  backend {r0.backend}  threads {r0.threads}  "
         f"output {r0.output_len} tok/request{slo}"
+        + ("  structured JSON (grammar mask per row)" if r0.structured else "")
     )
     cols = [f"batch {r.batch_size}" for r in results]
     width = max(12, *(len(c) for c in cols))

@@ -12,6 +12,8 @@ script measure the same thing:
     prefill tok/s  prompt tokens computed / wall time of the steps that computed some
     decode tok/s   tokens sampled by the steps that computed no prompt token / their wall time
     goodput  requests per second whose TPOT met the --tpot-slo-ms target
+    mask     with --structured: time the grammar engine spent on the token masks of a decode
+             step (all its constrained rows together), mean over decode steps
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class BenchResult:
     n_steps: int
     decode_step_ms: float | None  # mean wall time of a step that computed no prompt token
     n_preemptions: int
+    structured: bool = False  # every request under structured_bench_params' JSON schema
+    mask_ms_per_step: float | None = None  # grammar mask time of a decode step (structured only)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,6 +176,24 @@ def _vocab_size(llm) -> int:
 # -- the run ----------------------------------------------------------------------------------------
 
 
+def structured_bench_params(output_len: int):
+    """The --structured case: an array of objects (an integer, a free string, an enum) that
+    needs more than output_len tokens to close, so every request still runs output_len tokens."""
+    from .structured import StructuredOutputsParams
+
+    item = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "name": {"type": "string"},
+            "kind": {"enum": ["a", "b", "c"]},
+        },
+        "required": ["id", "name", "kind"],
+        "additionalProperties": False,
+    }
+    return StructuredOutputsParams(json={"type": "array", "items": item, "minItems": output_len})
+
+
 def run_bench(
     llm,
     batch_size: int,
@@ -184,6 +206,7 @@ def run_bench(
     warmup: bool = True,
     progress: bool = False,
     threads: int | None = None,
+    structured=None,
 ) -> BenchResult:
     """Serve num_prompts requests (default batch_size), batch_size at a time, and measure them.
 
@@ -191,6 +214,7 @@ def run_bench(
     with ignore_eos and max_tokens=output_len. A warm-up request runs first, on other prompts so
     the prefix cache cannot serve the measured ones. `threads` pins BLAS during the run; the
     backend's own pool was sized when it was made (LLM(..., backend_options=thread_options(...))).
+    `structured` (StructuredOutputsParams, e.g. structured_bench_params) constrains every request.
     """
     if batch_size < 1:
         raise RequestError(f"batch_size must be >= 1, got {batch_size}")
@@ -218,10 +242,12 @@ def run_bench(
 
     from .sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=output_len, temperature=0.0, ignore_eos=True, structured_outputs=structured
+    )
     if warmup:  # first-call costs (lazy weight prep, allocator, caches) stay out of the figures
         warm = random_prompts(_vocab_size(llm), 1, min(input_len, ctx - 4), seed=[seed, 1 << 30])
-        llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        llm.generate(warm, dataclasses.replace(params, max_tokens=4))
 
     from tqdm import tqdm
 
@@ -235,7 +261,11 @@ def run_bench(
     )
     with pin_threads(threads) if threads else contextlib.nullcontext(), bar:
         outputs, duration, steps = _drive(engine, prompts, params, batch_size, bar)
-    return _summarize(llm, outputs, duration, steps, batch_size, output_len, tpot_slo_ms, threads)
+    result = _summarize(llm, outputs, duration, steps, batch_size, output_len, tpot_slo_ms, threads)
+    if structured is None or not steps.decode_s:
+        return dataclasses.replace(result, structured=structured is not None)
+    mask_ms = steps.decode_mask_s / len(steps.decode_s) * 1e3
+    return dataclasses.replace(result, structured=True, mask_ms_per_step=mask_ms)
 
 
 @dataclass(slots=True)
@@ -245,6 +275,7 @@ class _Steps:
     prefill_tokens: int = 0
     decode_s: list[float] = dataclasses.field(default_factory=list)
     decode_tokens: int = 0
+    decode_mask_s: float = 0.0  # of the decode steps' time: the grammar engine's masks
     preemptions: int = 0
 
 
@@ -260,7 +291,7 @@ def _drive(engine, prompts, params, batch_size: int, bar):
         while pending or live:
             while pending and len(live) < batch_size:
                 live.add(engine.add_request(pending.popleft(), params))
-            prefilled0 = engine.n_prefilled_tokens
+            prefilled0, mask0 = engine.n_prefilled_tokens, engine.mask_seconds
             s0 = time.perf_counter()
             outs = engine.step()
             dt = time.perf_counter() - s0
@@ -273,6 +304,7 @@ def _drive(engine, prompts, params, batch_size: int, bar):
             else:
                 steps.decode_s.append(dt)
                 steps.decode_tokens += n_new
+                steps.decode_mask_s += engine.mask_seconds - mask0
             for out in outs:
                 if out.finished:
                     live.discard(out.request_id)
