@@ -14,6 +14,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
+from conftest import default_model_gguf
 from test_server import FIXTURE, LIMITS, MODEL, assert_error, greedy, running
 
 from tinyserve import LLM, SamplingParams
@@ -133,7 +134,106 @@ def test_text_format_json_schema_constrains_the_output(client, ref):
     assert r.output_text == want.text
 
 
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+
+
+@pytest.fixture(scope="module")
+def real():
+    """The default model (the tiny fixture's context is too short for a tools prompt): a
+    server, its client and a second LLM as the oracle."""
+    path = str(default_model_gguf())
+    app = create_app(LLM(path), ServerConfig(model_name=MODEL))
+    with running(app) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0), LLM(path)
+
+
+def _chat_call(ref, messages, n_tokens=40):
+    params = SamplingParams(max_tokens=n_tokens, temperature=0)
+    return ref.chat(messages, params, tools=[CHAT_WEATHER], tool_choice="required")[0].outputs[0]
+
+
+@pytest.mark.real_model
+def test_function_tools_required_give_a_function_call_item(real):
+    jsonschema = pytest.importorskip("jsonschema")
+    client, ref = real
+    r = client.responses.create(
+        model=MODEL, input="Weather in Paris?", tools=[WEATHER], tool_choice="required",
+        max_output_tokens=40, temperature=0,
+    )  # fmt: skip
+    calls = [item for item in r.output if item.type == "function_call"]
+    want = _chat_call(ref, [{"role": "user", "content": "Weather in Paris?"}]).tool_calls
+    assert [(c.name, c.arguments) for c in calls] == [(w.name, w.arguments) for w in want]
+    assert calls and all(c.call_id.startswith("call_") for c in calls)
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
+    named = client.responses.create(
+        model=MODEL, input="Weather?", tools=[WEATHER], max_output_tokens=40, temperature=0,
+        tool_choice={"type": "function", "name": "get_weather"},
+    )  # fmt: skip
+    assert [item.name for item in named.output if item.type == "function_call"] == ["get_weather"]
+
+
+@pytest.mark.real_model
+def test_streamed_function_call_events(real):
+    client, ref = real
+    events = list(
+        client.responses.create(
+            model=MODEL, input="Weather in Paris?", tools=[WEATHER], tool_choice="required",
+            max_output_tokens=40, temperature=0, stream=True,
+        )
+    )  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert "function_call" in [item.type for item in added]
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    final = [item for item in events[-1].response.output if item.type == "function_call"]
+    assert [d.arguments for d in done] == [c.arguments for c in final] and final
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert deltas == "".join(c.arguments for c in final)
+    want = _chat_call(ref, [{"role": "user", "content": "Weather in Paris?"}]).tool_calls
+    assert [c.arguments for c in final] == [w.arguments for w in want]
+
+
+@pytest.mark.real_model
+def test_function_call_output_items_in_the_history(real):
+    client, ref = real
+    args = '{"city": "Paris"}'
+    items = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": args},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21 C"},
+    ]
+    r = client.responses.create(
+        model=MODEL, input=items, tools=[WEATHER], max_output_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args}}
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]  # fmt: skip
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = ref.chat(messages, params, tools=[CHAT_WEATHER])[0].outputs[0]
+    assert r.output_text == want.text
+
+
 BAD = [
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "bogus": 1}, "bogus"),
     ({"input": ""}, "input"),

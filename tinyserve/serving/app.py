@@ -349,15 +349,23 @@ class _Server:
     async def responses(self, request):
         body = await self._body(request)
         self._check_model(body)
-        messages, params = responses.parse(body, self.config.max_tokens_limit)
+        messages, params, plan = responses.parse(body, self.config.max_tokens_limit)
         if self.llm.tokenizer is None or not self.llm.tokenizer.has_chat_template:
             raise HTTPError(400, "this model has no chat template: use /v1/completions", "input")
+        tools = None
+        if plan is not None:
+            syntax = call_syntax(self.llm.tokenizer)
+            try:
+                params = plan.sampling_params(params, syntax)
+            except RequestError as e:
+                raise HTTPError(400, str(e), "tool_choice") from None
+            tools = (plan, syntax)
+        so = params.structured_outputs
+        field = "text" if plan is None or plan.constraint(tools[1]) is None else "tools"
+        prepare = self._checked(lambda: self.llm.chat_prompt(messages, tools=plan), so, field)
         default_max = body.get("max_output_tokens") is None
-        prepare = self._checked(
-            lambda: self.llm.chat_prompt(messages), params.structured_outputs, "text"
-        )
         submit = _Submit(None, prepare, params, default_max, "input")
-        fmt = responses.ResponseFormatter(self.config.model_name, body, params)
+        fmt = responses.ResponseFormatter(self.config.model_name, body, params, tools)
         try:
             gen = await self.admit(request, [submit], fmt.id)
         except _ClientGone:
