@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, token_id_list
 from .errors import BackendError, TokenizerError
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
@@ -236,6 +236,6 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
     prompts = list(prompts)
-    if prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
-        return [[int(t) for t in prompts]]  # one prompt of token ids
-    return [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if prompts and all(isinstance(t, (int, float, np.number)) for t in prompts):
+        return [prompts]  # one prompt of token ids (the engine checks they are integers)
+    return [p if isinstance(p, str) else token_id_list(p) for p in prompts]

@@ -81,16 +81,24 @@ def _stream(llm, prompt, params, stats: bool) -> str:
     import time
 
     t0 = time.perf_counter()
-    t_first, n, text = None, 0, []
+    t_first, n, text, finish = None, 0, [], None
     for delta in llm.stream(prompt, params):
         if delta.token_ids and t_first is None:
             t_first = time.perf_counter()
         n += len(delta.token_ids)
         text.append(delta.text)
+        finish = delta.finish_reason or finish
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     t_end = time.perf_counter()
     sys.stdout.write("\n")
+    if finish == "error":
+        from .errors import WeightsError
+
+        raise WeightsError(
+            f"generation stopped after {n} tokens: the model's logits are NaN or infinite "
+            "(finish_reason 'error'); its weights may be corrupt"
+        )
     if stats and t_first is not None:
         n_prompt = len(prompt) if isinstance(prompt, list) else len(llm.tokenizer.encode(prompt))
         ttft = t_first - t0
@@ -107,12 +115,34 @@ def _stream(llm, prompt, params, stats: bool) -> str:
     return "".join(text)
 
 
+def _utf8_text(text: str | bytes, what: str) -> str | None:
+    """argv (a str, undecodable bytes kept as surrogates) or stdin bytes -> the text, or None
+    after one line on stderr if it is not valid UTF-8."""
+    try:
+        return text.decode("utf-8") if isinstance(text, bytes) else text.encode("utf-8").decode()
+    except UnicodeError as e:
+        bad = e.object[e.start]
+        byte = bad if isinstance(bad, int) else ord(bad) - 0xDC00  # surrogateescape's mapping
+        shown = f"byte 0x{byte:02x}" if 0 <= byte < 256 else repr(bad)
+        print(
+            f"tinyserve: error: {what} is not valid UTF-8 ({shown} at {e.start})", file=sys.stderr
+        )
+        return None
+
+
 def cmd_generate(args) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.prompt is not None:
+        prompt = _utf8_text(args.prompt, "the prompt")
+    else:
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)  # bytes where there are any
+        prompt = _utf8_text(stdin.read(), "the prompt on stdin")
+    system = args.system and _utf8_text(args.system, "--system")
+    if prompt is None or system is None and args.system:
+        return 2  # a usage error, as argparse's own
     params = _sampling_params(args)  # validate before the (slow) load
     llm = _load(args)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
         prompt = llm.chat_prompt(messages)

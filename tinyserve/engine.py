@@ -48,6 +48,21 @@ class EngineConfig:
             )
 
 
+def token_id_list(prompt) -> list[int]:
+    """A prompt of token ids -> list[int]; RequestError unless every id is an integer (533.0 and
+    True are not: int() would take them silently)."""
+    try:
+        ids = list(prompt)
+    except TypeError:
+        raise RequestError(
+            f"a prompt is a str or a list of token ids, got {prompt!r:.40}"
+        ) from None
+    for i, t in enumerate(ids):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise RequestError(f"prompt token ids must be integers, got {t!r:.40} at position {i}")
+    return [int(t) for t in ids]
+
+
 class Engine:
     """Serves many requests at once from one model (continuous batching over a paged KV cache)."""
 
@@ -110,7 +125,7 @@ class Engine:
                 raise RequestError("this engine has no tokenizer: pass token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, ids = None, [int(t) for t in prompt]
+            text, ids = None, token_id_list(prompt)
         self._check_prompt(ids, params)
         encode = None if self.tokenizer is None else self._encode_plain
         rules = TokenRules.build(params, self.model_config.vocab_size, self.eos_ids, encode)
@@ -218,7 +233,7 @@ class Engine:
             self.requests[seq.request_id].metrics.n_preemptions += 1
         # rows that need only an argmax get it on the backend's device; the rest come back as logits
         fast = np.array(fast, dtype=bool)  # (R,)
-        greedy_ids, logits = self.backend.forward_greedy(self.model, batch, self.kv, fast)
+        greedy_ids, logits, finite = self.backend.forward_greedy(self.model, batch, self.kv, fast)
         self.n_steps += 1
         for seq, n in zip(sched.seqs, sched.n_tokens):
             if seq.num_computed < seq.prompt_len:
@@ -233,12 +248,14 @@ class Engine:
         )
         touched: dict[str, Request] = {}
         row = 0  # into logits (the rows not taken by their argmax), in row order
+        flat = 0  # into fast / finite: every logits row, in row order
         ids_of = iter(greedy_ids)
         for seq, n_scored, sample, done in plan:
             req = self.requests[seq.request_id]
             if n_scored:
                 self._score_prompt(seq, logits[row : row + n_scored])
                 row += n_scored
+                flat += n_scored
                 touched[req.request_id] = req
             if done and not sample:  # max_tokens=0: the prompt was all there was to compute
                 touched[req.request_id] = req
@@ -249,11 +266,19 @@ class Engine:
             if not sample:
                 continue
             touched[req.request_id] = req
-            if self._argmax_only(seq):
-                self._append(seq, Sample(int(next(ids_of)), float("nan"), None), now)
+            is_fast, is_finite = fast[flat], finite[flat]
+            flat += 1
+            if is_fast:
+                token_id = int(next(ids_of))
+            else:
+                sample_logits = logits[row]
+                row += 1
+            if not is_finite:  # NaN / Inf logits: no token to give, the request ends abnormally
+                self._end_non_finite(req, seq)
                 continue
-            sample_logits = logits[row]
-            row += 1
+            if is_fast:
+                self._append(seq, Sample(token_id, float("nan"), None), now)
+                continue
             mask = allowed.get(seq.seq_id)
             if not req.forked:
                 self._fork(req)
@@ -289,6 +314,15 @@ class Engine:
             entry = dict(zip(top[k].tolist(), top_lp[k].tolist())) if top_n else {}
             entry[t] = v
             pl.append(entry)
+
+    def _end_non_finite(self, req: Request, seq: Sequence) -> None:
+        """Finish seq with finish_reason "error" (never "stop" or "length": the text is cut short
+        by the model's numbers, not by the request); siblings not yet forked share its row."""
+        if not req.forked:
+            self._fork(req)
+            for sibling in req.seqs[1:]:
+                self._finish(sibling, "error")
+        self._finish(seq, "error")
 
     def _argmax_only(self, seq: Sequence) -> bool:
         """Greedy with nothing that needs the whole row: no penalties, token rules, logprobs or
@@ -439,7 +473,7 @@ class Engine:
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """(T,) -> (T, V) float32: one full forward over a fresh sequence, every row's logits."""
-        ids = [int(t) for t in token_ids]
+        ids = token_id_list(token_ids)
         self._check_prompt(ids, SamplingParams(max_tokens=1))
         seq = Sequence(-1, "<logits>", 0, ids, SamplingParams(max_tokens=1), None, len(ids))
         try:

@@ -14,7 +14,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "tool_calls" | None
+    # "stop" | "length" | "abort" | "tool_calls" | "error" (the logits were NaN / Inf) | None
+    finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = (
         None  # per token: top-n ids -> logprob (+ the chosen one)
     )

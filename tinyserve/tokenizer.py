@@ -177,6 +177,7 @@ class Tokenizer:
         """str -> (T,) token ids; BOS/EOS added only where the model asks for them."""
         if not isinstance(text, str):
             raise RequestError(f"encode expects a str, got {type(text).__name__}")
+        check_unicode(text)
         return self._engine.encode(text, add_special_tokens)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -290,6 +291,20 @@ def _sentencepiece_bpe(model: Path, cfg: Mapping[str, Any]) -> tuple:
 
 
 # -- small helpers ---------------------------------------------------------------------------
+def check_unicode(text: str) -> None:
+    """RequestError for text that is not valid Unicode: a lone surrogate (from JSON's "\\ud800",
+    or bytes that were not UTF-8 decoded with surrogateescape) has no UTF-8 form, and each engine
+    fails on it its own way (sentencepiece's C++ with a RuntimeError, tokenizers with a TypeError)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"text is not valid Unicode: lone surrogate {text[e.start]!r} at position {e.start}"
+        ) from None
+
+
 _TOKEN = ("string", "object", "null")  # a special token: its text, or an AddedToken object
 # the JSON types of the fields read from tokenizer_config.json, and of the special ids read
 # from generation_config.json / config.json

@@ -101,13 +101,25 @@ class Backend:
 
     def forward_greedy(
         self, model, batch: Batch, kv: list[dict[str, Any]], greedy: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Forward, then pick argmax tokens where the device can: (R,) bool -> (ids (G,), logits (R-G, V)).
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Forward, then pick argmax tokens where the device can:
+        (R,) bool -> (ids (G,), logits (R-G, V), finite (R,) bool).
 
         Rows marked in `greedy` need only their argmax (greedy, no penalties, no logprobs); the
-        others come back as float32 logits, in row order. A device backend overrides this so only
-        R token ids (and the few rows the sampler needs) cross to the host."""
+        others come back as float32 logits, in row order. finite[r] says whether row r's logits
+        were all finite: the engine ends a sequence whose row was not with finish_reason
+        "error" (an argmax over NaN is no token). A device backend overrides this so only R
+        token ids and flags (and the few rows the sampler needs) cross to the host."""
         logits = self.forward(model, batch, kv)
+        finite = finite_rows(logits)
         if greedy.all():  # no copy of the (R, V) rows just to take their argmax
-            return logits.argmax(axis=-1), logits[:0]
-        return logits[greedy].argmax(axis=-1), logits[~greedy]
+            return logits.argmax(axis=-1), logits[:0], finite
+        return logits[greedy].argmax(axis=-1), logits[~greedy], finite
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """(R, V) -> (R,) bool: whether each row is all finite. One pass, no (R, V) temporary: a
+    row's sum is NaN or infinite exactly when one of its values is (finite logits cannot sum
+    past float32's 3e38)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # that is what we are looking for
+        return np.isfinite(x.sum(axis=-1))

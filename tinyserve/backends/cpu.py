@@ -20,7 +20,7 @@ from ..batch import Batch
 from ..models.spec import Decoder
 from ..step import StepMeta, as_step
 from . import native
-from .base import Backend
+from .base import Backend, finite_rows
 from .cpu_decoder import CpuDecoder
 from .memory import lazy_zeros
 from .numpy_ops import NumpyOps
@@ -258,11 +258,14 @@ class CpuBackend(Backend):
         step = self.step_meta(batch)
 
         def run():
-            ids = lowered.argmax(lowered.hidden(step, pools))
+            hidden = lowered.hidden(step, pools)  # (R, D) final-normed
+            ids = lowered.argmax(hidden)
             lowered.after_step(step.n_tokens)
-            return ids
+            # the head's scales were checked at load: finite rows give finite logits
+            return ids, finite_rows(hidden)
 
-        return self._timed(step, run), np.zeros((0, model.cfg.vocab_size), np.float32)
+        ids, finite = self._timed(step, run)
+        return ids, np.zeros((0, model.cfg.vocab_size), np.float32), finite
 
     def _timed(self, step: StepMeta, run):
         n = step.n_tokens

@@ -441,15 +441,16 @@ class TorchBackend(Backend):
 
     def forward(self, model, batch: Batch, kv: list[dict[str, Any]]) -> np.ndarray:
         """Run the model over one batch; float32 logits (R, V) of batch.logits_rows, on the host."""
-        _, logits = self.forward_greedy(
+        _, logits, _ = self.forward_greedy(
             model, batch, kv, np.zeros(len(batch.logits_rows), dtype=bool)
         )
         return logits
 
     def forward_greedy(
         self, model, batch: Batch, kv, greedy: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Argmax on the device for the greedy rows; only the other rows' logits cross to the host."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Argmax on the device for the greedy rows; only the other rows' logits cross to the host
+        (with every row's finite flag, as Backend.forward_greedy says)."""
         self._tell_ranks("forward", batch)
         with torch.inference_mode():
             step = self.step_meta(batch)
@@ -459,6 +460,11 @@ class TorchBackend(Backend):
             else:
                 logits = model.forward(step, kv)
             ids = logits.argmax(dim=-1)  # (R,): cheap, and no data-dependent shapes (no sync)
+            # (2, R): the ids and finite flags (a row's sum is NaN / Inf exactly when a value
+            # is) cross to the host in one copy
+            # (summed in float32: an f16 sum of finite logits could overflow)
+            finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+            ids_finite = torch.stack([ids, finite.to(ids.dtype)])
             if greedy.all():
                 host_rows = np.zeros((0, logits.shape[1]), dtype=np.float32)
             else:
@@ -467,7 +473,8 @@ class TorchBackend(Backend):
                     0, torch.from_numpy(rest).to(logits.device)
                 ).float()  # (R-G, V)
                 host_rows = self._to_host(rows)
-            return ids.cpu().numpy()[greedy], host_rows  # the step's one wait on the device
+            ids, finite = ids_finite.cpu().numpy()  # the step's one wait on the device
+            return ids[greedy], host_rows, finite.astype(bool)
 
     def _to_host(self, x: torch.Tensor) -> np.ndarray:
         if self.torch_device.type != "cuda" or x.numel() == 0:

@@ -338,7 +338,8 @@ def usage_of(outs: list[RequestOutput]) -> dict:
 
 
 def _finish_reason(o: CompletionOutput) -> str | None:
-    return o.finish_reason if o.finish_reason in (None, "stop", "length") else "stop"
+    # "error": the model's logits went NaN / Inf; the client must not take the text as whole
+    return o.finish_reason if o.finish_reason in (None, "stop", "length", "error") else "stop"
 
 
 class _Formatter:
