@@ -104,6 +104,17 @@ def test_declared_sizes_are_checked_before_allocation(tmp_path, kv):
     _refused(tmp_path, raw_gguf([kv], [], alignment=1), "truncated or corrupt")
 
 
+# -- crashers found by fuzzing (tests/fuzz/run.py), kept as regressions --------------------------
+
+
+def test_fuzz_string_length_past_int64_in_a_long_string_array(tmp_path):
+    """gguf target, seed 1: a vocab-sized string array whose second string declares 2^64 - 1
+    bytes overflowed the int64 offsets table (OverflowError) before the length was checked."""
+    items = gguf_str("a") + struct.pack("<Q", 2**64 - 1) + bytes(9000)  # room for 1025 lengths
+    kv = gguf_kv("tokenizer.ggml.tokens", GGUF_ARRAY, gguf_array(GGUF_STRING, 1025, items))
+    _refused(tmp_path, raw_gguf([kv], [], alignment=1), "truncated or corrupt")
+
+
 @pytest.mark.parametrize("field", ["n_kv", "n_tensors"])
 def test_declared_record_counts_are_checked(tmp_path, field):
     raw = raw_gguf([], [gguf_tensor_info("t", (32,), F32, 0)], bytes(128), **{field: 2**60})

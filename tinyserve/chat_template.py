@@ -31,6 +31,8 @@ def compile_chat_template(source: str) -> Any:
         return _jinja_env().from_string(source)
     except jinja2.TemplateError as e:
         raise TokenizerError(f"chat template does not compile: {_first_line(e)}") from e
+    except RecursionError:  # jinja2's parser recurses once per nested bracket
+        raise TokenizerError("chat template does not compile: it nests too deeply") from None
 
 
 def render_chat_template(

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .chat_template import (
     check_messages,
     compile_chat_template,
@@ -124,6 +126,7 @@ class Tokenizer:
             raise TokenizerError(
                 "GGUF metadata has no tokenizer (tokenizer.ggml.model / .tokens missing)"
             )
+        _check_gguf_types(meta)
         tokens = [str(t) for t in tokens]
         n = len(tokens)
         types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * n)]
@@ -303,6 +306,47 @@ def check_unicode(text: str) -> None:
         raise RequestError(
             f"text is not valid Unicode: lone surrogate {text[e.start]!r} at position {e.start}"
         ) from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _all(pred):
+    """A predicate over a GGUF array: a list, a NumPy array (long numeric ones) or GGUFStrings."""
+
+    def check(v: Any) -> bool:
+        if isinstance(v, np.ndarray):  # one dtype: its first value speaks for all
+            return v.ndim == 1 and (v.size == 0 or pred(v[:1].tolist()[0]))
+        return isinstance(v, Sequence) and not isinstance(v, str) and all(map(pred, v))
+
+    return check
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+# what each tokenizer.* key of GGUF metadata must hold (a file may say anything)
+_GGUF_TOKENIZER_TYPES = {
+    "tokenizer.ggml.model": ("text", lambda v: isinstance(v, str)),
+    "tokenizer.ggml.pre": ("text", lambda v: isinstance(v, str)),
+    "tokenizer.ggml.tokens": ("an array of strings", _all(lambda t: isinstance(t, str))),
+    "tokenizer.ggml.merges": ("an array of strings", _all(lambda t: isinstance(t, str))),
+    "tokenizer.ggml.token_type": ("an array of integers", _all(_is_int)),
+    "tokenizer.ggml.scores": ("an array of numbers", _all(_is_number)),
+    **{f"tokenizer.ggml.{k}_token_id": ("a token id", _is_int)
+       for k in ("bos", "eos", "eot", "eom", "unknown", "padding")},
+    **{f"tokenizer.ggml.{k}": ("a boolean", lambda v: isinstance(v, (bool, np.bool_)))
+       for k in ("add_bos_token", "add_eos_token", "add_space_prefix")},
+    "tokenizer.chat_template": ("text", lambda v: isinstance(v, str)),
+}  # fmt: skip
+
+
+def _check_gguf_types(meta: Mapping[str, Any]) -> None:
+    for key, (what, ok) in _GGUF_TOKENIZER_TYPES.items():
+        if key in meta and not ok(meta[key]):
+            raise TokenizerError(f"GGUF metadata {key} must be {what}, got {meta[key]!r:.60}")
 
 
 _TOKEN = ("string", "object", "null")  # a special token: its text, or an AddedToken object

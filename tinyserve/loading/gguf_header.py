@@ -187,6 +187,8 @@ class GGUFStrings(Sequence):
             if at + 8 > size:
                 raise IndexError(f"string {i} of {count} starts past the end ({at})")
             (n,) = unpack(buf, at)
+            if n > size - at - 8:  # before the offset is stored: 2^64 - 1 overflows an int64
+                raise IndexError(f"string {i} of {count} at {at} runs past the end ({size})")
             starts[i], at = at + 8, at + 8 + n
             ends[i] = at
         if at > size:

@@ -1,0 +1,40 @@
+"""Crashers the fuzz targets (tests/fuzz/run.py) found, each generalised to its class of input
+and kept in the normal suite. (The GGUF header's is in test_hostile_weights.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from tinyserve.chat_template import compile_chat_template
+from tinyserve.errors import TokenizerError
+from tinyserve.tokenizer import Tokenizer
+
+VOCAB = {
+    "tokenizer.ggml.model": "gpt2",
+    "tokenizer.ggml.pre": "gpt-2",
+    "tokenizer.ggml.tokens": ["a", "b", "ab", "Ġ"],
+    "tokenizer.ggml.token_type": [1, 1, 1, 1],
+    "tokenizer.ggml.merges": ["a b"],
+}
+WRONG = [("bos_token_id", [1, 2]), ("eos_token_id", "2"), ("eot_token_id", 1.0),
+         ("add_bos_token", "yes"), ("add_space_prefix", 1), ("tokens", "ab"),
+         ("tokens", ["a", 3]), ("merges", [["a", "b"]]), ("token_type", [1, 1, "1", 1]),
+         ("scores", ["x"] * 4), ("model", ["gpt2"]), ("pre", 7)]  # fmt: skip
+
+
+@pytest.mark.parametrize("key, value", WRONG, ids=[f"{k}={v!r}" for k, v in WRONG])
+def test_gguf_tokenizer_metadata_of_the_wrong_type(key, value):
+    """gguf_vocab target, seed 1: tokenizer.ggml.bos_token_id holding an array reached int()
+    (TypeError). Every tokenizer.* key is type-checked before use."""
+    full = f"tokenizer.{key}" if key == "chat_template" else f"tokenizer.ggml.{key}"
+    with pytest.raises(TokenizerError, match=f"{full} must be"):
+        Tokenizer.from_gguf_metadata({**VOCAB, full: value})
+    assert Tokenizer.from_gguf_metadata(VOCAB).encode("ab")  # the baseline builds
+
+
+@pytest.mark.parametrize("opening", ["[", "(", "{", "-", "not "])
+def test_deeply_nested_chat_template(opening):
+    """chat_template target, seed 1: 'InsertRepeatedBytes' of '[' made jinja2's parser recurse
+    past Python's limit (RecursionError)."""
+    with pytest.raises(TokenizerError, match="nests too deeply|does not compile"):
+        compile_chat_template("{{ " + opening * 5000 + "1 }}")
