@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
 
-from targets import CORPUS, TARGETS, run_one  # noqa: E402
+from targets import CORPUS, TARGETS, run_one
 
 CASES = [(name, f) for name in TARGETS for f in sorted((CORPUS / name).iterdir())]
 

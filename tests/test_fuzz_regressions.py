@@ -38,3 +38,12 @@ def test_deeply_nested_chat_template(opening):
     past Python's limit (RecursionError)."""
     with pytest.raises(TokenizerError, match="nests too deeply|does not compile"):
         compile_chat_template("{{ " + opening * 5000 + "1 }}")
+
+
+@pytest.mark.parametrize("merge", ["ba ba", "a c", "x y", "ab ab"])
+def test_gguf_merge_outside_the_vocab(merge):
+    """gguf_vocab target, seed 2: a merge whose pieces or result are not tokens made tokenizers'
+    BPE raise a bare Exception ("Token `baba` out of vocabulary"), or panic in Rust (a
+    PyO3 PanicException, not even an Exception) when only the result was missing."""
+    with pytest.raises(TokenizerError, match="vocab is inconsistent"):
+        Tokenizer.from_gguf_metadata({**VOCAB, "tokenizer.ggml.merges": ["a b", merge]})

@@ -96,7 +96,13 @@ def gguf_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> tu
             raise TokenizerError(f"malformed GGUF merge {m!r} (expected 'left right')")
         merges.append((left, right))
     vocab = _vocab_dict(tokens)
-    tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre in _IGNORE_MERGES))
+    for left, right in merges:  # tokenizers errs on these, or panics (a BaseException)
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise TokenizerError(
+                f"GGUF vocab is inconsistent: merge {left + ' ' + right!r} names a piece that "
+                "is not a token"
+            )
+    tok = HFTokenizer(_bpe(models, vocab, merges, ignore_merges=pre in _IGNORE_MERGES))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_REGEXES[pre]]
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -148,7 +154,8 @@ def spm_bpe(tokens: list[str], scores: list[float], types: list[int], prefix: st
         (tokens[a], tokens[b]) for a, b in zip(left_ids[order].tolist(), right_ids[order].tolist())
     ]
     unk_id = next((i for i, t in enumerate(types) if t == TOKEN_UNKNOWN), None)
-    bpe = models.BPE(
+    bpe = _bpe(
+        models,
         vocab,
         merges,
         unk_token=tokens[unk_id] if unk_id is not None else None,
@@ -167,6 +174,15 @@ def spm_bpe(tokens: list[str], scores: list[float], types: list[int], prefix: st
     tok.decoder = decoders.Sequence(steps)
     _add_gguf_special_tokens(tok, tokens, types)
     return tok
+
+
+def _bpe(models: Any, vocab: dict[str, int], merges: list[tuple[str, str]], **kw) -> Any:
+    """tokenizers' BPE model; TokenizerError for a vocab it refuses (a merge whose pieces or
+    result are not tokens: tokenizers raises a bare Exception)."""
+    try:
+        return models.BPE(vocab, merges, **kw)
+    except Exception as e:  # noqa: BLE001 - the binding's only exception type
+        raise TokenizerError(f"GGUF vocab is inconsistent: {str(e).strip()[:200]}") from None
 
 
 def _add_gguf_special_tokens(tok: Any, tokens: list[str], types: list[int]) -> None:
