@@ -194,6 +194,7 @@ def _tokenizer():
 
 def protocol(data: bytes) -> None:
     """A request body -> what /v1/completions or /v1/chat/completions would submit."""
+    from tinyserve.engine import token_id_list
     from tinyserve.serving import protocol as p
 
     try:
@@ -215,10 +216,16 @@ def protocol(data: bytes) -> None:
         p._sampling_params(body, max_tokens, top_n, 4096, "top_logprobs")
         tok.encode(tok.apply_chat_template(messages))
     else:
-        prepare = p._completion_prompt(body, tok)
-        p._sampling_params(body, p._field(body, "max_tokens", "int"),
-                           p._field(body, "logprobs", "int"), 4096)  # fmt: skip
-        prepare()
+        prompts = p.completion_prompts(body, tok)
+        top_n = p._field(body, "logprobs", "int")
+        echo = p._field(body, "echo", "bool", False)
+        max_tokens = p._field(body, "max_tokens", "int")
+        p._sampling_params(body, max_tokens, top_n, 4096, prompt_logprobs=top_n if echo else None)
+        for prompt in prompts:  # what the engine thread then does with each
+            if isinstance(prompt, str):
+                tok.encode(prompt)
+            else:
+                token_id_list(prompt)
 
 
 def _protocol_errors() -> tuple[type[BaseException], ...]:
