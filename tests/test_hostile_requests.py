@@ -260,3 +260,5 @@ def test_server_non_finite_logits_and_lone_surrogates(overflowing):
             if c.startswith("data: {")
         ]
         assert reasons[-1] == "error"
+        r = client.post("/v1/responses", json={"model": "m", "input": "hi", "max_output_tokens": 3})
+        assert r.status_code == 200 and r.json()["status"] == "failed", r.json()

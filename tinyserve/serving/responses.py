@@ -213,6 +213,12 @@ class ResponseFormatter:
                 r["incomplete_details"] = {"reason": "max_output_tokens"}
             else:
                 r["status"] = "completed"
+            if o.finish_reason == "error":  # the model's logits went NaN / Inf: not a whole answer
+                r["status"] = "failed"
+                r["error"] = {
+                    "code": "server_error",
+                    "message": "the model's logits are NaN or infinite",
+                }
             n_in, n_out = len(out.prompt_token_ids), len(o.token_ids)
             r["usage"] = {
                 "input_tokens": n_in,
