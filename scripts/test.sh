@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,fuzz]"  # fuzz: atheris; failing to install it fails here
+# fuzz: atheris; ray: the replica tests run, never skip; failing to install either fails here
+python -m pip install -q -e ".[test,fuzz,ray]"
 python -m tinyserve.cli pull
 python -m tinyserve.cli pull gemma3-270m
 TINYSERVE_REQUIRE_NATIVE=1 python -m pytest -q "$@"

@@ -537,7 +537,9 @@ def test_prefix_cache_counters_count_tokens_looked_up_and_reused(served, http, r
         assert r.status_code == 200
     assert metric(http, "tinyserve_prefix_cache_queries_total") - queries == 2 * n_prompt
     # the second request reuses every full block but the one holding the prompt's last token
-    assert metric(http, "tinyserve_prefix_cache_hits_total") - hits == (n_prompt - 1) // block * block
+    assert (
+        metric(http, "tinyserve_prefix_cache_hits_total") - hits == (n_prompt - 1) // block * block
+    )
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -762,7 +764,9 @@ def test_replica_metrics_merge_into_one_exposition():
     assert lines.count("# TYPE tinyserve_num_requests_waiting gauge") == 1
     assert 'tinyserve_num_requests_waiting{replica="a"} 0' in lines
     assert 'tinyserve_num_requests_waiting{replica="b"} 3' in lines
-    assert 'tinyserve_http_requests_total{replica="a",path="/v1/completions",status="200"} 1' in lines
+    assert (
+        'tinyserve_http_requests_total{replica="a",path="/v1/completions",status="200"} 1' in lines
+    )
     assert 'tinyserve_time_to_first_token_seconds_bucket{replica="b",le="+Inf"} 0' in lines
     # every sample sits right under its own family's TYPE line
     family = None

@@ -58,7 +58,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--log-level", default="info")
+    ray = p.add_argument_group("replicas on Ray Serve (pip install 'tinyserve[ray]')")
+    ray.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="engine processes behind one ingress, routed by prompt prefix (default 1: no Ray)",
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="an existing Ray cluster (e.g. ray://head:10001); default: start one here",
+    )
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0)
     return p
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The limits and identity the flags ask for; ValueError for a bad one."""
+    from pathlib import Path
+
+    from .. import catalog
+
+    return ServerConfig(
+        model_name=args.served_model_name or Path(args.model or catalog.DEFAULT_MODEL).stem,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_queue=args.max_queue,
+        max_pending_chunks=args.max_pending_chunks,
+        slow_reader_timeout=args.slow_reader_timeout,
+    )
+
+
+def llm_options(args: argparse.Namespace) -> dict:
+    """LLM's keyword arguments from the flags (each replica builds its own LLM from them)."""
+    return {
+        "model": args.model,
+        "backend": args.backend,
+        "device": args.device,
+        "dtype": args.dtype,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "max_num_seqs": args.max_num_seqs,
+        "kv_cache_tokens": args.kv_cache_tokens,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,34 +120,26 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    from pathlib import Path
-
-    from .. import catalog
     from ..api import LLM
 
     try:
-        config = ServerConfig(
-            model_name=args.served_model_name or Path(args.model or catalog.DEFAULT_MODEL).stem,
-            api_key=args.api_key,
-            max_body_bytes=args.max_body_bytes,
-            max_prompt_tokens=args.max_prompt_tokens,
-            max_tokens_limit=args.max_tokens_limit,
-            max_queue=args.max_queue,
-            max_pending_chunks=args.max_pending_chunks,
-            slow_reader_timeout=args.slow_reader_timeout,
-        )
+        config = server_config(args)
+        if args.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {args.replicas}")
     except ValueError as e:
         print(f"tinyserve: error: {e}", file=sys.stderr)
         return 2
-    llm = LLM(
-        args.model,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
-        tensor_parallel_size=args.tensor_parallel_size,
-        max_num_seqs=args.max_num_seqs,
-        kv_cache_tokens=args.kv_cache_tokens,
-    )
+    if args.replicas > 1 or args.ray_address is not None:
+        try:
+            from .ray import serve_replicas
+        except ImportError as e:
+            print(
+                f"tinyserve: error: {e.name} is not installed: pip install 'tinyserve[ray]'",
+                file=sys.stderr,
+            )
+            return 1
+        return serve_replicas(args)
+    llm = LLM(**llm_options(args))
     print(
         f"tinyserve: serving '{config.model_name}' on http://{args.host}:{args.port}/v1",
         file=sys.stderr,
