@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
+import pytest
 from conftest import TINY
 
 from tinyserve import LLM, SamplingParams
@@ -88,3 +90,23 @@ def test_help_imports_nothing_heavy():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_generate_takes_a_structured_output_constraint(capsys, tmp_path):
+    pytest.importorskip("llguidance")
+    base = ["generate", "hello", "--model", str(TINY), "-b", "numpy", "--max-tokens", "24"]
+    assert main([*base, "--choice", "yes", "--choice", "no", "--temperature", "1"]) == 0
+    assert capsys.readouterr().out in ("yes\n", "no\n")
+    assert main([*base, "--regex", "[0-9]{4}"]) == 0
+    assert re.fullmatch(r"[0-9]{4}\n", capsys.readouterr().out)
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"enum": ["red", "blue"]}')
+    assert main([*base, "--json-schema", str(schema)]) == 0
+    assert capsys.readouterr().out in ('"red"\n', '"blue"\n')
+    assert main([*base, "--json-schema", '{"type": "nonsense"}']) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("tinyserve: error: invalid or unsupported JSON schema") and "\n" == err[-1]
+    )
+    assert main([*base, "--regex", "a", "--choice", "a"]) == 1
+    assert "exactly one" in capsys.readouterr().err

@@ -44,6 +44,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    # structured output (StructuredOutputsParams); give at most one
+    p.add_argument("--json-schema", default=None, help="a JSON schema, or a .json file holding one")
+    p.add_argument("--json-object", action="store_true", help="the output is any JSON object")
+    p.add_argument("--regex", default=None, help="the output matches this regex in full")
+    p.add_argument("--choice", action="append", default=None, help="an allowed output (repeatable)")
+    p.add_argument("--grammar", default=None, help="a Lark or GBNF grammar, or a file holding one")
 
 
 def _sampling_params(args):
@@ -61,7 +67,36 @@ def _sampling_params(args):
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop=args.stop or (),
+        structured_outputs=_structured_outputs(args),
     )
+
+
+def _structured_outputs(args):
+    from .structured import StructuredOutputsParams
+
+    fields = {
+        "json": _text_or_file(args.json_schema),
+        "json_object": args.json_object,
+        "regex": args.regex,
+        "choice": args.choice,
+        "grammar": _text_or_file(args.grammar),
+    }
+    given = {k: v for k, v in fields.items() if v not in (None, False)}
+    return StructuredOutputsParams(**given) if given else None
+
+
+def _text_or_file(value: str | None) -> str | None:
+    """A flag's value, or the text of the file it names."""
+    from pathlib import Path
+
+    from .errors import RequestError
+
+    if value is None or not value.endswith((".json", ".lark", ".gbnf")):
+        return value
+    try:
+        return Path(value).read_text()
+    except OSError as e:
+        raise RequestError(f"cannot read {value}: {e.strerror}") from None
 
 
 def _load(args):
