@@ -284,6 +284,17 @@ class _Server:
         fmt = _Formatter(False, self.config.model_name, tokenizer, top_n, params.n, texts)
         return await self._generate(request, body, submits, fmt)
 
+    def _with_tools(self, plan, params):
+        """params under the plan's tool_choice, and (plan, the model's call syntax) for the
+        formatter; (params, None) without tools."""
+        if plan is None:
+            return params, None
+        syntax = call_syntax(self.llm.tokenizer)
+        try:
+            return plan.sampling_params(params, syntax), (plan, syntax)
+        except RequestError as e:
+            raise HTTPError(400, str(e), "tool_choice") from None
+
     def _compile(self, so, field: str) -> None:
         """On the engine thread (it owns the compiler): a constraint it cannot serve is a 400."""
         try:
@@ -321,14 +332,8 @@ class _Server:
         so, so_field = _structured_outputs(body)
         if so is not None:
             params = dataclasses.replace(params, structured_outputs=so)
-        plan, tools = _tool_plan(body), None
-        if plan is not None:
-            syntax = call_syntax(self.llm.tokenizer)
-            try:
-                params = plan.sampling_params(params, syntax)
-            except RequestError as e:
-                raise HTTPError(400, str(e), "tool_choice") from None
-            tools = (plan, syntax)
+        plan = _tool_plan(body)
+        params, tools = self._with_tools(plan, params)
 
         def prepare():  # on the engine thread
             if so is not None:
@@ -352,14 +357,7 @@ class _Server:
         messages, params, plan = responses.parse(body, self.config.max_tokens_limit)
         if self.llm.tokenizer is None or not self.llm.tokenizer.has_chat_template:
             raise HTTPError(400, "this model has no chat template: use /v1/completions", "input")
-        tools = None
-        if plan is not None:
-            syntax = call_syntax(self.llm.tokenizer)
-            try:
-                params = plan.sampling_params(params, syntax)
-            except RequestError as e:
-                raise HTTPError(400, str(e), "tool_choice") from None
-            tools = (plan, syntax)
+        params, tools = self._with_tools(plan, params)
         so = params.structured_outputs
         field = "text" if plan is None or plan.constraint(tools[1]) is None else "tools"
         prepare = self._checked(lambda: self.llm.chat_prompt(messages, tools=plan), so, field)
