@@ -47,3 +47,21 @@ def test_gguf_merge_outside_the_vocab(merge):
     PyO3 PanicException, not even an Exception) when only the result was missing."""
     with pytest.raises(TokenizerError, match="vocab is inconsistent"):
         Tokenizer.from_gguf_metadata({**VOCAB, "tokenizer.ggml.merges": ["a b", merge]})
+
+
+@pytest.mark.parametrize("bos", ["a b", "x:y", "$A", "$B"])
+def test_gguf_bos_token_the_template_syntax_cannot_hold(bos):
+    """gguf_vocab target, seed 3: a BOS token "a b" split the post-processor's template string
+    at its space (ValueError "Missing SpecialToken(s)"); "$A" would silently mean the text."""
+    meta = {
+        **VOCAB,
+        "tokenizer.ggml.tokens": [*VOCAB["tokenizer.ggml.tokens"], bos],
+        "tokenizer.ggml.token_type": [1, 1, 1, 1, 3],
+        "tokenizer.ggml.bos_token_id": 4,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+    if " " in bos:
+        assert Tokenizer.from_gguf_metadata(meta).encode("ab") == [4, 2]
+    else:
+        with pytest.raises(TokenizerError, match="cannot be added by a tokenizers template"):
+            Tokenizer.from_gguf_metadata(meta)

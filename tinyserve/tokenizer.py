@@ -243,10 +243,12 @@ def _set_bos_eos_processor(tok: Any, bos: str | None, eos: str | None) -> None:
     """Make encode(add_special_tokens=True) add BOS and/or EOS (and nothing else)."""
     from tokenizers import processors
 
-    single = " ".join([*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])])
-    pair = " ".join(
-        [single, *([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])]
-    )
+    for t in (bos, eos):  # a template piece is "text:type_id"; "$A", "$B" are the sequences
+        if t and (":" in t or t.startswith("$")):
+            raise TokenizerError(f"BOS/EOS token {t!r} cannot be added by a tokenizers template")
+    # lists of pieces, not one string split at spaces: a BOS token may hold a space
+    single = [*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])]
+    pair = [*single, *([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])]
     specials = [(t, tok.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
     if any(i is None for _, i in specials):
         raise TokenizerError(f"BOS/EOS token not in vocab: {specials}")
