@@ -65,3 +65,11 @@ def test_gguf_bos_token_the_template_syntax_cannot_hold(bos):
     else:
         with pytest.raises(TokenizerError, match="cannot be added by a tokenizers template"):
             Tokenizer.from_gguf_metadata(meta)
+
+
+@pytest.mark.parametrize("control", ["break", "continue"])
+def test_loop_control_outside_a_loop(control):
+    """chat_template target, seed 4: `{% break %}` outside a for loop passed jinja2's parser and
+    failed in Python's compile of the generated code (SyntaxError)."""
+    with pytest.raises(TokenizerError, match="outside loop|not properly in loop"):
+        compile_chat_template("{{ 1 }}{% " + control + " %}")

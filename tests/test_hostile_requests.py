@@ -66,20 +66,7 @@ def test_token_ids_outside_the_vocab_name_the_range(make_llm):
 LONE = ["a\ud800b", "\udcff", "tail \udfff"]
 
 
-def _spm_dir(tmp_path: Path) -> Path:
-    import sentencepiece as spm
-
-    corpus = ["hello world", "the quick brown fox", "jumps over the lazy dog"] * 20
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_prefix=str(tmp_path / "tokenizer"),
-        model_type="bpe",
-        vocab_size=300,
-        byte_fallback=True,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    return tmp_path
+SPM_DIR = Path(__file__).parent / "fixtures" / "tokenizer" / "spm_llama"  # a Llama-2-style model
 
 
 def _gguf_spm_meta(d: Path) -> dict:
@@ -112,15 +99,14 @@ GPT2_META = {
 @pytest.fixture(
     scope="module", params=["tokenizer.json", "tokenizer.model", "gguf-gpt2", "gguf-spm"]
 )
-def any_tokenizer(request, tmp_path_factory) -> Tokenizer:
+def any_tokenizer(request) -> Tokenizer:
     if request.param == "tokenizer.json":
         return Tokenizer.from_dir(TINY)
-    d = _spm_dir(tmp_path_factory.mktemp("spm"))
     if request.param == "tokenizer.model":
-        return Tokenizer.from_dir(d)
+        return Tokenizer.from_dir(SPM_DIR)
     if request.param == "gguf-gpt2":
         return Tokenizer.from_gguf_metadata(GPT2_META)
-    return Tokenizer.from_gguf_metadata(_gguf_spm_meta(d))
+    return Tokenizer.from_gguf_metadata(_gguf_spm_meta(SPM_DIR))
 
 
 @pytest.mark.parametrize("text", LONE)

@@ -33,6 +33,8 @@ def compile_chat_template(source: str) -> Any:
         raise TokenizerError(f"chat template does not compile: {_first_line(e)}") from e
     except RecursionError:  # jinja2's parser recurses once per nested bracket
         raise TokenizerError("chat template does not compile: it nests too deeply") from None
+    except SyntaxError as e:  # jinja2 lets {% break %} outside a loop through to Python's compile
+        raise TokenizerError(f"chat template does not compile: {e.msg}") from None
 
 
 def render_chat_template(
