@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from tinyserve import LLM, SamplingParams  # noqa: E402
-from tinyserve.errors import BackendError, ConfigError  # noqa: E402
+from tinyserve import LLM, SamplingParams
+from tinyserve.errors import BackendError, ConfigError
 
 HF = Path(__file__).parent / "fixtures" / "hf"
 PROMPTS = [[3, 5, 7, 9, 11, 13, 17, 19, 23, 29, 31], [2, 4, 6, 8, 10], [3, 5, 7, 9, 11, 13, 4]]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine, EngineConfig, token_id_list
-from .errors import BackendError, TokenizerError
+from .errors import BackendError, RequestError, TokenizerError
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
 from .settings import settings
@@ -64,6 +64,9 @@ class LLM:
         enable_prefix_caching: reuse the KV blocks of shared prompt prefixes.
         seed: seeds the requests that bring no seed of their own: the k-th request admitted
             samples as if its seed were seed * 2**32 + k.
+        speculative_config: speculative decoding, as vLLM spells it: {"method": "ngram",
+            "num_speculative_tokens": k, "prompt_lookup_max": m, "prompt_lookup_min": n}; the
+            output is what plain decoding gives (tinyserve/speculative.py), in fewer steps.
         tensor_parallel_size: ranks one model is split over (backend "torch": heads and
             feed-forward split Megatron-style, experts spread over the ranks; gloo on the CPU,
             NCCL on CUDA, HCCL on Ascend). This process is rank 0; the others start here.
@@ -88,9 +91,11 @@ class LLM:
         chunk_size: int | None = None,
         seed: int = 0,
         tensor_parallel_size: int = 1,
+        speculative_config: dict | None = None,
     ):
         from . import catalog
         from .loading import load_checkpoint
+        from .speculative import SpeculativeConfig
 
         path = catalog.resolve(str(model) if model is not None else catalog.DEFAULT_MODEL)
         self.checkpoint = load_checkpoint(path)
@@ -99,9 +104,7 @@ class LLM:
         options = {**settings().backend_options(backend), **(backend_options or {})}
         if tensor_parallel_size != 1:
             if backend != "torch":
-                raise BackendError(
-                    f"tensor parallelism runs on the torch backend, not {backend!r}"
-                )
+                raise BackendError(f"tensor parallelism runs on the torch backend, not {backend!r}")
             options["tensor_parallel_size"] = tensor_parallel_size
         self.backend = _create_backend(backend, device, dtype, options)
         try:
@@ -114,7 +117,10 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
                 chunk_size=chunk_size,
                 seed=seed,
+                speculative=SpeculativeConfig.from_dict(speculative_config),
             )
+        except RequestError:
+            raise
         except ValueError as e:
             raise BackendError(f"invalid engine setting: {e}") from None
         self.engine = Engine(self.checkpoint, self.tokenizer, self.backend, engine_config)

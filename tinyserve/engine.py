@@ -23,6 +23,7 @@ from .outputs import CompletionOutput, RequestOutput
 from .sampling import Sample, SamplingParams, TokenRules, log_softmax, sample_row
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Request, Sequence, Status
+from .speculative import SpeculativeConfig
 from .structured import GrammarCompiler
 
 
@@ -36,6 +37,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     chunk_size: int | None = None  # longest prefill chunk per sequence and step
     seed: int = 0  # seeds requests that bring no seed of their own
+    speculative: SpeculativeConfig | None = None  # propose tokens, verify them in one forward
 
     def __post_init__(self):
         if self.seed < 0:
@@ -94,6 +96,9 @@ class Engine:
         self._request_ids = itertools.count()
         self._n_admitted = 0  # requests admitted so far: a seedless request's seed derives from it
         self.n_prefilled_tokens = 0  # tokens computed by prefill steps (not served from cache)
+        self.proposer = None if config.speculative is None else config.speculative.proposer()
+        self.n_draft_tokens = 0  # speculation: tokens proposed (and computed), and kept
+        self.n_accepted_tokens = 0
         self.n_steps = 0
         self.mask_seconds = 0.0  # time spent computing structured-output masks (bench reads it)
         self._grammar_compiler: GrammarCompiler | None = None  # built on the first constraint
@@ -201,6 +206,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward over the flat batch, sample, and report what changed."""
+        self._propose()
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
@@ -240,7 +246,7 @@ class Engine:
                 prefilled = min(n, seq.prompt_len - seq.num_computed)
                 self.n_prefilled_tokens += prefilled
                 self.requests[seq.request_id].metrics.n_prefilled_tokens += prefilled
-            seq.num_computed += n
+            seq.num_computed += n - len(seq.draft)  # proposals count once verified
             self.kv_manager.cache_full_blocks(seq)
         now = time.perf_counter()
         allowed = self._masks(
@@ -286,6 +292,44 @@ class Engine:
                     self._append(sibling, self._sample(sibling, sample_logits, mask), now)
             self._append(seq, self._sample(seq, sample_logits, mask), now)
         return [self._output(req) for req in touched.values()]
+
+    # -- speculative decoding (speculative.py) ---------------------------------------------------
+
+    def _propose(self) -> None:
+        """Each decoding sequence's proposals for this step (none without a proposer)."""
+        if self.proposer is None:
+            return
+        for seq in self.scheduler.running:
+            seq.draft = []
+            # one token to compute (decoding), no grammar to walk through guesses
+            if seq.n_uncomputed != 1 or seq.matcher is not None:
+                continue
+            p = seq.params
+            # proposals plus the token sampled after them stay within max_tokens and max_len
+            room = min(p.max_tokens - len(seq.output_ids), seq.max_len - len(seq.token_ids)) - 1
+            seq.draft = self.proposer.propose(seq.token_ids, room)
+
+    def _verify(self, seq: Sequence, rows: list, is_fast: bool, now: float) -> None:
+        """Sample the proposals' rows in order, as plain decoding would, while each sampled
+        token is the proposal the model saw next; then roll back what the model saw beyond."""
+        draft, seq.draft = seq.draft, []
+        m = self.requests[seq.request_id].metrics
+        accepted = 0
+        for i, row in enumerate(rows):
+            s = Sample(int(row), float("nan"), None) if is_fast else self._sample(seq, row, None)
+            self._append(seq, s, now)
+            if seq.finished or i == len(draft) or s.token_id != draft[i]:
+                break
+            seq.num_computed += 1  # row i + 1 was computed after exactly this token: it stands
+            accepted += 1
+        m.n_draft_tokens += len(draft)
+        m.n_accepted_tokens += accepted
+        m.n_spec_steps += 1
+        self.n_draft_tokens += len(draft)
+        self.n_accepted_tokens += accepted
+        if not seq.finished:
+            self.kv_manager.trim(seq)  # the rejected proposals' blocks back to the pool
+            self.kv_manager.cache_full_blocks(seq)
 
     def _masks(self, seqs: list[Sequence]) -> dict[int, np.ndarray]:
         """seq_id -> (V,) bool: the tokens each constrained sequence may take next."""

@@ -191,6 +191,14 @@ class KVCacheManager:
         for _ in range(n_new_blocks):
             seq.block_table.append(self.allocator.allocate())
 
+    def trim(self, seq: Sequence) -> None:
+        """Release seq's blocks past its tokens (speculation reserved room for proposals the
+        model then rejected); they hold no verified token, so no prefix-cache key either."""
+        keep = self.blocks_for(len(seq.token_ids))
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            self.allocator.release(block_id, cached=block_id in self.block_key)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child shares every block of parent (n > 1 sampling)."""
         for block_id in parent.block_table:

@@ -88,7 +88,7 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted below to make room for an older one
                 continue
-            n = min(seq.n_uncomputed, budget, chunk)
+            n = min(seq.n_uncomputed + len(seq.draft), budget, chunk)  # + speculation's guesses
             while True:
                 try:
                     self.kv.reserve(seq, n)

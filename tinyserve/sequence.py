@@ -29,6 +29,21 @@ class RequestMetrics:
     n_prompt_tokens: int = 0
     n_prefilled_tokens: int = 0  # prompt tokens computed (not served by the prefix cache)
     n_preemptions: int = 0
+    n_draft_tokens: int = 0  # speculative decoding: tokens proposed, proposals kept, verify steps
+    n_accepted_tokens: int = 0
+    n_spec_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of the proposed tokens that were kept."""
+        return self.n_accepted_tokens / self.n_draft_tokens if self.n_draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens a verifying step yields on average: the proposals kept plus the one sampled."""
+        if not self.n_spec_steps:
+            return None
+        return (self.n_accepted_tokens + self.n_spec_steps) / self.n_spec_steps
 
     @property
     def ttft(self) -> float | None:
@@ -88,6 +103,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.detokenizer = None
         self.matcher = None  # structured output: where the grammar stands (structured.Matcher)
+        self.draft: list[int] = []  # speculative decoding: tokens proposed to follow token_ids
         self.text = ""  # output text so far (stop strings cut out)
         self.sent_text_len = 0  # how much of text has been handed out as deltas
         self.sent_token_len = 0

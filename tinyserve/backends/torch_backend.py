@@ -358,7 +358,11 @@ class TorchBackend(Backend):
         self.ops = TorchOps(dev, self.torch_dtype)
         if int(tensor_parallel_size) < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
-        self.tp = TensorParallel(int(tensor_parallel_size), 0, device) if tensor_parallel_size > 1 else None
+        self.tp = (
+            TensorParallel(int(tensor_parallel_size), 0, device)
+            if tensor_parallel_size > 1
+            else None
+        )
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -391,7 +395,9 @@ class TorchBackend(Backend):
             return
         if self.lowered(model) is None:
             reason = self._lowered.reasons.get(model, "lower=False")
-            raise BackendError(f"tensor parallelism runs the torch lowering; this model has none ({reason})")
+            raise BackendError(
+                f"tensor parallelism runs the torch lowering; this model has none ({reason})"
+            )
         if self.tp.rank == 0:
             self.tp.launch(checkpoint.path, self.device or "cpu", self.dtype)
             weakref.finalize(self, self.tp.close)

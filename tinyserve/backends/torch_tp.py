@@ -23,6 +23,7 @@ messages go over a gloo group in every case. tests/test_tensor_parallel.py holds
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -74,7 +75,9 @@ class TensorParallel:
         self.mla = any(isinstance(layer.attn, MLA) for layer in spec.layers)
         for what, n in (("attention heads", H), ("kv heads", KVH)):
             if n % K:
-                raise ConfigError(f"tensor_parallel_size {K} does not divide the model's {n} {what}")
+                raise ConfigError(
+                    f"tensor_parallel_size {K} does not divide the model's {n} {what}"
+                )
         layers = tuple(self._layer(layer, spec) for layer in spec.layers)
         return dataclasses.replace(spec, layers=layers, n_heads=H // K, n_kv_heads=KVH // K)
 
@@ -93,7 +96,9 @@ class TensorParallel:
         elif isinstance(ffn, MoE):
             ffn = dataclasses.replace(
                 ffn,
-                experts=[e if i % self.size == self.rank else None for i, e in enumerate(ffn.experts)],
+                experts=[
+                    e if i % self.size == self.rank else None for i, e in enumerate(ffn.experts)
+                ],
                 shared=None if ffn.shared is None else self._mlp(ffn.shared),
             )
         return dataclasses.replace(layer, attn=attn, ffn=ffn)
@@ -158,7 +163,7 @@ class TensorParallel:
             self.workers.append(p)
         try:
             self.join(host, port)
-        except Exception as e:
+        except (RuntimeError, ValueError, OSError) as e:  # torch.distributed's, the wait's
             self.close()
             raise BackendError(f"tensor-parallel ranks did not start: {e}") from None
 
@@ -215,10 +220,8 @@ class TensorParallel:
     def close(self) -> None:
         """Rank 0: stop the workers and leave the group (idempotent)."""
         if self.group is not None and self.rank == 0:
-            try:
+            with contextlib.suppress(RuntimeError):  # a worker already gone: joined below
                 self.send("stop")
-            except Exception:  # a worker already gone: the joins below still reap the rest
-                pass
         for p in self.workers:
             p.join(timeout=10)
             if p.is_alive():
