@@ -16,7 +16,7 @@ import pytest
 from tinyserve import LLM, SamplingParams
 from tinyserve.errors import RequestError
 from tinyserve.sampling import apply_penalties, filtered_probs
-from tinyserve.speculative import NgramProposer, SpeculativeConfig
+from tinyserve.speculative import NgramProposer
 
 NGRAM = {
     "method": "ngram",
