@@ -214,20 +214,22 @@ class Engine:
         if copies:
             self.backend.copy_blocks(self.kv, [s for s, _ in copies], [d for _, d in copies])
         # logits rows, in flat order: a sequence's prompt-scoring rows (prompt_logprobs), then
-        # the row it samples from once its chunk reaches its newest token; others need no logits
+        # the row it samples from once its chunk reaches its newest token (and one after each
+        # speculative proposal); others need no logits
         chunks, rows, fast, plan = [], [], [], []
         start = 0
         for seq, n in zip(sched.seqs, sched.n_tokens):
-            c = seq.num_computed
-            chunks.append((seq.token_ids[c : c + n], c, seq.block_table))
+            c, newest = seq.num_computed, len(seq.token_ids) - 1
+            seq.draft = seq.draft[: max(0, c + n - 1 - newest)]  # what the budget left room for
+            chunks.append((seq.token_ids[c : c + n] + seq.draft, c, seq.block_table))
             scored = seq.prompt_rows(c, n)
             rows += [start + p - c for p in scored]
             fast += [False] * len(scored)
-            sample = c + n == len(seq.token_ids) and seq.params.max_tokens > 0
-            if sample:
-                rows.append(start + n - 1)
-                fast.append(self._argmax_only(seq))
-            plan.append((seq, len(scored), sample, c + n == len(seq.token_ids)))
+            done = c + n > newest
+            n_rows = 1 + len(seq.draft) if done and seq.params.max_tokens > 0 else 0
+            rows.extend(range(start + n - n_rows, start + n))
+            fast += [self._argmax_only(seq)] * n_rows
+            plan.append((seq, len(scored), n_rows, done))
             start += n
         batch = Batch.build(chunks, self.kv_manager.block_size, rows)
         now = time.perf_counter()
@@ -250,28 +252,37 @@ class Engine:
             self.kv_manager.cache_full_blocks(seq)
         now = time.perf_counter()
         allowed = self._masks(
-            [seq for seq, _, sample, _ in plan if sample and not self._argmax_only(seq)]
+            [seq for seq, _, n_rows, _ in plan if n_rows and not self._argmax_only(seq)]
         )
         touched: dict[str, Request] = {}
         row = 0  # into logits (the rows not taken by their argmax), in row order
         flat = 0  # into fast / finite: every logits row, in row order
         ids_of = iter(greedy_ids)
-        for seq, n_scored, sample, done in plan:
+        for seq, n_scored, n_rows, done in plan:
             req = self.requests[seq.request_id]
             if n_scored:
                 self._score_prompt(seq, logits[row : row + n_scored])
                 row += n_scored
                 flat += n_scored
                 touched[req.request_id] = req
-            if done and not sample:  # max_tokens=0: the prompt was all there was to compute
+            if done and not n_rows:  # max_tokens=0: the prompt was all there was to compute
                 touched[req.request_id] = req
                 self._fork(req)
                 for s in req.seqs:
                     self._finish(s, "length")
                 continue
-            if not sample:
+            if not n_rows:
                 continue
             touched[req.request_id] = req
+            if n_rows > 1:  # speculation: the newest token's row and one after each proposal
+                is_fast = fast[flat]
+                if is_fast:
+                    taken = list(itertools.islice(ids_of, n_rows))
+                else:
+                    taken, row = logits[row : row + n_rows], row + n_rows
+                self._verify(seq, taken, finite[flat : flat + n_rows], is_fast, now)
+                flat += n_rows
+                continue
             is_fast, is_finite = fast[flat], finite[flat]
             flat += 1
             if is_fast:
@@ -309,13 +320,18 @@ class Engine:
             room = min(p.max_tokens - len(seq.output_ids), seq.max_len - len(seq.token_ids)) - 1
             seq.draft = self.proposer.propose(seq.token_ids, room)
 
-    def _verify(self, seq: Sequence, rows: list, is_fast: bool, now: float) -> None:
+    def _verify(self, seq: Sequence, rows, finite, is_fast: bool, now: float) -> None:
         """Sample the proposals' rows in order, as plain decoding would, while each sampled
-        token is the proposal the model saw next; then roll back what the model saw beyond."""
+        token is the proposal the model saw next; then roll back what the model saw beyond.
+        rows: argmax ids (is_fast) or logits rows; finite: whether each row's logits are."""
         draft, seq.draft = seq.draft, []
-        m = self.requests[seq.request_id].metrics
+        req = self.requests[seq.request_id]
+        m = req.metrics
         accepted = 0
         for i, row in enumerate(rows):
+            if not finite[i]:  # NaN / Inf logits: the request ends abnormally here
+                self._end_non_finite(req, seq)
+                break
             s = Sample(int(row), float("nan"), None) if is_fast else self._sample(seq, row, None)
             self._append(seq, s, now)
             if seq.finished or i == len(draft) or s.token_id != draft[i]:
