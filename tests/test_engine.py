@@ -310,6 +310,12 @@ def test_prompt_logprobs_with_the_prefix_cache_and_chunks(make_llm):
     out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
     _assert_prompt_logprobs(out.prompt_logprobs, prompt, llm.logits(prompt), 2)
     assert out.metrics.n_prefilled_tokens == 50
+    # the prompt takes 8 chunks; the first output a stream sees already has all its logprobs
+    rid = llm.engine.add_request(prompt, SamplingParams(max_tokens=3, prompt_logprobs=0))
+    first = next(o for _ in range(20) for o in llm.engine.step() if o.request_id == rid)
+    assert len(first.prompt_logprobs) == 50 and first.outputs[0].token_ids
+    while llm.engine.has_unfinished():
+        llm.engine.step()
 
 
 def test_max_tokens_0_scores_the_prompt_only(make_llm):

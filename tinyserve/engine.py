@@ -260,11 +260,11 @@ class Engine:
         ids_of = iter(greedy_ids)
         for seq, n_scored, n_rows, done in plan:
             req = self.requests[seq.request_id]
+            # scored rows alone are not reported: a stream's first output has all the prompt's
             if n_scored:
                 self._score_prompt(seq, logits[row : row + n_scored])
                 row += n_scored
                 flat += n_scored
-                touched[req.request_id] = req
             if done and not n_rows:  # max_tokens=0: the prompt was all there was to compute
                 touched[req.request_id] = req
                 self._fork(req)
