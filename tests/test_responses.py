@@ -231,8 +231,26 @@ def test_function_call_output_items_in_the_history(real):
     assert r.output_text == want.text
 
 
+BAD_PARAMETERS = {"type": "object", "properties": {"x": {"type": "nonsense"}}}
+JSON_FORMAT = {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}}
 BAD = [
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [{**WEATHER, "parameters": BAD_PARAMETERS}]}, "tools"),
+    (
+        {
+            "input": "x",
+            "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "no"}}},
+        },
+        "text",
+    ),
+    (
+        {"input": "x", "tools": [WEATHER], "tool_choice": "required", "text": JSON_FORMAT},
+        "tool_choice",
+    ),
+    (
+        {"input": "x", "tool_choice": {"type": "function", "name": "g"}, "tools": [WEATHER]},
+        "tool_choice",
+    ),
     ({"input": "x", "tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "bogus": 1}, "bogus"),

@@ -313,6 +313,22 @@ class _Server:
 
         return run
 
+    def _chat_prepare(self, messages, plan, so, so_field: str | None):
+        """What the engine thread runs for a chat or a response: the output constraint and the
+        tools' schemas compiled (a 400 naming the field that fails), the prompt rendered."""
+
+        def prepare():
+            if so is not None:
+                self._compile(so, so_field)
+            if plan is not None and structured.available():  # else: no engine to ask
+                try:
+                    plan.check_parameters(self.llm.engine.grammar_compiler.matcher)
+                except RequestError as e:
+                    raise HTTPError(400, str(e), "tools") from None
+            return self.llm.chat_prompt(messages, tools=plan)
+
+        return prepare
+
     async def chat(self, request):
         body = await self._body(request)
         _check_fields(body, {**_COMMON, **_SAMPLING, **_CHAT})
@@ -334,17 +350,7 @@ class _Server:
             params = dataclasses.replace(params, structured_outputs=so)
         plan = _tool_plan(body)
         params, tools = self._with_tools(plan, params)
-
-        def prepare():  # on the engine thread
-            if so is not None:
-                self._compile(so, so_field)
-            if plan is not None and structured.available():  # else: no engine to ask
-                try:
-                    plan.check_parameters(self.llm.engine.grammar_compiler.matcher)
-                except RequestError as e:
-                    raise HTTPError(400, str(e), "tools") from None
-            return self.llm.chat_prompt(messages, tools=plan)
-
+        prepare = self._chat_prepare(messages, plan, so, so_field)
         submit = _Submit(None, prepare, params, max_tokens is None, "messages")
         fmt = _Formatter(
             True, self.config.model_name, self.llm.tokenizer, top_n, params.n, None, tools
@@ -357,27 +363,18 @@ class _Server:
         messages, params, plan = responses.parse(body, self.config.max_tokens_limit)
         if self.llm.tokenizer is None or not self.llm.tokenizer.has_chat_template:
             raise HTTPError(400, "this model has no chat template: use /v1/completions", "input")
+        so = params.structured_outputs  # text.format's, before the tools' own
         params, tools = self._with_tools(plan, params)
-        so = params.structured_outputs
-        field = "text" if plan is None or plan.constraint(tools[1]) is None else "tools"
-        prepare = self._checked(lambda: self.llm.chat_prompt(messages, tools=plan), so, field)
+        prepare = self._chat_prepare(messages, plan, so, "text")
         default_max = body.get("max_output_tokens") is None
         submit = _Submit(None, prepare, params, default_max, "input")
         fmt = responses.ResponseFormatter(self.config.model_name, body, params, tools)
-        try:
-            gen = await self.admit(request, [submit], fmt.id)
-        except _ClientGone:
-            return Response(status_code=499)
-        (handle,) = gen.handles
+        events = None
         if body.get("stream"):
-            return _EventStream(gen, fmt.events(handle.outputs()))  # the stream closes gen
-        try:
-            final = await _until(gen.disconnect, _last(handle.outputs()))
-            return JSONResponse(fmt.response(final))
-        except _ClientGone:
-            return Response(status_code=499)
-        finally:
-            gen.close()
+            events = lambda handles: fmt.events(handles[0].outputs())
+        return await self._run(
+            request, [submit], fmt.id, events, lambda outs: fmt.response(outs[0])
+        )
 
     async def admit(self, request, submits: list[_Submit], request_id: str) -> _Generation:
         """Queue one engine request per submit; returns once the engine has them all."""
@@ -404,19 +401,28 @@ class _Server:
         return gen
 
     async def _generate(self, request, body: dict, submits: list[_Submit], fmt: _Formatter):
+        """A completions or chat request: OpenAI's SSE chunks, or its JSON."""
+        events = None
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = lambda handles: _events(handles, fmt, usage)
+        return await self._run(request, submits, fmt.id, events, fmt.response)
+
+    async def _run(self, request, submits: list[_Submit], request_id: str, events, respond):
+        """Admit the submits, then stream events(handles) when events is given, else answer
+        with the JSON respond(final outputs)."""
         streaming = False
         try:
-            gen = await self.admit(request, submits, fmt.id)
+            gen = await self.admit(request, submits, request_id)
         except _ClientGone:
             return Response(status_code=499)
         try:
-            if body.get("stream"):
-                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            if events is not None:
                 streaming = True  # from here on the stream owns gen and closes it
-                return _EventStream(gen, _events(gen.handles, fmt, usage))
+                return _EventStream(gen, events(gen.handles))
             # every mailbox drained at once, so none fills while another is awaited
             finals = await _until(gen.disconnect, _lasts(gen.handles))
-            return JSONResponse(fmt.response(finals))
+            return JSONResponse(respond(finals))
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it
         finally:
