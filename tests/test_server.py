@@ -542,6 +542,25 @@ def test_prefix_cache_counters_count_tokens_looked_up_and_reused(served, http, r
     )
 
 
+def test_speculation_counters_count_proposed_and_kept_tokens(ref):
+    """A server with ngram speculation: /metrics counts what its engine proposed and kept."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    llm = LLM(str(FIXTURE), backend="numpy", speculative_config=spec)
+    app = create_app(llm, ServerConfig(model_name=MODEL))
+    body = {"prompt": "the cat sat on the mat and " * 4, "max_tokens": 24, "temperature": 0}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert metric(c, "tinyserve_spec_decode_num_draft_tokens_total") == 0
+        assert c.post("/v1/completions", json=body).status_code == 200
+        engine = app.server_state.loop.engine
+        assert wait_until(
+            lambda: metric(c, "tinyserve_spec_decode_num_draft_tokens_total")
+            == engine.n_draft_tokens
+        )
+        assert engine.n_draft_tokens > 0
+        kept = metric(c, "tinyserve_spec_decode_num_accepted_tokens_total")
+        assert kept == engine.n_accepted_tokens <= engine.n_draft_tokens
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 

@@ -212,3 +212,28 @@ def test_real_model_repeats_code_with_few_steps():
     assert got.outputs[0].token_ids == want.outputs[0].token_ids
     assert got.metrics.acceptance_rate > 0.5
     assert spec.engine.n_steps < 0.6 * len(want.outputs[0].token_ids)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_speculative_config(capsys):
+    from conftest import TINY
+
+    from tinyserve.cli import main
+
+    prompt = "the cat sat on the mat and the cat sat on the mat and the cat"
+    args = ["generate", prompt, "--model", str(TINY), "-b", "numpy", "--max-tokens", "16"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative-config", '{"method": "ngram", "prompt_lookup_min": 1}']) == 0
+    assert capsys.readouterr().out == plain
+    for bad in ("{not json", "[1, 2]"):
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--speculative-config", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "--speculative-config" in err[-1]
+    assert main([*args, "--speculative-config", '{"method": "medusa"}']) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "medusa" in err[0]

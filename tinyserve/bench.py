@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device,
                 dtype=args.dtype,
                 tensor_parallel_size=args.tensor_parallel_size,
+                speculative_config=args.speculative_config,
                 backend_options=thread_options(args.backend, args.threads),
                 max_num_seqs=max(64, *args.batch_size),
                 max_num_batched_tokens=args.max_num_batched_tokens,

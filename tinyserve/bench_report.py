@@ -30,6 +30,8 @@ _ROWS = [  # (label, getter, format)
     ("decode step (ms)", lambda r: r.decode_step_ms, "{:.2f}"),
     ("mask / step (ms)", lambda r: r.mask_ms_per_step, "{:.2f}"),
     ("mask / step (%)", lambda r: _share(r.mask_ms_per_step, r.decode_step_ms), "{:.1f}"),
+    ("spec acceptance (%)", lambda r: _share(r.acceptance_rate, 1.0), "{:.1f}"),
+    ("spec tokens / step", lambda r: r.mean_accepted_length, "{:.2f}"),
     ("engine steps", lambda r: r.n_steps, "{:d}"),
     ("preemptions", lambda r: r.n_preemptions, "{:d}"),
 ]

@@ -82,6 +82,8 @@ class BenchResult:
     n_preemptions: int
     structured: bool = False  # every request under structured_bench_params' JSON schema
     mask_ms_per_step: float | None = None  # grammar mask time of a decode step (structured only)
+    acceptance_rate: float | None = None  # speculative decoding: proposals kept / proposed
+    mean_accepted_length: float | None = None  # tokens a verifying step yields (kept + 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -350,7 +352,21 @@ def _summarize(llm, outputs, duration, steps: _Steps, batch_size, output_len, sl
         n_steps=steps.n,
         decode_step_ms=float(np.mean(steps.decode_s)) * 1e3 if steps.decode_s else None,
         n_preemptions=steps.preemptions,
+        **_speculation(metrics),
     )
+
+
+def _speculation(metrics) -> dict:
+    """acceptance_rate and mean_accepted_length over all requests (None without speculation)."""
+    drafted = sum(m.n_draft_tokens for m in metrics)
+    kept = sum(m.n_accepted_tokens for m in metrics)
+    verifying = sum(m.n_spec_steps for m in metrics)
+    if not verifying:
+        return {}
+    return {
+        "acceptance_rate": kept / drafted if drafted else None,
+        "mean_accepted_length": (kept + verifying) / verifying,
+    }
 
 
 def _model_name(llm) -> str:

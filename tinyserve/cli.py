@@ -35,6 +35,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=1,
         help="ranks the model is split over (torch backend; gloo on the CPU, NCCL on CUDA)",
     )
+    p.add_argument(
+        "--speculative-config",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\'',
+    )
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object (argparse turns the ValueError into one line, exit 2)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, not {type(value).__name__}")
+    return value
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -110,6 +131,7 @@ def _load(args):
         device=args.device,
         dtype=args.dtype,
         tensor_parallel_size=args.tensor_parallel_size,
+        speculative_config=args.speculative_config,
     )
 
 

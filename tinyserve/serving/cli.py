@@ -101,6 +101,7 @@ def llm_options(args: argparse.Namespace) -> dict:
         "device": args.device,
         "dtype": args.dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "speculative_config": args.speculative_config,
         "max_num_seqs": args.max_num_seqs,
         "kv_cache_tokens": args.kv_cache_tokens,
     }

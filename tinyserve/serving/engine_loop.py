@@ -237,4 +237,6 @@ class EngineLoop:
             self.metrics.counters.update(
                 prefix_cache_queries_total=kv.n_prefix_queries,
                 prefix_cache_hits_total=kv.n_prefix_hits,
+                spec_decode_num_draft_tokens_total=self.engine.n_draft_tokens,
+                spec_decode_num_accepted_tokens_total=self.engine.n_accepted_tokens,
             )

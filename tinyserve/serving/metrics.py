@@ -40,6 +40,8 @@ _HELP = {
     "kv_cache_usage_perc": "Share of KV-cache blocks in use, 0 to 1 (free cached blocks count free).",
     "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
     "prefix_cache_hits_total": "Prompt tokens found in the prefix cache (not prefilled again).",
+    "spec_decode_num_draft_tokens_total": "Speculative decoding: tokens proposed and verified.",
+    "spec_decode_num_accepted_tokens_total": "Speculative decoding: proposed tokens kept.",
 }
 
 
@@ -73,7 +75,11 @@ class Metrics:
             + ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"],
             0,
         )
-        self.counters = dict.fromkeys(["prefix_cache_queries_total", "prefix_cache_hits_total"], 0)
+        self.counters = dict.fromkeys(
+            ["prefix_cache_queries_total", "prefix_cache_hits_total"]
+            + ["spec_decode_num_draft_tokens_total", "spec_decode_num_accepted_tokens_total"],
+            0,
+        )
 
     def count_http(self, path: str, status: int) -> None:
         with self.lock:
