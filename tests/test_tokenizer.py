@@ -207,33 +207,18 @@ def test_gguf_bad_metadata_is_a_clear_error():
 
 # -- sentencepiece (llama-style SPM GGUF vocab, tokenizer.model) ------------------------------
 @pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    """A tiny llama-style sentencepiece BPE: byte fallback, identity normalization, dummy prefix."""
+def sp_model():
+    """A tiny llama-style sentencepiece BPE: byte fallback, identity normalization, dummy prefix
+    (trained by make_tokenizer_fixtures.py, committed with transformers' ids for it)."""
     import sentencepiece as spm
 
-    if hasattr(spm, "set_random_generator_seed"):
-        spm.set_random_generator_seed(0)
-    d = tmp_path_factory.mktemp("spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_prefix=str(d / "tokenizer"),
-        model_type="bpe",
-        vocab_size=400,
-        byte_fallback=True,
-        character_coverage=0.99,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        split_digits=True,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    return spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")), d / "tokenizer.model"
+    path = FIXTURES / "spm_llama" / "tokenizer.model"
+    return spm.SentencePieceProcessor(model_file=str(path)), path
 
 
 def _sp_reference(sp, text: str) -> list[int]:
     """BOS, then sentencepiece's own encode. transformers differs from sentencepiece only after a
-    special token and on text that starts with a space (no dummy prefix there): see SP_AGREES."""
+    special token and on text that starts with a space (no dummy prefix there): see _sp_agrees."""
     return [sp.bos_id(), *sp.encode(text)]
 
 
