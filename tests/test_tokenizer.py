@@ -598,3 +598,14 @@ def test_smollm2_decode_inverts_encode(smollm2_tok, text):
     has no token for are dropped, by transformers too: most C0 controls and the lead byte 0xF1 of
     planes 4 and up.)"""
     assert smollm2_tok.decode(smollm2_tok.encode(text)) == text
+
+
+def test_smollm2_leaves_transformers_gguf_route_only_where_it_lost_the_digit_split(
+    transformers_ref,
+):
+    """transformers' GGUF loader splits SmolLM2 with GPT-2's regex alone (no digit split), which
+    the model was not trained with: the two differ exactly where whitespace runs into a digit."""
+    ref = transformers_ref["smollm2"]
+    differ = [t for k, t in enumerate(CORPUS) if ref["gguf_route_ids"][k] != ref["ids"][k]]
+    assert "x    =     1;" in differ and len(differ) > 20
+    assert all(re.search(r"\s\s\d", t) for t in differ)
