@@ -214,6 +214,40 @@ def test_real_model_repeats_code_with_few_steps():
     assert spec.engine.n_steps < 0.6 * len(want.outputs[0].token_ids)
 
 
+# -- a draft model as proposer --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_draft_model_gives_plain_decodings_tokens(make_llm, tiny_dir, backend):
+    """The target as its own draft: every greedy proposal is kept; a different draft (another
+    random model of the same vocabulary) has most rejected; either way plain decoding's tokens,
+    greedy and seeded, and both caches empty afterwards."""
+    for draft, greedy_acceptance in ((tiny_dir, 1.0), (tiny_dir.parent / "llama", None)):
+        config = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
+        spec = make_llm(backend=backend, speculative_config=config)
+        for params in (
+            SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+            SamplingParams(max_tokens=16, temperature=0.8, seed=3, n=2, ignore_eos=True),
+        ):
+            want = _tokens(make_llm(backend=backend).generate(PROMPTS, params))
+            got = spec.generate(PROMPTS, params)
+            assert _tokens(got) == want
+            if params.greedy and greedy_acceptance is not None:
+                assert got[0].metrics.acceptance_rate == greedy_acceptance
+        proposer = spec.engine.proposer
+        assert spec.engine.n_draft_tokens > 0
+        assert spec.engine.kv_manager.n_used_blocks == 0
+        assert proposer.kv_manager.n_used_blocks == 0 and not proposer.mirrors
+
+
+def test_draft_model_of_another_vocabulary_is_refused(make_llm, tiny_dir):
+    config = {"method": "draft_model", "model": str(tiny_dir.parent / "qwen3")}
+    with pytest.raises(RequestError, match="vocabulary of 512, the target 384"):
+        make_llm(speculative_config=config)
+    with pytest.raises(RequestError, match='"model" names the draft model'):
+        make_llm(speculative_config={"method": "ngram", "model": str(tiny_dir)})
+
+
 # -- the command line ------------------------------------------------------------------------------
 
 

@@ -96,7 +96,11 @@ class Engine:
         self._request_ids = itertools.count()
         self._n_admitted = 0  # requests admitted so far: a seedless request's seed derives from it
         self.n_prefilled_tokens = 0  # tokens computed by prefill steps (not served from cache)
-        self.proposer = None if config.speculative is None else config.speculative.proposer()
+        self.proposer = None
+        if config.speculative is not None:
+            self.proposer = config.speculative.proposer(
+                backend, checkpoint.config.vocab_size, config.block_size, num_blocks
+            )
         self.n_draft_tokens = 0  # speculation: tokens proposed (and computed), and kept
         self.n_accepted_tokens = 0
         self.n_steps = 0
@@ -310,6 +314,7 @@ class Engine:
         """Each decoding sequence's proposals for this step (none without a proposer)."""
         if self.proposer is None:
             return
+        seqs, rooms = [], []
         for seq in self.scheduler.running:
             seq.draft = []
             # one token to compute (decoding), no grammar to walk through guesses
@@ -318,7 +323,11 @@ class Engine:
             p = seq.params
             # proposals plus the token sampled after them stay within max_tokens and max_len
             room = min(p.max_tokens - len(seq.output_ids), seq.max_len - len(seq.token_ids)) - 1
-            seq.draft = self.proposer.propose(seq.token_ids, room)
+            if room >= 1:
+                seqs.append(seq)
+                rooms.append(room)
+        for seq, draft in zip(seqs, self.proposer.propose_all(seqs, rooms)):
+            seq.draft = draft
 
     def _verify(self, seq: Sequence, rows, finite, is_fast: bool, now: float) -> None:
         """Sample the proposals' rows in order, as plain decoding would, while each sampled
@@ -470,6 +479,8 @@ class Engine:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
+        if self.proposer is not None:
+            self.proposer.forget(seq)
         req = self.requests.get(seq.request_id)
         if req is not None and all(s.finished for s in req.seqs):
             req.metrics.finish_time = time.perf_counter()

@@ -165,7 +165,9 @@ class CpuBackend(Backend):
         self._blas_limits = _pin_blas(self.num_threads)
         self.ops = CpuOps()
         self._step_threads = _StepThreads(self.num_threads, adapt=adapt_threads)
-        self._pools: np.ndarray | None = None  # (L, P, NB, BS, ...) behind allocate_kv's views
+        # (L, P, NB, BS, ...) buffers behind allocate_kv's views, one per model it served (a
+        # speculative draft model has its own)
+        self._pools: list[np.ndarray] = []
 
     def _set_threads(self, n: int) -> None:
         if n != self._threads_now:
@@ -205,19 +207,20 @@ class CpuBackend(Backend):
         pools = lazy_zeros(
             (len(layer_specs), len(names), num_blocks, block_size, *shapes.pop()), self.kv_dtype
         )
-        self._pools = pools
+        self._pools.append(pools)
         return [
             {name: pools[i, j] for j, name in enumerate(names)} for i in range(len(layer_specs))
         ]
 
     def _stack_pools(self, kv) -> np.ndarray | None:
         """The single buffer behind kv, when kv is the set of views allocate_kv handed out."""
-        pools = self._pools
-        if pools is None or len(kv) != pools.shape[0] or not kv[0]:
+        if not kv or not kv[0]:
             return None
-        if next(iter(kv[0].values())).ctypes.data != pools.ctypes.data:
-            return None
-        return pools
+        first = next(iter(kv[0].values())).ctypes.data
+        for pools in self._pools:
+            if pools.ctypes.data == first and len(kv) == pools.shape[0]:
+                return pools
+        return None
 
     def _native(self, model, kv) -> tuple[CpuDecoder, np.ndarray] | None:
         lowered = self.lowered(model)
