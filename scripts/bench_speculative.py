@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("-k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("-k", type=int, default=3, help="num_speculative_tokens")
     a = ap.parse_args(argv)
     config = {
         "method": "ngram",

@@ -104,6 +104,7 @@ class Sequence:
         self.detokenizer = None
         self.matcher = None  # structured output: where the grammar stands (structured.Matcher)
         self.draft: list[int] = []  # speculative decoding: tokens proposed to follow token_ids
+        self.spec_cap: int | None = None  # the most to propose next (None: the config's k)
         self.text = ""  # output text so far (stop strings cut out)
         self.sent_text_len = 0  # how much of text has been handed out as deltas
         self.sent_token_len = 0
