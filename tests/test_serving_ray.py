@@ -248,7 +248,7 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_ray_restarts_it(server)
     results: list = [None] * 12
 
     def send(i: int) -> None:  # the warmed prefix: all go to the replica that holds it
-        body = {"prompt": f"{doc}q{i}", "max_tokens": 150, "ignore_eos": True}
+        body = {"prompt": f"{doc}q{i}", "max_tokens": 180, "ignore_eos": True}  # to the context
         if i >= 8:
             r = post(server, body)
             results[i] = (r.status_code, [r.text])

@@ -122,17 +122,22 @@ def _text_or_file(value: str | None) -> str | None:
         raise RequestError(f"cannot read {value}: {e.strerror}") from None
 
 
+def model_options(args) -> dict:
+    """LLM's keyword arguments from the flags add_model_args defines."""
+    return {
+        "model": args.model,
+        "backend": args.backend,
+        "device": args.device,
+        "dtype": args.dtype,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "speculative_config": args.speculative_config,
+    }
+
+
 def _load(args):
     from .api import LLM
 
-    return LLM(
-        args.model,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
-        tensor_parallel_size=args.tensor_parallel_size,
-        speculative_config=args.speculative_config,
-    )
+    return LLM(**model_options(args))
 
 
 def _stream(llm, prompt, params, stats: bool) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_model_args
+from ..cli import add_model_args, model_options
 from ..settings import settings
 from .app import _MISSING_EXTRA, create_app
 from .protocol import ServerConfig
@@ -96,12 +96,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 def llm_options(args: argparse.Namespace) -> dict:
     """LLM's keyword arguments from the flags (each replica builds its own LLM from them)."""
     return {
-        "model": args.model,
-        "backend": args.backend,
-        "device": args.device,
-        "dtype": args.dtype,
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "speculative_config": args.speculative_config,
+        **model_options(args),
         "max_num_seqs": args.max_num_seqs,
         "kv_cache_tokens": args.kv_cache_tokens,
     }

@@ -215,10 +215,16 @@ class _IngressApp:
     async def metrics(self) -> str:
         answered: dict[str, str] = {}
         while True:  # a replica answering twice means every live one has answered
-            replica, text = await self.engine.metrics.remote(Probe(frozenset(answered)))
+            try:
+                replica, text = await self.engine.metrics.remote(Probe(frozenset(answered)))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if not answered:
+                    raise
+                break  # one died mid-scrape: the others' samples, as a scraper misses a target
             if replica in answered:
-                return merge(list(answered.values()))
+                break
             answered[replica] = text
+        return merge(list(answered.values()))
 
     async def forward(self, scope, receive, send) -> None:
         # one byte over the limit is all the replica needs to answer 413 as one process does
