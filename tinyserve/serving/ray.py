@@ -344,8 +344,9 @@ def serve_replicas(args: argparse.Namespace) -> int:
     Ctrl-C or SIGTERM, then take the application down (and the local Ray with it)."""
     app = application(args)
     local = args.ray_address is None
-    # a local Ray for this command only: no dashboard, and it dies with us
-    ray.init(address=args.ray_address, include_dashboard=False if local else None)
+    # a local Ray for this command only ("local": never one that `ray start` left running here,
+    # whose Serve the shutdown below would take down): no dashboard, and it dies with us
+    ray.init(address=args.ray_address or "local", include_dashboard=False if local else None)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
