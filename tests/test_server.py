@@ -586,6 +586,7 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": [999999]}, 400, "allowed_token_ids"),
     ("/v1/completions", {"prompt": ["x", ""]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [[1, 2], "x"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["x"] * 65}, 400, "prompt"),  # more than max_queue
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, None),
     ("/v1/completions", {"prompt": "word " * 80}, 400, "prompt"),

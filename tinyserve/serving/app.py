@@ -260,6 +260,13 @@ class _Server:
         self._check_model(body)
         tokenizer = self.llm.tokenizer
         prompts = completion_prompts(body, tokenizer)
+        if len(prompts) > self.config.max_queue:  # would wait for a queue that never has room
+            raise HTTPError(
+                400,
+                f"a batch of {len(prompts)} prompts is more than this server's queue of "
+                f"{self.config.max_queue}",
+                "prompt",
+            )
         top_n = _field(body, "logprobs", "int")
         echo = _field(body, "echo", "bool", False)
         params = _sampling_params(
