@@ -137,6 +137,24 @@ def test_stops_max_tokens_and_preemption(make_llm):
     assert small.engine.kv_manager.n_used_blocks == 0
 
 
+def test_stop_strings_cut_inside_kept_proposals(make_llm):
+    """A stop string completed by a kept proposal ends the text there, as in plain decoding."""
+    prompt = "the cat sat on the mat and the cat sat on the mat and the cat sat on the"
+    free = make_llm().generate([prompt], SamplingParams(max_tokens=24, temperature=0))[0]
+    text = free.outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), repr(text)
+    params = SamplingParams(max_tokens=24, temperature=0, stop=(stop,))
+    want = make_llm().generate([prompt, prompt[:30]], params)
+    got = make_llm(speculative_config=NGRAM).generate([prompt, prompt[:30]], params)
+    for a, b in zip(got, want):
+        assert (a.outputs[0].text, a.outputs[0].finish_reason) == (
+            b.outputs[0].text,
+            b.outputs[0].finish_reason,
+        )
+    assert want[0].outputs[0].finish_reason == "stop"
+
+
 def test_rejections_roll_back_the_cache(make_llm):
     """Sampling at a high temperature rejects most proposals: afterwards no block is in use, and
     every block the prefix cache holds is a run of tokens some request kept."""
