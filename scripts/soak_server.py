@@ -3,8 +3,10 @@
 Starts the server as a child process, runs N requests over raw sockets with C at a time (a seeded
 mix: streaming or not, reading everything, reading slowly through a small receive buffer, never
 reading after the headers, hanging up mid-stream or before the answer), then prints the server's
-RSS at the start, middle and end, the KV blocks in use once it is idle, and what /metrics counts
-by finish reason. A flat RSS and 0 blocks in use are what a slow reader must not break.
+RSS at the start, middle and end (and after each tenth), the KV blocks in use once it is idle, and
+what /metrics counts by finish reason. A flat RSS and 0 blocks in use are what a slow reader must
+not break. The KV pool is allocated up front but its pages become resident only when a block is
+first written, so RSS climbs by up to the pool's size until every block has been used once.
 
     python scripts/soak_server.py --requests 3000 --concurrency 32
     python scripts/soak_server.py --model tests/fixtures/hf/smollm2 --backend numpy --requests 300
@@ -100,6 +102,7 @@ async def one_request(port: int, kind: str, body: dict, rng: random.Random, time
 async def soak(args, port: int, pid: int) -> dict:
     rng = random.Random(args.seed)
     rss = {"start": rss_mib(pid)}
+    every_tenth: list[float] = []  # RSS after each tenth of the requests
     kinds = {k: 0 for k in KINDS}
     complete = 0
     sem = asyncio.Semaphore(args.concurrency)
@@ -127,6 +130,8 @@ async def soak(args, port: int, pid: int) -> dict:
             complete, done = complete + ok, done + 1  # after the await: no update is lost
             if done == args.requests // 2:
                 rss["middle"] = rss_mib(pid)
+            if done % max(1, args.requests // 10) == 0:
+                every_tenth.append(round(rss_mib(pid), 1))
 
     await asyncio.gather(*(run(i) for i in range(args.requests)))
     for _ in range(600):  # idle: the last aborts have reached the engine
@@ -148,6 +153,8 @@ async def soak(args, port: int, pid: int) -> dict:
         "clients": kinds,
         "complete_answers": complete,
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
+        "rss_mib_every_tenth": every_tenth,
+        "kv_blocks_total": int(metric(text, "tinyserve_kv_blocks_total")),
         "kv_blocks_in_use": int(metric(text, "tinyserve_kv_blocks_in_use")),
         "finished_by_reason": finished,
     }
