@@ -93,19 +93,13 @@ class CpuDecoder:
         if attn.o.b is not None:
             raise NotLowerable("o has a bias")
         return {
-            "w": w + _ffn_rows(layer.ffn),
-            "attn_norm": layer.attn_norm,
-            "post_attn_norm": layer.post_attn_norm,
-            "ffn_norm": layer.ffn_norm,
-            "post_ffn_norm": layer.post_ffn_norm,
+            **self._entry(layer, w),
             "q_bias": bias[0],
             "k_bias": bias[1],
             "v_bias": bias[2],
             "q_norm": attn.q_norm,
             "k_norm": attn.k_norm,
             "window": attn.window or 0,
-            "rope": self._rope_index(attn.rope),
-            "has_ffn": isinstance(layer.ffn, GatedMLP),
         }
 
     def _mla_layer(self, layer: DecoderLayer, mla: dict) -> dict:
@@ -131,17 +125,24 @@ class CpuDecoder:
             w.append((0, 0, 0, 0))
         w += _rows_of((attn.o,), None, "o")
         return {
-            "w": w + _ffn_rows(layer.ffn),
-            "attn_norm": layer.attn_norm,
-            "post_attn_norm": layer.post_attn_norm,
-            "ffn_norm": layer.ffn_norm,
-            "post_ffn_norm": layer.post_ffn_norm,
+            **self._entry(layer, w),
             "q_a_norm": attn.q_a_norm,
             "kv_a_norm": attn.kv_a_norm,
             "q_absorb": attn.q_absorb,
             "v_up": attn.v_up,
             "window": 0,
-            "rope": self._rope_index(attn.rope),
+        }
+
+    def _entry(self, layer: DecoderLayer, w: list) -> dict:
+        """What a layer of either attention kind gives the stack: its attention's matrices then
+        the feed-forward's, its four norms, its rope table, whether the stack runs its FFN."""
+        return {
+            "w": w + _ffn_rows(layer.ffn),
+            "attn_norm": layer.attn_norm,
+            "post_attn_norm": layer.post_attn_norm,
+            "ffn_norm": layer.ffn_norm,
+            "post_ffn_norm": layer.post_ffn_norm,
+            "rope": self._rope_index(layer.attn.rope),
             "has_ffn": isinstance(layer.ffn, GatedMLP),
         }
 

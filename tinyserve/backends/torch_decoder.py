@@ -117,18 +117,11 @@ class TorchDecoder:
         if 2 * len(attn.rope.inv_freq) > self.spec.head_dim:
             raise NotLowerable("rope rotates more dims than a head has")
         return _Layer(
-            attn_norm=self._norm_weight(layer.attn_norm),
+            **self._shared(layer),
             qkv=[(lin.w, None if lin.b is None else lin.b.to(self.ops.dtype)) for lin in attn.qkv],
             q_norm=self._norm_weight(attn.q_norm),
             k_norm=self._norm_weight(attn.k_norm),
-            o=attn.o.w,
             o_bias=None if attn.o.b is None else attn.o.b.to(self.ops.dtype),
-            post_attn_norm=self._norm_weight(layer.post_attn_norm),
-            ffn_norm=self._norm_weight(layer.ffn_norm),
-            ffn_norm_f32=layer.ffn_norm,
-            ffn=layer.ffn,
-            post_ffn_norm=self._norm_weight(layer.post_ffn_norm),
-            rope=self._rope_index(attn.rope),
             window=attn.window,
         )
 
@@ -140,23 +133,29 @@ class TorchDecoder:
         if any(lin is not None and lin.b is not None for lin in lins):
             raise NotLowerable("an MLA projection has a bias")
         return _Layer(
-            attn_norm=self._norm_weight(layer.attn_norm),
+            **self._shared(layer),
             qkv=[],
             q_norm=None,
             k_norm=None,
-            o=attn.o.w,
             o_bias=None,
-            post_attn_norm=self._norm_weight(layer.post_attn_norm),
-            ffn_norm=self._norm_weight(layer.ffn_norm),
-            ffn_norm_f32=layer.ffn_norm,
-            ffn=layer.ffn,
-            post_ffn_norm=self._norm_weight(layer.post_ffn_norm),
-            rope=self._rope_index(attn.rope),
             window=None,
             mla=attn,
             q_a_norm=self._norm_weight(attn.q_a_norm),
             kv_a_norm=self._norm_weight(attn.kv_a_norm),
         )
+
+    def _shared(self, layer: DecoderLayer) -> dict:
+        """The _Layer fields of either attention kind: norms, o, the feed-forward, the rope."""
+        return {
+            "attn_norm": self._norm_weight(layer.attn_norm),
+            "o": layer.attn.o.w,
+            "post_attn_norm": self._norm_weight(layer.post_attn_norm),
+            "ffn_norm": self._norm_weight(layer.ffn_norm),
+            "ffn_norm_f32": layer.ffn_norm,
+            "ffn": layer.ffn,
+            "post_ffn_norm": self._norm_weight(layer.post_ffn_norm),
+            "rope": self._rope_index(layer.attn.rope),
+        }
 
     def _rope_index(self, rope: Rope) -> int:
         for i, known in enumerate(self.ropes):
