@@ -30,8 +30,12 @@ static inline void ts_sgemm_nn(int64_t n, int64_t m, int64_t k, const float *a, 
                                       c, (int)ldc);
 }
 
-/* Whether a registered sgemm can run single-threaded on each pool thread. */
-static inline int ts_attn_gemm_ready(void) { return ts_sgemm_ptr != 0 && ts_blas_local_ptr != 0; }
+/* Whether prefill attention takes the sgemm tiles: only in exact-prefill mode (quant.h's
+   ts_blas_min_n > 0), as sgemm's summation order depends on the tile a token lands in, and only
+   where a registered sgemm can run single-threaded on each pool thread. */
+static inline int ts_attn_gemm_ready(void) {
+    return ts_blas_min_n > 0 && ts_sgemm_ptr != 0 && ts_blas_local_ptr != 0;
+}
 
 /* Every tile's task on the pool, BLAS held to one thread meanwhile; -1: out of memory. */
 typedef struct {
@@ -41,12 +45,6 @@ typedef struct {
     _Atomic int failed;
 } ts_attn_gemm_job;
 
-/* The key range [lo, hi] token t attends to (causal, sliding window). */
-static inline void ts_attn_range(const ts_attn_job *j, int64_t t, int64_t *lo, int64_t *hi) {
-    const int64_t s = j->seq_of[t], pos = j->positions[t];
-    *hi = pos < j->seq_lens[s] - 1 ? pos : j->seq_lens[s] - 1;
-    *lo = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0;
-}
 
 /* item = tile * KVH + kv head: that tile's queries of the kv head's G query heads */
 static void ts_attn_gemm_task(void *ctx, int64_t item) {

@@ -2,9 +2,10 @@
        out[n, h, :] = w[h] @ x[n, h, :]        x (N, H, K; row stride ldx), w (H, M, K)
    MLA absorbs W_UK into each query head ((dr + dn) -> (dr + r)) and applies W_UV to each head's
    attended latent (r -> dv) this way. One task per head on the kernel pool: a few rows are dot
-   products; from HEAD_GEMM_MIN_ROWS rows (a prefill chunk) each head is one single-threaded
-   sgemm on its pool thread (as attn_gemm.h's tiles), when a BLAS with a per-thread thread
-   setter is registered (quant.h). */
+   products, each output one ts_dot whatever the row count (a row's result does not depend on the
+   step). In exact-prefill mode (quant.h's ts_blas_min_n > 0), from HEAD_GEMM_MIN_ROWS rows (a
+   prefill chunk) each head is one single-threaded sgemm on its pool thread (as attn_gemm.h's
+   tiles), when a BLAS with a per-thread thread setter is registered. */
 #ifndef TINYSERVE_HEAD_MATMUL_H
 #define TINYSERVE_HEAD_MATMUL_H
 
@@ -40,7 +41,8 @@ static void ts_head_task(void *ctx, int64_t h) {
 static inline void ts_head_matmul(const float *x, int64_t N, int64_t H, int64_t K, const float *w,
                                   int64_t M, float *out, int nthreads) {
     ts_head_job job = {x, w, out, N, K, M, H * K, H * M, 0};
-    job.gemm = N >= TS_HEAD_GEMM_MIN_ROWS && ts_sgemm_ptr != 0 && ts_blas_local_ptr != 0;
+    job.gemm = ts_blas_min_n > 0 && N >= TS_HEAD_GEMM_MIN_ROWS && ts_sgemm_ptr != 0 &&
+               ts_blas_local_ptr != 0;
     if (!job.gemm) {
         ts_parallel_for(nthreads, H, ts_head_task, &job);
         return;

@@ -69,6 +69,7 @@ cdef extern from "kernels_attn.h" nogil:
         const int64_t *tokens
     void ts_attn_task(void *ctx, int64_t item)
     void ts_attn_merge_task(void *ctx, int64_t th)
+    int64_t ts_attn_max_pieces(int64_t max_len)
 
 
 cdef extern from "kernels_sample.h" nogil:
@@ -301,6 +302,24 @@ def softmax(x):
     return out
 
 
+def head_matmul(x, w):
+    """(N, h, K), (h, M, K) float32 -> (N, h, M): per head x[:, i] @ w[i].T, each output one
+    fixed-order dot product whatever N (ext/head_matmul.h; sgemm per head in exact prefill)."""
+    xc = np.ascontiguousarray(x, dtype=np.float32)
+    wc = np.ascontiguousarray(w, dtype=np.float32)
+    if xc.ndim != 3 or wc.ndim != 3 or xc.shape[1] != wc.shape[0] or xc.shape[2] != wc.shape[2]:
+        raise ValueError(f"head_matmul needs (N, h, K) and (h, M, K), got {xc.shape}, {wc.shape}")
+    cdef Py_ssize_t N = xc.shape[0], H = xc.shape[1], K = xc.shape[2], M = wc.shape[1]
+    out = np.empty((N, H, M), np.float32)
+    if out.size == 0:
+        return out
+    cdef size_t xp = xc.ctypes.data, wp = wc.ctypes.data, op = out.ctypes.data
+    cdef int threads = _threads_for(N * H * M * K)
+    with nogil:
+        ts_head_matmul(<const float *>xp, N, H, K, <const float *>wp, M, <float *>op, threads)
+    return out
+
+
 # -- paged KV cache ------------------------------------------------------------------------------
 
 
@@ -429,17 +448,16 @@ cdef int64_t _gemm_tiles(const int64_t[::1] seq_of, int64_t *tiles, int64_t *res
     return n_tiles
 
 
-SPAN_MIN_KEYS = 64  # a decode step's keys are split into pieces of at least this many
-
-
 def _attn_spans(N, KVH, max_len):
-    """Pieces each token's keys are cut into: 1 when tokens x kv heads already give every thread
-    a few work items (prefill, big batches); else enough for ~4 items per thread, each piece
-    >= SPAN_MIN_KEYS keys (a decode step of one sequence still spreads over the threads)."""
-    items = N * KVH
-    if items >= 4 * ts_threads() or max_len < 2 * SPAN_MIN_KEYS:
+    """Item slots per (token, kv head): 1 when tokens x kv heads already give every thread a few
+    work items (prefill, big batches: each item runs its token's key pieces in turn); else one
+    slot per possible piece (ts_attn_max_pieces), so a decode step of one long sequence still
+    spreads over the threads. Either way the pieces and their merge are the same (kernels_attn.h):
+    this picks who computes them, never the result."""
+    pieces = ts_attn_max_pieces(max_len)
+    if N * KVH >= 4 * ts_threads() or pieces == 1:
         return 1
-    return max(1, min(-(-4 * ts_threads() // items), max_len // SPAN_MIN_KEYS))
+    return pieces
 
 
 def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, block_tables,
@@ -600,6 +618,9 @@ cdef extern from "quant.h" nogil:
     void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
                                 const uint16_t *w, int64_t m, int64_t w_stride, float *out,
                                 int nthreads, int isa)
+    void ts_matmul_wf_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                              const void *w, int f32, int64_t m, int64_t w_stride, float *out,
+                              int nthreads, int isa)
     void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
                             const int64_t *ids, int64_t n, float *out, int nthreads)
     int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads)

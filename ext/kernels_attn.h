@@ -178,10 +178,16 @@ static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, 
     }
 }
 
-/* The work items of one paged attention call: item = (token, kv head, span of its keys). With
-   n_spans > 1 (few tokens: a decode step) each token's keys are cut into n_spans pieces so the
-   threads share one sequence's attention; each piece leaves (acc, m, l) in part and
-   ts_attn_merge combines them (the flash-decoding split). */
+/* The work items of one paged attention call. A token's keys [lo, hi] are cut at fixed
+   positions, multiples of TS_ATTN_PIECE: each piece's online softmax leaves (acc, m, l), and the
+   pieces are combined in order (ts_attn_merge, the flash-decoding merge). The cuts and the merge
+   depend only on the token's own position, never on the step: a token's output is the same bits
+   alone or in a batch, at any thread count. Only who computes a piece depends on the step: with
+   n_spans > 1 (few tokens: a decode step) item = (token, kv head, piece) and the pieces of one
+   token spread over the threads, leaving their partials in part; with n_spans == 1 item = (token,
+   kv head) computes its pieces one after another in its own scratch. */
+#define TS_ATTN_PIECE 256
+
 typedef struct {
     const float *q; /* (N, H, Dh) */
     const void *k, *v; /* pools (NB, BS, KVH, Dh), (NB, BS, KVH, Dv): float32, or half if kv_f16 */
@@ -190,66 +196,56 @@ typedef struct {
     int kv_f16;
     const int64_t *seq_of, *seq_lens, *positions; /* (N,), (S,), (N,) */
     const int32_t *block_tables; /* (S, max_blocks) */
-    int64_t max_blocks, H, Dh, Dv, BS, KVH, window, n_spans;
+    int64_t max_blocks, H, Dh, Dv, BS, KVH, window;
+    int64_t n_spans; /* > 1: pieces per item slot (ts_attn_max_pieces); 1: a token per item */
     float scale;
     float *out; /* (N, H, Dv) */
     float *part; /* n_spans > 1: (N, KVH, n_spans, G, Dv + 2) */
     const int64_t *tokens; /* the flat tokens the items cover, in order; NULL: all N */
 } ts_attn_job;
 
-static void ts_attn_task(void *ctx, int64_t item) {
-    const ts_attn_job *j = (const ts_attn_job *)ctx;
-    const int64_t G = j->H / j->KVH, Dh = j->Dh, Dv = j->Dv;
-    const int64_t span = item % j->n_spans, kvh = item / j->n_spans % j->KVH;
-    const int64_t ti = item / j->n_spans / j->KVH, t = j->tokens ? j->tokens[ti] : ti;
+/* The key range [lo, hi] token t attends to (causal, sliding window). */
+static inline void ts_attn_range(const ts_attn_job *j, int64_t t, int64_t *lo, int64_t *hi) {
     const int64_t s = j->seq_of[t], pos = j->positions[t];
-    int64_t hi = pos; /* causal: keys at positions <= the query's */
-    if (hi > j->seq_lens[s] - 1) hi = j->seq_lens[s] - 1;
-    int64_t lo = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0;
-    if (j->n_spans > 1) { /* this item's piece of [lo, hi] */
-        const int64_t n = hi - lo + 1, a = lo + n * span / j->n_spans;
-        hi = lo + n * (span + 1) / j->n_spans - 1;
-        lo = a;
-    }
-    float *work = (float *)ts_scratch(2, sizeof(float) * (size_t)(G * (Dh + Dv + j->BS + 3) +
-                                                                  j->BS * (Dh + Dv)));
-    if (!work) abort(); /* a few KB */
-    /* work: q scaled (G, Dh) | acc (G, Dv) | m (G) | l (G) | the span's (G, BS + 1) + widened rows */
-    float *qs = work, *acc = qs + G * Dh, *m = acc + G * Dv, *l = m + G, *span_work = l + G;
-    const float *qt = j->q + (t * j->H + kvh * G) * Dh;
-    for (int64_t i = 0; i < G * Dh; i++) qs[i] = qt[i] * j->scale;
-    if (j->n_spans > 1) { /* the piece's (acc, m, l) go to part for the merge */
-        acc = j->part + ((t * j->KVH + kvh) * j->n_spans + span) * G * (Dv + 2);
-        m = acc + G * Dv;
-        l = m + G;
-    }
-    const int64_t es = j->kv_f16 ? 2 : 4;
-    ts_attn_span(qs, (int)G, Dh, Dv, (const char *)j->k + kvh * Dh * es,
-                 (const char *)j->v + kvh * Dv * es, j->kv_f16, j->BS * j->KVH * Dh,
-                 j->KVH * Dh, j->v_block, j->v_row, j->block_tables + s * j->max_blocks,
-                 j->BS, lo, hi, acc, m, l, span_work);
-    if (j->n_spans == 1) {
-        float *o = j->out + (t * j->H + kvh * G) * Dv;
-        for (int64_t g = 0; g < G; g++)
-            for (int64_t d = 0; d < Dv; d++) o[g * Dv + d] = acc[g * Dv + d] / l[g];
-    }
+    *hi = pos < j->seq_lens[s] - 1 ? pos : j->seq_lens[s] - 1;
+    *lo = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0;
 }
 
-/* out = the n_spans pieces of each (token, head) combined: sum_c e^(m_c - M) acc_c / L */
-static void ts_attn_merge_task(void *ctx, int64_t th) {
-    const ts_attn_job *j = (const ts_attn_job *)ctx;
-    const int64_t G = j->H / j->KVH, Dv = j->Dv, h = th % j->H;
-    const int64_t t = j->tokens ? j->tokens[th / j->H] : th / j->H;
-    const int64_t kvh = h / G, g = h % G, stride = G * (Dv + 2);
-    const float *p0 = j->part + (t * j->KVH + kvh) * j->n_spans * stride;
+/* The most pieces a token of a sequence of max_len keys has: a bound for part's n_spans. */
+static inline int64_t ts_attn_max_pieces(int64_t max_len) { return max_len / TS_ATTN_PIECE + 1; }
+
+/* Piece c of a token's [lo, hi]: [*a, *b], empty (*b < *a) past its last piece. */
+static inline void ts_attn_piece_range(int64_t lo, int64_t hi, int64_t c, int64_t *a, int64_t *b) {
+    const int64_t start = (lo / TS_ATTN_PIECE + c) * TS_ATTN_PIECE;
+    *a = start > lo ? start : lo;
+    *b = start + TS_ATTN_PIECE - 1 < hi ? start + TS_ATTN_PIECE - 1 : hi;
+}
+
+/* One piece of token t's keys for kv head kvh: acc (G, Dv), m (G), l (G) at p. */
+static inline void ts_attn_piece(const ts_attn_job *j, int64_t t, int64_t kvh, int64_t c,
+                                 const float *qs, float *p, float *span_work) {
+    const int64_t G = j->H / j->KVH, Dh = j->Dh, Dv = j->Dv, es = j->kv_f16 ? 2 : 4;
+    int64_t lo, hi, a, b;
+    ts_attn_range(j, t, &lo, &hi);
+    ts_attn_piece_range(lo, hi, c, &a, &b);
+    float *acc = p, *m = acc + G * Dv, *l = m + G;
+    ts_attn_span(qs, (int)G, Dh, Dv, (const char *)j->k + kvh * Dh * es,
+                 (const char *)j->v + kvh * Dv * es, j->kv_f16, j->BS * j->KVH * Dh,
+                 j->KVH * Dh, j->v_block, j->v_row, j->block_tables + j->seq_of[t] * j->max_blocks,
+                 j->BS, a, b, acc, m, l, span_work);
+}
+
+/* o (Dv,) = head g's n pieces at p0 (stride floats apart) combined in order:
+   sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M the largest m_c; empty pieces add nothing */
+static inline void ts_attn_merge(const float *p0, int64_t stride, int64_t n, int64_t G,
+                                 int64_t Dv, int64_t g, float *o) {
     float M = -INFINITY, L = 0.0f;
-    for (int64_t c = 0; c < j->n_spans; c++) {
+    for (int64_t c = 0; c < n; c++) {
         const float mc = p0[c * stride + G * Dv + g];
         M = mc > M ? mc : M;
     }
-    float *o = j->out + (t * j->H + h) * Dv;
     for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
-    for (int64_t c = 0; c < j->n_spans; c++) {
+    for (int64_t c = 0; c < n; c++) {
         const float *pc = p0 + c * stride;
         const float lc = pc[G * Dv + G + g];
         if (lc == 0.0f) continue; /* an empty piece */
@@ -258,6 +254,45 @@ static void ts_attn_merge_task(void *ctx, int64_t th) {
         for (int64_t d = 0; d < Dv; d++) o[d] += w * pc[g * Dv + d];
     }
     for (int64_t d = 0; d < Dv; d++) o[d] /= L;
+}
+
+static void ts_attn_task(void *ctx, int64_t item) {
+    const ts_attn_job *j = (const ts_attn_job *)ctx;
+    const int64_t G = j->H / j->KVH, Dh = j->Dh, Dv = j->Dv, stride = G * (Dv + 2);
+    const int64_t c = item % j->n_spans, kvh = item / j->n_spans % j->KVH;
+    const int64_t ti = item / j->n_spans / j->KVH, t = j->tokens ? j->tokens[ti] : ti;
+    int64_t lo, hi;
+    ts_attn_range(j, t, &lo, &hi);
+    const int64_t n = hi < lo ? 0 : hi / TS_ATTN_PIECE - lo / TS_ATTN_PIECE + 1;
+    /* work: q scaled (G, Dh) | the span's (G, BS + 1) + widened rows | n_spans == 1: n pieces */
+    const int64_t span_floats = G * (j->BS + 1) + j->BS * (Dh + Dv);
+    const int64_t own = j->n_spans == 1 ? n * stride : 0;
+    float *work = (float *)ts_scratch(2, sizeof(float) * (size_t)(G * Dh + span_floats + own));
+    if (!work) abort(); /* a few KB, and n pieces of (G, Dv + 2) */
+    float *qs = work, *span_work = qs + G * Dh, *pieces = span_work + span_floats;
+    const float *qt = j->q + (t * j->H + kvh * G) * Dh;
+    for (int64_t i = 0; i < G * Dh; i++) qs[i] = qt[i] * j->scale;
+    if (j->n_spans > 1) { /* one piece, left in part for ts_attn_merge_task */
+        ts_attn_piece(j, t, kvh, c, qs, j->part + ((t * j->KVH + kvh) * j->n_spans + c) * stride,
+                      span_work);
+        return;
+    }
+    for (int64_t p = 0; p < n; p++) ts_attn_piece(j, t, kvh, p, qs, pieces + p * stride, span_work);
+    float *o = j->out + (t * j->H + kvh * G) * Dv;
+    for (int64_t g = 0; g < G; g++) ts_attn_merge(pieces, stride, n, G, Dv, g, o + g * Dv);
+}
+
+/* n_spans > 1: out (t, h) = the token's pieces in part combined */
+static void ts_attn_merge_task(void *ctx, int64_t th) {
+    const ts_attn_job *j = (const ts_attn_job *)ctx;
+    const int64_t G = j->H / j->KVH, Dv = j->Dv, h = th % j->H;
+    const int64_t t = j->tokens ? j->tokens[th / j->H] : th / j->H;
+    const int64_t kvh = h / G, stride = G * (Dv + 2);
+    int64_t lo, hi;
+    ts_attn_range(j, t, &lo, &hi);
+    const int64_t n = hi < lo ? 0 : hi / TS_ATTN_PIECE - lo / TS_ATTN_PIECE + 1;
+    ts_attn_merge(j->part + (t * j->KVH + kvh) * j->n_spans * stride, stride, n, G, Dv, h % G,
+                  j->out + (t * j->H + h) * Dv);
 }
 
 #endif

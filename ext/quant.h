@@ -12,7 +12,7 @@
  *
  * C API (ext/quant.pxi wraps it and ext/kernels.pyx's decoder stack calls it directly, one
  * translation unit): ts_matmul_q, ts_matmul_q_strided, ts_matmul_bf16,
- * ts_matmul_bf16_strided, ts_dequantize_rows, ts_best_isa, ts_block_size, ts_type_size and the
+ * ts_matmul_bf16_strided, ts_matmul_wf_strided (bf16 or float32 weights), ts_dequantize_rows, ts_best_isa, ts_block_size, ts_type_size and the
  * TS_ISA_* values (0 scalar, 1 avx2, 2 vnni: the index of kernels.get_isa() in available_isas()).
  */
 #ifndef TINYSERVE_QUANT_H
@@ -154,22 +154,28 @@ static inline int ts_best_isa(void) {
 
 typedef void (*quant_fn)(const float *x, int64_t k, int qk, int8_t *q, float *d, float *s,
                          int16_t *bs);
-typedef void (*bf16_fn)(const uint16_t *w, const float *x, int64_t xs, int64_t k, int n_x,
-                        float *out, int64_t os);
+/* one float weight row (bf16 bits or float32) . n_x activation rows */
+typedef void (*wf_fn)(const void *w, const float *x, int64_t xs, int64_t k, int n_x, float *out,
+                      int64_t os);
 
-static void ts_pick(int isa, int qtype, row_fn *row, quant_fn *quant, bf16_fn *bf16) {
+/* the row kernels of one implementation: quantized rows of qtype, activation quantizer, and the
+ * bf16 and f32 float-weight rows */
+static void ts_pick(int isa, int qtype, row_fn *row, quant_fn *quant, wf_fn *bf16, wf_fn *f32) {
     *row = ts_row_fn_scalar(qtype);
     *quant = ts_quantize_row_scalar;
     *bf16 = ts_row_bf16_scalar;
+    *f32 = ts_row_f32_scalar;
 #if TS_X86
     if (isa == TS_ISA_AVX2) {
         *row = row_fn_for_avx2(qtype);
         *quant = quantize_row_avx2;
         *bf16 = row_bf16_avx2;
+        *f32 = row_f32_avx2;
     } else if (isa == TS_ISA_VNNI) {
         *row = row_fn_for_vnni(qtype);
         *quant = quantize_row_vnni;
         *bf16 = row_bf16_vnni;
+        *f32 = row_f32_vnni;
     }
 #else
     (void)isa;
@@ -431,10 +437,10 @@ static inline int ts_matmul_q_run(const float *x, int64_t n, int64_t k, int64_t 
     }
     row_fn row[4];
     quant_fn quant;
-    bf16_fn unused;
+    wf_fn unused, unused_f32;
     int64_t nb[4], m_all = 0, work = 0;
     for (int j = 0; j < nw; j++) {
-        ts_pick(isa, qtype[j], &row[j], &quant, &unused);
+        ts_pick(isa, qtype[j], &row[j], &quant, &unused, &unused_f32);
         nb[j] = k / ts_block_size(qtype[j]);
         m_all += m[j];
         work += m[j] * w_stride[j] * n; /* weight bytes touched, counted per x row */
@@ -513,16 +519,16 @@ static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int6
 typedef struct {
     const float *x;
     int64_t x_stride, k, n;
-    const uint16_t *w;
-    int64_t m, w_stride;
+    const char *w;
+    int64_t m, w_stride; /* bytes between weight rows */
     float *out;
-    bf16_fn row;
+    wf_fn row;
     int64_t rc, n_nc;
     int tile_rows;
-} ts_bf16_job;
+} ts_wf_job;
 
-static void ts_bf16_task(void *ctx, int64_t task) {
-    const ts_bf16_job *j = (const ts_bf16_job *)ctx;
+static void ts_wf_task(void *ctx, int64_t task) {
+    const ts_wf_job *j = (const ts_wf_job *)ctx;
     const int64_t m = j->m, r0 = (task / j->n_nc) * j->rc, r1 = r0 + j->rc < m ? r0 + j->rc : m;
     const int64_t i0 = (task % j->n_nc) * TS_X_PER_TASK;
     const int64_t i1 = i0 + TS_X_PER_TASK < j->n ? i0 + TS_X_PER_TASK : j->n;
@@ -534,19 +540,30 @@ static void ts_bf16_task(void *ctx, int64_t task) {
     }
 }
 
+/* out (n, m) = x (n, k) @ w.T for float weights: w (m, k) bf16 bits (f32 = 0) or float32
+ * (f32 = 1), row r at w + r * w_stride bytes; x row i at x + i * x_stride. Each output is one
+ * fixed-order sum whatever n, the tile or the thread count (unlike BLAS, whose rows change with
+ * the row count: sgemv at one row, sgemm kernels by panel). */
+static inline void ts_matmul_wf_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                                        const void *w, int f32, int64_t m, int64_t w_stride,
+                                        float *out, int nthreads, int isa) {
+    row_fn unused_row;
+    quant_fn unused_quant;
+    wf_fn bf16, wf32;
+    ts_pick(isa, TS_Q8_0, &unused_row, &unused_quant, &bf16, &wf32);
+    ts_wf_job job = {x, x_stride, k, n, (const char *)w, m, w_stride, out, f32 ? wf32 : bf16,
+                     ts_rows_per_task(m, nthreads), (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK,
+                     isa == TS_ISA_VNNI ? 8 : 4};
+    const int64_t n_rc = (m + job.rc - 1) / job.rc;
+    ts_parallel_for(m * k * 2 * n >= (1 << 16) ? nthreads : 1, n_rc * job.n_nc, ts_wf_task, &job);
+}
+
 /* out (n, m) = x (n, k) @ bf16(w).T; w (m, k) uint16 bf16 bits; x row i at x + i * x_stride,
- * w row r at w + r * w_stride */
+ * w row r at w + r * w_stride (in elements) */
 static inline void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
                                           const uint16_t *w, int64_t m, int64_t w_stride,
                                           float *out, int nthreads, int isa) {
-    row_fn unused_row;
-    quant_fn unused_quant;
-    bf16_fn row;
-    ts_pick(isa, TS_Q8_0, &unused_row, &unused_quant, &row);
-    ts_bf16_job job = {x, x_stride, k, n, w, m, w_stride, out, row, ts_rows_per_task(m, nthreads),
-                       (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK, isa == TS_ISA_VNNI ? 8 : 4};
-    const int64_t n_rc = (m + job.rc - 1) / job.rc;
-    ts_parallel_for(m * k * 2 * n >= (1 << 16) ? nthreads : 1, n_rc * job.n_nc, ts_bf16_task, &job);
+    ts_matmul_wf_strided(x, n, k, x_stride, w, 0, m, 2 * w_stride, out, nthreads, isa);
 }
 
 /* the same two with C-contiguous x (n, k): the C API ext/kernels.pyx calls */

@@ -65,7 +65,9 @@ def get_blas_min_rows() -> int:
     return ts_blas_min_n
 
 
-set_blas_min_rows(blas_min_rows())
+# registered, unused: the integer path for every row count until a backend asks for exact
+# prefill (cpu.CpuBackend(exact_prefill=True) sets blas_min_rows() rows per step)
+set_blas_min_rows(0)
 if quant_isa():
     set_isa(quant_isa())
 
@@ -203,6 +205,28 @@ def matmul_bf16(cnp.ndarray x not None, cnp.ndarray w_bits not None, out=None):
         raise ValueError(f"w_bits rows are not uint16 aligned (strides {(<object>w_bits).strides})")
     with nogil:
         ts_matmul_bf16_strided(xp, n, k, x_stride, wp, m, w_stride, op, ts_threads(), _isa)
+    return o
+
+
+def matmul_f32(cnp.ndarray x not None, cnp.ndarray w not None, out=None):
+    """(N, K) float32, (M, K) float32 -> (N, M) float32 = x @ W.T, each output one fixed-order
+    sum whatever N or the thread count (BLAS's rows change with the row count)."""
+    if cnp.PyArray_TYPE(w) != cnp.NPY_FLOAT32 or cnp.PyArray_NDIM(w) != 2:
+        raise ValueError(f"w must be 2-D float32, got {w.dtype} {(<object>w).shape}")
+    if w.strides[1] != 4 or w.strides[0] % 4:
+        raise ValueError(f"w rows must be contiguous float32, got strides {(<object>w).strides}")
+    cdef Py_ssize_t k = w.shape[1]
+    cdef int64_t x_stride = _check_x(x, k)
+    cdef Py_ssize_t n = x.shape[0], m = w.shape[0]
+    cdef cnp.ndarray o = _out(out, n, m)
+    if n == 0 or m == 0:
+        return o
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
+    cdef const void *wp = cnp.PyArray_DATA(w)
+    cdef float *op = <float *>cnp.PyArray_DATA(o)
+    cdef int64_t w_stride = w.strides[0]
+    with nogil:
+        ts_matmul_wf_strided(xp, n, k, x_stride, wp, 1, m, w_stride, op, ts_threads(), _isa)
     return o
 
 

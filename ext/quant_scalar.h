@@ -232,11 +232,23 @@ static void ts_quantize_row_scalar(const float *x, int64_t k, int qk, int8_t *q,
     }
 }
 
-static void ts_row_bf16_scalar(const uint16_t *w, const float *x, int64_t xs, int64_t k, int n_x,
+/* one float weight row (bf16 bits, or float32) . n_x activation rows, summed in index order */
+static void ts_row_bf16_scalar(const void *w, const float *x, int64_t xs, int64_t k, int n_x,
                                float *out, int64_t os) {
+    const uint16_t *wb = (const uint16_t *)w;
     for (int t = 0; t < n_x; t++) {
         float acc = 0.0f;
-        for (int64_t i = 0; i < k; i++) acc += ts_bf16_to_f32(w[i]) * x[t * xs + i];
+        for (int64_t i = 0; i < k; i++) acc += ts_bf16_to_f32(wb[i]) * x[t * xs + i];
+        out[t * os] = acc;
+    }
+}
+
+static void ts_row_f32_scalar(const void *w, const float *x, int64_t xs, int64_t k, int n_x,
+                              float *out, int64_t os) {
+    const float *wf = (const float *)w;
+    for (int t = 0; t < n_x; t++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < k; i++) acc += wf[i] * x[t * xs + i];
         out[t * os] = acc;
     }
 }

@@ -213,11 +213,20 @@ static void SFX(quantize_row)(const float *x, int64_t k, int qk, int8_t *q, floa
     }
 }
 
-/* ---- bf16 weights: float FMA against bf16 bits widened to f32 --------------------------- */
+/* ---- float weights: bf16 bits widened to f32, or float32 as stored; float FMA ------------ */
 
-static inline __attribute__((always_inline)) void SFX(tile_bf16)(const uint16_t *w, const float *x,
-                                                                 int64_t xs, int64_t k, int NT,
-                                                                 float *out, int64_t os) {
+static inline __m256 SFX(load8w)(const void *w, int64_t i, int f32) {
+    if (f32) return _mm256_loadu_ps((const float *)w + i);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+/* one weight row (bf16 or f32: a constant at each call) . NT activation rows; each output summed
+   in one fixed order (lanes, then the tail), whatever NT */
+static inline __attribute__((always_inline)) void SFX(tile_wf)(const void *w, int f32,
+                                                               const float *x, int64_t xs,
+                                                               int64_t k, int NT, float *out,
+                                                               int64_t os) {
     __m256 acc[8];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     int64_t i = 0;
@@ -225,8 +234,13 @@ static inline __attribute__((always_inline)) void SFX(tile_bf16)(const uint16_t 
     __m512 acc16[8];
     for (int t = 0; t < NT; t++) acc16[t] = _mm512_setzero_ps();
     for (; i + 16 <= k; i += 16) {
-        const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + i));
-        const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        __m512 wv;
+        if (f32) {
+            wv = _mm512_loadu_ps((const float *)w + i);
+        } else {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+            wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        }
         for (int t = 0; t < NT; t++)
             acc16[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * xs + i), acc16[t]);
     }
@@ -236,31 +250,36 @@ static inline __attribute__((always_inline)) void SFX(tile_bf16)(const uint16_t 
                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc16[t]), 1)));
 #endif
     for (; i + 8 <= k; i += 8) {
-        const __m128i raw = _mm_loadu_si128((const __m128i *)(w + i));
-        const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+        const __m256 wv = SFX(load8w)(w, i, f32);
         for (int t = 0; t < NT; t++)
             acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * xs + i), acc[t]);
     }
     for (int t = 0; t < NT; t++) {
         float r = SFX(hsum)(acc[t]);
-        for (int64_t j = i; j < k; j++) r += ts_bf16_to_f32(w[j]) * x[t * xs + j];
+        for (int64_t j = i; j < k; j++)
+            r += (f32 ? ((const float *)w)[j] : ts_bf16_to_f32(((const uint16_t *)w)[j])) *
+                 x[t * xs + j];
         out[t * os] = r;
     }
 }
 
-static void SFX(row_bf16)(const uint16_t *w, const float *x, int64_t xs, int64_t k, int n_x,
-                          float *out, int64_t os) {
-    switch (n_x) {
-    case 8: SFX(tile_bf16)(w, x, xs, k, 8, out, os); break;
-    case 7: SFX(tile_bf16)(w, x, xs, k, 7, out, os); break;
-    case 6: SFX(tile_bf16)(w, x, xs, k, 6, out, os); break;
-    case 5: SFX(tile_bf16)(w, x, xs, k, 5, out, os); break;
-    case 4: SFX(tile_bf16)(w, x, xs, k, 4, out, os); break;
-    case 3: SFX(tile_bf16)(w, x, xs, k, 3, out, os); break;
-    case 2: SFX(tile_bf16)(w, x, xs, k, 2, out, os); break;
-    default: SFX(tile_bf16)(w, x, xs, k, 1, out, os); break;
+#define TILE_WF_DISPATCH(name, f32)                                                                \
+    static void SFX(row_##name)(const void *w, const float *x, int64_t xs, int64_t k, int n_x,     \
+                                float *out, int64_t os) {                                          \
+        switch (n_x) {                                                                             \
+        case 8: SFX(tile_wf)(w, f32, x, xs, k, 8, out, os); break;                                 \
+        case 7: SFX(tile_wf)(w, f32, x, xs, k, 7, out, os); break;                                 \
+        case 6: SFX(tile_wf)(w, f32, x, xs, k, 6, out, os); break;                                 \
+        case 5: SFX(tile_wf)(w, f32, x, xs, k, 5, out, os); break;                                 \
+        case 4: SFX(tile_wf)(w, f32, x, xs, k, 4, out, os); break;                                 \
+        case 3: SFX(tile_wf)(w, f32, x, xs, k, 3, out, os); break;                                 \
+        case 2: SFX(tile_wf)(w, f32, x, xs, k, 2, out, os); break;                                 \
+        default: SFX(tile_wf)(w, f32, x, xs, k, 1, out, os); break;                                \
+        }                                                                                          \
     }
-}
+TILE_WF_DISPATCH(bf16, 0)
+TILE_WF_DISPATCH(f32, 1)
+#undef TILE_WF_DISPATCH
 
 #undef TILE_BEGIN
 #undef TILE_END

@@ -194,6 +194,37 @@ def test_paged_attention_split_decode(kernels, threads, spec, H, KVH, Dh, BS, wi
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 300])
+def test_paged_attention_rows_do_not_depend_on_the_step(kernels, window):
+    """A token's attention is the same bits alone (one decode: its keys split over the threads),
+    beside other sequences (one item per token), as part of a prefill chunk, and at any thread
+    count: its keys are cut at fixed positions and the pieces merged in order."""
+    rng = np.random.default_rng(11)
+    H, KVH, Dh, BS = 9, 3, 64, 16
+    # sequence 0: 40 new tokens after 560 cached (its last token sees 600 keys: 3 pieces)
+    spec = [(40, 560), (1, 90), (1, 300), (8, 20)]
+    q, k_pool, v_pool, batch = _paged_case(rng, spec, H, KVH, Dh, BS, NB=72)
+    table = batch.block_tables[0][: -(-600 // BS)].tolist()
+    old = kernels.get_num_threads()
+    got = {}
+    try:
+        for threads in (1, 2):
+            kernels.set_num_threads(threads)
+            got["batch", threads] = kernels.paged_attention(q, k_pool, v_pool, batch, 0.125, window)
+            for i in (0, 39):  # the chunk's first and last token, each alone as a decode step
+                one = Batch.build([([0], 560 + i, table)], BS)
+                out = kernels.paged_attention(q[i : i + 1], k_pool, v_pool, one, 0.125, window)
+                got["alone", threads, i] = out[0]
+    finally:
+        kernels.set_num_threads(old)
+    np.testing.assert_array_equal(got["batch", 1], got["batch", 2])
+    for i in (0, 39):
+        for threads in (1, 2):
+            np.testing.assert_array_equal(got["alone", threads, i], got["batch", 1][i])
+    want = REF.paged_attention(q, k_pool, v_pool, batch, 0.125, window)
+    np.testing.assert_allclose(got["batch", 1], want, rtol=1e-4, atol=1e-5)
+
+
 def test_float16_pools_round_like_numpy_and_attend_like_float32(kernels):
     """A float16 KV cache: write_kv rounds as numpy's float16 cast does (nearest even, subnormals
     and overflow included), and attention over half pools equals attention over the same values

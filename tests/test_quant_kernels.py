@@ -245,25 +245,48 @@ def test_implementations_agree(qtype):
         assert np.all(np.abs(other - outs[0]) <= 1e-5 * scale)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
 def test_batched_equals_alone_and_threads_agree(qtype, isa):
-    # each output is summed in one fixed order whatever the tile, chunk or thread count
+    """Batch invariance: each output is summed in one fixed order whatever the row count (1, 7,
+    64, 65, 512: the matvec, ragged tiles, one and several 64-row tasks), tile or thread count."""
     rng = np.random.default_rng(7)
     cols = 512
     qt = weight(qtype, 301, cols, rng)  # big enough for the parallel path
-    x = rng.standard_normal((70, cols)).astype(np.float32)  # > one 64-row task, ragged tile
+    x = rng.standard_normal((512, cols)).astype(np.float32)
     before = quant.get_num_threads()
     try:
         quant.set_num_threads(1)
-        one = quant.matmul_q(x, qt.data, int(qtype), cols)
+        alone = np.concatenate([quant.matmul_q(x[i : i + 1], qt.data, int(qtype), cols)
+                                for i in range(len(x))])  # fmt: skip
         quant.set_num_threads(2)
-        two = quant.matmul_q(x, qt.data, int(qtype), cols)
+        for n in (1, 7, 64, 65, 512):
+            np.testing.assert_array_equal(quant.matmul_q(x[:n], qt.data, int(qtype), cols), alone[:n])
     finally:
         quant.set_num_threads(before)
-    np.testing.assert_array_equal(one, two)
-    for i in (0, 5, 69):
-        alone = quant.matmul_q(x[i : i + 1].copy(), qt.data, int(qtype), cols)
-        np.testing.assert_array_equal(alone[0], one[i])
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16"])
+def test_float_weights_batched_equal_alone(kind, isa):
+    """The float-weight kernels are row invariant too (BLAS is not: sgemv at one row)."""
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((203, 200)).astype(np.float32)  # 200: a tail after the 8/16 lanes
+    x = rng.standard_normal((70, 200)).astype(np.float32)
+    if kind == "f32":
+        run = lambda rows: quant.matmul_f32(rows, w)
+    else:
+        bits = (w.view(np.uint32) >> 16).astype(np.uint16)
+        run = lambda rows: quant.matmul_bf16(rows, bits)
+    before = quant.get_num_threads()
+    try:
+        quant.set_num_threads(2)
+        many = run(x)
+        quant.set_num_threads(1)
+        for i in (0, 3, 69):
+            np.testing.assert_array_equal(run(x[i : i + 1]), many[i : i + 1])
+    finally:
+        quant.set_num_threads(before)
+    if kind == "f32":
+        np.testing.assert_allclose(many, x @ w.T, rtol=1e-4, atol=1e-4)
 
 
 def test_out_buffer_reused_and_strided_rows_read_in_place(tmp_path):

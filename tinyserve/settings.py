@@ -32,7 +32,8 @@ class Settings:
     num_threads: int | None = None  # TINYSERVE_NUM_THREADS: kernel threads (None: all cores)
     kv_dtype: str | None = None  # TINYSERVE_KV_DTYPE: the cpu backend's KV cache dtype
     adapt_threads: bool | None = None  # TINYSERVE_ADAPT_THREADS=0: decode always on all threads
-    blas_min_n: int = 64  # TINYSERVE_BLAS_MIN_N: rows from which quantized matmuls use sgemm
+    exact_prefill: bool | None = None  # TINYSERVE_EXACT_PREFILL=1: cpu prefill in float sgemm
+    blas_min_n: int = 64  # TINYSERVE_BLAS_MIN_N: exact prefill's rows from which sgemm is used
     quant_isa: str | None = None  # TINYSERVE_QUANT_ISA: force scalar / avx2 / vnni kernels
     cpu_fused: bool | None = None  # TINYSERVE_CPU_FUSED=0: cpu runs the model file op by op
     torch_fused: bool | None = None  # TINYSERVE_TORCH_FUSED=0: torch runs it op by op
@@ -61,6 +62,7 @@ class Settings:
                 "kv_dtype": self.kv_dtype,
                 "adapt_threads": self.adapt_threads,
                 "lower": self.cpu_fused,
+                "exact_prefill": self.exact_prefill,
             }
         elif name == "torch":
             options = {"lower": self.torch_fused}
@@ -116,6 +118,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "num_threads": _int_at_least(1, "positive"),
     "kv_dtype": _one_of(KV_DTYPES),
     "adapt_threads": _flag,
+    "exact_prefill": _flag,
     "blas_min_n": _int_at_least(0, "non-negative"),
     "quant_isa": _one_of(QUANT_ISAS),
     "cpu_fused": _flag,

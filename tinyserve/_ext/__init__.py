@@ -65,8 +65,8 @@ def _address(fn) -> int:
 
 
 def blas_min_rows() -> int:
-    """Activation rows from which quantized matmuls go through sgemm (0 = never): below it the
-    integer tiles win. TINYSERVE_BLAS_MIN_N, read once by tinyserve.settings."""
+    """In exact-prefill mode, the activation rows from which quantized matmuls dequantize and go
+    through sgemm (0 = never). TINYSERVE_BLAS_MIN_N, read once by tinyserve.settings."""
     return settings().blas_min_n
 
 

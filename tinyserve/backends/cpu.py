@@ -1,7 +1,8 @@
 """The `cpu` backend: the same model files over Cython kernels (ext/ -> tinyserve._ext).
 
 Weights stay as the checkpoint holds them: GGUF blocks stay quantized (resident memory ~ file size)
-and are read directly by `tinyserve._ext.kernels.matmul_q`; bf16 stays bf16; float32 goes to BLAS.
+and are read directly by `tinyserve._ext.kernels.matmul_q`; bf16 stays bf16; float32 is read by
+`matmul_f32` (BLAS only in exact-prefill mode: its rows change with the row count).
 Every op has the name and shape contract of its NumPy reference (numpy_ops.py), checked by
 tests/test_cpu_kernels.py. A model whose declared spec has a lowering here (a Decoder with its
 matrices quantized: cpu_decoder.py) runs its layer stack in one native call; any other runs the
@@ -15,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._ext import default_threads
+from .._ext import blas_min_rows, default_threads
 from ..batch import Batch
 from ..models.spec import Decoder
 from ..step import StepMeta, as_step
@@ -74,15 +75,14 @@ class CpuOps(NumpyOps):
             return _kernels.matmul_q(x, w.data, int(w.qtype), w.shape[1], out)
         if native.is_bf16(w):
             return _kernels.matmul_bf16(x, w.bits, out)
-        if out is None:
-            return x @ w.T
-        return np.matmul(x, w.T, out=out)
+        if _kernels.get_blas_min_rows() and len(x) >= _kernels.get_blas_min_rows():
+            return np.matmul(x, w.T, out=out)  # exact prefill: BLAS, rows vary with the count
+        return _kernels.matmul_f32(x, w, out)
 
     def head_matmul(self, x, w):
-        """(N, h, K), (h, M, K) -> (N, h, M): per head x[:, i] @ w[i].T as one batched BLAS
-        matmul (the reference's einsum runs its own loops: ~5x slower over a prefill chunk)."""
-        x = np.asarray(x, dtype=np.float32).transpose(1, 0, 2)  # (h, N, K)
-        return np.ascontiguousarray(np.matmul(x, w.transpose(0, 2, 1)).transpose(1, 0, 2))
+        """(N, h, K), (h, M, K) -> (N, h, M): per head x[:, i] @ w[i].T, each output one
+        fixed-order dot product whatever N (the kernel's; sgemm per head in exact prefill)."""
+        return _kernels.head_matmul(x, w)
 
     def rms_norm(self, x, w, eps: float):
         """(..., D), (D,) -> (..., D): x / rms(x) * w."""
@@ -131,6 +131,11 @@ class CpuBackend(Backend):
         adapt_threads: decode steps on the thread count measured faster lately (_StepThreads);
             False: always num_threads.
         lower: run declared specs through the native decoder stack (False: op by op).
+        exact_prefill: steps of many rows dequantize the weights and run float32 sgemm (and
+            sgemm attention tiles) instead of the int8 kernels: float activations, for
+            verification. Off (the default), every row count takes one integer path, so a
+            request's tokens do not depend on what shares its step (batch invariance); on, a
+            row's numerics change with the step's size.
     """
 
     name = "cpu"
@@ -144,6 +149,7 @@ class CpuBackend(Backend):
         kv_dtype: str = "float32",
         adapt_threads: bool = True,
         lower: bool = True,
+        exact_prefill: bool = False,
     ):
         if device not in (None, "cpu"):
             raise ValueError(f"the cpu backend runs on the cpu only, not {device!r}")
@@ -162,6 +168,8 @@ class CpuBackend(Backend):
         self.kv_itemsize = 2 if kv_dtype == "float16" else 4
         self._threads_now = 0
         self._set_threads(self.num_threads)
+        # the kernels' sgemm threshold is process-wide: set before each step of this backend
+        self._blas_rows = blas_min_rows() if exact_prefill else 0
         self._blas_limits = _pin_blas(self.num_threads)
         self.ops = CpuOps()
         self._step_threads = _StepThreads(self.num_threads, adapt=adapt_threads)
@@ -249,7 +257,7 @@ class CpuBackend(Backend):
         outputs), without the (R, V) logits."""
         fast = self._native(model, kv)
         R = len(batch.logits_rows)
-        blas_rows = _kernels.get_blas_min_rows()
+        blas_rows = self._blas_rows
         if (
             fast is None
             or not greedy.all()
@@ -274,6 +282,8 @@ class CpuBackend(Backend):
         n = step.n_tokens
         threads = self._step_threads.pick(n) if self.num_threads > 1 else 1
         self._set_threads(threads)
+        if _kernels.get_blas_min_rows() != self._blas_rows:
+            _kernels.set_blas_min_rows(self._blas_rows)
         t0 = time.perf_counter()
         out = run()
         self._step_threads.record(n, threads, time.perf_counter() - t0)

@@ -204,15 +204,21 @@ def check_greedy(backend, arch: str = "llama", n_tokens: int = 12, seed: int = 0
     reference = _engine(ckpt, NumpyBackend())
     for prompt, out in zip(prompts, got):
         assert len(out) == n_tokens, f"{arch}: {len(out)} tokens generated, wanted {n_tokens}"
-        logits = reference.logits(prompt + out[:-1])[
-            len(prompt) - 1 :
-        ]  # (n, V) what the reference saw
-        margin = _logits_atol(backend, logits, arch)
+    _assert_argmax_steps(reference, prompts, got, lambda logits: _logits_atol(backend, logits, arch),
+                         arch)  # fmt: skip
+
+
+def _assert_argmax_steps(reference: Engine, prompts, outs, atol_of, what: str) -> None:
+    """Each greedy token of outs is the reference's argmax along that same path, up to the
+    tolerance atol_of(logits) where two logits are that close (a near-tie may flip)."""
+    for prompt, out in zip(prompts, outs):
+        logits = reference.logits(prompt + out[:-1])[len(prompt) - 1 :]  # (n, V) what it saw
+        margin = atol_of(logits)
         for i, (row, token) in enumerate(zip(logits, out)):
             best = int(np.argmax(row))
             assert row[token] >= row[best] - margin, (
-                f"{arch}: greedy step {i} chose {token} ({row[token]:.4f}) but the reference's argmax is "
-                f"{best} ({row[best]:.4f})"
+                f"{what}: greedy step {i} chose {token} ({row[token]:.4f}) but the reference's "
+                f"argmax is {best} ({row[best]:.4f})"
             )
 
 
@@ -297,8 +303,8 @@ def check_lowering_equals_op_by_op(
     seed: int = 0,
 ) -> str | None:
     """The backend's fast form of a model (its lowering, `lower=True`) gives the logits of the
-    model file run op by op on the same backend (`lower=False`), and in float32 the same greedy
-    tokens. Returns the name of the lowering that ran (None: the model has none there).
+    model file run op by op on the same backend (`lower=False`), and in float32 greedy tokens
+    that are the op-by-op argmax at every step (up to the logits tolerance at near-ties). Returns the name of the lowering that ran (None: the model has none there).
 
     Skips (pytest.skip) a backend whose constructor takes no `lower` argument."""
     import inspect
@@ -327,8 +333,11 @@ def check_lowering_equals_op_by_op(
         what = f"{arch} logits, {backend_name} lowering {name!r} vs op by op"
         _close(np.asarray(got), np.asarray(want), _logits_atol(lowered, want, arch), what)
     if _dtype(lowered) == "float32":
+        # the lowering's greedy tokens are the op-by-op argmax along their own path, up to the
+        # logits tolerance at near-ties (two int8 routes to one model may flip one of those)
         prompts = _prompts(seed + 7)
-        want_ids = _greedy(_engine(ckpt, op_by_op), prompts, 8)
         got_ids = _greedy(_engine(ckpt, lowered), prompts, 8)
-        assert got_ids == want_ids, f"{arch}: greedy with lowering {name!r} != op by op"
+        _assert_argmax_steps(_engine(ckpt, op_by_op), prompts, got_ids,
+                             lambda logits: _logits_atol(lowered, logits, arch),
+                             f"{arch}: greedy with lowering {name!r} vs op by op")  # fmt: skip
     return name
