@@ -624,6 +624,10 @@ cdef extern from "quant.h" nogil:
     void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
                             const int64_t *ids, int64_t n, float *out, int nthreads)
     int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads)
+    int TS_PACKED, TS_GROUP
+    int ts_packs(int qtype)
+    void ts_repack(int qtype, const uint8_t *w, int64_t m, int64_t w_stride, int64_t nb,
+                   uint8_t *packed)
     int64_t ts_blas_min_n
     void *ts_blas_local_ptr
 

@@ -58,8 +58,9 @@ typedef struct {
 /* one weight row . n_x (<= 8) activation rows -> out[t * os] */
 typedef void (*row_fn)(const uint8_t *w, const XQ *xq, int64_t nb, int n_x, float *out, int64_t os);
 
+/* block values and bytes of a type (a packed weight's flag, quant_packed.h, ignored) */
 static inline int ts_block_size(int qtype) {
-    switch (qtype) {
+    switch (qtype & 0xFF) {
     case TS_Q4_0:
     case TS_Q4_1:
     case TS_Q5_0:
@@ -72,8 +73,9 @@ static inline int ts_block_size(int qtype) {
     }
 }
 
+#define TS_MAX_TYPE_SIZE 210 /* Q6_K's */
 static inline int ts_type_size(int qtype) {
-    switch (qtype) {
+    switch (qtype & 0xFF) {
     case TS_Q4_0: return 18;
     case TS_Q4_1: return 20;
     case TS_Q5_0: return 22;
@@ -182,6 +184,8 @@ static void ts_pick(int isa, int qtype, row_fn *row, quant_fn *quant, wf_fn *bf1
 #endif
 }
 
+#include "quant_packed.h" /* Q4_0 / Q4_1 / Q8_0 in groups of 8 rows */
+
 /* Output rows per task: enough tasks for the threads to balance, few enough to keep the
  * per-task cost (a dynamic-schedule fetch) negligible. */
 static int64_t ts_rows_per_task(int64_t m, int nthreads) {
@@ -189,6 +193,11 @@ static int64_t ts_rows_per_task(int64_t m, int nthreads) {
     if (rc < 4) rc = 4;
     if (rc > 64) rc = 64;
     return rc;
+}
+/* ... rounded up to whole groups when a packed matrix is among them */
+static int64_t ts_task_rows(int64_t m, int nthreads, int packed) {
+    const int64_t rc = ts_rows_per_task(m, nthreads);
+    return packed ? (rc + TS_GROUP - 1) / TS_GROUP * TS_GROUP : rc;
 }
 #define TS_X_PER_TASK 64 /* activation rows per task: their int8 blocks stay in L2 */
 
@@ -272,11 +281,26 @@ typedef struct {
     _Atomic int failed;
 } ts_blas_job;
 
+/* weight row r of a blas job as floats: from its row of blocks, or out of its packed group */
+static inline void ts_dequant_any_row(const ts_blas_job *j, int64_t r, float *y) {
+    const int qtype = j->qtype & 0xFF, bs = ts_block_size(qtype), ts = ts_type_size(qtype);
+    const int64_t nb = j->k / bs;
+    uint8_t blk[TS_MAX_TYPE_SIZE];
+    for (int64_t b = 0; b < nb; b++) {
+        if (j->qtype & TS_PACKED) {
+            ts_unpack_block(qtype, j->w + (r / TS_GROUP) * j->w_stride, nb, b, (int)(r % TS_GROUP),
+                            blk);
+            ts_dequant_block(qtype, blk, y + b * bs);
+        } else {
+            ts_dequant_block(qtype, j->w + r * j->w_stride + b * ts, y + b * bs);
+        }
+    }
+}
+
 /* one weight panel: dequantize rows [t * panel, ...) into this thread's scratch, one sgemm */
 static void ts_blas_panel_task(void *ctx, int64_t t) {
     ts_blas_job *j = (ts_blas_job *)ctx;
-    const int bs = ts_block_size(j->qtype), ts = ts_type_size(j->qtype);
-    const int64_t k = j->k, nb = k / bs, r0 = t * j->panel;
+    const int64_t k = j->k, r0 = t * j->panel;
     const int64_t r1 = r0 + j->panel < j->m ? r0 + j->panel : j->m;
     float *wf = (float *)ts_scratch(1, (size_t)(j->panel * k) * sizeof(float));
     if (!wf) {
@@ -284,20 +308,15 @@ static void ts_blas_panel_task(void *ctx, int64_t t) {
         return;
     }
     ((ts_blas_local_fn)ts_blas_local_ptr)(1);
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t b = 0; b < nb; b++)
-            ts_dequant_block(j->qtype, j->w + r * j->w_stride + b * ts, wf + (r - r0) * k + b * bs);
+    for (int64_t r = r0; r < r1; r++) ts_dequant_any_row(j, r, wf + (r - r0) * k);
     ts_sgemm_nt(j->n, r1 - r0, k, j->x, j->x_stride, wf, j->out + r0, j->m);
 }
 
 /* rows [t * 64, ...) of w dequantized into the float32 matrix ctx->out */
 static void ts_dequant_rows_task(void *ctx, int64_t t) {
     ts_blas_job *j = (ts_blas_job *)ctx;
-    const int bs = ts_block_size(j->qtype), ts = ts_type_size(j->qtype);
-    const int64_t nb = j->k / bs, r1 = (t + 1) * 64 < j->m ? (t + 1) * 64 : j->m;
-    for (int64_t r = t * 64; r < r1; r++)
-        for (int64_t b = 0; b < nb; b++)
-            ts_dequant_block(j->qtype, j->w + r * j->w_stride + b * ts, j->out + r * j->k + b * bs);
+    const int64_t r1 = (t + 1) * 64 < j->m ? (t + 1) * 64 : j->m;
+    for (int64_t r = t * 64; r < r1; r++) ts_dequant_any_row(j, r, j->out + r * j->k);
 }
 
 /* out (n, m) = x (n, k) @ dequant(w).T by dequantizing w and sgemm; -1: no memory.
@@ -352,6 +371,7 @@ typedef struct {
     const float *xd, *xs;
     const int16_t *xb;
     row_fn row[4];
+    group_fn group[4]; /* non-NULL: matrix j is packed (quant_packed.h), w_stride per group */
     int64_t nb[4], m[4], w_stride[4], first[5];
     const uint8_t *w[4];
     float *out[4];
@@ -394,20 +414,22 @@ static void ts_mm_task(void *ctx, int64_t task) {
             tile[t].s = jb->xs + (t0 + t) * jb->nbx;
             tile[t].bs = jb->xb + (t0 + t) * jb->nbx;
         }
-        const int64_t ws = jb->w_stride[j];
-        if (!jb->best_v) {
+        const int64_t ws = jb->w_stride[j], w_ = r1 - r0;
+        float buf[8 * 64]; /* argmax: (n_x, rc <= 64), this chunk's outputs, reduced right away */
+        float *o = jb->best_v ? buf - r0 : oj + t0 * m; /* output (t, r) at o[t * os + r] */
+        const int64_t os = jb->best_v ? w_ : m;
+        if (jb->group[j]) { /* r0 and m are multiples of the group */
+            for (int64_t r = r0; r < r1; r += TS_GROUP) {
+                ts_prefetch_row(wj, r / TS_GROUP + 1, (r1 - 1) / TS_GROUP + 1, ws, n_x);
+                jb->group[j](wj + r / TS_GROUP * ws, tile, jb->nb[j], n_x, o + r, os);
+            }
+        } else {
             for (int64_t r = r0; r < r1; r++) {
                 ts_prefetch_row(wj, r + TS_PREFETCH_ROWS, r1, ws, n_x);
-                jb->row[j](wj + r * ws, tile, jb->nb[j], n_x, oj + t0 * m + r, m);
+                jb->row[j](wj + r * ws, tile, jb->nb[j], n_x, o + r, os);
             }
-            continue;
         }
-        float buf[8 * 64]; /* (n_x, rc <= 64): this chunk's outputs, reduced right away */
-        const int64_t w_ = r1 - r0;
-        for (int64_t r = r0; r < r1; r++) {
-            ts_prefetch_row(wj, r + TS_PREFETCH_ROWS, r1, ws, n_x);
-            jb->row[j](wj + r * ws, tile, jb->nb[j], n_x, buf + (r - r0), w_);
-        }
+        if (!jb->best_v) continue;
         for (int t = 0; t < n_x; t++) {
             int64_t bi = 0;
             for (int64_t r = 1; r < w_; r++)
@@ -439,11 +461,16 @@ static inline int ts_matmul_q_run(const float *x, int64_t n, int64_t k, int64_t 
     quant_fn quant;
     wf_fn unused, unused_f32;
     int64_t nb[4], m_all = 0, work = 0;
+    group_fn group[4];
+    int any_packed = 0;
     for (int j = 0; j < nw; j++) {
-        ts_pick(isa, qtype[j], &row[j], &quant, &unused, &unused_f32);
+        ts_pick(isa, qtype[j] & 0xFF, &row[j], &quant, &unused, &unused_f32);
+        group[j] = qtype[j] & TS_PACKED ? ts_group_fn(isa, qtype[j] & 0xFF) : 0;
+        any_packed |= group[j] != 0;
         nb[j] = k / ts_block_size(qtype[j]);
         m_all += m[j];
-        work += m[j] * w_stride[j] * n; /* weight bytes touched, counted per x row */
+        /* weight bytes touched, counted per x row (a packed stride spans a group of rows) */
+        work += (group[j] ? m[j] / TS_GROUP : m[j]) * w_stride[j] * n;
     }
     const int qk = ts_block_size(qtype[0]) == 256 ? 256 : 32; /* Q8_K- or Q8_0-style */
     const int64_t nbx = k / 32, nd = k / qk;
@@ -460,9 +487,10 @@ static inline int ts_matmul_q_run(const float *x, int64_t n, int64_t k, int64_t 
     ts_mm_job job = {.n = n, .k = k, .nd = nd, .nbx = nbx, .nw = nw, .xq = xq, .xd = xd,
                      .xs = xs, .xb = xb, .tile_rows = isa == TS_ISA_VNNI ? 8 : 4,
                      .best_v = best_v, .best_i = best_i};
-    job.rc = ts_rows_per_task(m_all, nthreads);
+    job.rc = ts_task_rows(m_all, nthreads, any_packed);
     for (int j = 0; j < nw; j++) {
         job.row[j] = row[j];
+        job.group[j] = group[j];
         job.nb[j] = nb[j];
         job.w[j] = w[j];
         job.m[j] = m[j];
@@ -491,7 +519,8 @@ static inline int ts_matmul_q_multi(const float *x, int64_t n, int64_t k, int64_
 static inline int ts_matmul_q_argmax(const float *x, int64_t n, int64_t k, int64_t x_stride,
                                      const uint8_t *w, int64_t m, int64_t w_stride, int qtype,
                                      int64_t *ids, int nthreads, int isa) {
-    const int64_t n_rc = (m + ts_rows_per_task(m, nthreads) - 1) / ts_rows_per_task(m, nthreads);
+    const int64_t rows = ts_task_rows(m, nthreads, (qtype & TS_PACKED) != 0);
+    const int64_t n_rc = (m + rows - 1) / rows;
     float *best_v = (float *)malloc((size_t)(n_rc * n) * (sizeof(float) + sizeof(int64_t)));
     if (!best_v) return -1;
     int64_t *best_i = (int64_t *)(best_v + n_rc * n);

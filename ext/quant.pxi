@@ -73,12 +73,43 @@ if quant_isa():
 
 
 cdef inline int _check_qtype(int qtype) except -1:
-    if ts_block_size(qtype) == 0:
+    if ts_block_size(qtype) == 0 or qtype & ~0xFF and (qtype & ~0xFF != TS_PACKED
+                                                       or not ts_packs(qtype & 0xFF)):
         names = ", ".join(QTYPES.values())
         raise ValueError(
-            f"quantization type {qtype} is not supported by the kernels (supported: {names})"
+            f"quantization type {qtype} is not supported by the kernels (supported: {names}; "
+            f"packed: | PACKED for {', '.join(QTYPES[q] for q in PACKABLE_QTYPES)})"
         )
     return 0
+
+
+cdef inline Py_ssize_t _rows_per(int qtype) noexcept:
+    """Weight rows per row of data: a packed group's, or 1."""
+    return TS_GROUP if qtype & TS_PACKED else 1
+
+
+PACKED = TS_PACKED  # or-ed into a qtype: the data is repack()'s groups of rows
+PACKABLE_QTYPES = tuple(q for q in QTYPES if ts_packs(q))
+
+
+def repack(cnp.ndarray data not None, int qtype, Py_ssize_t cols):
+    """(M, bytes_per_row) ggml blocks, M a multiple of 8, -> (M / 8, 8 * bytes_per_row) uint8:
+    the rows in groups of 8 (ext/quant_packed.h), read by matmul_q / matmul_q_argmax with
+    qtype | PACKED: the same products in fewer instructions, bit for bit at any row count."""
+    _check_qtype(qtype)
+    if not ts_packs(qtype):
+        raise ValueError(f"{QTYPES[qtype]} has no packed layout (packable: {PACKABLE_QTYPES})")
+    _check_blocks(data, qtype, cols)
+    cdef Py_ssize_t m = data.shape[0], nb = cols // ts_block_size(qtype)
+    if m % TS_GROUP:
+        raise ValueError(f"packing needs a multiple of {TS_GROUP} rows, got {m}")
+    out = np.empty((m // TS_GROUP, TS_GROUP * (<object>data).shape[1]), np.uint8)
+    cdef const uint8_t *wp = <const uint8_t *>cnp.PyArray_DATA(data)
+    cdef uint8_t *op = <uint8_t *><size_t>out.ctypes.data
+    cdef int64_t w_stride = data.strides[0]
+    with nogil:
+        ts_repack(qtype, wp, m, w_stride, nb, op)
+    return out
 
 
 cdef inline int _check_blocks(cnp.ndarray data, int qtype, Py_ssize_t cols) except -1:
@@ -86,16 +117,16 @@ cdef inline int _check_blocks(cnp.ndarray data, int qtype, Py_ssize_t cols) exce
     cdef int bs = ts_block_size(qtype)
     if cols <= 0 or cols % bs:
         raise ValueError(
-            f"{QTYPES[qtype]} needs cols to be a positive multiple of {bs}, got {cols}"
+            f"{QTYPES[qtype & 0xFF]} needs cols to be a positive multiple of {bs}, got {cols}"
         )
     if cnp.PyArray_TYPE(data) != cnp.NPY_UINT8 or cnp.PyArray_NDIM(data) != 2:
         raise ValueError(
             f"data must be 2-D uint8 ggml blocks, got {data.dtype} {(<object>data).shape}"
         )
-    cdef Py_ssize_t bpr = cols // bs * ts_type_size(qtype)
+    cdef Py_ssize_t bpr = cols // bs * ts_type_size(qtype) * _rows_per(qtype)
     if data.shape[1] != bpr:
         raise ValueError(
-            f"{QTYPES[qtype]} rows of {cols} values take {bpr} bytes, "
+            f"{QTYPES[qtype & 0xFF]} rows of {cols} values take {bpr} bytes, "
             f"but data rows have {data.shape[1]}"
         )
     if data.strides[1] != 1 or data.strides[0] < bpr:
@@ -136,11 +167,12 @@ cdef cnp.ndarray _out(object out, Py_ssize_t n, Py_ssize_t m):
 
 def matmul_q(cnp.ndarray x not None, cnp.ndarray data not None, int qtype, Py_ssize_t cols,
              out=None):
-    """(N, K) float32, (M, bytes_per_row) uint8 ggml blocks -> (N, M) float32 x @ W.T; K = cols."""
+    """(N, K) float32, (M, bytes_per_row) uint8 ggml blocks -> (N, M) float32 x @ W.T; K = cols.
+    qtype | PACKED: data is repack()'s (M / 8, ...) groups."""
     _check_qtype(qtype)
     _check_blocks(data, qtype, cols)
     cdef int64_t x_stride = _check_x(x, cols)
-    cdef Py_ssize_t n = x.shape[0], m = data.shape[0]
+    cdef Py_ssize_t n = x.shape[0], m = data.shape[0] * _rows_per(qtype)
     cdef cnp.ndarray o = _out(out, n, m)
     if n == 0 or m == 0:
         return o
@@ -164,7 +196,7 @@ def matmul_q_argmax(cnp.ndarray x not None, cnp.ndarray data not None, int qtype
     _check_qtype(qtype)
     _check_blocks(data, qtype, cols)
     cdef int64_t x_stride = _check_x(x, cols)
-    cdef Py_ssize_t n = x.shape[0], m = data.shape[0]
+    cdef Py_ssize_t n = x.shape[0], m = data.shape[0] * _rows_per(qtype)
     if m == 0:
         raise ValueError("argmax over an empty weight")
     ids = np.zeros(n, dtype=np.int64)
@@ -232,6 +264,8 @@ def matmul_f32(cnp.ndarray x not None, cnp.ndarray w not None, out=None):
 
 def dequantize_rows(cnp.ndarray data not None, int qtype, Py_ssize_t cols, ids):
     """(M, bytes_per_row) uint8 ggml blocks, (n,) row ids -> (n, cols) float32 (embeddings)."""
+    if qtype & TS_PACKED:
+        raise ValueError("dequantize_rows reads row-major blocks, not packed groups")
     _check_qtype(qtype)
     _check_blocks(data, qtype, cols)
     cdef cnp.ndarray idx = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
