@@ -3,10 +3,15 @@
 Starts the server as a child process, runs N requests over raw sockets with C at a time (a seeded
 mix: streaming or not, reading everything, reading slowly through a small receive buffer, never
 reading after the headers, hanging up mid-stream or before the answer), then prints the server's
-RSS at the start, middle and end (and after each tenth), the KV blocks in use once it is idle, and
-what /metrics counts by finish reason. A flat RSS and 0 blocks in use are what a slow reader must
-not break. The KV pool is allocated up front but its pages become resident only when a block is
-first written, so RSS climbs by up to the pool's size until every block has been used once.
+RSS after each tenth of the requests, the KV blocks in use once it is idle, and what /metrics
+counts by finish reason. A flat RSS and 0 blocks in use are what a slow reader must not break.
+
+The KV pool is allocated up front but its pages become resident only when a block is first
+written, so RSS would climb by up to the pool's size until every block has been used once. A
+warm-up phase first writes every block: distinct prompts (max_tokens 1) whose full blocks stay in
+the prefix cache, so each takes fresh blocks, until the prompt tokens sent fill the pool 1.25
+times over. RSS is measured from there. The exit status is 1 when blocks are left in use or RSS
+grew by more than --max-growth-mib after the warm-up.
 
     python scripts/soak_server.py --requests 3000 --concurrency 32
     python scripts/soak_server.py --model tests/fixtures/hf/smollm2 --backend numpy --requests 300
@@ -99,9 +104,55 @@ async def one_request(port: int, kind: str, body: dict, rng: random.Random, time
     return complete
 
 
+async def post_json(port: int, path: str, body: dict) -> dict:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps(body).encode()
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n".encode()
+        + f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n".encode()
+        + payload
+    )
+    data = await reader.read()
+    writer.close()
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+async def warm_up(args, port: int) -> dict:
+    """Write every KV block once: distinct prompts whose full blocks stay cached (so the next
+    prompt takes fresh ones) until the prompt tokens sent are 1.25 times the pool's capacity."""
+    await post_json(port, "/v1/completions", {"model": "soak", "prompt": "hi", "max_tokens": 1})
+    total = int(
+        metric(await http_get(port, "/metrics"), "tinyserve_kv_blocks_total")
+    )  # set by a step
+    target = int(total * args.block_size * 1.25)
+    rng = random.Random(args.seed + 1)
+    words = ("alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "ember", "maple")
+    sent, n = 0, 0
+    sem = asyncio.Semaphore(4)
+
+    async def one(i: int) -> int:
+        text = f"Warm-up {i}: " + " ".join(
+            f"{rng.choice(words)}{rng.randint(0, 999)}" for _ in range(args.warmup_words)
+        )
+        async with sem:
+            out = await post_json(
+                port, "/v1/completions", {"model": "soak", "prompt": text, "max_tokens": 1}
+            )
+        if "usage" not in out:
+            raise RuntimeError(f"soak: a warm-up request failed: {out}")
+        return int(out["usage"]["prompt_tokens"])
+
+    while sent < target:
+        batch = await asyncio.gather(*(one(n + k) for k in range(8)))
+        sent, n = sent + sum(batch), n + len(batch)
+    return {"requests": n, "prompt_tokens": sent, "pool_tokens": total * args.block_size}
+
+
 async def soak(args, port: int, pid: int) -> dict:
     rng = random.Random(args.seed)
     rss = {"start": rss_mib(pid)}
+    warm = await warm_up(args, port) if args.block_size > 0 else None
+    rss["after_warm_up"] = rss_mib(pid)
     every_tenth: list[float] = []  # RSS after each tenth of the requests
     kinds = {k: 0 for k in KINDS}
     complete = 0
@@ -150,6 +201,7 @@ async def soak(args, port: int, pid: int) -> dict:
     }
     return {
         "requests": args.requests,
+        "warm_up": warm,
         "clients": kinds,
         "complete_answers": complete,
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
@@ -171,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=2.0, help="the server's --slow-reader-timeout")
     p.add_argument("--pending", type=int, default=16, help="the server's --max-pending-chunks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--block-size", type=int, default=16, help="the engine's KV block size; 0: no warm-up"
+    )
+    p.add_argument("--warmup-words", type=int, default=120, help="words per warm-up prompt")
+    p.add_argument(
+        "--max-growth-mib", type=float, default=32.0, help="RSS growth after the warm-up that fails"
+    )
     args = p.parse_args(argv)
     port = free_port()
     cmd = [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port)]
@@ -194,8 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(soak(args, port, server.pid))
         report["seconds"] = round(time.monotonic() - t0, 1)
         report["command"] = " ".join(cmd)
+        growth = report["rss_mib"]["end"] - report["rss_mib"]["after_warm_up"]
+        report["rss_growth_after_warm_up_mib"] = round(growth, 1)
         print(json.dumps(report, indent=1))
-        return 0 if report["kv_blocks_in_use"] == 0 else 1
+        if report["kv_blocks_in_use"] != 0:
+            print(f"soak: {report['kv_blocks_in_use']} KV blocks left in use", file=sys.stderr)
+            return 1
+        if growth > args.max_growth_mib:
+            print(f"soak: RSS grew {growth:.1f} MiB after the warm-up", file=sys.stderr)
+            return 1
+        return 0
     finally:
         server.terminate()
         server.wait(30)
