@@ -2,12 +2,15 @@
 
 Two references, each run offline (CI only reads the committed JSON):
 
-  transformers (the reference the tokenizers must equal), with transformers + torch + gguf:
+  transformers (the reference the tokenizers must equal), with transformers + torch + gguf +
+  sentencepiece + protobuf:
       python tests/make_tokenizer_fixtures.py transformers
     writes corpus.json (the curated strings plus seeded random ones), spm_llama/ (a tiny
-    Llama-2-style tokenizer.model trained here) and transformers_ids.json: for each model, the
-    ids and decodes transformers gives on every corpus string.
-  llama.cpp (an independent second opinion on SmolLM2), with the peers venv (llama-cpp-python):
+    Llama-2-style tokenizer.model, trained here when it is not there) and transformers_ids.json:
+    for each model, the ids and decodes transformers gives on every corpus string (for a GGUF:
+    AutoTokenizer.from_pretrained(dir, gguf_file=NAME), as it is).
+  llama.cpp (a second opinion on SmolLM2, which splits digits first: it differs from
+  transformers where whitespace meets a digit), with the peers venv (llama-cpp-python):
       ~/.cache/tinyserve-peers/venv/bin/python tests/make_tokenizer_fixtures.py llamacpp GGUF
     writes smollm2_llamacpp_ids.json for tricky_texts.json. GGUF defaults to
     $TINYSERVE_SMOLLM2_GGUF.
@@ -48,6 +51,9 @@ CURATED = [
     "class A:\n    def f(self):\n        if self:\n            return [1, 2,  3]\n",
     "    for i in range(10):\n        print(i)  # 10 times\n",
     "int main() {\n  return 0;\n}\n",
+    "x" + " " * 32 + "1",
+    " " * 40 + "deep = 1\n" + "\t" * 6 + "tabs\n" + " " * 17 + "+ 2",
+    "a \t 1 \n 2\t\t3  \n\n  4   .   5",
     'json = {"a": 1, "b": [true, null], "c": "d"}',
     "Héllo wörld, ça va? naïve café, Ångström",
     "e\u0301 combining, \u00a0nbsp, zero\u200bwidth, \ufeffbom",
@@ -129,14 +135,14 @@ def _reference(tok, texts: list[str]) -> dict:
 
 def transformers_fixtures() -> int:
     import transformers
-    from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
     texts = make_corpus()
     (FIXTURES / "corpus.json").write_text(
         json.dumps({"texts": texts}, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
     )
-    train_spm_llama(FIXTURES / "spm_llama")
+    if not (FIXTURES / "spm_llama" / "tokenizer.model").exists():  # committed: training a new
+        train_spm_llama(FIXTURES / "spm_llama")  # one can differ by a byte across versions
     out = {"source": f"transformers {transformers.__version__}", "models": {}}
     spm_dir = FIXTURES / "spm_llama"
     tok = AutoTokenizer.from_pretrained(str(spm_dir))
@@ -147,28 +153,14 @@ def transformers_fixtures() -> int:
     }
     for name, gguf in GGUFS.items():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        how = f"AutoTokenizer.from_pretrained(dir, gguf_file={gguf.name!r})"
-        if name == "smollm2":
-            # SmolLM2 was trained with the tokenizer.json of its Hub repo, which splits digits one
-            # by one before the byte-level regex (StarCoder's pre-tokenizer; llama.cpp's "smollm").
-            # transformers' GGUF loader has no split for tokenizer.ggml.pre = "smollm" and falls
-            # back to the GPT-2 regex alone; keep what it gives as a record, but the reference is
-            # the same vocab and merges with the pre-tokenizer the model was trained with.
-            gguf_route = _reference(tok, texts)
-            tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Digits(individual_digits=True),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-                ]
-            )
-            how += " with the pre_tokenizer of SmolLM2's tokenizer.json"
+        # The GGUF route, as it is: for SmolLM2 (tokenizer.ggml.pre "smollm") transformers splits
+        # with GPT-2's regex alone, not digit by digit first as the model's tokenizer.json and
+        # llama.cpp do. transformers is the reference all the same.
         out["models"][name] = {
-            "how": how,
+            "how": f"AutoTokenizer.from_pretrained(dir, gguf_file={gguf.name!r})",
             "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
             **_reference(tok, texts),
         }
-        if name == "smollm2":
-            out["models"][name]["gguf_route_ids"] = gguf_route["ids"]
     path = FIXTURES / "transformers_ids.json"
     path.write_text(json.dumps(out, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {path} ({len(texts)} texts, models: {', '.join(out['models'])})")

@@ -132,9 +132,15 @@ class Tokenizer:
         types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * n)]
         if len(types) != n:
             raise TokenizerError(f"GGUF token_type has {len(types)} entries for {n} tokens")
+        # transformers makes the bos / eos / unk / pad tokens special (a user-defined one stays
+        # plain: it is added again as such)
+        for key in ("bos", "eos", "unknown", "padding"):
+            i = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if i is not None and 0 <= int(i) < n and types[int(i)] in _PLAIN_TYPES:
+                types[int(i)] = TOKEN_CONTROL
         if model == "gpt2":
             tok, add_bos_default = gguf_bpe(meta, tokens, types)
-            engine: HFEngine = HFEngine(tok)
+            engine: HFEngine = HFEngine(tok, vocab_size=n)
         elif model == "llama":
             tok, add_bos_default = gguf_spm(meta, tokens, types), True
             specials = [i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
@@ -296,6 +302,9 @@ def _sentencepiece_bpe(model: Path, cfg: Mapping[str, Any]) -> tuple:
 
 
 # -- small helpers ---------------------------------------------------------------------------
+_PLAIN_TYPES = (TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_BYTE)
+
+
 def check_unicode(text: str) -> None:
     """RequestError for text that is not valid Unicode: a lone surrogate (from JSON's "\\ud800",
     or bytes that were not UTF-8 decoded with surrogateescape) has no UTF-8 form, and each engine

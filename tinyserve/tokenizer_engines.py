@@ -20,9 +20,10 @@ from .gguf_vocab import SPIECE_UNDERLINE
 class HFEngine:
     """A `tokenizers.Tokenizer` (from tokenizer.json or rebuilt from GGUF metadata)."""
 
-    def __init__(self, tok: Any):
+    def __init__(self, tok: Any, vocab_size: int | None = None):
         self.tok = tok
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # a GGUF names its size (a string given twice leaves tokenizers one entry short)
+        self.vocab_size = max(tok.get_vocab_size(with_added_tokens=True), vocab_size or 0)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
