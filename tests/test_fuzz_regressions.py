@@ -49,6 +49,22 @@ def test_gguf_merge_outside_the_vocab(merge):
         Tokenizer.from_gguf_metadata({**VOCAB, "tokenizer.ggml.merges": ["a b", merge]})
 
 
+@pytest.mark.parametrize("merge", ["▁a ▁a", "▁a b", "x ▁a"])
+def test_spm_gguf_merge_outside_the_vocab(merge):
+    """gguf_vocab target, seed 1, once an SPM vocab takes the file's merges as transformers does:
+    a merge whose union is not a token made tokenizers' BPE panic ("range end index 8 out of
+    range"), a PyO3 PanicException."""
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": ["<unk>", "▁", "a", "▁a", "b"],
+        "tokenizer.ggml.token_type": [2, 1, 1, 1, 1],
+        "tokenizer.ggml.scores": [0.0, -1.0, -2.0, -3.0, -4.0],
+    }
+    assert Tokenizer.from_gguf_metadata(meta | {"tokenizer.ggml.merges": ["▁ a"]}).encode("a")
+    with pytest.raises(TokenizerError, match="vocab is inconsistent"):
+        Tokenizer.from_gguf_metadata(meta | {"tokenizer.ggml.merges": ["▁ a", merge]})
+
+
 @pytest.mark.parametrize("bos", ["a b", "x:y", "$A", "$B"])
 def test_gguf_bos_token_the_template_syntax_cannot_hold(bos):
     """gguf_vocab target, seed 3: a BOS token "a b" split the post-processor's template string

@@ -105,12 +105,6 @@ def gguf_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> tu
     raw_merges = meta.get("tokenizer.ggml.merges")
     if raw_merges is None:
         raise TokenizerError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
-    merges = []
-    for m in raw_merges:
-        left, sep, right = str(m).partition(" ")
-        if not sep:
-            raise TokenizerError(f"malformed GGUF merge {m!r} (expected 'left right')")
-        merges.append((left, right))
     # A token outside the byte alphabet (a control token spelled in plain Unicode, llama.cpp's
     # mislabel) is respelled in it, as transformers does: it stays a vocab entry, never special.
     spelling = _bytes_to_unicode()
@@ -119,13 +113,7 @@ def gguf_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> tu
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens
     ]
     vocab = {t: i for i, t in enumerate(spelled)}  # a duplicate keeps its last id (transformers)
-    for left, right in merges:  # tokenizers errs on these, or panics (a BaseException)
-        if left not in vocab or right not in vocab or left + right not in vocab:
-            raise TokenizerError(
-                f"GGUF vocab is inconsistent: merge {left + ' ' + right!r} names a piece that "
-                "is not a token"
-            )
-    tok = HFTokenizer(_bpe(models, vocab, merges))
+    tok = HFTokenizer(_bpe(models, vocab, _file_merges(raw_merges, vocab)))
     if pre in _SPLITS:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -158,12 +146,7 @@ def gguf_spm(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> An
     vocab = {t: i for i, t in enumerate(spelled)}  # a duplicate keeps its last id (transformers)
     raw_merges = meta.get("tokenizer.ggml.merges")
     if raw_merges is not None:
-        merges = []
-        for m in raw_merges:
-            left, sep, right = str(m).partition(" ")
-            if not sep:
-                raise TokenizerError(f"malformed GGUF merge {m!r} (expected 'left right')")
-            merges.append((left, right))
+        merges = _file_merges(raw_merges, vocab)
     else:
         merges = _generate_merges(spelled, vocab, ranks)
     # transformers builds a GGUF's Llama vocab with LlamaTokenizer's default, legacy=False: the
@@ -172,6 +155,23 @@ def gguf_spm(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> An
     prefix = "first" if bool(meta.get("tokenizer.ggml.add_space_prefix", True)) else "never"
     kept = [t if t == s else None for t, s in zip(tokens, spelled)]  # respelled: not added
     return spm_bpe(spelled, scores, types, prefix, merges=merges, vocab=vocab, added=kept)
+
+
+def _file_merges(raw_merges: Any, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """tokenizer.ggml.merges ("left right") as pairs; TokenizerError for one whose pieces or
+    union are not tokens (tokenizers errs on these, or panics: a BaseException)."""
+    merges = []
+    for m in raw_merges:
+        left, sep, right = str(m).partition(" ")
+        if not sep:
+            raise TokenizerError(f"malformed GGUF merge {m!r} (expected 'left right')")
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise TokenizerError(
+                f"GGUF vocab is inconsistent: merge {left + ' ' + right!r} names a piece that "
+                "is not a token"
+            )
+        merges.append((left, right))
+    return merges
 
 
 def _generate_merges(

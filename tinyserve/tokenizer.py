@@ -164,10 +164,10 @@ class Tokenizer:
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
         eos_first = eos_ids[0] if eos_ids else None
-        _set_bos_eos_processor(
+        _set_bos_eos_processor(  # the vocab's spelling: a byte-level vocab respells " " as "Ġ"
             tok,
-            tokens[bos_id] if add_bos and bos_id is not None else None,
-            tokens[eos_first] if add_eos and eos_first is not None else None,
+            tok.id_to_token(bos_id) if add_bos and bos_id is not None else None,
+            tok.id_to_token(eos_first) if add_eos and eos_first is not None else None,
         )
         template = meta.get("tokenizer.chat_template")
         return cls(
