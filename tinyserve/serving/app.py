@@ -100,7 +100,7 @@ class _ClientGone(Exception):
     """The client disconnected before its answer was ready: nothing to send."""
 
 
-class _SlowReader(OSError):
+class SlowReader(OSError):
     """The client did not take what was sent within the slow-reader timeout: drop it."""
 
 
@@ -179,7 +179,7 @@ class _EventStream:
                     {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
                 )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except _SlowReader:
+        except SlowReader:
             reason = "slow_reader"
         except OSError:  # the socket closed under us
             pass
@@ -505,7 +505,6 @@ class _Guard:
 
     def __init__(self, app, server: _Server):
         self.app, self.server = app, server
-        self.paths = {r.path for r in app.routes}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -521,7 +520,7 @@ class _Guard:
             try:
                 await asyncio.wait_for(send(message), self.server.config.slow_reader_timeout)
             except asyncio.TimeoutError:
-                raise _SlowReader(f"no read for {self.server.config.slow_reader_timeout:g} s")
+                raise SlowReader(f"no read for {self.server.config.slow_reader_timeout:g} s")
 
         try:
             key = self.server.config.api_key
@@ -537,17 +536,36 @@ class _Guard:
                 )
                 return await JSONResponse(err.body(), 401)(scope, receive, counting_send)
             await self.app(scope, receive, counting_send)
-        except _SlowReader:
+        except SlowReader:
             pass  # the connection is dropped: nothing more can reach this client
         finally:
-            path = scope["path"] if scope["path"] in self.paths else "other"
-            self.server.metrics.count_http(path, status)
+            self.server.metrics.count_http(path_label(scope["path"]), status)
 
     @staticmethod
     def _authorized(scope, key: str) -> bool:
         got = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         token = got[7:] if got[:7].lower() == "bearer " else ""
         return hmac.compare_digest(token.encode(), key.encode())
+
+
+# (path, method, _Server handler): every route the server has
+_ROUTES = [
+    ("/v1/completions", "POST", "completions"),
+    ("/v1/chat/completions", "POST", "chat"),
+    ("/v1/responses", "POST", "responses"),
+    ("/v1/models", "GET", "models"),
+    ("/tokenize", "POST", "tokenize"),
+    ("/detokenize", "POST", "detokenize"),
+    ("/tokenizer_info", "GET", "tokenizer_info"),
+    ("/health", "GET", "health"),
+    ("/metrics", "GET", "prometheus"),
+]
+PATHS = frozenset(path for path, _, _ in _ROUTES)  # a response's path label; others are "other"
+
+
+def path_label(path: str) -> str:
+    """The `path` label of a response to path in tinyserve_http_requests_total."""
+    return path if path in PATHS else "other"
 
 
 _DEFAULT_CONFIG = ServerConfig()  # frozen: one shared default is safe
@@ -572,17 +590,7 @@ def create_app(llm, config: ServerConfig = _DEFAULT_CONFIG):
             server.loop.stop()
 
     app = Starlette(
-        routes=[
-            Route("/v1/completions", server.completions, methods=["POST"]),
-            Route("/v1/chat/completions", server.chat, methods=["POST"]),
-            Route("/v1/responses", server.responses, methods=["POST"]),
-            Route("/v1/models", server.models, methods=["GET"]),
-            Route("/tokenize", server.tokenize, methods=["POST"]),
-            Route("/detokenize", server.detokenize, methods=["POST"]),
-            Route("/tokenizer_info", server.tokenizer_info, methods=["GET"]),
-            Route("/health", server.health, methods=["GET"]),
-            Route("/metrics", server.prometheus, methods=["GET"]),
-        ],
+        routes=[Route(path, getattr(server, name), methods=[m]) for path, m, name in _ROUTES],
         exception_handlers={
             HTTPError: _error_response,
             HTTPException: _error_response,

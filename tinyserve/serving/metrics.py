@@ -97,16 +97,24 @@ class Metrics:
                 if v is not None:
                     hist.observe(v)
 
+    def _http_lines(self) -> list[str]:
+        return [
+            "# HELP tinyserve_http_requests_total HTTP responses by path and status.",
+            "# TYPE tinyserve_http_requests_total counter",
+        ] + [
+            f'tinyserve_http_requests_total{{path="{p}",status="{s}"}} {n}'
+            for (p, s), n in sorted(self.http.items())
+        ]
+
+    def render_http(self) -> str:
+        """Only the HTTP responses' counter: what a Ray ingress answers itself, with no engine."""
+        with self.lock:
+            lines = self._http_lines()
+        return "\n".join(_labelled(line, self.labels) for line in lines) + "\n"
+
     def render(self) -> str:
         with self.lock:
-            lines = [
-                "# HELP tinyserve_http_requests_total HTTP responses by path and status.",
-                "# TYPE tinyserve_http_requests_total counter",
-            ]
-            lines += [
-                f'tinyserve_http_requests_total{{path="{p}",status="{s}"}} {n}'
-                for (p, s), n in sorted(self.http.items())
-            ]
+            lines = self._http_lines()
             lines += [
                 "# HELP tinyserve_requests_total Generation requests ended, by finish reason.",
                 "# TYPE tinyserve_requests_total counter",
