@@ -73,9 +73,11 @@ class Server:
         cmd = [sys.executable, "-m", "tinyserve.cli", "serve", "--model", str(FIXTURE)]
         cmd += ["-b", "numpy", "--replicas", "2", "--num-cpus-per-replica", "0.5"]
         cmd += ["--port", self.url.rsplit(":", 1)[1], "--served-model-name", MODEL]
-        cmd += ["--api-key", KEY]
+        cmd += ["--api-key", KEY, "--max-pending-chunks", "8", "--slow-reader-timeout", "5"]
         env = {**os.environ, "TS_REPLICA_TEST_MARK": self.mark}
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        )
         self.log: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -202,6 +204,53 @@ def test_a_client_that_hangs_up_aborts_its_request_on_the_replica(server):
     assert wait_until(lambda: not kv_in_use(), 30)
 
 
+def test_a_client_that_stops_reading_is_dropped_and_its_request_aborted_on_the_replica(server):
+    def ended() -> dict[str, float]:
+        metrics = server.metrics()
+        return {
+            reason: sum(
+                metrics.get(f'tinyserve_requests_total{{finish_reason="{reason}"}}', {}).values()
+            )
+            for reason in ("length", "slow_reader")
+        }
+
+    before = ended()
+    # 32 prompts x 8 choices x 200 tokens with logprobs: ~16 MB of events, more than the socket
+    # buffers between a client and a server hold (the kernel grows a sender's to 4 MB), and
+    # more sequences than one replica's KV cache: the last still run when the client stalls
+    prompts = [f"Story {i}: the" for i in range(32)]
+    body = {"prompt": prompts, "max_tokens": 200, "n": 8, "logprobs": 5, "ignore_eos": True}
+    body = json.dumps({**body, "stream": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        s.connect((host, int(port)))
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"authorization: Bearer {KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert s.recv(12) == b"HTTP/1.1 200"  # then nothing read
+
+        def all_ended() -> bool:
+            now = ended()
+            return sum(now.values()) - sum(before.values()) == len(prompts)
+
+        # what the replica may send ahead is bounded, so it waits for the client and the ingress
+        # drops the client; the engine requests still running are aborted as slow readers (those
+        # done by then count as done, as in one process)
+        assert wait_until(all_ended, 180), "".join(server.log[-30:])
+        assert ended()["slow_reader"] > before["slow_reader"]
+        assert wait_until(
+            lambda: not any(server.metrics()["tinyserve_kv_cache_usage_perc"].values()), 30
+        )
+        s.settimeout(30)
+        received = b""
+        while chunk := s.recv(1 << 16):  # what was in the buffers, then the server's close
+            received += chunk
+    assert b"data: " in received and b"[DONE]" not in received
+
+
 PREFIXES = [  # two long, distinct documents: each many KV blocks
     "Harbour log: " + "".join(f"pier {i} holds {3 * i} boats. " for i in range(5)),
     "Recipe book: " + "".join(f"step {i} adds {i} eggs. " for i in range(6)),
@@ -282,6 +331,12 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_ray_restarts_it(server)
         assert "\n" not in err["message"]
         failed += 1
     assert failed >= 1, "every request finished before the kill: the test proves nothing"
+    # the 503s the ingress answered itself are counted, as one process counts each response
+    refused = sum(status == 503 for status, _ in results)
+    counted = server.metrics().get(
+        'tinyserve_http_requests_total{path="/v1/completions",status="503"}', {}
+    )
+    assert counted.get("ingress", 0) == refused, (counted, refused)
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     for i in range(4):  # the other replica serves, the prefix's holder gone or not

@@ -354,6 +354,7 @@ class _IngressApp:
                 nxt = asyncio.ensure_future(messages.__anext__())
                 await asyncio.wait({nxt, disconnect}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():  # the client hung up: cancelling reaches the replica
+                    nxt.add_done_callback(lambda t: t.cancelled() or t.exception())  # Serve's
                     nxt.cancel()
                     response.cancel()
                     return
