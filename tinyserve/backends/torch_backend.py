@@ -89,6 +89,8 @@ class TorchOps:
         self.device, self.dtype = device, dtype
         # float64 rope angles where the device has float64 (MPS does not)
         self.angle_dtype = torch.float32 if device.type == "mps" else torch.float64
+        # tensor parallelism: weights stay in the checkpoint until the shard reads its part
+        self.defer_weights = False
 
     # -- weights and arrays -------------------------------------------------------------------
 
@@ -103,7 +105,25 @@ class TorchOps:
         return torch.from_numpy(w).to(self.device, dtype)
 
     def weight(self, w) -> torch.Tensor:
-        """A matrix for matmul / embedding, dequantized to the compute dtype on the device."""
+        """A matrix for matmul / embedding, dequantized to the compute dtype on the device (under
+        tensor parallelism a torch_tp.Deferred, read by the shard)."""
+        if self.defer_weights and not isinstance(w, torch.Tensor):
+            from .torch_tp import Deferred
+
+            return Deferred(w, self)
+        return self.upload_weight(w)
+
+    def deferred_rows(self, w, order):
+        """With deferred weights: weight(w's rows in order) that reads only the rows a rank
+        keeps (DeepSeek's per-head row order); None otherwise."""
+        if not self.defer_weights or isinstance(w, torch.Tensor):
+            return None
+        from .torch_tp import Deferred
+
+        return Deferred(w, self, np.asarray(order))
+
+    def upload_weight(self, w) -> torch.Tensor:
+        """What weight() returns without deferral."""
         return self._upload(w, self.dtype)
 
     def vector(self, w) -> torch.Tensor:
@@ -363,6 +383,7 @@ class TorchBackend(Backend):
             if tensor_parallel_size > 1
             else None
         )
+        self.ops.defer_weights = self.tp is not None  # each read once its shard is known
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

@@ -34,6 +34,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -79,7 +80,8 @@ class TensorParallel:
                     f"tensor_parallel_size {K} does not divide the model's {n} {what}"
                 )
         layers = tuple(self._layer(layer, spec) for layer in spec.layers)
-        return dataclasses.replace(spec, layers=layers, n_heads=H // K, n_kv_heads=KVH // K)
+        spec = dataclasses.replace(spec, layers=layers, n_heads=H // K, n_kv_heads=KVH // K)
+        return _taken(spec, {})  # what every rank holds whole (embed, head, routers, ...)
 
     def _layer(self, layer: DecoderLayer, spec: Decoder) -> DecoderLayer:
         attn = layer.attn
@@ -129,13 +131,13 @@ class TensorParallel:
         """Column-parallel: this rank's run of output features (and bias)."""
         n = lin.w.shape[0] // self.size
         cut = slice(self.rank * n, (self.rank + 1) * n)
-        return Linear(lin.w[cut].contiguous(), None if lin.b is None else lin.b[cut].contiguous())
+        return Linear(_taken(lin.w[cut]), None if lin.b is None else lin.b[cut].contiguous())
 
     def _cols(self, lin: Linear) -> Linear:
         """Row-parallel: this rank's run of input features; the bias whole (the lowering adds it
         to the sum over ranks, on every rank alike)."""
         n = lin.w.shape[1] // self.size
-        return Linear(lin.w[:, self.rank * n : (self.rank + 1) * n].contiguous(), lin.b)
+        return Linear(_taken(lin.w[:, self.rank * n : (self.rank + 1) * n]), lin.b)
 
     def kv_layout(self, layout: list[dict[str, tuple[int, ...]]]) -> list[dict[str, tuple]]:
         """This rank's cache: its kv heads of "k" / "v" (GQA); MLA's latent whole."""
@@ -232,6 +234,86 @@ class TensorParallel:
             self.group = self.control = None
 
 
+class Deferred:
+    """A weight not read yet: the checkpoint's (memory-mapped) tensor, its rows in `order` if
+    given, taken by `ops` once the rank knows its shard. Slicing it reads nothing; `take` reads
+    only what the slice covers, so a rank never holds a dequantized copy of a matrix it keeps a
+    1/K of (or an expert it does not hold). Under tensor parallelism TorchOps.weight hands these
+    out; the shard takes them."""
+
+    __slots__ = ("ops", "order", "source")
+
+    def __init__(self, source, ops, order: np.ndarray | None = None):
+        self.source, self.ops, self.order = source, ops, order
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.source.shape)
+        return shape if self.order is None else (len(self.order), *shape[1:])
+
+    def __getitem__(self, key) -> Deferred:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        if self.order is None:
+            return Deferred(_slice(self.source, rows, cols), self.ops)
+        return Deferred(_slice(self.source, slice(None), cols), self.ops, self.order[rows])
+
+    def take(self):
+        """The weight on the device, in the compute dtype (TorchOps.weight's upload)."""
+        source = self.source if self.order is None else _take_rows(self.source, self.order)
+        return self.ops.upload_weight(source)
+
+
+def _take_rows(source, order: np.ndarray):
+    """source's rows in order, read (raw blocks for a QuantTensor, bits for a BF16Array)."""
+    from ..loading.safetensors_file import BF16Array
+
+    if hasattr(source, "take_rows"):
+        return source.take_rows(order)
+    if isinstance(source, BF16Array):
+        return BF16Array(source.bits[order])
+    return source[order]
+
+
+def _slice(source, rows: slice, cols: slice):
+    """source[rows, cols] without reading it: a view of the mmap, or of a QuantTensor's blocks
+    (columns cut at block boundaries; a cut inside a block reads those rows whole)."""
+    from ..loading.gguf_file import QuantTensor
+    from ..loading.safetensors_file import BF16Array
+
+    if isinstance(source, BF16Array):
+        return BF16Array(source.bits[rows, cols])
+    if not isinstance(source, QuantTensor):
+        return source[rows, cols]
+    data = source.data[rows]
+    n_rows, n_cols = data.shape[0], source.shape[1]
+    start, stop, step = cols.indices(n_cols)
+    bs, ts = source.block_size, source.type_size
+    if (start, stop, step) == (0, n_cols, 1):
+        return QuantTensor(source.qtype, (n_rows, n_cols), data)
+    if step != 1 or start % bs or stop % bs:
+        return QuantTensor(source.qtype, (n_rows, n_cols), data).dequantize()[:, cols]
+    block_cols = data[:, start // bs * ts : stop // bs * ts]
+    return QuantTensor(source.qtype, (n_rows, stop - start), block_cols)
+
+
+def _taken(x, seen: dict | None = None):
+    """x with every Deferred in it taken (a weight shared by two fields, as a tied head, once)."""
+    if isinstance(x, Deferred):
+        if seen is None:
+            return x.take()
+        if id(x) not in seen:
+            seen[id(x)] = x.take()
+        return seen[id(x)]
+    if seen is None:  # a tensor that was never deferred
+        return x.contiguous()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_taken(v, seen) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        changes = {f.name: _taken(getattr(x, f.name), seen) for f in dataclasses.fields(x)}
+        return dataclasses.replace(x, **changes)
+    return x
+
+
 def _worker(size, rank, host, port, path, device, dtype) -> None:
     """Ranks 1..K-1: load the checkpoint, shard it, run every step rank 0 sends until "stop"."""
     _die_with_parent()
@@ -241,6 +323,7 @@ def _worker(size, rank, host, port, path, device, dtype) -> None:
 
     backend = TorchBackend(device=_rank_device(device, rank), dtype=dtype)
     backend.tp = TensorParallel(size, rank, device)
+    backend.ops.defer_weights = True  # each read once its shard is known
     checkpoint = load_checkpoint(path)
     model = build_model(checkpoint.config, checkpoint.tensors, backend.ops)
     backend.tp.join(host, port)

@@ -67,6 +67,13 @@ def _take_rows(t, order: np.ndarray):
     return as_numpy(t)[order]
 
 
+def _weight_rows(ops, t, order: np.ndarray):
+    """ops.weight of t's rows in order; ops that defer their weights (tensor parallelism) read
+    only the rows a rank keeps."""
+    deferred = getattr(ops, "deferred_rows", lambda t, order: None)(t, order)
+    return ops.weight(_take_rows(t, order)) if deferred is None else deferred
+
+
 class DeepseekV3Model:
     """DeepSeek-V3 decoder over a backend's ops. forward: StepMeta -> logits (R, V)."""
 
@@ -137,7 +144,7 @@ class DeepseekV3Model:
                     attn_norm=ops.vector(take(f"{p}.input_layernorm.weight", (D,))),
                     q_a=q_a,
                     q_a_norm=q_a_norm,
-                    q_b=ops.weight(_take_rows(q_b, q_order)),
+                    q_b=_weight_rows(ops, q_b, q_order),
                     kv_a=ops.weight(
                         _take_rows(take(f"{a}.kv_a_proj_with_mqa.weight", (r + dr, D)), kv_order)
                     ),
