@@ -30,6 +30,7 @@ def test_every_variable_is_parsed():
         "TINYSERVE_QUANT_ISA": "avx2",
         "TINYSERVE_CPU_FUSED": "0",
         "TINYSERVE_TORCH_FUSED": "false",
+        "TINYSERVE_TORCH_GRAPHS": "0",
         "TINYSERVE_MODELS_DIR": "~/weights",
         "TINYSERVE_API_KEY": "sk-1",
         "TINYSERVE_REQUIRE_NATIVE": "1",
@@ -46,6 +47,7 @@ def test_every_variable_is_parsed():
         quant_isa="avx2",
         cpu_fused=False,
         torch_fused=False,
+        torch_graphs=False,
         models_dir=Path("~/weights").expanduser(),
         api_key="sk-1",
         require_native=True,
@@ -58,7 +60,7 @@ def test_every_variable_is_parsed():
         "adapt_threads": False,
         "lower": False,
     }
-    assert s.backend_options("torch") == {"lower": False}
+    assert s.backend_options("torch") == {"lower": False, "graphs": False}
     assert s.backend_options("numpy") == {}
 
 

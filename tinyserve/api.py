@@ -67,6 +67,8 @@ class LLM:
         speculative_config: speculative decoding, as vLLM spells it: {"method": "ngram",
             "num_speculative_tokens": k, "prompt_lookup_max": m, "prompt_lookup_min": n}; the
             output is what plain decoding gives (tinyserve/speculative.py), in fewer steps.
+        enforce_eager: never run decode steps through CUDA graphs (backend "torch": they are
+            off unless backend_options={"graphs": True} or TINYSERVE_TORCH_GRAPHS=1 ask).
         tensor_parallel_size: ranks one model is split over (backend "torch": heads and
             feed-forward split Megatron-style, experts spread over the ranks; gloo on the CPU,
             NCCL on CUDA, HCCL on Ascend). This process is rank 0; the others start here.
@@ -92,6 +94,7 @@ class LLM:
         seed: int = 0,
         tensor_parallel_size: int = 1,
         speculative_config: dict | None = None,
+        enforce_eager: bool = False,
     ):
         from . import catalog
         from .loading import load_checkpoint
@@ -106,6 +109,10 @@ class LLM:
             if backend != "torch":
                 raise BackendError(f"tensor parallelism runs on the torch backend, not {backend!r}")
             options["tensor_parallel_size"] = tensor_parallel_size
+        if backend == "torch":
+            if enforce_eager:
+                options["graphs"] = False
+            options.setdefault("graph_max_batch", max_num_seqs)  # the largest batch bucket
         self.backend = _create_backend(backend, device, dtype, options)
         try:
             engine_config = EngineConfig(

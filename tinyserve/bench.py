@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 tensor_parallel_size=args.tensor_parallel_size,
                 speculative_config=args.speculative_config,
+                enforce_eager=args.enforce_eager,
                 backend_options=thread_options(args.backend, args.threads),
                 max_num_seqs=max(64, *args.batch_size),
                 max_num_batched_tokens=args.max_num_batched_tokens,

@@ -36,6 +36,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="ranks the model is split over (torch backend; gloo on the CPU, NCCL on CUDA)",
     )
     p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="never capture CUDA graphs for decode (torch backend; they are off by default)",
+    )
+    p.add_argument(
         "--speculative-config",
         type=json_object,
         default=None,
@@ -131,6 +136,7 @@ def model_options(args) -> dict:
         "dtype": args.dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
         "speculative_config": args.speculative_config,
+        "enforce_eager": args.enforce_eager,
     }
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .batch import Batch
 from .detokenizer import IncrementalDetokenizer
+from .device_sampling import DeviceSampling
 from .errors import OutOfBlocks, RequestError
 from .kv_cache import KVCacheManager
 from .models import build_model
@@ -221,6 +222,7 @@ class Engine:
         # the row it samples from once its chunk reaches its newest token (and one after each
         # speculative proposal); others need no logits
         chunks, rows, fast, plan = [], [], [], []
+        on_device = []  # DeviceSampling.build's entries: rows the backend samples itself
         start = 0
         for seq, n in zip(sched.seqs, sched.n_tokens):
             c, newest = seq.num_computed, len(seq.token_ids) - 1
@@ -232,7 +234,13 @@ class Engine:
             done = c + n > newest
             n_rows = 1 + len(seq.draft) if done and seq.params.max_tokens > 0 else 0
             rows.extend(range(start + n - n_rows, start + n))
-            fast += [self._argmax_only(seq)] * n_rows
+            if n_rows and self._samples_on_device(seq):
+                on_device += [
+                    self._device_entry(seq, len(rows) - n_rows + j, j) for j in range(n_rows)
+                ]
+                fast += [False] * n_rows
+            else:
+                fast += [self._argmax_only(seq)] * n_rows
             plan.append((seq, len(scored), n_rows, done))
             start += n
         batch = Batch.build(chunks, self.kv_manager.block_size, rows)
@@ -245,7 +253,17 @@ class Engine:
             self.requests[seq.request_id].metrics.n_preemptions += 1
         # rows that need only an argmax get it on the backend's device; the rest come back as logits
         fast = np.array(fast, dtype=bool)  # (R,)
-        greedy_ids, logits, finite = self.backend.forward_greedy(self.model, batch, self.kv, fast)
+        if on_device:
+            table = DeviceSampling.build(on_device, self.model_config.vocab_size)
+            greedy_ids, samples, logits, finite = self.backend.forward_sample(
+                self.model, batch, self.kv, fast, table
+            )
+            sampled = dict(zip(table.rows.tolist(), samples))  # logits row -> its Sample
+        else:
+            greedy_ids, logits, finite = self.backend.forward_greedy(
+                self.model, batch, self.kv, fast
+            )
+            sampled = {}
         self.n_steps += 1
         for seq, n in zip(sched.seqs, sched.n_tokens):
             if seq.num_computed < seq.prompt_len:
@@ -279,26 +297,29 @@ class Engine:
                 continue
             touched[req.request_id] = req
             if n_rows > 1:  # speculation: the newest token's row and one after each proposal
-                is_fast = fast[flat]
-                if is_fast:
-                    taken = list(itertools.islice(ids_of, n_rows))
+                if fast[flat]:
+                    taken = [
+                        Sample(int(t), float("nan"), None) for t in itertools.islice(ids_of, n_rows)
+                    ]
+                elif flat in sampled:
+                    taken = [sampled[flat + j] for j in range(n_rows)]
                 else:
                     taken, row = logits[row : row + n_rows], row + n_rows
-                self._verify(seq, taken, finite[flat : flat + n_rows], is_fast, now)
+                self._verify(seq, taken, finite[flat : flat + n_rows], now)
                 flat += n_rows
                 continue
-            is_fast, is_finite = fast[flat], finite[flat]
+            is_fast, is_finite, done_here = fast[flat], finite[flat], sampled.get(flat)
             flat += 1
             if is_fast:
-                token_id = int(next(ids_of))
-            else:
+                done_here = Sample(int(next(ids_of)), float("nan"), None)
+            elif done_here is None:
                 sample_logits = logits[row]
                 row += 1
             if not is_finite:  # NaN / Inf logits: no token to give, the request ends abnormally
                 self._end_non_finite(req, seq)
                 continue
-            if is_fast:
-                self._append(seq, Sample(token_id, float("nan"), None), now)
+            if done_here is not None:  # its argmax or its draw came from the device
+                self._append(seq, done_here, now)
                 continue
             mask = allowed.get(seq.seq_id)
             if not req.forked:
@@ -331,10 +352,10 @@ class Engine:
         for seq, draft in zip(seqs, self.proposer.propose_all(seqs, rooms)):
             seq.draft = draft
 
-    def _verify(self, seq: Sequence, rows, finite, is_fast: bool, now: float) -> None:
+    def _verify(self, seq: Sequence, rows, finite, now: float) -> None:
         """Sample the proposals' rows in order, as plain decoding would, while each sampled
         token is the proposal the model saw next; then roll back what the model saw beyond.
-        rows: argmax ids (is_fast) or logits rows; finite: whether each row's logits are."""
+        rows: Samples the device took, or logits rows; finite: whether each row's logits are."""
         draft, seq.draft = seq.draft, []
         req = self.requests[seq.request_id]
         m = req.metrics
@@ -343,7 +364,7 @@ class Engine:
             if not finite[i]:  # NaN / Inf logits: the request ends abnormally here
                 self._end_non_finite(req, seq)
                 break
-            s = Sample(int(row), float("nan"), None) if is_fast else self._sample(seq, row, None)
+            s = row if isinstance(row, Sample) else self._sample(seq, row, None)
             self._append(seq, s, now)
             if seq.finished or i == len(draft) or s.token_id != draft[i]:
                 break
@@ -413,6 +434,30 @@ class Engine:
             and not p.presence_penalty
             and not p.frequency_penalty
         )
+
+    def _samples_on_device(self, seq: Sequence) -> bool:
+        """Whether the backend samples seq's rows itself: it can, and seq's sampling is all
+        array maths (no grammar, token rules or siblings to fork; greedy rows with nothing else
+        stay argmax-only)."""
+        p = seq.params
+        return (
+            self.backend.samples_on_device
+            and not self._argmax_only(seq)
+            and seq.matcher is None
+            and not seq.rules.active
+            and p.n_samples == 1
+        )
+
+    @staticmethod
+    def _device_entry(seq: Sequence, row: int, j: int) -> tuple:
+        """DeviceSampling.build's entry for seq's row j of this step (j > 0: after proposals,
+        whose tokens the row would follow)."""
+        p = seq.params
+        penalized = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        history = seq.output_ids + seq.draft[:j] if penalized else ()
+        n_out = len(seq.token_ids) - seq.prompt_len + j
+        prompt = seq.token_ids[: seq.prompt_len] if p.repetition_penalty != 1.0 else ()
+        return (row, p, seq.seed, seq.index, prompt, history, n_out)
 
     @staticmethod
     def _sample(seq: Sequence, logits: np.ndarray, allowed: np.ndarray | None) -> Sample:

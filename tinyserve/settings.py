@@ -37,6 +37,7 @@ class Settings:
     quant_isa: str | None = None  # TINYSERVE_QUANT_ISA: force scalar / avx2 / vnni kernels
     cpu_fused: bool | None = None  # TINYSERVE_CPU_FUSED=0: cpu runs the model file op by op
     torch_fused: bool | None = None  # TINYSERVE_TORCH_FUSED=0: torch runs it op by op
+    torch_graphs: bool | None = None  # TINYSERVE_TORCH_GRAPHS=1 / 0: CUDA graphs for decode
     models_dir: Path | None = None  # TINYSERVE_MODELS_DIR: where `pull` puts catalog weights
     api_key: str | None = None  # TINYSERVE_API_KEY: the server's default --api-key
     require_native: bool = False  # TINYSERVE_REQUIRE_NATIVE=1 (tests): the kernels must load
@@ -65,7 +66,7 @@ class Settings:
                 "exact_prefill": self.exact_prefill,
             }
         elif name == "torch":
-            options = {"lower": self.torch_fused}
+            options = {"lower": self.torch_fused, "graphs": self.torch_graphs}
         else:
             return {}
         return {k: v for k, v in options.items() if v is not None}
@@ -123,6 +124,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "quant_isa": _one_of(QUANT_ISAS),
     "cpu_fused": _flag,
     "torch_fused": _flag,
+    "torch_graphs": _flag,
     "models_dir": lambda name, raw: Path(raw).expanduser(),
     "api_key": lambda name, raw: raw,
     "require_native": _flag,

@@ -32,6 +32,7 @@ class Backend:
     name: str = ""
     ops: Any = None
     kv_itemsize: int = 4  # bytes per cached K/V element (sizes the pool from a byte budget)
+    samples_on_device: bool = False  # the engine hands forward_sample its sampled rows
     lowerings: ClassVar[dict[type, Any]] = {}
 
     def __init__(self, device: str | None = None, dtype: str | None = None, lower: bool = True):
@@ -115,6 +116,25 @@ class Backend:
         if greedy.all():  # no copy of the (R, V) rows just to take their argmax
             return logits.argmax(axis=-1), logits[:0], finite
         return logits[greedy].argmax(axis=-1), logits[~greedy], finite
+
+    def forward_sample(
+        self, model, batch: Batch, kv: list[dict[str, Any]], greedy: np.ndarray, table
+    ) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
+        """forward_greedy, with the rows of a device_sampling.DeviceSampling table sampled here
+        too: -> (ids of the greedy rows (G,), one Sample per table row, logits of the other
+        rows (R-G-D, V), finite (R,) bool). `greedy` and table.rows are disjoint.
+
+        This reference samples on the host (device_sampling.sample_reference); a backend that
+        sets samples_on_device overrides it so only the ids and asked-for logprobs cross."""
+        from ..device_sampling import sample_reference
+
+        logits = self.forward(model, batch, kv)
+        finite = finite_rows(logits)
+        in_table = np.zeros(len(greedy), dtype=bool)
+        in_table[table.rows] = True
+        samples = table.samples(*sample_reference(logits[table.rows], table))
+        rest = ~(greedy | in_table)
+        return logits[greedy].argmax(axis=-1), samples, logits[rest], finite
 
 
 def finite_rows(x: np.ndarray) -> np.ndarray:

@@ -27,12 +27,15 @@ from ..errors import BackendError
 from ..models.spec import Decoder
 from ..step import StepMeta, as_step
 from .base import Backend
+from .lowering import NotLowerable
 
 try:
     import torch
     import torch.nn.functional as F
 
     from .torch_decoder import TorchDecoder, to_device
+    from .torch_graphs import DecodeGraphs
+    from .torch_sampling import sample_on_device
     from .torch_tp import TensorParallel
 except ImportError as _e:  # reported by TorchBackend.availability()
     torch = TorchDecoder = None
@@ -343,6 +346,13 @@ class TorchBackend(Backend):
         tensor_parallel_size: ranks that share the model (torch_tp.py: heads and feed-forward
             split Megatron-style, experts spread); this process is rank 0, the others are started
             on the same checkpoint at prepare(). On CUDA rank r uses device index + r.
+        graphs: run decode steps of the lowering through CUDA graphs (torch_graphs.py), one per
+            batch bucket; off by default (LLM(enforce_eager=True) and TINYSERVE_TORCH_GRAPHS=0
+            keep it off). Without CUDA the padded static path runs eagerly (a check, no gain).
+        graph_max_batch: the largest batch bucket (the engine's max_num_seqs).
+        device_sampling: sample on the device (device_sampling.py), so only token ids cross to
+            the host; default on for CUDA, off elsewhere (the host sampler is as fast on a CPU
+            and keeps sample_row's seeded stream).
     """
 
     name = "torch"
@@ -354,6 +364,9 @@ class TorchBackend(Backend):
         dtype: str | None = None,
         lower: bool = True,
         tensor_parallel_size: int = 1,
+        graphs: bool = False,
+        graph_max_batch: int = 256,
+        device_sampling: bool | None = None,
     ):
         ok, reason = self.availability()
         if not ok:
@@ -384,6 +397,15 @@ class TorchBackend(Backend):
             else None
         )
         self.ops.defer_weights = self.tp is not None  # each read once its shard is known
+        if int(graph_max_batch) < 1:
+            raise ValueError(f"graph_max_batch must be >= 1, got {graph_max_batch}")
+        self.graphs = bool(graphs) and self.tp is None
+        self.graph_max_batch = int(graph_max_batch)
+        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> runner
+        self.graph_reasons: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # why none
+        self._scratch_block: int | None = None  # past the engine's blocks: padded rows' K/V
+        on = kind == "cuda" if device_sampling is None else bool(device_sampling)
+        self.samples_on_device = on and self.tp is None
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -405,7 +427,16 @@ class TorchBackend(Backend):
         return text if cuda_problem is None else f"{text} ({cuda_problem})"
 
     def describe(self) -> str:
-        return f"torch {torch.__version__} on {self.torch_device} ({self.dtype})"
+        text = f"torch {torch.__version__} on {self.torch_device} ({self.dtype})"
+        extras = [
+            name
+            for name, on in (
+                ("cuda graphs", self.graphs),
+                ("device sampling", self.samples_on_device),
+            )
+            if on
+        ]
+        return f"{text}, {', '.join(extras)}" if extras else text
 
     # -- tensor parallelism: rank 0 hands each call to the other ranks first ----------------------
 
@@ -446,9 +477,12 @@ class TorchBackend(Backend):
             self._tell_ranks("allocate", layer_specs, num_blocks, block_size)
             layer_specs = self.tp.kv_layout(layer_specs)
         dev, dt = self.torch_device, self.torch_dtype
+        # with graphs, one block more than the engine hands out: padded rows write there
+        self._scratch_block = num_blocks if self.graphs else None
+        n_pool = num_blocks + 1 if self.graphs else num_blocks
         return [
             {
-                name: torch.zeros((num_blocks, block_size, *shape), dtype=dt, device=dev)
+                name: torch.zeros((n_pool, block_size, *shape), dtype=dt, device=dev)
                 for name, shape in spec.items()
             }
             for spec in layer_specs
@@ -480,12 +514,7 @@ class TorchBackend(Backend):
         (with every row's finite flag, as Backend.forward_greedy says)."""
         self._tell_ranks("forward", batch)
         with torch.inference_mode():
-            step = self.step_meta(batch)
-            lowered = self.lowered(model)
-            if lowered is not None:
-                logits = lowered(step, kv)  # (R, V) on the device
-            else:
-                logits = model.forward(step, kv)
+            logits = self._logits(model, batch, kv)  # (R, V) on the device
             ids = logits.argmax(dim=-1)  # (R,): cheap, and no data-dependent shapes (no sync)
             # (2, R): the ids and finite flags (a row's sum is NaN / Inf exactly when a value
             # is) cross to the host in one copy
@@ -502,6 +531,66 @@ class TorchBackend(Backend):
                 host_rows = self._to_host(rows)
             ids, finite = ids_finite.cpu().numpy()  # the step's one wait on the device
             return ids[greedy], host_rows, finite.astype(bool)
+
+    def forward_sample(
+        self, model, batch: Batch, kv, greedy: np.ndarray, table
+    ) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
+        """Backend.forward_sample with the table's rows sampled on the device
+        (torch_sampling.py): ids, finite flags and asked-for logprobs cross; the other
+        rows' logits too."""
+        self._tell_ranks("forward", batch)
+        with torch.inference_mode():
+            logits = self._logits(model, batch, kv)  # (R, V) on the device
+            rows = torch.from_numpy(table.rows).to(logits.device)
+            ids, chosen, top_ids, top_lp = sample_on_device(logits.index_select(0, rows), table)
+            finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+            greedy_t = torch.from_numpy(greedy).to(logits.device)
+            in_table = np.zeros(len(greedy), dtype=bool)
+            in_table[table.rows] = True
+            rest = np.nonzero(~(greedy | in_table))[0]
+            host_rows = self._to_host(
+                logits.index_select(0, torch.from_numpy(rest).to(logits.device)).float()
+            )  # (R-G-D, V)
+            argmax = logits.argmax(dim=-1)[greedy_t]
+            small = torch.cat([argmax, ids, finite.long()]).cpu().numpy()  # one wait
+            G, D = int(greedy.sum()), table.n_rows
+            lp = chosen.float().cpu().numpy(), top_ids.cpu().numpy(), top_lp.float().cpu().numpy()
+            samples = table.samples(small[G : G + D], *lp)
+            return small[:G], samples, host_rows, small[G + D :].astype(bool)
+
+    def _logits(self, model, batch: Batch, kv) -> torch.Tensor:
+        """(R, V) logits on the device: a decode step through its CUDA graph where one can run
+        it, else the lowering (or the model file op by op) eagerly."""
+        lowered = self.lowered(model)
+        graphs = self._graph_runner(model, lowered) if self.graphs else None
+        if graphs is not None:
+            host = StepMeta.build(batch)
+            if graphs.blocker(host) is None:
+                return graphs(host, kv, self._scratch_block)
+        step = self.step_meta(batch)
+        return model.forward(step, kv) if lowered is None else lowered(step, kv)
+
+    def _graph_runner(self, model, lowered) -> DecodeGraphs | None:
+        """model's DecodeGraphs, made at first use; None (the reason in graph_reasons) when its
+        steps cannot be captured."""
+        try:
+            return self._graphs[model]
+        except KeyError:
+            pass
+        runner = None
+        if lowered is None:
+            self.graph_reasons[model] = "no lowering: the model file runs op by op"
+        elif self._scratch_block is None:
+            self.graph_reasons[model] = "the KV pools were not allocated with a scratch block"
+        else:
+            try:
+                runner = DecodeGraphs(
+                    lowered, self.graph_max_batch, capture=self.torch_device.type == "cuda"
+                )
+            except NotLowerable as e:
+                self.graph_reasons[model] = str(e)
+        self._graphs[model] = runner
+        return runner
 
     def _to_host(self, x: torch.Tensor) -> np.ndarray:
         if self.torch_device.type != "cuda" or x.numel() == 0:

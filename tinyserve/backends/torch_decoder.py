@@ -71,6 +71,18 @@ class _Plan:
     n_seqs: int  # S
     q_len: int  # T, the longest run of new tokens (1 at decode)
     ctx_len: int  # L = nb * BS, the padded context
+    q_pos: torch.Tensor | None = None  # (S, T) position of each padded query row
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """The sizes a step's plan is laid out by (a captured step fixes them)."""
+
+    n_seqs: int  # S
+    n_tokens: int  # N
+    q_len: int  # T, the longest run of new tokens
+    n_blocks: int  # nb, the blocks each sequence gathers
+    ctx_len: int  # L = nb * BS
 
 
 class TorchDecoder:
@@ -168,28 +180,47 @@ class TorchDecoder:
 
     def plan(self, step, block_size: int) -> _Plan:
         """Index arrays and cos / sin built on the host, sent in two copies; masks on the device."""
-        spec, dev, b = self.spec, self.ops.device, step.batch
-        S, N, T, Dh = b.n_seqs, b.n_tokens, step.max_q_len, self.trig_width
-        nb = -(-step.max_seq_len // block_size)
-        L = nb * block_size
-        decode = T == 1
+        shape, ints, trig = self.host_inputs(step, block_size)
+        dev = self.ops.device
+        return self.device_plan(
+            shape,
+            step.token_ids,
+            step.slots,
+            None if step.all_rows else step.logits_rows,
+            to_device(ints, dev),
+            to_device(trig, dev).to(self.ops.dtype),
+        )
+
+    def host_inputs(
+        self, step, block_size: int, n_blocks: int | None = None
+    ) -> tuple[StepShape, np.ndarray, np.ndarray]:
+        """The step's shape, its index arrays flat (int64) and its trig tables (float32), on the
+        host. n_blocks: the context each sequence gathers, in blocks (default: the longest's)."""
+        b = step.batch
+        S, T = b.n_seqs, step.max_q_len
+        nb = -(-step.max_seq_len // block_size) if n_blocks is None else n_blocks
+        shape = StepShape(S, b.n_tokens, T, nb, nb * block_size)
         ints = [b.block_tables[:, :nb]]
-        if not decode:
+        if T > 1:
             out_rows = step.seq_of * T + step.local  # (N,)
             q_src = np.zeros(S * T, dtype=np.int64)  # padding rows copy token 0, masked below
-            q_src[out_rows] = np.arange(N)
+            q_src[out_rows] = np.arange(b.n_tokens)
             ints += [q_src, out_rows]
         q_pos = np.zeros((S, T), dtype=np.int64)  # padding rows look at position 0 only
         q_pos[step.seq_of, step.local] = b.positions
         ints.append(q_pos)
         flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in ints])
-        dev_ints = to_device(flat, dev)
-        trig = to_device(self._trig(step), dev).to(self.ops.dtype)  # (n_ropes, N, 2*Dh)
-        views, offset = [], 0
-        for a in ints:
-            views.append(dev_ints[offset : offset + a.size].view(a.shape))
-            offset += a.size
-        q_pos_t = views[-1]  # (S, T)
+        return shape, flat, self._trig(step)
+
+    def device_plan(self, shape: StepShape, token_ids, slots, logits_rows, ints, trig) -> _Plan:
+        """The plan from the step's inputs on the device (host_inputs' arrays there): the masks
+        are made here, so a captured step (torch_graphs.py) remakes them at each replay."""
+        spec, dev = self.spec, self.ops.device
+        S, T, nb, L, Dh = shape.n_seqs, shape.q_len, shape.n_blocks, shape.ctx_len, self.trig_width
+        decode = T == 1
+        sizes = [S * nb] + ([] if decode else [S * T, shape.n_tokens]) + [S * T]
+        views = list(torch.split(ints, sizes))
+        q_pos_t = views[-1].view(S, T)
         k_pos = torch.arange(L, device=dev)  # (L,)
         masks = {}
         for window in self.windows:
@@ -205,10 +236,10 @@ class TorchDecoder:
                 mask = mask[:, None, :, None, :].expand(S, 1, T, G, L).reshape(S, 1, T * G, L)
             masks[window] = mask
         return _Plan(
-            token_ids=step.token_ids,
-            slots=step.slots,
-            gather=views[0].reshape(-1),
-            logits_rows=None if step.all_rows else step.logits_rows,
+            token_ids=token_ids,
+            slots=slots,
+            gather=views[0],
+            logits_rows=logits_rows,
             trig=[(t[:, None, :Dh], t[:, None, Dh:]) for t in trig],
             masks=masks,
             q_src=None if decode else views[1],
@@ -216,6 +247,7 @@ class TorchDecoder:
             n_seqs=S,
             q_len=T,
             ctx_len=L,
+            q_pos=q_pos_t,
         )
 
     def _trig(self, step) -> np.ndarray:
@@ -244,15 +276,22 @@ class TorchDecoder:
 
     def __call__(self, step, kv: list[dict[str, Any]]) -> torch.Tensor:
         """A step of N tokens -> logits (R, V) for its logits_rows, on the device."""
+        return self.logits(self.plan(step, block_size(kv)), kv)
+
+    def logits(self, m: _Plan, kv: list[dict[str, Any]]) -> torch.Tensor:
+        """A planned step -> logits (R, V) on the device (what a captured step replays)."""
         spec = self.spec
-        logits = F.linear(self.hidden(step, kv), spec.lm_head)  # (R, V)
+        logits = F.linear(self.run(m, kv), spec.lm_head)  # (R, V)
         cap = spec.logit_softcap
         return logits if cap is None else self.ops.softcap(logits, cap)
 
     def hidden(self, step, kv: list[dict[str, Any]]) -> torch.Tensor:
         """(R, D): the final-normed residual rows of step.logits_rows (what the head reads)."""
+        return self.run(self.plan(step, block_size(kv)), kv)
+
+    def run(self, m: _Plan, kv: list[dict[str, Any]]) -> torch.Tensor:
+        """(R, D) the final-normed rows of a planned step."""
         spec = self.spec
-        m = self.plan(step, next(iter(kv[0].values())).shape[1])
         x = F.embedding(m.token_ids, spec.embed)  # (N, D)
         if spec.embed_scale != 1.0:
             x = x * spec.embed_scale
@@ -385,6 +424,11 @@ class TorchDecoder:
         if mlp.act == "silu":
             return F.silu(gate) * up
         return F.gelu(gate, approximate="tanh") * up
+
+
+def block_size(kv: list[dict[str, Any]]) -> int:
+    """BS, from the pools' (NB, BS, ...) layout."""
+    return next(iter(kv[0].values())).shape[1]
 
 
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
