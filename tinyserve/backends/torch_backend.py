@@ -33,6 +33,7 @@ try:
     import torch
     import torch.nn.functional as F
 
+    from .torch_attention import KERNELS
     from .torch_decoder import TorchDecoder, to_device
     from .torch_graphs import DecodeGraphs
     from .torch_sampling import sample_on_device
@@ -353,6 +354,10 @@ class TorchBackend(Backend):
         device_sampling: sample on the device (device_sampling.py), so only token ids cross to
             the host; default on for CUDA, off elsewhere (the host sampler is as fast on a CPU
             and keeps sample_row's seeded stream).
+        attention: decode attention's kernel: "auto" (FlashInfer's paged decode or flash-attn's
+            flash_attn_with_kvcache where one imports and can run the step, else SDPA),
+            "sdpa", "flashinfer" or "flash_attn" (torch_attention.py; a missing one falls
+            back to SDPA, the reason in the lowering's kernel_reason).
     """
 
     name = "torch"
@@ -367,6 +372,7 @@ class TorchBackend(Backend):
         graphs: bool = False,
         graph_max_batch: int = 256,
         device_sampling: bool | None = None,
+        attention: str = "auto",
     ):
         ok, reason = self.availability()
         if not ok:
@@ -406,6 +412,9 @@ class TorchBackend(Backend):
         self._scratch_block: int | None = None  # past the engine's blocks: padded rows' K/V
         on = kind == "cuda" if device_sampling is None else bool(device_sampling)
         self.samples_on_device = on and self.tp is None
+        if attention not in KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(KERNELS)}, got {attention!r}")
+        self.attention = attention
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..models.spec import MLA, Decoder, DecoderLayer, GatedMLP, MoE, Rope
 from .lowering import NotLowerable
+from .torch_attention import FlashAttnDecode, FlashInferDecode, choose_kernel
 
 
 @dataclass(slots=True)
@@ -72,6 +73,7 @@ class _Plan:
     q_len: int  # T, the longest run of new tokens (1 at decode)
     ctx_len: int  # L = nb * BS, the padded context
     q_pos: torch.Tensor | None = None  # (S, T) position of each padded query row
+    paged: Any = None  # a kernel library's decode attention (torch_attention.py); None: SDPA
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,10 @@ class TorchDecoder:
         self.layers = [self._layer(layer) for layer in spec.layers]
         self.final_norm = self._norm_weight(spec.norm)
         self.windows = sorted({w.window for w in self.layers}, key=lambda w: w or 0)
+        # decode attention from a kernel library where one loads (torch_attention.py)
+        asked = "sdpa" if self.mla else getattr(backend, "attention", "sdpa")
+        self.kernel, self.kernel_reason = choose_kernel(asked, self.ops.device, dt)
+        self._flashinfer = None  # its wrapper, made at the first decode step
 
     def _norm_weight(self, w):
         return None if w is None else w.to(self.norm_dtype)
@@ -181,7 +187,14 @@ class TorchDecoder:
     def plan(self, step, block_size: int) -> _Plan:
         """Index arrays and cos / sin built on the host, sent in two copies; masks on the device."""
         shape, ints, trig = self.host_inputs(step, block_size)
-        dev = self.ops.device
+        dev, spec = self.ops.device, self.spec
+        paged = None
+        if self.kernel == "flashinfer" and shape.q_len == 1:  # planned on the host: eager only
+            if self._flashinfer is None:
+                heads = spec.n_heads, spec.n_kv_heads, spec.head_dim
+                scale = spec.layers[0].attn.scale
+                self._flashinfer = FlashInferDecode(dev, *heads, scale, self.ops.dtype)
+            paged = self._flashinfer.plan(step.batch, block_size)
         return self.device_plan(
             shape,
             step.token_ids,
@@ -189,6 +202,7 @@ class TorchDecoder:
             None if step.all_rows else step.logits_rows,
             to_device(ints, dev),
             to_device(trig, dev).to(self.ops.dtype),
+            paged,
         )
 
     def host_inputs(
@@ -212,9 +226,12 @@ class TorchDecoder:
         flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in ints])
         return shape, flat, self._trig(step)
 
-    def device_plan(self, shape: StepShape, token_ids, slots, logits_rows, ints, trig) -> _Plan:
+    def device_plan(
+        self, shape: StepShape, token_ids, slots, logits_rows, ints, trig, paged=None
+    ) -> _Plan:
         """The plan from the step's inputs on the device (host_inputs' arrays there): the masks
-        are made here, so a captured step (torch_graphs.py) remakes them at each replay."""
+        (and flash-attn's tables) are made here, so a captured step (torch_graphs.py) remakes
+        them at each replay. paged: a kernel library's decode attention planned on the host."""
         spec, dev = self.spec, self.ops.device
         S, T, nb, L, Dh = shape.n_seqs, shape.q_len, shape.n_blocks, shape.ctx_len, self.trig_width
         decode = T == 1
@@ -235,6 +252,12 @@ class TorchDecoder:
                 G = spec.n_heads // self.n_kv_heads  # query rows ordered (t, g)
                 mask = mask[:, None, :, None, :].expand(S, 1, T, G, L).reshape(S, 1, T * G, L)
             masks[window] = mask
+        flash_attn = (
+            decode and self.kernel == "flash_attn" and FlashAttnDecode.fits(L // nb) is None
+        )
+        if paged is None and flash_attn:
+            scale = spec.layers[0].attn.scale
+            paged = FlashAttnDecode(views[0].view(S, nb), q_pos_t[:, 0] + 1, scale)
         return _Plan(
             token_ids=token_ids,
             slots=slots,
@@ -248,6 +271,7 @@ class TorchDecoder:
             q_len=T,
             ctx_len=L,
             q_pos=q_pos_t,
+            paged=paged,
         )
 
     def _trig(self, step) -> np.ndarray:
@@ -340,6 +364,9 @@ class TorchDecoder:
         k_pool, v_pool = kv["k"], kv["v"]
         k_pool.view(-1, KVH, Dh).index_copy_(0, m.slots, k.to(k_pool.dtype))
         v_pool.view(-1, KVH, Dh).index_copy_(0, m.slots, v.to(v_pool.dtype))
+        if m.paged is not None and w.window is None:  # the blocks read in place
+            o = m.paged(qk[:, :H].to(k_pool.dtype), k_pool, v_pool)  # (N, H, Dh)
+            return self._residual(x, o.reshape(N, H * Dh), w.o, w.o_bias, w.post_attn_norm)
         # every sequence's context through its block table; padding reads block 0, masked
         kc = k_pool.index_select(0, m.gather).view(S, L, KVH, Dh).transpose(1, 2)  # (S,KVH,L,Dh)
         vc = v_pool.index_select(0, m.gather).view(S, L, KVH, Dh).transpose(1, 2)
