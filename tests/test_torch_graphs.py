@@ -10,6 +10,8 @@ reference, to sampling.py's distribution (chi-square) and, greedy, to sample_row
 from __future__ import annotations
 
 import math
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -379,3 +381,128 @@ def test_rows_the_device_cannot_sample_stay_on_the_host():
     assert [[o.token_ids for o in r.outputs] for r in got] == [
         [o.token_ids for o in r.outputs] for r in host
     ]
+
+
+# -- decode attention from a kernel library (torch_attention.py) ------------------------------------
+
+
+def test_kernel_choice_falls_back_to_sdpa_with_the_reason(monkeypatch):
+    from tinyserve.backends import create_backend
+    from tinyserve.backends.torch_attention import choose_kernel
+    from tinyserve.errors import BackendError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_kernel("auto", cpu, torch.float32) == ("sdpa", "paged kernels need CUDA, not cpu")
+    assert choose_kernel("sdpa", cuda, torch.bfloat16) == ("sdpa", "")
+    assert choose_kernel("auto", cuda, torch.float32) == (
+        "sdpa",
+        "paged kernels take float16 / bfloat16, not torch.float32",
+    )
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # neither imports, installed or not
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    kernel, why = choose_kernel("auto", cuda, torch.bfloat16)
+    assert kernel == "sdpa" and "flashinfer does not import" in why and "flash_attn does" in why
+    kernel, why = choose_kernel("flash_attn", cuda, torch.float16)
+    assert kernel == "sdpa" and "flashinfer" not in why
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert choose_kernel("auto", cuda, torch.bfloat16) == ("flash_attn", "")
+    with pytest.raises(ValueError, match="attention must be one of auto, sdpa"):
+        choose_kernel("triton", cpu, torch.float32)
+    with pytest.raises(BackendError, match="attention must be one of"):
+        create_backend("torch", attention="triton")
+    assert create_backend("torch").attention == "auto"
+
+
+def _attend(q, keys, values, scale):
+    """(H, Dh), (L, KVH, Dh) x2 -> (H, Dh): one query row over its context, heads grouped."""
+    G = q.shape[0] // keys.shape[1]
+    k = keys.repeat_interleave(G, dim=1).float()  # (L, H, Dh)
+    v = values.repeat_interleave(G, dim=1).float()
+    w = torch.softmax(torch.einsum("hd,lhd->hl", q.float(), k) * scale, dim=-1)
+    return torch.einsum("hl,lhd->hd", w, v).to(q.dtype)
+
+
+def _fake_flash_attn(calls):
+    """flash_attn_with_kvcache as its documentation says it reads a paged cache."""
+
+    def flash_attn_with_kvcache(q, k, v, cache_seqlens, block_table, softmax_scale, causal):
+        calls.append(q.shape[0])
+        BS, out = k.shape[1], torch.empty_like(q)
+        for s in range(q.shape[0]):
+            n = int(cache_seqlens[s])
+            blocks = block_table[s, : -(-n // BS)].long()
+            keys = k[blocks].reshape(-1, *k.shape[2:])[:n]
+            vals = v[blocks].reshape(-1, *v.shape[2:])[:n]
+            out[s, 0] = _attend(q[s, 0], keys, vals, softmax_scale)
+        return out
+
+    mod = types.ModuleType("flash_attn")
+    mod.flash_attn_with_kvcache = flash_attn_with_kvcache
+    return mod
+
+
+def _fake_flashinfer(calls):
+    """FlashInfer's paged decode wrapper as its documentation lays the pages out."""
+
+    class BatchDecodeWithPagedKVCacheWrapper:
+        def __init__(self, workspace, layout):
+            assert layout == "NHD"
+
+        def plan(self, indptr, indices, last, H, KVH, Dh, page_size, **kw):
+            self.layout, self.scale = (indptr, indices, last, page_size), kw["sm_scale"]
+
+        def run(self, q, kv):
+            calls.append(q.shape[0])
+            (k, v), (indptr, indices, last, BS) = kv, self.layout
+            out = torch.empty_like(q)
+            for s in range(q.shape[0]):
+                pages = indices[indptr[s] : indptr[s + 1]].long()
+                n = (len(pages) - 1) * BS + int(last[s])
+                keys = k[pages].reshape(-1, *k.shape[2:])[:n]
+                vals = v[pages].reshape(-1, *v.shape[2:])[:n]
+                out[s] = _attend(q[s], keys, vals, self.scale)
+            return out
+
+    mod = types.ModuleType("flashinfer")
+    mod.BatchDecodeWithPagedKVCacheWrapper = BatchDecodeWithPagedKVCacheWrapper
+    return mod
+
+
+@pytest.mark.parametrize("kernel", ["flash_attn", "flashinfer"])
+def test_kernel_library_decode_is_wired_as_sdpa(kernel, monkeypatch):
+    """The lowering's calls into each library, against a stand-in that reads the paged cache as
+    the library documents (the libraries need CUDA; scripts/gpu_check.py runs the real ones):
+    decode steps, eager and (flash-attn) through the padded static path, equal SDPA's."""
+    calls = []
+    fake = _fake_flash_attn(calls) if kernel == "flash_attn" else _fake_flashinfer(calls)
+    monkeypatch.setitem(sys.modules, kernel, fake)
+    ckpt = tiny_checkpoint("llama")
+    BS = 256 if kernel == "flash_attn" else 4  # flash-attn's paged cache: 256-token blocks
+    NB = 10
+    tables = [[0, 1, 2, 3], [4, 5], [6, 7, 8]]
+    prompts = [list(range(3, 14)), [5, 9, 2], list(range(40, 47))]
+    runs = {}
+    for name in ("sdpa", kernel):
+        b = TorchBackend(graphs=True)
+        model = build_model(ckpt.config, ckpt.tensors, b.ops)
+        kv = b.allocate_kv(model.kv_layout(), NB, BS)
+        lowered = b.lowered(model)
+        lowered.kernel = name  # what choose_kernel picks on CUDA when the library imports
+        graphs = DecodeGraphs(lowered, max_batch=4, capture=False)
+        b.forward(model, Batch.build([(p, 0, t) for p, t in zip(prompts, tables)], BS), kv)
+        lens, out = [len(p) for p in prompts], []
+        for step in range(4):
+            batch = Batch.build(
+                [([20 + s + step], n, t) for s, (n, t) in enumerate(zip(lens, tables))], BS
+            )
+            with torch.inference_mode():
+                if step % 2 and kernel == "flash_attn":  # the captured path's plan
+                    out.append(graphs(StepMeta.build(batch), kv, NB).numpy())
+                else:
+                    out.append(lowered(b.step_meta(batch), kv).numpy())
+            lens = [n + 1 for n in lens]
+        runs[name] = out
+    n_layers = ckpt.config.n_layers
+    assert len(calls) == 4 * n_layers, "the library was not called at every decode layer"
+    for a, want in zip(runs[kernel], runs["sdpa"]):
+        np.testing.assert_allclose(a, want, atol=1e-5 * float(want.std()) + 1e-6)
