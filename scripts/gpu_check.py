@@ -3,11 +3,16 @@ shaped model with random bf16 weights (no download), through the Engine and its 
 
     python scripts/gpu_check.py                      # cuda, bfloat16, 1 / 16 / 64 / 256 requests
     python scripts/gpu_check.py --device cpu --tiny  # the same script on a tiny model, seconds (CI)
+    python scripts/gpu_check.py --dry-run            # --device cpu --tiny, no conformance, 1 / 3
 
 Each sweep point submits N requests at once (128 prompt tokens, 128 output tokens, greedy,
 ignore_eos) and steps the engine until all finish; it prints output tokens/s over the wall time,
-TPOT p50 / p99 and TTFT p50 / p99 over the requests. Sized to finish well inside 8 minutes on one
-NVIDIA GPU.
+TPOT p50 / p99 and TTFT p50 / p99 over the requests, once per mode: eager and through CUDA graphs
+(torch_graphs.py; on the CPU the padded static path runs eagerly), and again with SDPA where a
+kernel library (torch_attention.py) runs decode attention. Before the sweep, decode steps through
+the graph path are held to the eager step's logits (a failure exits 1); after it, ngram
+speculation on a repetitive prompt reports its acceptance and TPOT beside plain decoding's.
+Sized to finish well inside 8 minutes on one NVIDIA GPU.
 
 Measured on one NVIDIA H200 (torch 2.11.0+cu130, bfloat16), fused Llama stack (default) and the
 op-by-op route (TINYSERVE_TORCH_FUSED=0), same session; --profile-step 16 counts one decode step:
@@ -42,10 +47,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 from tinyserve.backends import create_backend
+from tinyserve.batch import Batch
 from tinyserve.config import ModelConfig
 from tinyserve.engine import Engine, EngineConfig
 from tinyserve.loading import Checkpoint, config_from_hf
 from tinyserve.sampling import SamplingParams
+from tinyserve.speculative import SpeculativeConfig
 
 # Llama-3.2-1B's config.json, less the tokenizer ids
 LLAMA_3_2_1B = {
@@ -153,6 +160,63 @@ def run_point(engine: Engine, n_requests: int, input_len: int, output_len: int, 
     }
 
 
+def check_graphs(engine: Engine, n_seqs: tuple[int, ...], tolerance: float) -> dict:
+    """Decode steps through the graph path (captured on CUDA) against the same steps run eagerly,
+    over fresh pools: max |logits difference| / the logits' std, per batch size."""
+    import torch
+
+    backend, model = engine.backend, engine.model
+    V, BS = engine.model_config.vocab_size, 16
+    rng = np.random.default_rng(3)
+    out = {}
+    for S in n_seqs:
+        blocks = 6  # 5 blocks of prompt and steps, one spare
+        kv = backend.allocate_kv(model.kv_layout(), S * blocks, BS)
+        tables = [list(range(s * blocks, (s + 1) * blocks)) for s in range(S)]
+        lens = [int(n) for n in rng.integers(20, 60, S)]
+        prompts = [rng.integers(0, V, n).tolist() for n in lens]
+        backend.forward(model, Batch.build(list(zip(prompts, [0] * S, tables)), BS), kv)
+        worst = 0.0
+        for step in range(12):  # contexts cross block and context-bucket boundaries
+            ids = rng.integers(0, V, S).tolist()
+            batch = Batch.build([([t], n, tb) for t, n, tb in zip(ids, lens, tables)], BS)
+            backend.graphs = False
+            want = backend.forward(model, batch, kv)
+            backend.graphs = True
+            got = backend.forward(model, batch, kv)  # rewrites the same K/V slots
+            worst = max(worst, float(np.abs(got - want).max() / (want.std() + 1e-9)))
+            lens = [n + 1 for n in lens]
+        out[f"S={S}"] = round(worst, 5)
+        del kv
+        if backend.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["passed"] = all(v <= tolerance for k, v in out.items() if k.startswith("S="))
+    out["tolerance"] = tolerance
+    return out
+
+
+def speculation(engine: Engine, spec_engine: Engine, output_len: int) -> dict:
+    """One request whose prompt repeats lines of code: plain and ngram-speculative decoding's
+    TPOT, and the proposals' acceptance (random weights: the model repeats itself or not)."""
+    line = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    prompt = [v % engine.model_config.vocab_size for v in (line * 8)]
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    out = {}
+    for name, e in (("plain", engine), ("ngram", spec_engine)):
+        e.add_request(prompt, params)
+        while e.has_unfinished():
+            for o in e.step():
+                if o.finished:
+                    m, tokens = o.metrics, o.outputs[0].token_ids
+        out[f"{name}_tpot_ms"] = round(m.tpot * 1e3, 2) if m.tpot else None
+        out[f"{name}_tokens"] = tokens
+        if name == "ngram":
+            out["acceptance_rate"] = m.acceptance_rate
+            out["mean_accepted_length"] = m.mean_accepted_length
+    out["same_tokens"] = out.pop("plain_tokens") == out.pop("ngram_tokens")
+    return out
+
+
 def profile_step(engine: Engine, n_requests: int, input_len: int) -> dict:
     """Decode steps of n_requests: torch calls and device kernels per step, host and wall ms."""
     import torch
@@ -217,6 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         help="float32 / bfloat16 / float16 (default: bfloat16, float32 with --tiny on the cpu)",
     )
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same layout (CI)")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="--device cpu --tiny --skip-conformance --concurrency 1,3: the script, in seconds",
+    )
+    ap.add_argument(
+        "--modes",
+        default="eager,graphs",
+        help="comma-separated sweep modes: eager, graphs (CUDA graphs for decode)",
+    )
     ap.add_argument("--concurrency", default=SWEEP, help="comma-separated request counts")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -231,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also profile decode steps of S requests: aten calls, kernels, host ms per step",
     )
     args = ap.parse_args(argv)
+    if args.dry_run:
+        args.device, args.tiny, args.skip_conformance = "cpu", True, True
+        args.concurrency = args.concurrency if args.concurrency != SWEEP else "1,3"
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"eager", "graphs"}:
+        ap.error(f"--modes takes eager and / or graphs, got {args.modes!r}")
     if args.tiny:  # seconds on a CI cpu
         args.concurrency = args.concurrency if args.concurrency != SWEEP else "1,4,16"
         args.input_len, args.output_len = min(args.input_len, 32), min(args.output_len, 16)
@@ -254,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    backend = create_backend("torch", device=args.device, dtype=dtype)
+    # graphs=True allocates the scratch block; each mode below switches backend.graphs
+    backend = create_backend(
+        "torch", device=args.device, dtype=dtype, graphs=True, graph_max_batch=max(levels)
+    )
     cfg = config_from_hf(TINY if args.tiny else LLAMA_3_2_1B)
     t = time.perf_counter()
     ckpt = random_checkpoint(cfg, backend.torch_device, dtype)
@@ -269,6 +352,19 @@ def main(argv: list[str] | None = None) -> int:
         enable_prefix_caching=False,
     )
     engine = Engine(ckpt, None, backend, engine_cfg)
+    # ngram speculation beside it: the same weights (already on the device, not copied), its
+    # own small KV cache
+    spec_cfg = EngineConfig(
+        block_size=16,
+        max_num_seqs=1,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_tokens=(2 * (80 + args.output_len) // 16 + 16) * 16,
+        enable_prefix_caching=False,
+        speculative=SpeculativeConfig.from_dict(
+            {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+        ),
+    )
+    spec_engine = Engine(ckpt, None, backend, spec_cfg)
     n_params = sum(int(np.prod(tuple(w.shape))) for w in ckpt.tensors.values())
     del ckpt  # the backend holds its own (fused) weights: do not keep the random ones twice
     print(
@@ -278,21 +374,44 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    run_point(engine, min(4, max(levels)), 16, 8, seed=99)  # warm up: kernels, allocator, caches
+    lowered = backend.lowered(engine.model)
+    kernel = lowered.kernel if lowered is not None else "op by op"
+    reason = backend.graph_reasons.get(engine.model) or (lowered.kernel_reason if lowered else "")
+    print(f"[attention] {kernel}{f' ({reason})' if reason else ''}", file=sys.stderr, flush=True)
+    results["attention"] = kernel
+    if "graphs" in modes:
+        tolerance = 1e-4 if dtype == "float32" else 0.05
+        results["graph_check"] = check_graphs(engine, (1, 3, min(max(levels), 17)), tolerance)
+        print(f"[graphs vs eager] {results['graph_check']}", file=sys.stderr, flush=True)
+    kernels = [kernel] + (["sdpa"] if kernel not in ("sdpa", "op by op") else [])
 
     print(
-        f"{'requests':>8} {'out tok/s':>10} {'TPOT p50':>9} {'TPOT p99':>9} {'TTFT p50':>9} "
-        f"{'TTFT p99':>9} {'wall s':>7}",
+        f"{'mode':>13} {'requests':>8} {'out tok/s':>10} {'TPOT p50':>9} {'TPOT p99':>9} "
+        f"{'TTFT p50':>9} {'TTFT p99':>9} {'wall s':>7}",
         flush=True,
     )
-    for n in levels:
-        r = run_point(engine, n, args.input_len, args.output_len, seed=n)
-        results["sweep"].append(r)
-        print(
-            f"{n:>8} {r['output_tok_s']:>10.1f} {r['tpot_ms_p50']:>7.2f}ms {r['tpot_ms_p99']:>7.2f}ms "
-            f"{r['ttft_ms_p50']:>7.1f}ms {r['ttft_ms_p99']:>7.1f}ms {r['wall_s']:>7.2f}",
-            flush=True,
-        )
+    for k in kernels:
+        if lowered is not None:
+            lowered.kernel = k
+        for mode in modes:
+            backend.graphs = mode == "graphs"
+            run_point(engine, min(4, max(levels)), 16, 8, seed=99)  # warm up (and capture)
+            for n in levels:
+                r = run_point(engine, n, args.input_len, args.output_len, seed=n)
+                r |= {"mode": mode, "attention": k}
+                results["sweep"].append(r)
+                label = f"{mode} {k}"
+                print(
+                    f"{label:>13} {n:>8} {r['output_tok_s']:>10.1f} {r['tpot_ms_p50']:>7.2f}ms "
+                    f"{r['tpot_ms_p99']:>7.2f}ms {r['ttft_ms_p50']:>7.1f}ms "
+                    f"{r['ttft_ms_p99']:>7.1f}ms {r['wall_s']:>7.2f}",
+                    flush=True,
+                )
+    if lowered is not None:
+        lowered.kernel = kernel
+    backend.graphs = "graphs" in modes
+    results["speculation"] = speculation(engine, spec_engine, args.output_len)
+    print(f"[speculation, repetitive prompt] {results['speculation']}", flush=True)
     if args.profile_step:
         results["profile_step"] = profile_step(engine, args.profile_step, args.input_len)
         print(f"[profile] {results['profile_step']}", flush=True)
@@ -300,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     failed = [k for k, v in results.items() if k.startswith("conformance") and v != "passed"]
+    if not results.get("graph_check", {"passed": True})["passed"]:
+        failed.append("graph_check")
     return 1 if failed else 0
 
 

@@ -149,11 +149,16 @@ def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out_json.read_text())
     assert (result["device"], result["dtype"], result["tiny"]) == ("cpu", "float32", True)
-    sweep = {r["concurrency"]: r for r in result["sweep"]}
-    assert sorted(sweep) == [1, 3]
-    assert sweep[3]["output_tokens"] == 3 * 16 and sweep[1]["output_tokens"] == 16
+    sweep = {(r["mode"], r["concurrency"]): r for r in result["sweep"]}
+    assert sorted(sweep) == [("eager", 1), ("eager", 3), ("graphs", 1), ("graphs", 3)]
+    for mode in ("eager", "graphs"):
+        assert sweep[mode, 3]["output_tokens"] == 3 * 16 and sweep[mode, 1]["output_tokens"] == 16
     assert all(r["output_tok_s"] > 0 and r["tpot_ms_p50"] > 0 for r in sweep.values())
     assert "out tok/s" in out.stdout and "TPOT p50" in out.stdout
+    # the padded static path against the eager step; speculation on a repetitive prompt
+    assert result["graph_check"]["passed"] and result["attention"] == "sdpa"
+    spec = result["speculation"]
+    assert spec["same_tokens"] and 0 <= spec["acceptance_rate"] <= 1 and spec["ngram_tpot_ms"] > 0
 
 
 # -- the newer families: Gemma 3, Mixtral, Phi-3, DeepSeek-V3 (MLA + MoE) -------------------------

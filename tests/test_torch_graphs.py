@@ -506,3 +506,36 @@ def test_kernel_library_decode_is_wired_as_sdpa(kernel, monkeypatch):
     assert len(calls) == 4 * n_layers, "the library was not called at every decode layer"
     for a, want in zip(runs[kernel], runs["sdpa"]):
         np.testing.assert_allclose(a, want, atol=1e-5 * float(want.std()) + 1e-6)
+
+
+def test_each_pool_set_pads_into_its_own_scratch_block(monkeypatch):
+    """Two engines on one backend (plain and speculative, say): padded rows of a step over the
+    first pools write into the first pools' scratch block, not a block index of the second's;
+    pools allocated without one run eagerly."""
+    seen = []
+    real = DecodeGraphs.__call__
+    monkeypatch.setattr(
+        DecodeGraphs,
+        "__call__",
+        lambda self, step, kv, sb: seen.append(sb) or real(self, step, kv, sb),
+    )
+    b = TorchBackend(graphs=True)
+    ckpt = tiny_checkpoint("llama")
+    model = build_model(ckpt.config, ckpt.tensors, b.ops)
+    BS, tables = 4, [[0, 1], [2], [3, 4]]
+    kv_a = b.allocate_kv(model.kv_layout(), 6, BS)
+    b.allocate_kv(model.kv_layout(), 3, BS)  # the second engine's: its scratch is block 3
+    b.forward(model, Batch.build([([1, 2, 3, 4, 5], 0, tables[0]), ([6], 0, tables[1]),
+                                  ([7, 8], 0, tables[2])], BS), kv_a)  # fmt: skip
+    before = [{k: v.clone() for k, v in layer.items()} for layer in kv_a]
+    batch = Batch.build([([9], 5, tables[0]), ([9], 1, tables[1]), ([9], 2, tables[2])], BS)
+    b.forward(model, batch, kv_a)
+    assert seen == [6]
+    live = [s for s in range(6 * BS) if s not in set(batch.slots.tolist())]
+    for old, new in zip(before, kv_a):
+        for key, pool in new.items():
+            flat_new, flat_old = pool.reshape(7 * BS, -1), old[key].reshape(7 * BS, -1)
+            assert torch.equal(flat_new[live], flat_old[live]), "a live slot was written"
+    eager_kv = TorchBackend().allocate_kv(model.kv_layout(), 6, BS)  # no scratch block
+    b.forward(model, Batch.build([([1], 0, [0])], BS), eager_kv)
+    assert seen == [6]

@@ -409,7 +409,9 @@ class TorchBackend(Backend):
         self.graph_max_batch = int(graph_max_batch)
         self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> runner
         self.graph_reasons: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # why none
-        self._scratch_block: int | None = None  # past the engine's blocks: padded rows' K/V
+        # pools allocated with a scratch block past the engine's, by id of their first tensor
+        # (weakly: tensors compare elementwise, so no WeakSet): padded rows write there
+        self._scratch_pools: dict[int, weakref.ref] = {}
         on = kind == "cuda" if device_sampling is None else bool(device_sampling)
         self.samples_on_device = on and self.tp is None
         if attention not in KERNELS:
@@ -487,15 +489,19 @@ class TorchBackend(Backend):
             layer_specs = self.tp.kv_layout(layer_specs)
         dev, dt = self.torch_device, self.torch_dtype
         # with graphs, one block more than the engine hands out: padded rows write there
-        self._scratch_block = num_blocks if self.graphs else None
         n_pool = num_blocks + 1 if self.graphs else num_blocks
-        return [
+        kv = [
             {
                 name: torch.zeros((n_pool, block_size, *shape), dtype=dt, device=dev)
                 for name, shape in spec.items()
             }
             for spec in layer_specs
         ]
+        if self.graphs and kv and kv[0]:
+            first = next(iter(kv[0].values()))
+            key = id(first)
+            self._scratch_pools[key] = weakref.ref(first, lambda _: self._scratch_pools.pop(key, None))
+        return kv
 
     def copy_blocks(self, kv: list[dict[str, Any]], src: list[int], dst: list[int]) -> None:
         """Copy KV blocks src[i] -> dst[i] in every pool (copy-on-write)."""
@@ -572,10 +578,12 @@ class TorchBackend(Backend):
         it, else the lowering (or the model file op by op) eagerly."""
         lowered = self.lowered(model)
         graphs = self._graph_runner(model, lowered) if self.graphs else None
-        if graphs is not None:
+        first = next(iter(kv[0].values())) if kv and kv[0] else None
+        known = self._scratch_pools.get(id(first))
+        if graphs is not None and known is not None and known() is first:
             host = StepMeta.build(batch)
-            if graphs.blocker(host) is None:
-                return graphs(host, kv, self._scratch_block)
+            if graphs.blocker(host) is None:  # the last block is the scratch one
+                return graphs(host, kv, first.shape[0] - 1)
         step = self.step_meta(batch)
         return model.forward(step, kv) if lowered is None else lowered(step, kv)
 
@@ -589,8 +597,6 @@ class TorchBackend(Backend):
         runner = None
         if lowered is None:
             self.graph_reasons[model] = "no lowering: the model file runs op by op"
-        elif self._scratch_block is None:
-            self.graph_reasons[model] = "the KV pools were not allocated with a scratch block"
         else:
             try:
                 runner = DecodeGraphs(
