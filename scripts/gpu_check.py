@@ -27,8 +27,9 @@ op-by-op route (TINYSERVE_TORCH_FUSED=0), same session; --profile-step 16 counts
     (op by op: 1420 calls / 890 kernels, forward 11.82 ms, step 12.16 ms)
 
 (The first TTFT at 1 request includes first-use kernel selection for 128-token prefill shapes.)
-Still bound by the host at low concurrency: ~20 kernel launches per layer from Python; CUDA graphs
-over the decode step are the next step. Conformance there: float32 passed except the GGUF-quantized
+Still bound by the host at low concurrency: ~20 kernel launches per layer from Python. The graph
+modes (torch_graphs.py), device sampling and kernel-library attention came after these figures and
+have not run on a GPU yet: the first device run of this script is their first measurement. Conformance there: float32 passed except the GGUF-quantized
 fixtures (that machine's venv lacks the gguf package); bfloat16 also misses deepseek_v3_qlora by a
 hair (max |diff| 0.211 > 0.205) on both routes (that model never takes the fused stack).
 """

@@ -6,7 +6,10 @@ the batch's index arrays go to the device once, in a TorchStep (the StepMeta wit
 so no layer waits on the host. Attention gathers each sequence's blocks into a padded (S, L) view
 and runs one masked scaled_dot_product_attention over all sequences, query heads grouped under
 their KV head. A model declaring a Decoder spec runs the lowering of torch_decoder.py instead
-(same maths, fewer kernel launches); `lower=False` runs it op by op.
+(same maths, fewer kernel launches); `lower=False` runs it op by op. On CUDA that lowering's decode
+steps can replay as CUDA graphs (torch_graphs.py, `graphs=True`), sampled rows are drawn on the
+device (torch_sampling.py), and decode attention can come from FlashInfer or flash-attn
+(torch_attention.py).
 
 This module imports torch at import time; the registry imports it only when "torch" is asked for,
 so `import tinyserve` never does.
