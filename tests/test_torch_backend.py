@@ -156,7 +156,8 @@ def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
     assert all(r["output_tok_s"] > 0 and r["tpot_ms_p50"] > 0 for r in sweep.values())
     assert "out tok/s" in out.stdout and "TPOT p50" in out.stdout
     # the padded static path against the eager step; speculation on a repetitive prompt
-    assert result["graph_check"]["passed"] and result["attention"] == "sdpa"
+    check = result["path_check"]
+    assert check["passed"] and result["attention"] == "sdpa" and "graphs sdpa, S=3" in check
     spec = result["speculation"]
     assert spec["same_tokens"] and 0 <= spec["acceptance_rate"] <= 1 and spec["ngram_tpot_ms"] > 0
 

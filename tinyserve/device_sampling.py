@@ -25,18 +25,27 @@ from .sampling import Sample, SamplingParams, apply_penalties, filtered_probs, l
 _M64 = (1 << 64) - 1
 
 
-def _mix(z: int) -> int:
-    """splitmix64's finalizer: a 64-bit integer -> a well-mixed 64-bit integer."""
-    z = (z + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, (D,) uint64 -> (D,) uint64 (the products wrap modulo 2^64)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seeds, indices, positions) -> np.ndarray:
+    """(D,) draws in [0, 1): of sequence indices[d] of a request seeded seeds[d] (any int, folded
+    to 64 bits), at output positions[d]."""
+    with np.errstate(over="ignore"):
+        z = _mix(np.array([s & _M64 for s in seeds], dtype=np.uint64).reshape(-1))
+        z = _mix(z ^ np.asarray(indices, dtype=np.uint64).reshape(-1))
+        z = _mix(z ^ np.asarray(positions, dtype=np.uint64).reshape(-1))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53  # the top 53 bits
 
 
 def uniform(seed: int, index: int, position: int) -> float:
-    """The draw in [0, 1) of sequence `index` of a request seeded `seed`, at output `position`."""
-    z = _mix(_mix(_mix(seed & _M64) ^ index) ^ position)
-    return (z >> 11) * 2.0**-53  # the top 53 bits: every double in [0, 1) a multiple of 2^-53
+    """One draw of `uniforms`."""
+    return float(uniforms([seed], [index], [position])[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +105,7 @@ class DeviceSampling:
             frequency=col(lambda p: p.frequency_penalty, np.float32),
             seen=seen,
             output=output,
-            u=np.array([uniform(e[2], e[3], e[6]) for e in entries], dtype=np.float64),
+            u=uniforms([e[2] for e in entries], [e[3] for e in entries], [e[6] for e in entries]),
             logprobs=col(lambda p: p.logprobs is not None, bool),
             top_n=col(lambda p: p.logprobs or 0, np.int64),
             vocab_size=V,

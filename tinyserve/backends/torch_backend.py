@@ -503,7 +503,9 @@ class TorchBackend(Backend):
         if self.graphs and kv and kv[0]:
             first = next(iter(kv[0].values()))
             key = id(first)
-            self._scratch_pools[key] = weakref.ref(first, lambda _: self._scratch_pools.pop(key, None))
+            self._scratch_pools[key] = weakref.ref(
+                first, lambda _: self._scratch_pools.pop(key, None)
+            )
         return kv
 
     def copy_blocks(self, kv: list[dict[str, Any]], src: list[int], dst: list[int]) -> None:
@@ -562,19 +564,20 @@ class TorchBackend(Backend):
             rows = torch.from_numpy(table.rows).to(logits.device)
             ids, chosen, top_ids, top_lp = sample_on_device(logits.index_select(0, rows), table)
             finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
-            greedy_t = torch.from_numpy(greedy).to(logits.device)
             in_table = np.zeros(len(greedy), dtype=bool)
             in_table[table.rows] = True
             rest = np.nonzero(~(greedy | in_table))[0]
             host_rows = self._to_host(
                 logits.index_select(0, torch.from_numpy(rest).to(logits.device)).float()
             )  # (R-G-D, V)
-            argmax = logits.argmax(dim=-1)[greedy_t]
-            small = torch.cat([argmax, ids, finite.long()]).cpu().numpy()  # one wait
-            G, D = int(greedy.sum()), table.n_rows
-            lp = chosen.float().cpu().numpy(), top_ids.cpu().numpy(), top_lp.float().cpu().numpy()
-            samples = table.samples(small[G : G + D], *lp)
-            return small[:G], samples, host_rows, small[G + D :].astype(bool)
+            R, D, n = len(greedy), table.n_rows, top_ids.shape[1]
+            # (R,) argmax, (D,) draws, (R,) finite flags, (D, n) top ids: one copy, one wait
+            ints = [logits.argmax(dim=-1), ids, finite.long(), top_ids.reshape(-1)]
+            small = torch.cat(ints).cpu().numpy()
+            floats = torch.cat([chosen.float()[:, None], top_lp.float()], dim=1).cpu().numpy()
+            top = small[2 * R + D :].reshape(D, n)
+            samples = table.samples(small[R : R + D], floats[:, 0], top, floats[:, 1:])
+            return small[:R][greedy], samples, host_rows, small[R + D : 2 * R + D].astype(bool)
 
     def _logits(self, model, batch: Batch, kv) -> torch.Tensor:
         """(R, V) logits on the device: a decode step through its CUDA graph where one can run
