@@ -151,6 +151,58 @@ def test_without_llguidance_a_constraint_is_a_clear_error(make_llm, monkeypatch)
         llm.generate("x", SamplingParams(structured_outputs={"regex": "a+"}))
 
 
+def _allow_every_token(compiler_cls, monkeypatch):
+    """A mask that lets every token through: how a fault in the grammar engine would look."""
+    monkeypatch.setattr(
+        compiler_cls, "masks", lambda self, ms: np.ones((len(ms), self.vocab_size), dtype=bool)
+    )
+
+
+def test_a_token_the_grammar_refuses_fails_the_step_and_never_reaches_the_text(
+    make_llm, monkeypatch
+):
+    from tinyserve.errors import GrammarError
+    from tinyserve.structured import GrammarCompiler
+
+    llm = make_llm()
+    _allow_every_token(GrammarCompiler, monkeypatch)
+    so = StructuredOutputsParams(choice=("yes", "no"))
+    with pytest.raises(GrammarError, match="refused token"):
+        llm.generate("x", SamplingParams(temperature=0, structured_outputs=so))
+    assert not llm.engine.has_unfinished()
+
+
+# the same under `python -O`, which strips asserts: the refusal must still stop the request
+# (llguidance's error state reads as is_stopped(), so an unchecked refusal finished as "stop"
+# with the out-of-grammar token as its text)
+_REFUSED_UNDER_O = """
+import sys
+import numpy as np
+from tinyserve import LLM, SamplingParams, StructuredOutputsParams
+from tinyserve.structured import GrammarCompiler
+
+GrammarCompiler.masks = lambda self, ms: np.ones((len(ms), self.vocab_size), dtype=bool)
+llm = LLM(sys.argv[1], backend="numpy")
+so = StructuredOutputsParams(choice=("yes", "no"))
+out = llm.generate("x", SamplingParams(temperature=0, structured_outputs=so))[0].outputs[0]
+print(repr(out.text), out.finish_reason)
+"""
+
+
+def test_a_refused_token_is_an_error_under_python_O_too():
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    run = subprocess.run(
+        [sys.executable, "-O", "-c", _REFUSED_UNDER_O, str(TINY)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode != 0, f"a refused token was served: {run.stdout.strip()}"
+    assert "GrammarError" in run.stderr and "refused token" in run.stderr, run.stderr[-2000:]
+
+
 # -- the real default model -------------------------------------------------------------------
 
 REAL_SCHEMAS = {

@@ -39,6 +39,12 @@ class RequestError(TinyServeError, ValueError):
         self.param = param
 
 
+class GrammarError(TinyServeError):
+    """The structured-output engine refused a token its own mask allowed: a fault inside the
+    grammar engine or tinyserve, never the request's. The step fails instead of the token
+    reaching the output (a plain assert would vanish under `python -O`)."""
+
+
 class BackendError(TinyServeError):
     """Unknown backend name, a name registered twice, or a backend unavailable here."""
 

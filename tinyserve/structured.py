@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RequestError
+from .errors import GrammarError, RequestError
 
 _INSTALL = "structured output needs llguidance: pip install 'tinyserve[structured]'"
 # JSON may carry the whitespace models write, compact, one space, or a newline and an indent (so
@@ -155,9 +155,16 @@ class Matcher:
         return Matcher(self.inner.deep_copy())
 
     def accept(self, token_id: int) -> None:
-        """Advance past a sampled token (always one the mask allowed)."""
-        ok = self.inner.consume_token(token_id)
-        assert ok, f"the grammar refused token {token_id}: {self.inner.get_error()}"
+        """Advance past a sampled token (always one the mask allowed; GrammarError if not).
+
+        Checked, not asserted: a refused token leaves llguidance in its error state, where
+        is_stopped() is true, so without the check the request would end as a normal "stop"
+        with an out-of-grammar token in its text."""
+        if not self.inner.consume_token(token_id):
+            reason = " ".join(self.inner.get_error().split())[:300]
+            raise GrammarError(
+                f"the grammar refused token {token_id}, which its mask allowed: {reason}"
+            )
 
     @property
     def done(self) -> bool:
