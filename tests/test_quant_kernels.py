@@ -260,7 +260,9 @@ def test_batched_equals_alone_and_threads_agree(qtype, isa):
                                 for i in range(len(x))])  # fmt: skip
         quant.set_num_threads(2)
         for n in (1, 7, 64, 65, 512):
-            np.testing.assert_array_equal(quant.matmul_q(x[:n], qt.data, int(qtype), cols), alone[:n])
+            np.testing.assert_array_equal(
+                quant.matmul_q(x[:n], qt.data, int(qtype), cols), alone[:n]
+            )
     finally:
         quant.set_num_threads(before)
 
@@ -555,3 +557,137 @@ def test_two_python_threads_in_the_kernels_at_once():
         assert not errors
     finally:
         quant.set_num_threads(before)
+
+
+# -- packed groups of 8 rows (ext/quant_packed.h) ---------------------------------------------------
+
+PACKABLE = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+
+
+def _fma32(a, b, c):
+    """float32 fma(a, b, c): the product of two float32 is exact in float64, one rounding."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+def packed_model(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
+    """NumPy model of the packed kernels' arithmetic, operation for operation: each activation
+    block quantized (d = amax / 127, q = round-half-even(x / d)), the exact integer dot per
+    32-block (Q4_0: minus 8 * sum(q)), then acc = fma(isum, d_w * d_x, acc) and for Q4_1
+    acc = fma(m_w, d_x * sum(q), acc), in block order."""
+    n, k = x.shape
+    m, nb = qt.shape[0], k // 32
+    blocks = qt.data.reshape(m, nb, -1)
+    d_w = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (m, nb)
+    if qt.qtype == Q.Q8_0:
+        w_q = blocks[:, :, 2:].view(np.int8).astype(np.int64)
+    else:
+        qs = blocks[:, :, 4:] if qt.qtype == Q.Q4_1 else blocks[:, :, 2:]
+        w_q = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.int64)  # (m, nb, 32)
+    m_w = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    xb = x.reshape(n, nb, 32)
+    amax = np.abs(xb).max(axis=2)
+    d_x = (amax / np.float32(127)).astype(np.float32)  # (n, nb)
+    inv = np.where(d_x == 0, np.float32(0), np.float32(1) / np.where(d_x == 0, 1, d_x))
+    x_q = np.rint(xb * inv[:, :, None].astype(np.float32)).astype(np.int64)  # (n, nb, 32)
+    bs = x_q.sum(axis=2)
+    s_x = (d_x * bs.astype(np.float32)).astype(np.float32)
+    isum = np.einsum("nbi,mbi->nmb", x_q, w_q)  # exact
+    if qt.qtype == Q.Q4_0:
+        isum = isum - 8 * bs[:, None, :]
+    out = np.zeros((n, m), np.float32)
+    for t in range(n):
+        for r in range(m):
+            acc = np.float32(0)
+            for b in range(nb):
+                acc = _fma32(np.float32(isum[t, r, b]), d_w[r, b] * d_x[t, b], acc)
+                if qt.qtype == Q.Q4_1:
+                    acc = _fma32(m_w[r, b], s_x[t, b], acc)
+            out[t, r] = acc
+    return out
+
+
+@pytest.mark.parametrize("qtype", PACKABLE, ids=lambda q: q.name)
+def test_packed_equals_the_numpy_model_of_its_integer_arithmetic(qtype, isa):
+    rng = np.random.default_rng(21)
+    qt = weight(qtype, 16, 96, rng)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    packed = quant.repack(qt.data, int(qtype), 96)
+    got = quant.matmul_q(x, packed, int(qtype) | quant.PACKED, 96)
+    np.testing.assert_array_equal(got, packed_model(x, qt))
+
+
+@pytest.mark.parametrize("qtype", PACKABLE, ids=lambda q: q.name)
+def test_packed_rows_do_not_depend_on_the_step(qtype, isa):
+    """Bitwise: 1, 7, 64, 65 and 512 activation rows, on 1 and 2 threads, give each row what it
+    gets alone; within the int8 rounding bound of the float reference; the argmax head too."""
+    rng = np.random.default_rng(22)
+    cols = 352
+    qt = weight(qtype, 304, cols, rng)
+    packed, code = quant.repack(qt.data, int(qtype), cols), int(qtype) | quant.PACKED
+    x = rng.standard_normal((512, cols)).astype(np.float32)
+    before = quant.get_num_threads()
+    try:
+        quant.set_num_threads(1)
+        alone = np.concatenate(
+            [quant.matmul_q(x[i : i + 1], packed, code, cols) for i in range(512)]
+        )
+        quant.set_num_threads(2)
+        for n in (1, 7, 64, 65, 512):
+            np.testing.assert_array_equal(quant.matmul_q(x[:n], packed, code, cols), alone[:n])
+        ids = quant.matmul_q_argmax(x[:70], packed, code, cols)
+    finally:
+        quant.set_num_threads(before)
+    np.testing.assert_array_equal(ids, np.argmax(alone[:70], axis=1))
+    assert np.all(np.abs(alone - reference(x, qt)) <= rounding_bound(x, qt))
+
+
+def test_packed_implementations_agree():
+    """The scalar twin does the AVX2 kernel's operations: the same bits."""
+    rng = np.random.default_rng(23)
+    before = quant.get_isa()
+    try:
+        for qtype in PACKABLE:
+            qt = weight(qtype, 24, 160, rng)
+            packed, code = quant.repack(qt.data, int(qtype), 160), int(qtype) | quant.PACKED
+            x = rng.standard_normal((9, 160)).astype(np.float32)
+            outs = []
+            for isa in quant.available_isas():
+                quant.set_isa(isa)
+                outs.append(quant.matmul_q(x, packed, code, 160))
+            for o in outs[1:]:
+                np.testing.assert_array_equal(o, outs[0])
+    finally:
+        quant.set_isa(before)
+
+
+def test_packed_sgemm_route_reads_the_groups():
+    """Exact prefill dequantizes packed groups back to the rows they came from."""
+    rng = np.random.default_rng(24)
+    qt = weight(Q.Q4_1, 64, 160, rng)
+    packed = quant.repack(qt.data, int(Q.Q4_1), 160)
+    x = rng.standard_normal((20, 160)).astype(np.float32)
+    before = quant.get_blas_min_rows()
+    if not quant.set_blas_min_rows(8):
+        pytest.skip("no usable cblas_sgemm in this process")
+    try:
+        got = quant.matmul_q(x, packed, int(Q.Q4_1) | quant.PACKED, 160)
+    finally:
+        quant.set_blas_min_rows(before)
+    np.testing.assert_allclose(got, x @ qt.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_packing_is_refused_where_it_does_not_apply():
+    rng = np.random.default_rng(25)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quant.repack(weight(Q.Q8_0, 12, 64, rng).data, int(Q.Q8_0), 64)
+    with pytest.raises(ValueError, match="no packed layout"):
+        quant.repack(weight(Q.Q6_K, 8, 256, rng).data, int(Q.Q6_K), 256)
+    data = weight(Q.Q8_0, 16, 64, rng).data
+    packed = quant.repack(data, int(Q.Q8_0), 64)
+    x = np.zeros((1, 64), np.float32)
+    with pytest.raises(ValueError, match="not supported"):
+        quant.matmul_q(x, data, int(Q.Q6_K) | quant.PACKED, 256)
+    with pytest.raises(ValueError, match="take"):  # row-major blocks read as groups
+        quant.matmul_q(x, data, int(Q.Q8_0) | quant.PACKED, 64)
+    with pytest.raises(ValueError, match="packed"):
+        quant.dequantize_rows(packed, int(Q.Q8_0) | quant.PACKED, 64, [0])

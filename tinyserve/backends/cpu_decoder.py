@@ -236,7 +236,8 @@ class CpuDecoder:
         """(R, D) -> (R,) the head's argmax from the kernel, no (R, V) logits (the soft-cap is
         monotonic: it moves no maximum)."""
         head = self.spec.lm_head
-        return native.kernels.matmul_q_argmax(x, head.data, int(head.qtype), head.shape[1])
+        data, qtype = native.matmul_operand(head)
+        return native.kernels.matmul_q_argmax(x, data, qtype, head.shape[1])
 
     def after_step(self, n_tokens: int) -> None:
         self.n_steps += 1
@@ -281,22 +282,27 @@ def _rows(w, what: str) -> tuple[int, int]:
 
 
 def _rows_of(lins, sizes, what: str) -> list[tuple[int, int, int, int]]:
-    """(address, row bytes, qtype, rows) of each part: one entry per Linear, or a fused Linear
-    cut into row ranges of `sizes` (its blocks stay where they are)."""
+    """(address, stride, qtype code, rows) of each part: one entry per Linear, or a fused Linear
+    cut into row ranges of `sizes` (its blocks stay where they are). A packed matrix is read as
+    its groups of 8 rows (stride: bytes per group), unless a cut falls inside a group."""
     if sizes is None or len(lins) == len(sizes):
         parts = []
         for lin in lins:
             rows, _ = _rows(lin.w, what)
-            d = lin.w.data
-            parts.append((d.ctypes.data, d.strides[0], int(lin.w.qtype), rows))
+            d, code = native.matmul_operand(lin.w)
+            parts.append((d.ctypes.data, d.strides[0], code, rows))
         return parts
     (lin,) = lins
     rows, _ = _rows(lin.w, what)
     if rows != sum(sizes):
         raise NotLowerable(f"{what} has {rows} rows, expected {sum(sizes)}")
-    d, parts, start = lin.w.data, [], 0
+    d, code = native.matmul_operand(lin.w)
+    per = rows // d.shape[0]  # weight rows per row of d: 8 when packed
+    if any(size % per for size in sizes):
+        d, code, per = lin.w.data, int(lin.w.qtype), 1
+    parts, start = [], 0
     for size in sizes:
-        parts.append((d.ctypes.data + start * d.strides[0], d.strides[0], int(lin.w.qtype), size))
+        parts.append((d.ctypes.data + start // per * d.strides[0], d.strides[0], code, size))
         start += size
     return parts
 

@@ -31,3 +31,13 @@ def quant_supports(qtype) -> bool:
     """Whether kernels.matmul_q reads this ggml type."""
     supported = getattr(kernels, "SUPPORTED_QTYPES", None)
     return supported is None or int(qtype) in {int(t) for t in supported}
+
+
+def matmul_operand(w) -> tuple:
+    """(blocks, qtype code) kernels.matmul_q reads for quantized w: the packed groups of rows
+    when the cpu backend packed it (cpu.PackedQuant, code qtype | kernels.PACKED), else its
+    row-major blocks."""
+    packed = getattr(w, "packed", None)
+    if packed is not None:
+        return packed, int(w.qtype) | kernels.PACKED
+    return w.data, int(w.qtype)
