@@ -1,4 +1,5 @@
-/* Weights repacked in groups of 8 rows, for quant.h's int8 matmul (Q4_0, Q4_1, Q8_0).
+/* Weights repacked in groups of 8 rows, for quant.h's int8 matmul (Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q8_0).
  *
  * Row-major ggml blocks make each output a dot product of its own: an 8-lane integer partial per
  * 32-block, converted, scaled and summed in float, then a horizontal sum per output. Packed, the
@@ -10,15 +11,18 @@
  *
  * Layout of group g (rows 8g .. 8g+7), block b, at packed + g * group_stride + b * rec bytes:
  *   d[8]  f16 scales of the 8 rows          (16 bytes)
- *   m[8]  f16 mins (Q4_1 only)              (16 bytes)
- *   q     Q4_0/Q4_1: 4 x 32 bytes, word i of row r = bytes 4i..4i+3 of its 16 nibble bytes (low
+ *   m[8]  f16 mins (Q4_1, Q5_1)             (16 bytes)
+ *   q     Q4_x/Q5_x: 4 x 32 bytes, word i of row r = bytes 4i..4i+3 of its 16 nibble bytes (low
  *         nibbles: values 4i..4i+3, high nibbles: values 16+4i..16+4i+3, as ggml packs them);
  *         Q8_0: 8 x 32 bytes, word c of row r = its int8 values 4c..4c+3.
- *   rec = 144 (Q4_0), 160 (Q4_1), 272 (Q8_0): the bytes of the 8 original blocks.
+ *   h     Q5_x: 8 x uint32, h[2i] bit 4r+j = the 5th bit of row r's value 4i+j, h[2i+1] of its
+ *         value 16+4i+j: each expands to the 5th bits of one register of nibbles.
+ *   rec = 144 (Q4_0), 160 (Q4_1), 176 (Q5_0), 192 (Q5_1), 272 (Q8_0): the 8 original blocks'
+ *   bytes.
  *
  * Arithmetic of one output (row r, activation row t), whatever the tile or the row count:
- *   per block b, isum = the exact integer dot (Q4_0: minus 8 * sum(xq)), then
- *   acc = fma((float)isum, d_r * xd_b, acc), and for Q4_1 acc = fma(m_r, xs_b, acc), in block
+ *   per block b, isum = the exact integer dot (Q4_0 / Q5_0: minus 8 / 16 * sum(xq)), then
+ *   acc = fma((float)isum, d_r * xd_b, acc), and with mins acc = fma(m_r, xs_b, acc), in block
  *   order. The scalar twin does the same operations (fmaf): both implementations give the same
  *   bits. Needs quant.h's XQ and block helpers. */
 #ifndef TINYSERVE_QUANT_PACKED_H
@@ -28,8 +32,20 @@
 #define TS_GROUP 8      /* weight rows per group */
 
 static inline int ts_packs(int qtype) {
-    return qtype == TS_Q4_0 || qtype == TS_Q4_1 || qtype == TS_Q8_0;
+    return qtype == TS_Q4_0 || qtype == TS_Q4_1 || qtype == TS_Q5_0 || qtype == TS_Q5_1 ||
+           qtype == TS_Q8_0;
 }
+
+static inline int ts_has_min(int qtype) { return qtype == TS_Q4_1 || qtype == TS_Q5_1; }
+static inline int ts_five(int qtype) { return qtype == TS_Q5_0 || qtype == TS_Q5_1; }
+/* where a record's quants start, and (Q5_x) its 5th bits */
+static inline int ts_packed_qoff(int qtype) { return ts_has_min(qtype) ? 32 : 16; }
+static inline int ts_packed_hoff(int qtype) { return ts_packed_qoff(qtype) + 128; }
+/* where an original block's nibbles (or int8 values) and 5th bits start */
+static inline int ts_block_qs(int qtype) {
+    return (ts_has_min(qtype) ? 4 : 2) + (ts_five(qtype) ? 4 : 0);
+}
+static inline int ts_block_qh(int qtype) { return ts_has_min(qtype) ? 4 : 2; }
 
 /* bytes of one group's block record */
 static inline int ts_packed_rec(int qtype) { return TS_GROUP * ts_type_size(qtype); }
@@ -38,32 +54,52 @@ static inline int ts_packed_rec(int qtype) { return TS_GROUP * ts_type_size(qtyp
 static void ts_repack(int qtype, const uint8_t *w, int64_t m, int64_t w_stride, int64_t nb,
                       uint8_t *packed) {
     const int ts = ts_type_size(qtype), rec = ts_packed_rec(qtype);
-    const int has_min = qtype == TS_Q4_1, q8 = qtype == TS_Q8_0;
-    const int words = q8 ? 8 : 4, qoff = has_min ? 32 : 16;
+    const int has_min = ts_has_min(qtype), five = ts_five(qtype), q8 = qtype == TS_Q8_0;
+    const int words = q8 ? 8 : 4, qoff = ts_packed_qoff(qtype), hoff = ts_packed_hoff(qtype);
     for (int64_t g = 0; g < m / TS_GROUP; g++)
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *p = packed + (g * nb + b) * rec;
+            uint32_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (int r = 0; r < TS_GROUP; r++) {
                 const uint8_t *blk = w + (g * TS_GROUP + r) * w_stride + b * ts;
                 memcpy(p + 2 * r, blk, 2); /* d */
                 if (has_min) memcpy(p + 16 + 2 * r, blk + 2, 2);
-                const uint8_t *qs = blk + (has_min ? 4 : 2);
+                const uint8_t *qs = blk + ts_block_qs(qtype);
                 for (int i = 0; i < words; i++) memcpy(p + qoff + 32 * i + 4 * r, qs + 4 * i, 4);
+                if (!five) continue;
+                uint32_t qh;
+                memcpy(&qh, blk + ts_block_qh(qtype), 4);
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) {
+                        h[2 * i] |= ((qh >> (4 * i + j)) & 1u) << (4 * r + j);
+                        h[2 * i + 1] |= ((qh >> (16 + 4 * i + j)) & 1u) << (4 * r + j);
+                    }
             }
+            if (five) memcpy(p + hoff, h, sizeof h);
         }
 }
 
 /* the original block b of row r (0..7) of the packed group at g, back into blk */
 static inline void ts_unpack_block(int qtype, const uint8_t *g, int64_t nb, int64_t b, int r,
                                    uint8_t *blk) {
-    const int rec = ts_packed_rec(qtype), has_min = qtype == TS_Q4_1, q8 = qtype == TS_Q8_0;
-    const int words = q8 ? 8 : 4, qoff = has_min ? 32 : 16;
+    const int rec = ts_packed_rec(qtype), has_min = ts_has_min(qtype), q8 = qtype == TS_Q8_0;
+    const int words = q8 ? 8 : 4, qoff = ts_packed_qoff(qtype);
     const uint8_t *p = g + b * rec;
     (void)nb;
     memcpy(blk, p + 2 * r, 2);
     if (has_min) memcpy(blk + 2, p + 16 + 2 * r, 2);
-    uint8_t *qs = blk + (has_min ? 4 : 2);
+    uint8_t *qs = blk + ts_block_qs(qtype);
     for (int i = 0; i < words; i++) memcpy(qs + 4 * i, p + qoff + 32 * i + 4 * r, 4);
+    if (ts_five(qtype)) {
+        uint32_t h[8], qh = 0;
+        memcpy(h, p + ts_packed_hoff(qtype), sizeof h);
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) {
+                qh |= ((h[2 * i] >> (4 * r + j)) & 1u) << (4 * i + j);
+                qh |= ((h[2 * i + 1] >> (4 * r + j)) & 1u) << (16 + 4 * i + j);
+            }
+        memcpy(blk + ts_block_qh(qtype), &qh, 4);
+    }
 }
 
 /* one group (8 rows) . n_x activation rows -> out[t * os + r], r = 0..7 */
@@ -72,13 +108,15 @@ typedef void (*group_fn)(const uint8_t *g, const XQ *xq, int64_t nb, int n_x, fl
 
 static inline void ts_group_scalar_q(const uint8_t *g, const XQ *xq, int64_t nb, int n_x,
                                      float *out, int64_t os, int qtype) {
-    const int rec = ts_packed_rec(qtype), has_min = qtype == TS_Q4_1, q8 = qtype == TS_Q8_0;
-    const int qoff = has_min ? 32 : 16;
+    const int rec = ts_packed_rec(qtype), has_min = ts_has_min(qtype), q8 = qtype == TS_Q8_0;
+    const int five = ts_five(qtype), qoff = ts_packed_qoff(qtype), hoff = ts_packed_hoff(qtype);
     for (int t = 0; t < n_x; t++)
         for (int r = 0; r < TS_GROUP; r++) {
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *p = g + b * rec, *q = p + qoff;
+                uint32_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                if (five) memcpy(h, p + hoff, sizeof h);
                 const int8_t *x = xq[t].q + b * 32;
                 int32_t isum = 0;
                 if (q8) {
@@ -89,9 +127,12 @@ static inline void ts_group_scalar_q(const uint8_t *g, const XQ *xq, int64_t nb,
                     for (int i = 0; i < 4; i++)
                         for (int j = 0; j < 4; j++) {
                             const uint8_t v = q[32 * i + 4 * r + j];
-                            isum += (v & 0x0F) * x[4 * i + j] + (v >> 4) * x[16 + 4 * i + j];
+                            const int bit = 4 * r + j;
+                            const int lo = (v & 0x0F) | (int)((h[2 * i] >> bit) & 1u) << 4;
+                            const int hi = (v >> 4) | (int)((h[2 * i + 1] >> bit) & 1u) << 4;
+                            isum += lo * x[4 * i + j] + hi * x[16 + 4 * i + j];
                         }
-                    if (!has_min) isum -= 8 * xq[t].bs[b];
+                    if (!has_min) isum -= (five ? 16 : 8) * xq[t].bs[b];
                 }
                 acc = fmaf((float)isum, ts_load_f16(p + 2 * r) * xq[t].d[b], acc);
                 if (has_min) acc = fmaf(ts_load_f16(p + 16 + 2 * r), xq[t].s[b], acc);
@@ -107,6 +148,8 @@ static inline void ts_group_scalar_q(const uint8_t *g, const XQ *xq, int64_t nb,
     }
 TS_GROUP_SCALAR(q4_0, TS_Q4_0)
 TS_GROUP_SCALAR(q4_1, TS_Q4_1)
+TS_GROUP_SCALAR(q5_0, TS_Q5_0)
+TS_GROUP_SCALAR(q5_1, TS_Q5_1)
 TS_GROUP_SCALAR(q8_0, TS_Q8_0)
 #undef TS_GROUP_SCALAR
 
@@ -125,8 +168,8 @@ static inline __m256i ts_bcast4(const int8_t *p) {
 static inline __attribute__((always_inline)) void
 ts_group_tile_avx2(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *out, int64_t os,
                    int qtype) {
-    const int rec = ts_packed_rec(qtype), has_min = qtype == TS_Q4_1, q8 = qtype == TS_Q8_0;
-    const int qoff = has_min ? 32 : 16;
+    const int rec = ts_packed_rec(qtype), has_min = ts_has_min(qtype), q8 = qtype == TS_Q8_0;
+    const int five = ts_five(qtype), qoff = ts_packed_qoff(qtype), hoff = ts_packed_hoff(qtype);
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -144,24 +187,36 @@ ts_group_tile_avx2(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *ou
                 }
             }
         } else {
-            /* 8 maddubs of 4-bit weights (<= 15) and |x| <= 127 stay below 2^15 in int16 */
+            /* 8 maddubs of 4-bit weights (<= 15) and |x| <= 127 stay below 2^15 in int16, 4 of
+             * 5-bit ones (<= 31): the int16 sums widen to int32 every 4 (or 2) words */
             __m256i s16[4];
-            for (int t = 0; t < NT; t++) s16[t] = _mm256_setzero_si256();
+            for (int t = 0; t < NT; t++) {
+                s16[t] = _mm256_setzero_si256();
+                s[t] = _mm256_setzero_si256();
+            }
             for (int i = 0; i < 4; i++) {
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
-                const __m256i lo = _mm256_and_si256(raw, m4);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                __m256i lo = _mm256_and_si256(raw, m4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                if (five) {
+                    lo = _mm256_or_si256(lo, bits32_x10_avx2(p + hoff + 8 * i));
+                    hi = _mm256_or_si256(hi, bits32_x10_avx2(p + hoff + 8 * i + 4));
+                }
                 for (int t = 0; t < NT; t++) {
                     const int8_t *x = xq[t].q + b * 32;
                     s16[t] = _mm256_add_epi16(
                         s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, ts_bcast4(x + 4 * i)),
                                                  _mm256_maddubs_epi16(hi, ts_bcast4(x + 16 + 4 * i))));
                 }
+                if (i == 3 || (five && i == 1))
+                    for (int t = 0; t < NT; t++) {
+                        s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(s16[t], ones));
+                        s16[t] = _mm256_setzero_si256();
+                    }
             }
-            for (int t = 0; t < NT; t++) {
-                s[t] = _mm256_madd_epi16(s16[t], ones);
-                if (!has_min) s[t] = _mm256_sub_epi32(s[t], _mm256_set1_epi32(8 * xq[t].bs[b]));
-            }
+            if (!has_min)
+                for (int t = 0; t < NT; t++)
+                    s[t] = _mm256_sub_epi32(s[t], _mm256_set1_epi32((five ? 16 : 8) * xq[t].bs[b]));
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
         const __m256 mw = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)))
@@ -190,6 +245,8 @@ ts_group_tile_avx2(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *ou
     }
 TS_GROUP_AVX2(q4_0, TS_Q4_0)
 TS_GROUP_AVX2(q4_1, TS_Q4_1)
+TS_GROUP_AVX2(q5_0, TS_Q5_0)
+TS_GROUP_AVX2(q5_1, TS_Q5_1)
 TS_GROUP_AVX2(q8_0, TS_Q8_0)
 #undef TS_GROUP_AVX2
 
@@ -203,6 +260,8 @@ static group_fn ts_group_fn(int isa, int qtype) {
         switch (qtype) {
         case TS_Q4_0: return ts_group_q4_0_avx2;
         case TS_Q4_1: return ts_group_q4_1_avx2;
+        case TS_Q5_0: return ts_group_q5_0_avx2;
+        case TS_Q5_1: return ts_group_q5_1_avx2;
         case TS_Q8_0: return ts_group_q8_0_avx2;
         default: return 0;
         }
@@ -213,6 +272,8 @@ static group_fn ts_group_fn(int isa, int qtype) {
     switch (qtype) {
     case TS_Q4_0: return ts_group_q4_0_scalar;
     case TS_Q4_1: return ts_group_q4_1_scalar;
+    case TS_Q5_0: return ts_group_q5_0_scalar;
+    case TS_Q5_1: return ts_group_q5_1_scalar;
     case TS_Q8_0: return ts_group_q8_0_scalar;
     default: return 0;
     }

@@ -561,7 +561,7 @@ def test_two_python_threads_in_the_kernels_at_once():
 
 # -- packed groups of 8 rows (ext/quant_packed.h) ---------------------------------------------------
 
-PACKABLE = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+PACKABLE = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 
 
 def _fma32(a, b, c):
@@ -572,17 +572,22 @@ def _fma32(a, b, c):
 def packed_model(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     """NumPy model of the packed kernels' arithmetic, operation for operation: each activation
     block quantized (d = amax / 127, q = round-half-even(x / d)), the exact integer dot per
-    32-block (Q4_0: minus 8 * sum(q)), then acc = fma(isum, d_w * d_x, acc) and for Q4_1
-    acc = fma(m_w, d_x * sum(q), acc), in block order."""
+    32-block (Q4_0 / Q5_0: minus 8 / 16 * sum(q)), then acc = fma(isum, d_w * d_x, acc) and with
+    mins (Q4_1, Q5_1) acc = fma(m_w, d_x * sum(q), acc), in block order."""
     n, k = x.shape
     m, nb = qt.shape[0], k // 32
     blocks = qt.data.reshape(m, nb, -1)
     d_w = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (m, nb)
+    has_min, five = qt.qtype in (Q.Q4_1, Q.Q5_1), qt.qtype in (Q.Q5_0, Q.Q5_1)
     if qt.qtype == Q.Q8_0:
         w_q = blocks[:, :, 2:].view(np.int8).astype(np.int64)
     else:
-        qs = blocks[:, :, 4:] if qt.qtype == Q.Q4_1 else blocks[:, :, 2:]
+        at = (4 if has_min else 2) + (4 if five else 0)
+        qs = blocks[:, :, at:]
         w_q = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.int64)  # (m, nb, 32)
+        if five:
+            qh = blocks[:, :, at - 4 : at].copy().view(np.uint32)[..., 0].astype(np.int64)
+            w_q |= ((qh[..., None] >> np.arange(32)) & 1) << 4
     m_w = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     xb = x.reshape(n, nb, 32)
     amax = np.abs(xb).max(axis=2)
@@ -592,15 +597,15 @@ def packed_model(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     bs = x_q.sum(axis=2)
     s_x = (d_x * bs.astype(np.float32)).astype(np.float32)
     isum = np.einsum("nbi,mbi->nmb", x_q, w_q)  # exact
-    if qt.qtype == Q.Q4_0:
-        isum = isum - 8 * bs[:, None, :]
+    if not has_min and qt.qtype != Q.Q8_0:
+        isum = isum - (16 if five else 8) * bs[:, None, :]
     out = np.zeros((n, m), np.float32)
     for t in range(n):
         for r in range(m):
             acc = np.float32(0)
             for b in range(nb):
                 acc = _fma32(np.float32(isum[t, r, b]), d_w[r, b] * d_x[t, b], acc)
-                if qt.qtype == Q.Q4_1:
+                if has_min:
                     acc = _fma32(m_w[r, b], s_x[t, b], acc)
             out[t, r] = acc
     return out
