@@ -360,3 +360,24 @@ def test_step_threads_do_not_flip_flop_between_near_equal_counts():
         st.record(1, t, 0.006 * (1 + 0.02 * rng.standard_normal()))  # equal, 2% noise
     steady = [t for i, t in enumerate(picks[2:], start=3) if i % _StepThreads.EXPLORE_EVERY]
     assert len(set(steady)) == 1, "switched thread counts on noise"
+
+
+def test_packed_weights_leave_their_file_pages_readable(tmp_path):
+    """Packing drops the row-major blocks' file pages from resident memory: they read back from
+    the file unchanged, and a heap array (whose pages dropping would zero) is left alone."""
+    import mmap
+
+    from tinyserve.backends.memory import release_file_pages
+
+    data = np.random.default_rng(0).integers(0, 256, 5 * mmap.PAGESIZE, dtype=np.uint8)
+    path = tmp_path / "blocks.bin"
+    data.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    view = mapped[100:].reshape(-1, 4)[:, :4]
+    assert int(view.sum()) == int(data[100:].sum())
+    release_file_pages(view)
+    np.testing.assert_array_equal(np.asarray(view).reshape(-1), data[100:])
+    heap = data.copy()
+    heap.flags.writeable = False
+    release_file_pages(heap)
+    np.testing.assert_array_equal(heap, data)
