@@ -355,8 +355,8 @@ class TorchBackend(Backend):
             keep it off). Without CUDA the padded static path runs eagerly (a check, no gain).
         graph_max_batch: the largest batch bucket (the engine's max_num_seqs).
         device_sampling: sample on the device (device_sampling.py), so only token ids cross to
-            the host; default on for CUDA, off elsewhere (the host sampler is as fast on a CPU
-            and keeps sample_row's seeded stream).
+            the host. Off by default: it has not run on a GPU yet (as the graph path), and its
+            seeded stream differs from sample_row's; on a CPU the host sampler is as fast.
         attention: decode attention's kernel: "auto" (FlashInfer's paged decode or flash-attn's
             flash_attn_with_kvcache where one imports and can run the step, else SDPA),
             "sdpa", "flashinfer" or "flash_attn" (torch_attention.py; a missing one falls
@@ -374,7 +374,7 @@ class TorchBackend(Backend):
         tensor_parallel_size: int = 1,
         graphs: bool = False,
         graph_max_batch: int = 256,
-        device_sampling: bool | None = None,
+        device_sampling: bool = False,
         attention: str = "auto",
     ):
         ok, reason = self.availability()
@@ -415,7 +415,7 @@ class TorchBackend(Backend):
         # pools allocated with a scratch block past the engine's, by id of their first tensor
         # (weakly: tensors compare elementwise, so no WeakSet): padded rows write there
         self._scratch_pools: dict[int, weakref.ref] = {}
-        on = kind == "cuda" if device_sampling is None else bool(device_sampling)
+        on = bool(device_sampling)
         self.samples_on_device = on and self.tp is None
         if attention not in KERNELS:
             raise ValueError(f"attention must be one of {', '.join(KERNELS)}, got {attention!r}")
