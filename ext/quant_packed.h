@@ -156,107 +156,45 @@ TS_GROUP_SCALAR(q8_0, TS_Q8_0)
 #if TS_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define PSFX(name) ts_##name##_avx2
+#define SFXP(name) name##_avx2
+#define PACKED_VNNI 0
+#define DOT_ACC(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), ones))
+#include "quant_packed_simd.h"
+#undef PSFX
+#undef SFXP
+#undef PACKED_VNNI
+#undef DOT_ACC
+#pragma GCC pop_options
 
-static inline __m256i ts_bcast4(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
-}
-
-/* NT (<= 4) activation rows against one group: the block's weights are decoded once into
- * registers and met by every row's activations */
-static inline __attribute__((always_inline)) void
-ts_group_tile_avx2(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *out, int64_t os,
-                   int qtype) {
-    const int rec = ts_packed_rec(qtype), has_min = ts_has_min(qtype), q8 = qtype == TS_Q8_0;
-    const int five = ts_five(qtype), qoff = ts_packed_qoff(qtype), hoff = ts_packed_hoff(qtype);
-    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = g + b * rec, *q = p + qoff;
-        __m256i s[4];
-        if (q8) {
-            for (int t = 0; t < NT; t++) s[t] = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c++) {
-                const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
-                const __m256i aw = _mm256_sign_epi8(w, w);
-                for (int t = 0; t < NT; t++) {
-                    const __m256i x = _mm256_sign_epi8(ts_bcast4(xq[t].q + b * 32 + 4 * c), w);
-                    s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x), ones));
-                }
-            }
-        } else {
-            /* 8 maddubs of 4-bit weights (<= 15) and |x| <= 127 stay below 2^15 in int16, 4 of
-             * 5-bit ones (<= 31): the int16 sums widen to int32 every 4 (or 2) words */
-            __m256i s16[4];
-            for (int t = 0; t < NT; t++) {
-                s16[t] = _mm256_setzero_si256();
-                s[t] = _mm256_setzero_si256();
-            }
-            for (int i = 0; i < 4; i++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
-                __m256i lo = _mm256_and_si256(raw, m4);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-                if (five) {
-                    lo = _mm256_or_si256(lo, bits32_x10_avx2(p + hoff + 8 * i));
-                    hi = _mm256_or_si256(hi, bits32_x10_avx2(p + hoff + 8 * i + 4));
-                }
-                for (int t = 0; t < NT; t++) {
-                    const int8_t *x = xq[t].q + b * 32;
-                    s16[t] = _mm256_add_epi16(
-                        s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, ts_bcast4(x + 4 * i)),
-                                                 _mm256_maddubs_epi16(hi, ts_bcast4(x + 16 + 4 * i))));
-                }
-                if (i == 3 || (five && i == 1))
-                    for (int t = 0; t < NT; t++) {
-                        s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(s16[t], ones));
-                        s16[t] = _mm256_setzero_si256();
-                    }
-            }
-            if (!has_min)
-                for (int t = 0; t < NT; t++)
-                    s[t] = _mm256_sub_epi32(s[t], _mm256_set1_epi32((five ? 16 : 8) * xq[t].bs[b]));
-        }
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-        const __m256 mw = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)))
-                                  : _mm256_setzero_ps();
-        for (int t = 0; t < NT; t++) {
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]),
-                                     _mm256_mul_ps(dw, _mm256_set1_ps(xq[t].d[b])), acc[t]);
-            if (has_min) acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xq[t].s[b]), acc[t]);
-        }
-    }
-    for (int t = 0; t < NT; t++) _mm256_storeu_ps(out + t * os, acc[t]);
-}
-
-#define TS_GROUP_AVX2(name, qt)                                                                    \
-    static void ts_group_##name##_avx2(const uint8_t *g, const XQ *xq, int64_t nb, int n_x,        \
-                                       float *out, int64_t os) {                                   \
-        for (int t0 = 0; t0 < n_x; t0 += 4) {                                                      \
-            const int nt = n_x - t0 < 4 ? n_x - t0 : 4;                                            \
-            switch (nt) {                                                                          \
-            case 4: ts_group_tile_avx2(g, xq + t0, nb, 4, out + t0 * os, os, qt); break;           \
-            case 3: ts_group_tile_avx2(g, xq + t0, nb, 3, out + t0 * os, os, qt); break;           \
-            case 2: ts_group_tile_avx2(g, xq + t0, nb, 2, out + t0 * os, os, qt); break;           \
-            default: ts_group_tile_avx2(g, xq + t0, nb, 1, out + t0 * os, os, qt); break;          \
-            }                                                                                      \
-        }                                                                                          \
-    }
-TS_GROUP_AVX2(q4_0, TS_Q4_0)
-TS_GROUP_AVX2(q4_1, TS_Q4_1)
-TS_GROUP_AVX2(q5_0, TS_Q5_0)
-TS_GROUP_AVX2(q5_1, TS_Q5_1)
-TS_GROUP_AVX2(q8_0, TS_Q8_0)
-#undef TS_GROUP_AVX2
-
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define PSFX(name) ts_##name##_vnni
+#define SFXP(name) name##_vnni
+#define PACKED_VNNI 1
+#define DOT_ACC(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#include "quant_packed_simd.h"
+#undef PSFX
+#undef SFXP
+#undef PACKED_VNNI
+#undef DOT_ACC
 #pragma GCC pop_options
 #endif
 
-/* the group kernel of an implementation (the AVX-512 machines run the AVX2 one: the same bits) */
+/* the group kernel of an implementation (all three give the same bits) */
 static group_fn ts_group_fn(int isa, int qtype) {
 #if TS_X86
-    if (isa != TS_ISA_SCALAR) {
+    if (isa == TS_ISA_VNNI) {
+        switch (qtype) {
+        case TS_Q4_0: return ts_group_q4_0_vnni;
+        case TS_Q4_1: return ts_group_q4_1_vnni;
+        case TS_Q5_0: return ts_group_q5_0_vnni;
+        case TS_Q5_1: return ts_group_q5_1_vnni;
+        case TS_Q8_0: return ts_group_q8_0_vnni;
+        default: return 0;
+        }
+    }
+    if (isa == TS_ISA_AVX2) {
         switch (qtype) {
         case TS_Q4_0: return ts_group_q4_0_avx2;
         case TS_Q4_1: return ts_group_q4_1_avx2;
