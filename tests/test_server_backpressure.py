@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import pytest
 pytest.importorskip("starlette")
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.engine import Engine
 from tinyserve.outputs import RequestOutput
 from tinyserve.serving import ServerConfig, create_app
 from tinyserve.serving.engine_loop import Handle
@@ -134,6 +136,15 @@ def test_hundreds_of_requests_with_slow_readers_and_hang_ups_free_every_block(mo
         high_water.append(self.n_pending)
 
     monkeypatch.setattr(Handle, "post", recording_post)
+    # a step of a real model takes milliseconds: without that the tiny fixture finishes a
+    # never-read request within the slow-reader timeout, leaving nothing to abort
+    step = Engine.step
+
+    def real_model_step(self):
+        time.sleep(0.005)
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", real_model_step)
     config = ServerConfig(
         model_name="tiny", max_tokens_limit=64, max_pending_chunks=BOUND, slow_reader_timeout=0.2
     )
