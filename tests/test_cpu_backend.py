@@ -381,3 +381,22 @@ def test_packed_weights_leave_their_file_pages_readable(tmp_path):
     heap.flags.writeable = False
     release_file_pages(heap)
     np.testing.assert_array_equal(heap, data)
+
+
+def test_pack_weights_off_reads_the_file_blocks_in_place(tmp_path):
+    """pack_weights=False: no packed copies, the row kernels on the file's blocks; the logits
+    agree with the packed kernels' to float rounding (the same int8 products, summed apart)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf_util import write_gguf_from_hf_dir
+
+    from tinyserve.backends.cpu import PackedQuant
+
+    path = write_gguf_from_hf_dir(HF_DIR / "llama", tmp_path / "l.gguf", lambda n, a: Q.Q4_0)
+    ids = load_reference(HF_DIR / "llama" / "reference.npz")["input_ids"].tolist()
+    got = {}
+    for pack in (True, False):
+        llm = LLM(str(path), backend="cpu", backend_options={"pack_weights": pack})
+        spec = llm.engine.model.lowering_spec()
+        assert isinstance(spec.layers[0].attn.o.w, PackedQuant) == pack
+        got[pack] = llm.logits(ids)
+    np.testing.assert_allclose(got[True], got[False], rtol=1e-4, atol=1e-4)

@@ -68,8 +68,9 @@ def _pack(w, rows_per_piece: int = 4096):
 class CpuOps(NumpyOps):
     """NumpyOps' names and contracts over native kernels; weights held quantized / bf16 / f32."""
 
-    def __init__(self, quantized: bool = True):
+    def __init__(self, quantized: bool = True, pack: bool = True):
         self.quantized = quantized and _kernels is not None
+        self.pack = pack
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -77,7 +78,7 @@ class CpuOps(NumpyOps):
         """QuantTensor stays ggml blocks, BF16Array stays bf16 bits, anything else float32."""
         if native.is_quant(w):
             if self.quantized and native.quant_supports(w.qtype):
-                return _pack(w)
+                return _pack(w) if self.pack else w
             return w.dequantize()
         if native.is_bf16(w):
             if self.quantized:
@@ -164,6 +165,9 @@ class CpuBackend(Backend):
             verification. Off (the default), every row count takes one integer path, so a
             request's tokens do not depend on what shares its step (batch invariance); on, a
             row's numerics change with the step's size.
+        pack_weights: pack Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices in groups of 8 rows at load
+            (the faster int8 kernels, ext/quant_packed.h; a packed copy on the heap). False: the
+            row kernels read the file's blocks in place (less memory, slower).
     """
 
     name = "cpu"
@@ -178,6 +182,7 @@ class CpuBackend(Backend):
         adapt_threads: bool = True,
         lower: bool = True,
         exact_prefill: bool = False,
+        pack_weights: bool = True,
     ):
         if device not in (None, "cpu"):
             raise ValueError(f"the cpu backend runs on the cpu only, not {device!r}")
@@ -199,7 +204,7 @@ class CpuBackend(Backend):
         # the kernels' sgemm threshold is process-wide: set before each step of this backend
         self._blas_rows = blas_min_rows() if exact_prefill else 0
         self._blas_limits = _pin_blas(self.num_threads)
-        self.ops = CpuOps()
+        self.ops = CpuOps(pack=pack_weights)
         self._step_threads = _StepThreads(self.num_threads, adapt=adapt_threads)
         # (L, P, NB, BS, ...) buffers behind allocate_kv's views, one per model it served (a
         # speculative draft model has its own)
