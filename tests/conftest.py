@@ -13,6 +13,24 @@ HF_DIR = Path(__file__).parent / "fixtures" / "hf"
 TINY = HF_DIR / "smollm2"  # tied embeddings, 2 layers, vocab 384, context 256
 
 
+def assert_chi_square_fits(counts: np.ndarray, probs: np.ndarray, min_df: int = 2) -> None:
+    """Draws `counts` (per token) fit the distribution `probs` at p = 0.999: tokens expected
+    fewer than 5 times pooled into one bin, the chi-square quantile by Wilson-Hilferty."""
+    import math
+
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    chi2 = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    df = int(keep.sum()) - 1
+    assert df >= min_df, f"{df} degrees of freedom: too few to test"
+    z = 3.09  # the standard normal quantile at p = 0.999
+    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    assert chi2 < limit, f"chi2 {chi2:.1f} over {df} dof (limit {limit:.1f})"
+
+
 def random_prompts(
     n: int, rng: np.random.Generator, low: int = 3, high: int = 60, vocab: int = 384
 ):

@@ -8,10 +8,9 @@ tokens that were kept."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
+from conftest import assert_chi_square_fits
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.errors import RequestError
@@ -195,19 +194,8 @@ def test_first_sampled_token_follows_the_model(make_llm):
     p = SamplingParams(temperature=temp)
     logits = llm.logits(context)[-1].astype(np.float64)
     probs = filtered_probs(apply_penalties(logits, p, prompt, [t0]), p)
-    counts = np.bincount(seconds, minlength=len(probs))
-    expected = probs * len(seconds)
-    big = expected >= 5  # pool the rare tokens into one bin
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    keep = exp > 0
-    chi2 = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    df = int(keep.sum()) - 1
-    assert df >= 3 and len(seconds) >= 200, (df, len(seconds))
-    # Wilson-Hilferty: the chi-square quantile at p = 0.999 for df degrees of freedom
-    z = 3.09
-    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-    assert chi2 < limit, f"chi2 {chi2:.1f} over {df} dof (limit {limit:.1f})"
+    assert len(seconds) >= 200, len(seconds)
+    assert_chi_square_fits(np.bincount(seconds, minlength=len(probs)), probs, min_df=3)
 
 
 @pytest.mark.real_model

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_chi_square_fits
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.batch import Batch
@@ -283,18 +284,7 @@ def test_device_sampler_keeps_sampling_pys_distribution(p):
     ids = sample_on_device(torch.from_numpy(np.tile(row, (n, 1))), t)[0].numpy()
     probs = filtered_probs(apply_penalties(row.astype(np.float64), p, prompt, output), p)
     assert set(np.unique(ids)) <= set(np.flatnonzero(probs > 0)), "drew a filtered-out token"
-    counts = np.bincount(ids, minlength=V)
-    expected = probs * n
-    big = expected >= 5  # pool the rare tokens into one bin
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    keep = exp > 0
-    chi2 = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    df = int(keep.sum()) - 1
-    assert df >= 2, df
-    z = 3.09  # Wilson-Hilferty: the chi-square quantile at p = 0.999
-    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-    assert chi2 < limit, f"chi2 {chi2:.1f} over {df} dof (limit {limit:.1f})"
+    assert_chi_square_fits(np.bincount(ids, minlength=V), probs)
 
 
 def test_uniform_depends_on_seed_index_and_position_only():
