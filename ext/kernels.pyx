@@ -626,6 +626,7 @@ cdef extern from "quant.h" nogil:
     int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads)
     int TS_PACKED, TS_GROUP
     int ts_packs(int qtype)
+    int ts_packed_rec(int qtype)
     void ts_repack(int qtype, const uint8_t *w, int64_t m, int64_t w_stride, int64_t nb,
                    uint8_t *packed)
     int64_t ts_blas_min_n

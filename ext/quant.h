@@ -47,12 +47,14 @@ enum {
 enum { TS_ISA_SCALAR = 0, TS_ISA_AVX2 = 1, TS_ISA_VNNI = 2 };
 
 /* one activation row quantized: q (K,) int8; d (K/qk,) f32 scales, qk = 32 (legacy types) or
- * 256 (K-quants); per 32 values: bs = sum(q) and s = d * bs */
+ * 256 (K-quants); per 32 values: bs = sum(q) and s = d * bs; K-quants also per 16 values:
+ * b16 = sum(q) (the packed Q6_K kernel's offset of 32) */
 typedef struct {
     const int8_t *q;
     const float *d;
     const float *s;
     const int16_t *bs;
+    const int16_t *b16;
 } XQ;
 
 /* one weight row . n_x (<= 8) activation rows -> out[t * os] */
@@ -155,7 +157,7 @@ static inline int ts_best_isa(void) {
 }
 
 typedef void (*quant_fn)(const float *x, int64_t k, int qk, int8_t *q, float *d, float *s,
-                         int16_t *bs);
+                         int16_t *bs, int16_t *b16);
 /* one float weight row (bf16 bits or float32) . n_x activation rows */
 typedef void (*wf_fn)(const void *w, const float *x, int64_t xs, int64_t k, int n_x, float *out,
                       int64_t os);
@@ -354,14 +356,14 @@ typedef struct {
     quant_fn quant;
     int8_t *xq;
     float *xd, *xs;
-    int16_t *xb;
+    int16_t *xb, *x16;
 } ts_quant_job;
 
 /* activation row i quantized */
 static void ts_quant_task(void *ctx, int64_t i) {
     const ts_quant_job *j = (const ts_quant_job *)ctx;
     j->quant(j->x + i * j->x_stride, j->k, j->qk, j->xq + i * j->k, j->xd + i * j->nd,
-             j->xs + i * j->nbx, j->xb + i * j->nbx);
+             j->xs + i * j->nbx, j->xb + i * j->nbx, j->x16 + i * 2 * j->nbx);
 }
 
 typedef struct {
@@ -369,7 +371,7 @@ typedef struct {
     int nw, tile_rows;
     const int8_t *xq;
     const float *xd, *xs;
-    const int16_t *xb;
+    const int16_t *xb, *x16;
     row_fn row[4];
     group_fn group[4]; /* non-NULL: matrix j is packed (quant_packed.h), w_stride per group */
     int64_t nb[4], m[4], w_stride[4], first[5];
@@ -413,6 +415,7 @@ static void ts_mm_task(void *ctx, int64_t task) {
             tile[t].d = jb->xd + (t0 + t) * jb->nd;
             tile[t].s = jb->xs + (t0 + t) * jb->nbx;
             tile[t].bs = jb->xb + (t0 + t) * jb->nbx;
+            tile[t].b16 = jb->x16 + (t0 + t) * 2 * jb->nbx;
         }
         const int64_t ws = jb->w_stride[j], w_ = r1 - r0;
         float buf[8 * 64]; /* argmax: (n_x, rc <= 64), this chunk's outputs, reduced right away */
@@ -474,18 +477,19 @@ static inline int ts_matmul_q_run(const float *x, int64_t n, int64_t k, int64_t 
     }
     const int qk = ts_block_size(qtype[0]) == 256 ? 256 : 32; /* Q8_K- or Q8_0-style */
     const int64_t nbx = k / 32, nd = k / qk;
-    /* one buffer: q (n, k) int8 | d (n, nd) f32 | s (n, nbx) f32 | bs (n, nbx) int16 */
-    int8_t *xq = (int8_t *)ts_scratch(0, (size_t)(n * k + 4 * n * nd + 6 * n * nbx + 64));
+    /* one buffer: q (n, k) int8 | d (n, nd) f32 | s (n, nbx) f32 | bs (n, nbx) int16 |
+     * b16 (n, 2 nbx) int16 */
+    int8_t *xq = (int8_t *)ts_scratch(0, (size_t)(n * k + 4 * n * nd + 10 * n * nbx + 64));
     if (!xq) return -1;
     float *xd = (float *)(xq + ((n * k + 63) & ~(int64_t)63)), *xs = xd + n * nd;
-    int16_t *xb = (int16_t *)(xs + n * nbx);
+    int16_t *xb = (int16_t *)(xs + n * nbx), *x16 = xb + n * nbx;
 
-    ts_quant_job qj = {x, x_stride, k, qk, nd, nbx, quant, xq, xd, xs, xb};
+    ts_quant_job qj = {x, x_stride, k, qk, nd, nbx, quant, xq, xd, xs, xb, x16};
     ts_parallel_for(n * k >= 32768 ? nthreads : 1, n, ts_quant_task, &qj);
 
     /* row chunks of every matrix in one task list: matrix j's chunks follow matrix j-1's */
     ts_mm_job job = {.n = n, .k = k, .nd = nd, .nbx = nbx, .nw = nw, .xq = xq, .xd = xd,
-                     .xs = xs, .xb = xb, .tile_rows = isa == TS_ISA_VNNI ? 8 : 4,
+                     .xs = xs, .xb = xb, .x16 = x16, .tile_rows = isa == TS_ISA_VNNI ? 8 : 4,
                      .best_v = best_v, .best_i = best_i};
     job.rc = ts_task_rows(m_all, nthreads, any_packed);
     for (int j = 0; j < nw; j++) {

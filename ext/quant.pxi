@@ -92,18 +92,24 @@ PACKED = TS_PACKED  # or-ed into a qtype: the data is repack()'s groups of rows
 PACKABLE_QTYPES = tuple(q for q in QTYPES if ts_packs(q))
 
 
+def packed_bytes(int qtype, Py_ssize_t cols) -> int:
+    """Bytes of one packed group of 8 rows of cols values (a row of repack()'s output)."""
+    _check_qtype(qtype | TS_PACKED)
+    return cols // ts_block_size(qtype) * ts_packed_rec(qtype)
+
+
 def repack(cnp.ndarray data not None, int qtype, Py_ssize_t cols):
-    """(M, bytes_per_row) ggml blocks, M a multiple of 8, -> (M / 8, 8 * bytes_per_row) uint8:
-    the rows in groups of 8 (ext/quant_packed.h), read by matmul_q / matmul_q_argmax with
+    """(M, bytes_per_row) ggml blocks, M a multiple of 8, -> (M / 8, packed_bytes) uint8: the
+    rows in groups of 8 (ext/quant_packed.h, ext/quant_packed_k.h), read by matmul_q / matmul_q_argmax with
     qtype | PACKED: the same products in fewer instructions, bit for bit at any row count."""
     _check_qtype(qtype)
-    if not ts_packs(qtype):
-        raise ValueError(f"{QTYPES[qtype]} has no packed layout (packable: {PACKABLE_QTYPES})")
+    if qtype & TS_PACKED:
+        raise ValueError("repack takes the blocks' own quantization type, not a packed code")
     _check_blocks(data, qtype, cols)
     cdef Py_ssize_t m = data.shape[0], nb = cols // ts_block_size(qtype)
     if m % TS_GROUP:
         raise ValueError(f"packing needs a multiple of {TS_GROUP} rows, got {m}")
-    out = np.empty((m // TS_GROUP, TS_GROUP * (<object>data).shape[1]), np.uint8)
+    out = np.empty((m // TS_GROUP, nb * ts_packed_rec(qtype)), np.uint8)
     cdef const uint8_t *wp = <const uint8_t *>cnp.PyArray_DATA(data)
     cdef uint8_t *op = <uint8_t *><size_t>out.ctypes.data
     cdef int64_t w_stride = data.strides[0]
@@ -123,7 +129,8 @@ cdef inline int _check_blocks(cnp.ndarray data, int qtype, Py_ssize_t cols) exce
         raise ValueError(
             f"data must be 2-D uint8 ggml blocks, got {data.dtype} {(<object>data).shape}"
         )
-    cdef Py_ssize_t bpr = cols // bs * ts_type_size(qtype) * _rows_per(qtype)
+    cdef Py_ssize_t bpr = cols // bs * (
+        ts_packed_rec(qtype) if qtype & TS_PACKED else ts_type_size(qtype))
     if data.shape[1] != bpr:
         raise ValueError(
             f"{QTYPES[qtype & 0xFF]} rows of {cols} values take {bpr} bytes, "

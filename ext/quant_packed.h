@@ -1,5 +1,5 @@
 /* Weights repacked in groups of 8 rows, for quant.h's int8 matmul (Q4_0, Q4_1, Q5_0, Q5_1,
- * Q8_0).
+ * Q8_0 here; the K-quants' layout in quant_packed_k.h).
  *
  * Row-major ggml blocks make each output a dot product of its own: an 8-lane integer partial per
  * 32-block, converted, scaled and summed in float, then a horizontal sum per output. Packed, the
@@ -31,10 +31,8 @@
 #define TS_PACKED 0x100 /* or-ed into a qtype: the weight is packed (ts_repack) */
 #define TS_GROUP 8      /* weight rows per group */
 
-static inline int ts_packs(int qtype) {
-    return qtype == TS_Q4_0 || qtype == TS_Q4_1 || qtype == TS_Q5_0 || qtype == TS_Q5_1 ||
-           qtype == TS_Q8_0;
-}
+static inline int ts_packs(int qtype) { return ts_block_size(qtype) != 0 && !(qtype & ~0xFF); }
+static inline int ts_is_k(int qtype) { return ts_block_size(qtype) == 256; }
 
 static inline int ts_has_min(int qtype) { return qtype == TS_Q4_1 || qtype == TS_Q5_1; }
 static inline int ts_five(int qtype) { return qtype == TS_Q5_0 || qtype == TS_Q5_1; }
@@ -47,8 +45,18 @@ static inline int ts_block_qs(int qtype) {
 }
 static inline int ts_block_qh(int qtype) { return ts_has_min(qtype) ? 4 : 2; }
 
-/* bytes of one group's block record */
-static inline int ts_packed_rec(int qtype) { return TS_GROUP * ts_type_size(qtype); }
+#include "quant_packed_k.h"
+
+/* bytes of one group's block record: the 8 original blocks' (32-value types), or the K-quants'
+ * records with their scales decoded */
+static inline int ts_packed_rec(int qtype) {
+    switch (qtype & 0xFF) {
+    case TS_Q4_K: return TS_PK_REC_Q4_K;
+    case TS_Q5_K: return TS_PK_REC_Q5_K;
+    case TS_Q6_K: return TS_PK_REC_Q6_K;
+    default: return TS_GROUP * ts_type_size(qtype);
+    }
+}
 
 /* packed (m / 8, nb * rec) from w (m, nb blocks; row r at w + r * w_stride); m % 8 == 0 */
 static void ts_repack(int qtype, const uint8_t *w, int64_t m, int64_t w_stride, int64_t nb,
@@ -59,6 +67,14 @@ static void ts_repack(int qtype, const uint8_t *w, int64_t m, int64_t w_stride, 
     for (int64_t g = 0; g < m / TS_GROUP; g++)
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *p = packed + (g * nb + b) * rec;
+            if (ts_is_k(qtype)) {
+                uint32_t hk[64];
+                memset(hk, 0, sizeof hk);
+                for (int r = 0; r < TS_GROUP; r++)
+                    ts_repack_k_block(qtype, w + (g * TS_GROUP + r) * w_stride + b * ts, r, p, hk);
+                if (qtype == TS_Q5_K) memcpy(p + TS_PK5_H, hk, sizeof hk);
+                continue;
+            }
             uint32_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (int r = 0; r < TS_GROUP; r++) {
                 const uint8_t *blk = w + (g * TS_GROUP + r) * w_stride + b * ts;
@@ -86,6 +102,10 @@ static inline void ts_unpack_block(int qtype, const uint8_t *g, int64_t nb, int6
     const int words = q8 ? 8 : 4, qoff = ts_packed_qoff(qtype);
     const uint8_t *p = g + b * rec;
     (void)nb;
+    if (ts_is_k(qtype)) {
+        ts_unpack_k_block(qtype, p, r, blk);
+        return;
+    }
     memcpy(blk, p + 2 * r, 2);
     if (has_min) memcpy(blk + 2, p + 16 + 2 * r, 2);
     uint8_t *qs = blk + ts_block_qs(qtype);
@@ -152,6 +172,15 @@ TS_GROUP_SCALAR(q5_0, TS_Q5_0)
 TS_GROUP_SCALAR(q5_1, TS_Q5_1)
 TS_GROUP_SCALAR(q8_0, TS_Q8_0)
 #undef TS_GROUP_SCALAR
+#define TS_GROUP_SCALAR_K(name, qt)                                                                \
+    static void ts_group_##name##_scalar(const uint8_t *g, const XQ *xq, int64_t nb, int n_x,      \
+                                         float *out, int64_t os) {                                 \
+        ts_group_k_scalar(g, xq, nb, n_x, out, os, qt);                                            \
+    }
+TS_GROUP_SCALAR_K(q4_k, TS_Q4_K)
+TS_GROUP_SCALAR_K(q5_k, TS_Q5_K)
+TS_GROUP_SCALAR_K(q6_k, TS_Q6_K)
+#undef TS_GROUP_SCALAR_K
 
 #if TS_X86
 #pragma GCC push_options
@@ -191,6 +220,9 @@ static group_fn ts_group_fn(int isa, int qtype) {
         case TS_Q5_0: return ts_group_q5_0_vnni;
         case TS_Q5_1: return ts_group_q5_1_vnni;
         case TS_Q8_0: return ts_group_q8_0_vnni;
+        case TS_Q4_K: return ts_group_q4_k_vnni;
+        case TS_Q5_K: return ts_group_q5_k_vnni;
+        case TS_Q6_K: return ts_group_q6_k_vnni;
         default: return 0;
         }
     }
@@ -201,6 +233,9 @@ static group_fn ts_group_fn(int isa, int qtype) {
         case TS_Q5_0: return ts_group_q5_0_avx2;
         case TS_Q5_1: return ts_group_q5_1_avx2;
         case TS_Q8_0: return ts_group_q8_0_avx2;
+        case TS_Q4_K: return ts_group_q4_k_avx2;
+        case TS_Q5_K: return ts_group_q5_k_avx2;
+        case TS_Q6_K: return ts_group_q6_k_avx2;
         default: return 0;
         }
     }
@@ -213,6 +248,9 @@ static group_fn ts_group_fn(int isa, int qtype) {
     case TS_Q5_0: return ts_group_q5_0_scalar;
     case TS_Q5_1: return ts_group_q5_1_scalar;
     case TS_Q8_0: return ts_group_q8_0_scalar;
+    case TS_Q4_K: return ts_group_q4_k_scalar;
+    case TS_Q5_K: return ts_group_q5_k_scalar;
+    case TS_Q6_K: return ts_group_q6_k_scalar;
     default: return 0;
     }
 }

@@ -104,3 +104,5 @@ TS_GROUP_SIMD(q5_1, TS_Q5_1)
 TS_GROUP_SIMD(q8_0, TS_Q8_0)
 #undef TS_GROUP_SIMD
 
+
+#include "quant_packed_k_simd.h" /* Q4_K, Q5_K, Q6_K */

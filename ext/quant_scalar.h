@@ -207,7 +207,7 @@ static row_fn ts_row_fn_scalar(int qtype) {
 /* x row -> int8 blocks of qk (32 or 256): d = max|x| / 127, q = round-half-even(x / d); per
  * 32 values bs = sum(q) and s = d * bs */
 static void ts_quantize_row_scalar(const float *x, int64_t k, int qk, int8_t *q, float *d, float *s,
-                                   int16_t *bs) {
+                                   int16_t *bs, int16_t *b16) {
     for (int64_t b = 0; b < k / qk; b++) {
         const float *xb = x + b * qk;
         float amax = 0.0f;
@@ -219,13 +219,18 @@ static void ts_quantize_row_scalar(const float *x, int64_t k, int qk, int8_t *q,
         const float db = bad ? NAN : amax / 127.0f;
         const float id = bad || db == 0.0f ? 0.0f : 1.0f / db;
         for (int g = 0; g < qk / 32; g++) {
-            int sum = 0;
+            int sum = 0, first16 = 0;
             for (int i = 32 * g; i < 32 * g + 32; i++) {
                 const int v = (int)nearbyintf(xb[i] * id);
                 q[b * qk + i] = (int8_t)v;
                 sum += v;
+                if (i < 32 * g + 16) first16 += v;
             }
             bs[b * (qk / 32) + g] = (int16_t)sum;
+            if (qk == 256) {
+                b16[2 * (b * 8 + g)] = (int16_t)first16;
+                b16[2 * (b * 8 + g) + 1] = (int16_t)(sum - first16);
+            }
             s[b * (qk / 32) + g] = db * (float)sum;
         }
         d[b] = db;

@@ -170,7 +170,7 @@ static row_fn SFX(row_fn_for)(int qtype) {
 /* ---- activations: x row -> int8 32-blocks (round to nearest even, like the scalar twin) --- */
 
 static void SFX(quantize_row)(const float *x, int64_t k, int qk, int8_t *q, float *d, float *s,
-                              int16_t *bs) {
+                              int16_t *bs, int16_t *b16) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < k / qk; b++) {
         const float *xb = x + b * qk;
@@ -208,6 +208,16 @@ static void SFX(quantize_row)(const float *x, int64_t k, int qk, int8_t *q, floa
             _mm256_storeu_si256((__m256i *)(q + b * qk + 32 * g), p8);
             const int sum = _mm_cvtsi128_si32(s4);
             bs[b * (qk / 32) + g] = (int16_t)sum;
+            if (qk == 256) { /* values 0..15 are i32[0] and i32[1] */
+                const __m256i s01 = _mm256_add_epi32(i32[0], i32[1]);
+                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s01),
+                                          _mm256_extracti128_si256(s01, 1));
+                h = _mm_hadd_epi32(h, h);
+                h = _mm_hadd_epi32(h, h);
+                const int first16 = _mm_cvtsi128_si32(h);
+                b16[2 * (b * 8 + g)] = (int16_t)first16;
+                b16[2 * (b * 8 + g) + 1] = (int16_t)(sum - first16);
+            }
             s[b * (qk / 32) + g] = db * (float)sum;
         }
     }

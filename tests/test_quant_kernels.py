@@ -561,7 +561,12 @@ def test_two_python_threads_in_the_kernels_at_once():
 
 # -- packed groups of 8 rows (ext/quant_packed.h) ---------------------------------------------------
 
-PACKABLE = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+PACKABLE = ALL
+
+
+def packed_cols(qtype, legacy: int) -> int:
+    """A column count for a packed test: legacy for 32-value blocks, 3 super-blocks for K."""
+    return legacy if qtype in LEGACY else 768
 
 
 def _fma32(a, b, c):
@@ -570,6 +575,11 @@ def _fma32(a, b, c):
 
 
 def packed_model(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
+    """NumPy model of the packed kernels' arithmetic, operation for operation."""
+    return (packed_model_k if qt.qtype in K_QUANTS else packed_model_legacy)(x, qt)
+
+
+def packed_model_legacy(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     """NumPy model of the packed kernels' arithmetic, operation for operation: each activation
     block quantized (d = amax / 127, q = round-half-even(x / d)), the exact integer dot per
     32-block (Q4_0 / Q5_0: minus 8 / 16 * sum(q)), then acc = fma(isum, d_w * d_x, acc) and with
@@ -611,14 +621,124 @@ def packed_model(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     return out
 
 
+def _k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., 12) ggml Q4_K/Q5_K scale bytes -> (..., 8) 6-bit scales and mins (get_scale_min_k4)."""
+    s = s.astype(np.int64)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | (s[..., 0:4] >> 6) << 4], -1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | (s[..., 4:8] >> 6) << 4], -1)
+    return sc, mn
+
+
+def packed_model_k(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
+    """The K-quant packed kernels' arithmetic (ext/quant_packed_k.h): each activation row
+    quantized per 256 values (d = amax / 127), per super-block the exact integer isum = sum over
+    sub-blocks of scale * dot and (Q4_K / Q5_K) imin = sum of min * sum(x_q) per 32 values, then
+    acc = fma(isum, d_w * d_x, acc) and acc = fma(-imin, dmin_w * d_x, acc), in block order."""
+    n, k = x.shape
+    m, nb = qt.shape[0], k // 256
+    blocks = qt.data.reshape(m, nb, -1)
+
+    def f16(at: int) -> np.ndarray:
+        return blocks[:, :, at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+    if qt.qtype == Q.Q6_K:
+        ql, qh = blocks[:, :, :128].astype(np.int64), blocks[:, :, 128:192].astype(np.int64)
+        w_q = np.empty((m, nb, 256), np.int64)
+        for h in range(2):
+            for j in range(4):
+                low = (
+                    ql[:, :, 64 * h + 32 * (j & 1) : 64 * h + 32 * (j & 1) + 32] >> 4 * (j >> 1)
+                ) & 15
+                top = (qh[:, :, 32 * h : 32 * h + 32] >> 2 * j) & 3
+                w_q[:, :, 128 * h + 32 * j : 128 * h + 32 * j + 32] = (low | top << 4) - 32
+        scale = np.repeat(blocks[:, :, 192:208].view(np.int8).astype(np.int64), 16, axis=2)
+        d_w, dmin_w, mins = f16(208), None, None
+    else:
+        five = qt.qtype == Q.Q5_K
+        sc, mins = _k_scales_mins(blocks[:, :, 4:16])  # (m, nb, 8)
+        qs = blocks[:, :, 48:176] if five else blocks[:, :, 16:144]
+        parts = []
+        for j in range(4):
+            chunk = qs[:, :, 32 * j : 32 * j + 32].astype(np.int64)
+            parts += [chunk & 15, chunk >> 4]
+        w_q = np.concatenate(parts, axis=2)  # (m, nb, 256): sub-block s at 32 s
+        if five:
+            qh = blocks[:, :, 16:48].astype(np.int64)  # bit s of qh[l]: value l of sub-block s
+            w_q |= np.concatenate([(qh >> s_) & 1 for s_ in range(8)], axis=2) << 4
+        scale = np.repeat(sc, 32, axis=2)
+        d_w, dmin_w = f16(0), f16(2)
+    xb = x.reshape(n, nb, 256)
+    d_x = (np.abs(xb).max(axis=2) / np.float32(127)).astype(np.float32)  # (n, nb)
+    inv = np.where(d_x == 0, np.float32(0), np.float32(1) / np.where(d_x == 0, 1, d_x))
+    x_q = np.rint(xb * inv[:, :, None].astype(np.float32)).astype(np.int64)  # (n, nb, 256)
+    isum = np.einsum("nbi,mbi->nmb", x_q, w_q * scale)  # exact
+    if mins is not None:
+        bs = x_q.reshape(n, nb, 8, 32).sum(axis=3)  # (n, nb, 8)
+        imin = np.einsum("nbs,mbs->nmb", bs, mins)
+    out = np.zeros((n, m), np.float32)
+    for t in range(n):
+        for r in range(m):
+            acc = np.float32(0)
+            for b in range(nb):
+                acc = _fma32(np.float32(isum[t, r, b]), d_w[r, b] * d_x[t, b], acc)
+                if mins is not None:
+                    acc = _fma32(-np.float32(imin[t, r, b]), dmin_w[r, b] * d_x[t, b], acc)
+            out[t, r] = acc
+    return out
+
+
 @pytest.mark.parametrize("qtype", PACKABLE, ids=lambda q: q.name)
 def test_packed_equals_the_numpy_model_of_its_integer_arithmetic(qtype, isa):
     rng = np.random.default_rng(21)
-    qt = weight(qtype, 16, 96, rng)
-    x = rng.standard_normal((5, 96)).astype(np.float32)
-    packed = quant.repack(qt.data, int(qtype), 96)
-    got = quant.matmul_q(x, packed, int(qtype) | quant.PACKED, 96)
+    cols = packed_cols(qtype, 96)
+    qt = weight(qtype, 16, cols, rng)
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    packed = quant.repack(qt.data, int(qtype), cols)
+    got = quant.matmul_q(x, packed, int(qtype) | quant.PACKED, cols)
     np.testing.assert_array_equal(got, packed_model(x, qt))
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda q: q.name)
+def test_packed_k_integer_sums_are_exact_at_their_extremes(qtype, isa):
+    """Every weight value and scale at its largest magnitude against |x| = 127 activations:
+    the int16 partial sums of the AVX2 twin and the int32 totals must not wrap."""
+    cols = 512
+    data = np.zeros((8, cols // 256 * GGML_QUANT_SIZES[qtype][1]), np.uint8)
+    blocks = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    one = np.array([1], np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:
+        blocks[:, :192] = 0  # every value 0 - 32 = -32
+        blocks[:, 192:208] = np.uint8(0x80)  # scale -128
+        blocks[:, 208:210] = one
+    else:
+        blocks[:, 0:2] = blocks[:, 2:4] = one
+        blocks[:, 4:16] = 0xFF  # scales and mins 63
+        blocks[:, 16:] = 0xFF  # values 15 (Q4_K) / 31 (Q5_K, 5th bits set)
+    qt = QuantTensor(qtype, (8, cols), data)
+    x = np.full((3, cols), 127.0, np.float32)
+    x[1] *= -1
+    packed = quant.repack(data, int(qtype), cols)
+    got = quant.matmul_q(x, packed, int(qtype) | quant.PACKED, cols)
+    np.testing.assert_array_equal(got, packed_model(x, qt))
+    np.testing.assert_allclose(got, reference(x, qt), rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda q: q.name)
+def test_packed_k_blocks_come_back_whole(qtype):
+    """Unpacking (the exact-prefill route) returns each row's original bytes: dequantizing the
+    packed groups equals dequantizing the file's blocks."""
+    rng = np.random.default_rng(26)
+    qt = weight(qtype, 16, 512, rng)
+    packed = quant.repack(qt.data, int(qtype), 512)
+    x = np.eye(512, dtype=np.float32)[:40]
+    before = quant.get_blas_min_rows()
+    if not quant.set_blas_min_rows(8):
+        pytest.skip("no usable cblas_sgemm in this process")
+    try:
+        got = quant.matmul_q(x, packed, int(qtype) | quant.PACKED, 512)
+    finally:
+        quant.set_blas_min_rows(before)
+    np.testing.assert_array_equal(got, qt.dequantize()[:, :40].T)
 
 
 @pytest.mark.parametrize("qtype", PACKABLE, ids=lambda q: q.name)
@@ -626,7 +746,7 @@ def test_packed_rows_do_not_depend_on_the_step(qtype, isa):
     """Bitwise: 1, 7, 64, 65 and 512 activation rows, on 1 and 2 threads, give each row what it
     gets alone; within the int8 rounding bound of the float reference; the argmax head too."""
     rng = np.random.default_rng(22)
-    cols = 352
+    cols = packed_cols(qtype, 352)
     qt = weight(qtype, 304, cols, rng)
     packed, code = quant.repack(qt.data, int(qtype), cols), int(qtype) | quant.PACKED
     x = rng.standard_normal((512, cols)).astype(np.float32)
@@ -652,13 +772,14 @@ def test_packed_implementations_agree():
     before = quant.get_isa()
     try:
         for qtype in PACKABLE:
-            qt = weight(qtype, 24, 160, rng)
-            packed, code = quant.repack(qt.data, int(qtype), 160), int(qtype) | quant.PACKED
-            x = rng.standard_normal((9, 160)).astype(np.float32)
+            cols = packed_cols(qtype, 160)
+            qt = weight(qtype, 24, cols, rng)
+            packed, code = quant.repack(qt.data, int(qtype), cols), int(qtype) | quant.PACKED
+            x = rng.standard_normal((9, cols)).astype(np.float32)
             outs = []
             for isa in quant.available_isas():
                 quant.set_isa(isa)
-                outs.append(quant.matmul_q(x, packed, code, 160))
+                outs.append(quant.matmul_q(x, packed, code, cols))
             for o in outs[1:]:
                 np.testing.assert_array_equal(o, outs[0])
     finally:
@@ -685,12 +806,12 @@ def test_packing_is_refused_where_it_does_not_apply():
     rng = np.random.default_rng(25)
     with pytest.raises(ValueError, match="multiple of 8"):
         quant.repack(weight(Q.Q8_0, 12, 64, rng).data, int(Q.Q8_0), 64)
-    with pytest.raises(ValueError, match="no packed layout"):
-        quant.repack(weight(Q.Q6_K, 8, 256, rng).data, int(Q.Q6_K), 256)
+    with pytest.raises(ValueError, match="not a packed code"):
+        quant.repack(weight(Q.Q6_K, 8, 256, rng).data, int(Q.Q6_K) | quant.PACKED, 256)
     data = weight(Q.Q8_0, 16, 64, rng).data
     packed = quant.repack(data, int(Q.Q8_0), 64)
     x = np.zeros((1, 64), np.float32)
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match="take"):  # Q8_0's bytes read as packed Q6_K
         quant.matmul_q(x, data, int(Q.Q6_K) | quant.PACKED, 256)
     with pytest.raises(ValueError, match="take"):  # row-major blocks read as groups
         quant.matmul_q(x, data, int(Q.Q8_0) | quant.PACKED, 64)

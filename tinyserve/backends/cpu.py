@@ -57,7 +57,7 @@ def _pack(w, rows_per_piece: int = 4096):
     if not packable or isinstance(w, PackedQuant):
         return w
     rows, cols = w.shape
-    packed = np.empty((rows // 8, 8 * w.data.shape[1]), np.uint8)
+    packed = np.empty((rows // 8, _kernels.packed_bytes(int(w.qtype), cols)), np.uint8)
     for r0 in range(0, rows, rows_per_piece):
         piece = w.data[r0 : r0 + rows_per_piece]
         packed[r0 // 8 : (r0 + len(piece)) // 8] = _kernels.repack(piece, int(w.qtype), cols)
