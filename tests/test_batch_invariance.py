@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import HF_DIR, default_model_gguf, random_prompts
+from conftest import HF_DIR, catalog_model, default_model_gguf, random_prompts
 from gguf import GGMLQuantizationType as Q
 from gguf_util import write_gguf_from_hf_dir
 
@@ -162,3 +162,12 @@ def test_default_model_is_batch_invariant():
     ]
     prompts = short + [PROSE, CODE * 3, PROSE * 4, (PROSE + CODE) * 3]  # 16, up to ~600 tokens
     assert_invariant(default_model_gguf(), prompts, 48)
+
+
+@pytest.mark.real_model
+def test_gemma3_k_quants_are_batch_invariant():
+    """Gemma-3-270M Q4_K_M: its attention output and feed-forward down are Q4_K / Q6_K (the
+    packed K-quant kernels), the rest Q5_0 / Q8_0, its head a 262k-row Q8_0."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
+               "Water boils at", "1, 2, 3, 4,", "The weather today", PROSE, CODE * 3]  # fmt: skip
+    assert_invariant(catalog_model("gemma3-270m"), prompts, 24)
