@@ -15,8 +15,9 @@
  *   q     Q4_x/Q5_x: 4 x 32 bytes, word i of row r = bytes 4i..4i+3 of its 16 nibble bytes (low
  *         nibbles: values 4i..4i+3, high nibbles: values 16+4i..16+4i+3, as ggml packs them);
  *         Q8_0: 8 x 32 bytes, word c of row r = its int8 values 4c..4c+3.
- *   h     Q5_x: 8 x uint32, h[2i] bit 4r+j = the 5th bit of row r's value 4i+j, h[2i+1] of its
- *         value 16+4i+j: each expands to the 5th bits of one register of nibbles.
+ *   h     Q5_x: 32 bytes, a bit plane: bit 2i (2i + 1) of byte 4r + j = the 5th bit of row r's
+ *         value 4i + j (16 + 4i + j), i.e. of byte 4r + j of word i's low (high) nibbles, so one
+ *         shift and a mask put each word's 5th bits in place (ts_plane_bit).
  *   rec = 144 (Q4_0), 160 (Q4_1), 176 (Q5_0), 192 (Q5_1), 272 (Q8_0): the 8 original blocks'
  *   bytes.
  *
@@ -68,14 +69,13 @@ static void ts_repack(int qtype, const uint8_t *w, int64_t m, int64_t w_stride, 
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *p = packed + (g * nb + b) * rec;
             if (ts_is_k(qtype)) {
-                uint32_t hk[64];
-                memset(hk, 0, sizeof hk);
+                memset(p, 0, (size_t)rec); /* the bit planes are or-ed in */
                 for (int r = 0; r < TS_GROUP; r++)
-                    ts_repack_k_block(qtype, w + (g * TS_GROUP + r) * w_stride + b * ts, r, p, hk);
-                if (qtype == TS_Q5_K) memcpy(p + TS_PK5_H, hk, sizeof hk);
+                    ts_repack_k_block(qtype, w + (g * TS_GROUP + r) * w_stride + b * ts, r, p);
                 continue;
             }
-            uint32_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            uint8_t h[32];
+            memset(h, 0, sizeof h);
             for (int r = 0; r < TS_GROUP; r++) {
                 const uint8_t *blk = w + (g * TS_GROUP + r) * w_stride + b * ts;
                 memcpy(p + 2 * r, blk, 2); /* d */
@@ -87,8 +87,8 @@ static void ts_repack(int qtype, const uint8_t *w, int64_t m, int64_t w_stride, 
                 memcpy(&qh, blk + ts_block_qh(qtype), 4);
                 for (int i = 0; i < 4; i++)
                     for (int j = 0; j < 4; j++) {
-                        h[2 * i] |= ((qh >> (4 * i + j)) & 1u) << (4 * r + j);
-                        h[2 * i + 1] |= ((qh >> (16 + 4 * i + j)) & 1u) << (4 * r + j);
+                        h[4 * r + j] |= (uint8_t)(((qh >> (4 * i + j)) & 1u) << (2 * i));
+                        h[4 * r + j] |= (uint8_t)(((qh >> (16 + 4 * i + j)) & 1u) << (2 * i + 1));
                     }
             }
             if (five) memcpy(p + hoff, h, sizeof h);
@@ -111,12 +111,12 @@ static inline void ts_unpack_block(int qtype, const uint8_t *g, int64_t nb, int6
     uint8_t *qs = blk + ts_block_qs(qtype);
     for (int i = 0; i < words; i++) memcpy(qs + 4 * i, p + qoff + 32 * i + 4 * r, 4);
     if (ts_five(qtype)) {
-        uint32_t h[8], qh = 0;
-        memcpy(h, p + ts_packed_hoff(qtype), sizeof h);
+        const uint8_t *h = p + ts_packed_hoff(qtype);
+        uint32_t qh = 0;
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < 4; j++) {
-                qh |= ((h[2 * i] >> (4 * r + j)) & 1u) << (4 * i + j);
-                qh |= ((h[2 * i + 1] >> (4 * r + j)) & 1u) << (16 + 4 * i + j);
+                qh |= (uint32_t)((h[4 * r + j] >> (2 * i)) & 1u) << (4 * i + j);
+                qh |= (uint32_t)((h[4 * r + j] >> (2 * i + 1)) & 1u) << (16 + 4 * i + j);
             }
         memcpy(blk + ts_block_qh(qtype), &qh, 4);
     }
@@ -135,8 +135,7 @@ static inline void ts_group_scalar_q(const uint8_t *g, const XQ *xq, int64_t nb,
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *p = g + b * rec, *q = p + qoff;
-                uint32_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                if (five) memcpy(h, p + hoff, sizeof h);
+                const uint8_t *h = p + hoff;
                 const int8_t *x = xq[t].q + b * 32;
                 int32_t isum = 0;
                 if (q8) {
@@ -147,9 +146,9 @@ static inline void ts_group_scalar_q(const uint8_t *g, const XQ *xq, int64_t nb,
                     for (int i = 0; i < 4; i++)
                         for (int j = 0; j < 4; j++) {
                             const uint8_t v = q[32 * i + 4 * r + j];
-                            const int bit = 4 * r + j;
-                            const int lo = (v & 0x0F) | (int)((h[2 * i] >> bit) & 1u) << 4;
-                            const int hi = (v >> 4) | (int)((h[2 * i + 1] >> bit) & 1u) << 4;
+                            const int hb = five ? h[4 * r + j] : 0;
+                            const int lo = (v & 0x0F) | ((hb >> (2 * i)) & 1) << 4;
+                            const int hi = (v >> 4) | ((hb >> (2 * i + 1)) & 1) << 4;
                             isum += lo * x[4 * i + j] + hi * x[16 + 4 * i + j];
                         }
                     if (!has_min) isum -= (five ? 16 : 8) * xq[t].bs[b];

@@ -17,8 +17,9 @@
  *     q                 32 words x 32 bytes: word w = 8j + i holds bytes 32j + 4i .. + 3 of
  *                       each row's 128 nibble bytes (low nibbles: sub-block 2j, values
  *                       4i..4i+3; high nibbles: sub-block 2j + 1, the same values)   (160)
- *     h (Q5_K)          64 x uint32: h[2w] bit 4r + l = the 5th bit of value 4i + l of row r's
- *                       sub-block 2j, h[2w + 1] of its sub-block 2j + 1                (1184)
+ *     h (Q5_K)          8 bit planes of 32 bytes (quant_packed.h's Q5_0 plane): plane w / 4,
+ *                       bit 2 (w % 4) (+ 1) of byte 4r + l = the 5th bit of value 4i + l of row
+ *                       r's sub-block 2j (2j + 1)                                       (1184)
  *   Q6_K (rec 1680):
  *     d[8]              f16                                                    (0)
  *     sc[p][r][e]       int8 scale of 16-value sub-block 2p + e of row r       (16: 128 bytes)
@@ -65,7 +66,7 @@ static inline void ts_pack_scale_min_k4(const uint8_t *sc, const uint8_t *mn, ui
 }
 
 /* row r's super-block blk into its group's record p */
-static void ts_repack_k_block(int qtype, const uint8_t *blk, int r, uint8_t *p, uint32_t *h) {
+static void ts_repack_k_block(int qtype, const uint8_t *blk, int r, uint8_t *p) {
     if (qtype == TS_Q6_K) {
         memcpy(p + TS_PK_D + 2 * r, blk + 208, 2);
         for (int u = 0; u < 16; u++) p[ts_pk6_sc(u, r)] = blk[192 + u];
@@ -87,9 +88,11 @@ static void ts_repack_k_block(int qtype, const uint8_t *blk, int r, uint8_t *p, 
     if (!five) return;
     for (int w = 0; w < 32; w++) {
         const int j = w / 8, i = w % 8;
+        uint8_t *plane = p + TS_PK5_H + 32 * (w / 4);
+        const int k = 2 * (w % 4); /* the low nibbles' bit; the high nibbles' is k + 1 */
         for (int l = 0; l < 4; l++) {
-            h[2 * w] |= (uint32_t)((qh[4 * i + l] >> (2 * j)) & 1) << (4 * r + l);
-            h[2 * w + 1] |= (uint32_t)((qh[4 * i + l] >> (2 * j + 1)) & 1) << (4 * r + l);
+            plane[4 * r + l] |= (uint8_t)(((qh[4 * i + l] >> (2 * j)) & 1) << k);
+            plane[4 * r + l] |= (uint8_t)(((qh[4 * i + l] >> (2 * j + 1)) & 1) << (k + 1));
         }
     }
 }
@@ -115,14 +118,14 @@ static void ts_unpack_k_block(int qtype, const uint8_t *p, int r, uint8_t *blk) 
     uint8_t *qs = blk + (five ? 48 : 16), *qh = blk + 16;
     for (int w = 0; w < 32; w++) memcpy(qs + 4 * w, p + TS_PK45_Q + 32 * w + 4 * r, 4);
     if (!five) return;
-    uint32_t h[64];
-    memcpy(h, p + TS_PK5_H, sizeof h);
     memset(qh, 0, 32);
     for (int w = 0; w < 32; w++) {
         const int j = w / 8, i = w % 8;
+        const uint8_t *plane = p + TS_PK5_H + 32 * (w / 4);
+        const int k = 2 * (w % 4);
         for (int l = 0; l < 4; l++) {
-            qh[4 * i + l] |= (uint8_t)(((h[2 * w] >> (4 * r + l)) & 1) << (2 * j));
-            qh[4 * i + l] |= (uint8_t)(((h[2 * w + 1] >> (4 * r + l)) & 1) << (2 * j + 1));
+            qh[4 * i + l] |= (uint8_t)(((plane[4 * r + l] >> k) & 1) << (2 * j));
+            qh[4 * i + l] |= (uint8_t)(((plane[4 * r + l] >> (k + 1)) & 1) << (2 * j + 1));
         }
     }
 }
@@ -155,8 +158,6 @@ static void ts_group_k_scalar(const uint8_t *g, const XQ *xq, int64_t nb, int n_
                         }
                     }
                 } else {
-                    uint32_t hb[64];
-                    if (five) memcpy(hb, p + TS_PK5_H, sizeof hb);
                     for (int w = 0; w < 32; w++) {
                         const int j = w / 8, i = w % 8;
                         const int s_lo = p[TS_PK45_SC + 8 * (2 * j) + r];
@@ -166,8 +167,9 @@ static void ts_group_k_scalar(const uint8_t *g, const XQ *xq, int64_t nb, int n_
                         for (int l = 0; l < 4; l++) {
                             int lo = q[l] & 0x0F, hi = q[l] >> 4;
                             if (five) {
-                                lo |= (int)((hb[2 * w] >> (4 * r + l)) & 1) << 4;
-                                hi |= (int)((hb[2 * w + 1] >> (4 * r + l)) & 1) << 4;
+                                const int hb = p[TS_PK5_H + 32 * (w / 4) + 4 * r + l];
+                                lo |= ((hb >> (2 * (w % 4))) & 1) << 4;
+                                hi |= ((hb >> (2 * (w % 4) + 1)) & 1) << 4;
                             }
                             isum += s_lo * lo * xl[l] + s_hi * hi * xh[l];
                         }

@@ -5,9 +5,6 @@
  * 8 of 4-bit values, 4 of 5- or 6-bit ones, |x| <= 127) and widens them with madd against the
  * scale duplicated into both halves of each lane. No include guard on purpose. */
 
-/* activation rows per tile: VNNI's 32 registers hold 8 rows' sums, AVX2's 16 hold 4 */
-#define PK_NT (PACKED_VNNI ? 8 : 4)
-
 #if PACKED_VNNI
 typedef __m256i PSFX(ksum);  /* a sub-block's per-row dots: 8 x int32 */
 #define K_DOT(s, u, x) _mm256_dpbusd_epi32((s), (u), (x))
@@ -56,8 +53,10 @@ PSFX(group_tile_k45)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *
                     __m256i lo = _mm256_and_si256(raw, m4);
                     __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
                     if (five) {
-                        lo = _mm256_or_si256(lo, SFXP(bits32_x10)(p + TS_PK5_H + 8 * w));
-                        hi = _mm256_or_si256(hi, SFXP(bits32_x10)(p + TS_PK5_H + 8 * w + 4));
+                        const __m256i plane =
+                            _mm256_loadu_si256((const __m256i *)(p + TS_PK5_H + 32 * (w / 4)));
+                        lo = _mm256_or_si256(lo, PSFX(plane_bit)(plane, 2 * (w % 4)));
+                        hi = _mm256_or_si256(hi, PSFX(plane_bit)(plane, 2 * (w % 4) + 1));
                     }
                     for (int t = 0; t < NT; t++) {
                         const int8_t *x = xq[t].q + b * 256 + 64 * j + 4 * i;
@@ -180,30 +179,10 @@ PSFX(group_tile_q5_k)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float 
     PSFX(group_tile_k45)(g, xq, nb, NT, out, os, 1);
 }
 
-#if PACKED_VNNI
-#define K_WIDE_CASES(name)                                                                         \
-    case 8: PSFX(group_tile_##name)(g, x, nb, 8, o, os); break;                                  \
-    case 7: PSFX(group_tile_##name)(g, x, nb, 7, o, os); break;                                  \
-    case 6: PSFX(group_tile_##name)(g, x, nb, 6, o, os); break;                                  \
-    case 5: PSFX(group_tile_##name)(g, x, nb, 5, o, os); break;
-#else
-#define K_WIDE_CASES(name)
-#endif
 #define TS_GROUP_SIMD_K(name)                                                                      \
     static void PSFX(group_##name)(const uint8_t *g, const XQ *xq, int64_t nb, int n_x,          \
                                      float *out, int64_t os) {                                     \
-        for (int t0 = 0; t0 < n_x; t0 += PK_NT) {                                                  \
-            const int nt = n_x - t0 < PK_NT ? n_x - t0 : PK_NT;                                    \
-            const XQ *x = xq + t0;                                                                 \
-            float *o = out + t0 * os;                                                              \
-            switch (nt) {                                                                          \
-            K_WIDE_CASES(name)                                                                     \
-            case 4: PSFX(group_tile_##name)(g, x, nb, 4, o, os); break;                          \
-            case 3: PSFX(group_tile_##name)(g, x, nb, 3, o, os); break;                          \
-            case 2: PSFX(group_tile_##name)(g, x, nb, 2, o, os); break;                          \
-            default: PSFX(group_tile_##name)(g, x, nb, 1, o, os); break;                         \
-            }                                                                                      \
-        }                                                                                          \
+        PK_TILES(PSFX(group_tile_##name), )                                                        \
     }
 TS_GROUP_SIMD_K(q4_k)
 TS_GROUP_SIMD_K(q5_k)
@@ -211,5 +190,3 @@ TS_GROUP_SIMD_K(q6_k)
 #undef TS_GROUP_SIMD_K
 #undef K_DOT
 #undef K_SCALE
-#undef PK_NT
-#undef K_WIDE_CASES

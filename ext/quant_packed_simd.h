@@ -4,13 +4,24 @@
  * Before each inclusion: PSFX(name) (the ISA suffix), SFXP(name) (quant_simd.h's helpers of the
  * same ISA), PACKED_VNNI (0 or 1) and a `#pragma GCC target`. No include guard on purpose. */
 
+/* activation rows per tile: VNNI's 32 registers hold 8 rows' sums, AVX2's 16 hold 4 */
+#define PK_NT (PACKED_VNNI ? 8 : 4)
+
 static inline __m256i PSFX(bcast4)(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
 }
 
-/* NT (<= 4) activation rows against one group: the block's weights are decoded once into
+/* bit k of each byte of a bit plane moved to bit 4 (0x10: a 5th bit over a nibble), k a
+ * constant once inlined; 16-bit shifts by at most 4 move no bit of interest across a byte */
+static inline __attribute__((always_inline)) __m256i PSFX(plane_bit)(__m256i plane, int k) {
+    const __m256i at = k < 4 ? _mm256_slli_epi16(plane, 4 - k)
+                             : k > 4 ? _mm256_srli_epi16(plane, k - 4) : plane;
+    return _mm256_and_si256(at, _mm256_set1_epi8(0x10));
+}
+
+/* NT (<= PK_NT) activation rows against one group: the block's weights are decoded once into
  * registers and met by every row's activations */
 static inline __attribute__((always_inline)) void
 PSFX(group_tile)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *out, int64_t os,
@@ -19,11 +30,11 @@ PSFX(group_tile)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *out,
     const int five = ts_five(qtype), qoff = ts_packed_qoff(qtype), hoff = ts_packed_hoff(qtype);
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     (void)ones;
-    __m256 acc[4];
+    __m256 acc[PK_NT];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = g + b * rec, *q = p + qoff;
-        __m256i s[4];
+        __m256i s[PK_NT];
         if (q8) {
             for (int t = 0; t < NT; t++) s[t] = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
@@ -38,17 +49,19 @@ PSFX(group_tile)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *out,
             /* AVX2: 8 maddubs of 4-bit weights (<= 15) and |x| <= 127 stay below 2^15 in int16,
              * 4 of 5-bit ones (<= 31): the int16 sums widen to int32 every 4 (or 2) words */
 #if !PACKED_VNNI
-            __m256i s16[4];
+            __m256i s16[PK_NT];
             for (int t = 0; t < NT; t++) s16[t] = _mm256_setzero_si256();
 #endif
             for (int t = 0; t < NT; t++) s[t] = _mm256_setzero_si256();
+            const __m256i plane =
+                five ? _mm256_loadu_si256((const __m256i *)(p + hoff)) : _mm256_setzero_si256();
             for (int i = 0; i < 4; i++) {
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
                 __m256i lo = _mm256_and_si256(raw, m4);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
                 if (five) {
-                    lo = _mm256_or_si256(lo, SFXP(bits32_x10)(p + hoff + 8 * i));
-                    hi = _mm256_or_si256(hi, SFXP(bits32_x10)(p + hoff + 8 * i + 4));
+                    lo = _mm256_or_si256(lo, PSFX(plane_bit)(plane, 2 * i));
+                    hi = _mm256_or_si256(hi, PSFX(plane_bit)(plane, 2 * i + 1));
                 }
                 for (int t = 0; t < NT; t++) {
                     const int8_t *x = xq[t].q + b * 32;
@@ -84,18 +97,34 @@ PSFX(group_tile)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *out,
     for (int t = 0; t < NT; t++) _mm256_storeu_ps(out + t * os, acc[t]);
 }
 
-#define TS_GROUP_SIMD(name, qt)                                                                    \
-    static void PSFX(group_##name)(const uint8_t *g, const XQ *xq, int64_t nb, int n_x,        \
-                                       float *out, int64_t os) {                                   \
-        for (int t0 = 0; t0 < n_x; t0 += 4) {                                                      \
-            const int nt = n_x - t0 < 4 ? n_x - t0 : 4;                                            \
-            switch (nt) {                                                                          \
-            case 4: PSFX(group_tile)(g, xq + t0, nb, 4, out + t0 * os, os, qt); break;           \
-            case 3: PSFX(group_tile)(g, xq + t0, nb, 3, out + t0 * os, os, qt); break;           \
-            case 2: PSFX(group_tile)(g, xq + t0, nb, 2, out + t0 * os, os, qt); break;           \
-            default: PSFX(group_tile)(g, xq + t0, nb, 1, out + t0 * os, os, qt); break;          \
-            }                                                                                      \
+/* n_x activation rows in tiles of PK_NT, each tile's NT a constant of its own instance */
+#if PACKED_VNNI
+#define PK_WIDE_CASES(tile, ...)                                                                   \
+    case 8: tile(g, x, nb, 8, o, os __VA_ARGS__); break;                                           \
+    case 7: tile(g, x, nb, 7, o, os __VA_ARGS__); break;                                           \
+    case 6: tile(g, x, nb, 6, o, os __VA_ARGS__); break;                                           \
+    case 5: tile(g, x, nb, 5, o, os __VA_ARGS__); break;
+#else
+#define PK_WIDE_CASES(tile, ...)
+#endif
+#define PK_TILES(tile, ...)                                                                        \
+    for (int t0 = 0; t0 < n_x; t0 += PK_NT) {                                                      \
+        const int nt = n_x - t0 < PK_NT ? n_x - t0 : PK_NT;                                        \
+        const XQ *x = xq + t0;                                                                     \
+        float *o = out + t0 * os;                                                                  \
+        switch (nt) {                                                                              \
+            PK_WIDE_CASES(tile, __VA_ARGS__)                                                       \
+        case 4: tile(g, x, nb, 4, o, os __VA_ARGS__); break;                                       \
+        case 3: tile(g, x, nb, 3, o, os __VA_ARGS__); break;                                       \
+        case 2: tile(g, x, nb, 2, o, os __VA_ARGS__); break;                                       \
+        default: tile(g, x, nb, 1, o, os __VA_ARGS__); break;                                      \
         }                                                                                          \
+    }
+
+#define TS_GROUP_SIMD(name, qt)                                                                    \
+    static void PSFX(group_##name)(const uint8_t *g, const XQ *xq, int64_t nb, int n_x,          \
+                                     float *out, int64_t os) {                                     \
+        PK_TILES(PSFX(group_tile), , qt)                                                           \
     }
 TS_GROUP_SIMD(q4_0, TS_Q4_0)
 TS_GROUP_SIMD(q4_1, TS_Q4_1)
@@ -106,3 +135,6 @@ TS_GROUP_SIMD(q8_0, TS_Q8_0)
 
 
 #include "quant_packed_k_simd.h" /* Q4_K, Q5_K, Q6_K */
+#undef PK_TILES
+#undef PK_WIDE_CASES
+#undef PK_NT
