@@ -203,6 +203,73 @@ def test_a_refused_token_is_an_error_under_python_O_too():
     assert "GrammarError" in run.stderr and "refused token" in run.stderr, run.stderr[-2000:]
 
 
+# -- paths that skip the mask, and the printed text ----------------------------------------------
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu", "torch"])
+def test_a_constrained_request_takes_no_path_that_skips_its_mask(make_llm, backend):
+    """Greedy, n=1, no logprobs, speculation on, a prompt that repeats itself, its blocks cached,
+    the torch backend sampling on its device: what sends an unconstrained request down the
+    argmax-only, on-device sampling and speculative paths, none of which applies a mask. A
+    constrained request, alone or forked, takes none of them: the greedy tokens (ids 5..9) are
+    outside the grammar, so a skipped mask would show as a GrammarError or as text the regex
+    refuses."""
+    kw = {}
+    if backend == "torch":
+        pytest.importorskip("torch")
+        kw["backend_options"] = {"device_sampling": True}
+    llm = make_llm(backend=backend, speculative_config=NGRAM, block_size=4, **kw)
+    loop = [5, 6, 7, 8, 9] * 6
+    regex = "[a-c]{12}"
+    so = StructuredOutputsParams(regex=regex)
+    params = [
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0, structured_outputs=so),
+        SamplingParams(max_tokens=12, n=3, seed=1, structured_outputs=so),
+    ]
+    for _ in range(2):  # the second time, the prompt's blocks come from the prefix cache
+        outs = llm.generate([loop] * 3, params)
+        assert outs[0].metrics.n_draft_tokens > 0, "the proposer never proposed"
+        for out in outs[1:]:
+            assert out.metrics.n_draft_tokens == 0
+            assert all(re.fullmatch(regex, o.text) for o in out.outputs), texts([out])
+    assert all(o.metrics.n_prefilled_tokens < len(loop) for o in outs)
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """The tiny llama_mqa checkpoint (vocab 400) with the 400-piece llama-style tokenizer.model:
+    a vocab whose decode strips the leading space (sentencepiece's dummy prefix)."""
+    import shutil
+
+    from conftest import HF_DIR
+
+    d = tmp_path_factory.mktemp("spm_model")
+    for f in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(HF_DIR / "llama_mqa" / f, d / f)
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(HF_DIR.parent / "tokenizer" / "spm_llama" / f, d / f)
+    return d
+
+
+def test_a_choice_keeps_its_leading_space_on_an_spm_vocab(make_llm, spm_model):
+    """The grammar matched " cache" ("▁cache"); decode() strips the first space of a decode, so
+    the output once printed "cache", not one of the choices."""
+    llm = make_llm(spm_model)
+    choices = (" the", " cache")
+    params = [
+        sampled(StructuredOutputsParams(choice=choices), s, temperature=1.0) for s in range(4)
+    ]
+    outs = llm.generate(["hello"] * 4, params)
+    assert set(texts(outs)) <= set(choices)
+    streamed = "".join(d.text for d in llm.stream("hello", params[0]))
+    assert streamed == outs[0].outputs[0].text
+    free = llm.generate("hello", SamplingParams(max_tokens=8, temperature=0))[0].outputs[0]
+    assert free.text == llm.tokenizer.decode(free.token_ids, skip_special_tokens=True)
+
+
 # -- the real default model -------------------------------------------------------------------
 
 REAL_SCHEMAS = {

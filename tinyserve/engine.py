@@ -192,7 +192,11 @@ class Engine:
     def _detokenizer(self, params: SamplingParams):
         if self.tokenizer is None:
             return None
-        return IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        # a constrained output's text is the bytes its grammar matched, a leading space too
+        constrained = params.structured_outputs is not None
+        return IncrementalDetokenizer(
+            self.tokenizer, params.skip_special_tokens, keep_leading_space=constrained
+        )
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free all its KV blocks."""
@@ -356,6 +360,7 @@ class Engine:
         """Sample the proposals' rows in order, as plain decoding would, while each sampled
         token is the proposal the model saw next; then roll back what the model saw beyond.
         rows: Samples the device took, or logits rows; finite: whether each row's logits are."""
+        assert seq.matcher is None, "a constrained sequence never speculates: rows skip the mask"
         draft, seq.draft = seq.draft, []
         req = self.requests[seq.request_id]
         m = req.metrics
