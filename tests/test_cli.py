@@ -110,3 +110,18 @@ def test_generate_takes_a_structured_output_constraint(capsys, tmp_path):
     )
     assert main([*base, "--regex", "a", "--choice", "a"]) == 1
     assert "exactly one" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_generate_chat_choice_on_the_default_model(capsys):
+    """Issue 14's command, byte for byte on stdout: greedy, then sampled with a few seeds."""
+    pytest.importorskip("llguidance")
+    from conftest import default_model_gguf
+
+    base = ["generate", "--chat", "Is Mars red?", "--choice", "yes", "--choice", "no"]
+    base += ["--model", str(default_model_gguf())]
+    got = []
+    for extra in ([], *(["--temperature", "1", "--seed", str(s)] for s in range(4))):
+        assert main([*base, *extra]) == 0
+        got.append(capsys.readouterr().out)
+    assert set(got) <= {"yes\n", "no\n"}, got
