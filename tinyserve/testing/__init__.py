@@ -17,7 +17,8 @@ float32, Q8_0 and Q4_K (`<family>_q8_0`, `<family>_q4_k`).
 
 Layout: tolerances.py (by dtype), checkpoints.py (the tiny random checkpoints), quantize.py (Q4_K
 blocks), checks.py (the check_* functions), routing.py (pinning a router's choices),
-conformance.py (the pytest face).
+conformance.py (the pytest face); accuracy.py (an engine's next-token distributions against the
+reference's on real text: KL, top-1, perplexity; tests/test_int8_accuracy.py uses it).
 """
 
 from .checkpoints import ARCHITECTURES, tiny_checkpoint
