@@ -1,77 +1,74 @@
-"""The int8 path's accuracy on real weights and real text, measured against the float reference.
+"""The int8 path's accuracy on real weights and real text, beside llama.cpp's on the same tokens.
 
 The cpu backend quantizes every activation row to 8 bits (and runs every row count through that
 one path: batch invariance). Against the NumPy backend on the same GGUF (weights dequantized to
-float32, float activations) over >= 400 positions of English prose, the mean KL divergence of the
-next-token distributions must be no worse than llama.cpp's on this model (issue 17, measured with
-llama.cpp's own int8 path on another text: KL 3.28e-3, top-1 0.963), and perplexity within 2% of
+float32, float activations), over the >= 400 positions of prose in
+fixtures/int8_accuracy_text.txt, the mean KL divergence of the next-token distributions must be
+no greater than llama.cpp's and top-1 agreement no lower (issue 17), and perplexity within 2% of
 the float reference's.
 
-Both figures move with the text far more than with the kernels (on this model: top-1 0.92 to 0.98
-and KL 2.5e-3 to 2.5e-2 over four texts), and a 425-position top-1 has a standard error of ~0.01:
-the row kernels and the packed ones, the same int8 rounding summed in another float order, give
-top-1 0.972 and 0.955 here. So top-1 is held to 0.95, not to llama.cpp's figure on its own text.
+llama.cpp is a peer, never a dependency: scripts/accuracy_vs_llamacpp.py ran it (in its own venv)
+on these exact token ids, scored it with the same tinyserve.testing.accuracy sums, and recorded
+its figures in fixtures/llamacpp_accuracy.json with sha256 of the ids and of the GGUF. A changed
+tokenizer, text or model file fails here until the script is rerun, rather than comparing
+figures over different tokens: both figures move with the text far more than with the kernels.
+
+Each figure is also noisy within one text: every layer re-quantizes its activations, so any change
+in float summation order (packed or row kernels, f16 or f32 KV cache, flash attention or not in
+llama.cpp) flips a few roundings that then spread, a fresh draw of the int8 noise; the positions
+where the argmax moves are near-ties. The script prints each gap beside its paired noise (the
+README's accuracy section has the spread); the bar here is still llama.cpp's figure itself.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import json
+from pathlib import Path
+
 import pytest
-from conftest import default_model_gguf
+from conftest import catalog_model
 
 from tinyserve import LLM
+from tinyserve.testing.accuracy import compare, file_digest, ids_digest
 
-LLAMA_CPP_KL = 3.28e-3
-
-TEXT = (
-    "The history of the bicycle begins in the early nineteenth century, when inventors in Europe "
-    "tried to build a machine that a person could ride without a horse. The first designs had no "
-    "pedals at all: the rider sat on a wooden frame between two wheels and pushed against the "
-    "ground with both feet. These running machines were popular for a few years, but they were "
-    "heavy, and the roads of the time were rough, so most people soon gave them up. Decades later, "
-    "a blacksmith or a carriage maker, depending on which story one believes, attached cranks and "
-    "pedals to the front wheel. Riders could now move their feet in circles instead of pushing, and "
-    "the machine could go faster than a person could run. To go even faster, makers built larger "
-    "and larger front wheels, because each turn of the pedals turned the wheel once. The result "
-    "was the high wheeler, a tall and elegant machine that was also very dangerous: a rider who hit "
-    "a stone could be thrown over the handlebars and land on his head. The safety bicycle solved "
-    "this problem. It had two wheels of the same size and a chain that connected the pedals to the "
-    "rear wheel, so that a small wheel could still turn quickly. Air-filled tyres, invented a few "
-    "years later, made the ride smooth and comfortable. Within a decade, millions of people in "
-    "cities and villages were riding bicycles to work, to school and to visit their friends. Women "
-    "in particular found a new freedom on two wheels, and the clothes they wore began to change so "
-    "that they could ride more easily. Today the bicycle is one of the most efficient machines ever "
-    "made: a rider uses less energy to travel a kilometre than a person walking, and far less than "
-    "any car. Many cities are building new lanes and parking places for bicycles, and engineers are "
-    "still finding ways to make them lighter, stronger and easier to ride up hills. In some "
-    "countries more trips are made by bicycle than by car, and children learn to ride almost as "
-    "soon as they learn to walk. A good bicycle, looked after with care, can last for a lifetime."
-)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+FIXTURES = Path(__file__).parent / "fixtures"
+TEXT = (FIXTURES / "int8_accuracy_text.txt").read_text(encoding="utf-8").removesuffix("\n")
+PEER = FIXTURES / "llamacpp_accuracy.json"
+RERUN = "rerun `python scripts/accuracy_vs_llamacpp.py --write-fixture` to measure llama.cpp again"
 
 
 @pytest.mark.real_model
-def test_int8_path_is_as_accurate_as_llama_cpp():
-    path = default_model_gguf()
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_int8_path_is_as_accurate_as_llama_cpp(name):
+    peer = json.loads(PEER.read_text())["models"][name]
+    path = catalog_model(name)
+    assert file_digest(path) == peer["gguf_sha256"], (
+        f"{path.name} is not the GGUF llama.cpp was measured on ({peer['gguf']}): {RERUN}"
+    )
     ref = LLM(str(path), backend="numpy", enable_prefix_caching=False)
     ids = ref.tokenizer.encode(TEXT)
-    assert len(ids) > 400
-    want = _log_softmax(ref.logits(ids))  # (T, V) float reference
-    got = _log_softmax(LLM(str(path), backend="cpu", enable_prefix_caching=False).logits(ids))
-    kl = (np.exp(want) * (want - got)).sum(axis=-1)  # KL(reference || int8) per position
-    top1 = (want.argmax(axis=-1) == got.argmax(axis=-1)).mean()
-    nxt = np.asarray(ids[1:])
-    ppl = {name: float(np.exp(-lp[np.arange(len(nxt)), nxt].mean()))
-           for name, lp in (("float", want[:-1]), ("int8", got[:-1]))}  # fmt: skip
-    print(
-        f"{len(ids)} positions: mean KL {kl.mean():.3e}, top-1 {top1:.3f}, "
-        f"perplexity float {ppl['float']:.3f} int8 {ppl['int8']:.3f}"
+    assert len(ids) >= 400
+    assert ids_digest(ids) == peer["ids_sha256"], (
+        f"the text tokenizes to other ids than llama.cpp was measured on: {RERUN}"
     )
-    assert kl.mean() <= LLAMA_CPP_KL
-    assert top1 >= 0.95
-    assert ppl["int8"] <= ppl["float"] * 1.02
+    ref_logits = ref.logits(ids)  # (T, V) float reference
+    del ref
+    int8 = LLM(str(path), backend="cpu", enable_prefix_caching=False)
+    acc = compare(ref_logits, int8.logits(ids), ids)
+    print(
+        f"\n{name}, {acc.positions} positions: mean KL tinyserve {acc.kl:.3e} llama.cpp "
+        f"{peer['kl']:.3e}; top-1 {acc.top1:.4f} / {peer['top1']:.4f}; perplexity float "
+        f"{acc.reference_perplexity:.3f}, tinyserve {acc.perplexity:.3f}, llama.cpp "
+        f"{peer['perplexity']:.3f} ({peer['peer']}, {peer['machine_isa']})"
+    )
+    # every failed condition in one message: KL and top-1 often move apart
+    failed = []
+    if acc.kl > peer["kl"]:
+        failed.append(f"mean KL {acc.kl:.3e} > llama.cpp's {peer['kl']:.3e}")
+    if acc.top1 < peer["top1"]:
+        failed.append(f"top-1 {acc.top1:.4f} < llama.cpp's {peer['top1']:.4f}")
+    if acc.perplexity > acc.reference_perplexity * 1.02:
+        failed.append(
+            f"perplexity {acc.perplexity:.3f} > 1.02 x float's {acc.reference_perplexity:.3f}"
+        )
+    assert not failed, f"{name}: " + "; ".join(failed)
