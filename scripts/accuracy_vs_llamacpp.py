@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 from tinyserve import LLM, catalog
 from tinyserve.backends import native
-from tinyserve.testing.accuracy import Accuracy, compare, file_digest, ids_digest
+from tinyserve.testing.accuracy import Accuracy, compare, file_digest, ids_digest, paired_gap
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = REPO / "tests" / "fixtures" / "int8_accuracy_text.txt"
@@ -156,14 +156,12 @@ def report(m: dict) -> str:
     # paired over the same positions, so that the gap reads against its own noise: a per-position
     # standard error for KL, and the positions only one engine gets wrong for top-1
     ours, theirs = results["tinyserve"], results["llama.cpp"]
-    only_ours = len(np.setdiff1d(ours.disagree, theirs.disagree))
-    only_theirs = len(np.setdiff1d(theirs.disagree, ours.disagree))
-    diff = ours.kls - theirs.kls  # (T,)
+    gap = paired_gap(ours.kls, ours.disagree, theirs.kls, theirs.disagree)
     lines.append(
-        f"tinyserve - llama.cpp: mean KL {diff.mean():+.2e} (paired s.e. "
-        f"{diff.std(ddof=1) / np.sqrt(len(diff)):.1e}), top-1 {ours.top1 - theirs.top1:+.4f} "
-        f"(argmax off the reference's at {only_ours} positions where llama.cpp's is not, "
-        f"{only_theirs} the other way)"
+        f"tinyserve - llama.cpp: mean KL {gap.kl:+.2e} (paired s.e. {gap.kl_se:.1e}), top-1 "
+        f"{gap.top1:+.4f} (s.e. {gap.top1_se:.4f}; argmax off the reference's at "
+        f"{gap.only_first_off} positions where llama.cpp's is not, {gap.only_second_off} the "
+        f"other way); no worse beyond 2 s.e.: {gap.no_worse()}"
     )
     return "\n".join(lines)
 
@@ -184,6 +182,9 @@ def fixture_entry(m: dict, text_file: Path) -> dict:
         "top1": acc.top1,
         "perplexity": acc.perplexity,
         "reference_perplexity": acc.reference_perplexity,
+        # per position, for the test's paired comparison
+        "kls": [float(f"{v:.6g}") for v in acc.kls],
+        "disagree": [int(t) for t in acc.disagree],
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinyserve.testing.accuracy import CHUNK_ROWS, compare, ids_digest
+from tinyserve.testing.accuracy import CHUNK_ROWS, compare, ids_digest, paired_gap
 
 
 def test_compare_matches_the_formulas_over_several_chunks():
@@ -43,3 +43,19 @@ def test_ids_digest_tells_token_lists_apart():
     assert ids_digest([1, 2, 3]) == ids_digest(np.array([1, 2, 3], dtype=np.int64))
     assert ids_digest([1, 2, 3]) != ids_digest([1, 2, 4])
     assert ids_digest([1, 2, 3]) != ids_digest([1, 2])
+
+
+def test_paired_gap_reads_a_difference_against_its_own_noise():
+    rng = np.random.default_rng(1)
+    T = 400
+    theirs = rng.exponential(3e-3, T)
+    same_noise = theirs + rng.normal(0, 1e-3, T)  # no real difference
+    gap = paired_gap(same_noise, [3, 7, 11], theirs, [3, 7, 12, 20])
+    np.testing.assert_allclose(gap.kl, (same_noise - theirs).mean())
+    np.testing.assert_allclose(gap.kl_se, (same_noise - theirs).std(ddof=1) / np.sqrt(T))
+    assert (gap.only_first_off, gap.only_second_off) == (1, 2)
+    np.testing.assert_allclose(gap.top1, 1 / T)
+    assert gap.no_worse()
+    worse = paired_gap(theirs * 1.5, list(range(40)), theirs, list(range(10)))
+    assert worse.kl > 2 * worse.kl_se and worse.top1 < -2 * worse.top1_se
+    assert not worse.no_worse()

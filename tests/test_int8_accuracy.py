@@ -16,8 +16,11 @@ figures over different tokens: both figures move with the text far more than wit
 Each figure is also noisy within one text: every layer re-quantizes its activations, so any change
 in float summation order (packed or row kernels, f16 or f32 KV cache, flash attention or not in
 llama.cpp) flips a few roundings that then spread, a fresh draw of the int8 noise; the positions
-where the argmax moves are near-ties. The script prints each gap beside its paired noise (the
-README's accuracy section has the spread); the bar here is still llama.cpp's figure itself.
+where the argmax moves are near-ties (the README's accuracy section has the spread). So "no
+worse" is judged as a paired comparison over the same positions: the fixture keeps llama.cpp's
+per-position KL and the positions where its argmax is off the reference's, and tinyserve's mean
+KL may exceed llama.cpp's, and its top-1 fall below, by at most two paired standard errors of
+that difference (tinyserve.testing.accuracy.paired_gap). The point figures are printed beside.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pytest
 from conftest import catalog_model
 
 from tinyserve import LLM
-from tinyserve.testing.accuracy import compare, file_digest, ids_digest
+from tinyserve.testing.accuracy import compare, file_digest, ids_digest, paired_gap
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEXT = (FIXTURES / "int8_accuracy_text.txt").read_text(encoding="utf-8").removesuffix("\n")
@@ -61,12 +64,18 @@ def test_int8_path_is_as_accurate_as_llama_cpp(name):
         f"{acc.reference_perplexity:.3f}, tinyserve {acc.perplexity:.3f}, llama.cpp "
         f"{peer['perplexity']:.3f} ({peer['peer']}, {peer['machine_isa']})"
     )
+    gap = paired_gap(acc.kls, acc.disagree, peer["kls"], peer["disagree"])
+    print(
+        f"paired gap: KL {gap.kl:+.2e} (s.e. {gap.kl_se:.1e}), top-1 {gap.top1:+.4f} (s.e. "
+        f"{gap.top1_se:.4f}; {gap.only_first_off} positions off only here, "
+        f"{gap.only_second_off} only in llama.cpp)"
+    )
     # every failed condition in one message: KL and top-1 often move apart
     failed = []
-    if acc.kl > peer["kl"]:
-        failed.append(f"mean KL {acc.kl:.3e} > llama.cpp's {peer['kl']:.3e}")
-    if acc.top1 < peer["top1"]:
-        failed.append(f"top-1 {acc.top1:.4f} < llama.cpp's {peer['top1']:.4f}")
+    if gap.kl > 2 * gap.kl_se:
+        failed.append(f"mean KL {acc.kl:.3e} > llama.cpp's {peer['kl']:.3e} by > 2 s.e.")
+    if gap.top1 < -2 * gap.top1_se:
+        failed.append(f"top-1 {acc.top1:.4f} < llama.cpp's {peer['top1']:.4f} by > 2 s.e.")
     if acc.perplexity > acc.reference_perplexity * 1.02:
         failed.append(
             f"perplexity {acc.perplexity:.3f} > 1.02 x float's {acc.reference_perplexity:.3f}"

@@ -72,6 +72,45 @@ def compare(ref_logits: np.ndarray, logits: np.ndarray, ids) -> Accuracy:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """One engine minus another over the same positions, each gap with its paired standard
+    error: the per-position KL differences, and the top-1 hits (+1 where only the first engine's
+    argmax is the reference's, -1 where only the second's is)."""
+
+    kl: float
+    kl_se: float
+    top1: float
+    top1_se: float
+    only_first_off: int  # positions where only the first engine's argmax is off the reference's
+    only_second_off: int
+
+    def no_worse(self, z: float = 2.0) -> bool:
+        """The first engine is no worse than the second beyond z paired standard errors."""
+        return self.kl <= z * self.kl_se and self.top1 >= -z * self.top1_se
+
+
+def paired_gap(kls, disagree, other_kls, other_disagree) -> Gap:
+    """Gap of engine 1 (per-position KLs, disagreeing positions) over engine 2 on one text."""
+    kls, other_kls = np.asarray(kls, np.float64), np.asarray(other_kls, np.float64)
+    if kls.shape != other_kls.shape:
+        raise ValueError(f"positions differ: {kls.shape} and {other_kls.shape}")
+    T = len(kls)
+    hits = np.ones(T)
+    hits[np.asarray(disagree, dtype=np.int64)] = 0
+    other_hits = np.ones(T)
+    other_hits[np.asarray(other_disagree, dtype=np.int64)] = 0
+    d_kl, d_top1 = kls - other_kls, hits - other_hits
+    return Gap(
+        kl=float(d_kl.mean()),
+        kl_se=float(d_kl.std(ddof=1) / np.sqrt(T)),
+        top1=float(d_top1.mean()),
+        top1_se=float(d_top1.std(ddof=1) / np.sqrt(T)),
+        only_first_off=int((d_top1 < 0).sum()),
+        only_second_off=int((d_top1 > 0).sum()),
+    )
+
+
 def ids_digest(ids) -> str:
     """sha256 of the token ids as little-endian int32: which tokens a recorded figure was over."""
     return hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest()
