@@ -26,7 +26,8 @@ static inline __m256i PSFX(k_scales_i8)(const uint8_t *p) {
     return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
 }
 
-/* Q4_K / Q5_K: NT (<= PK_NT) activation rows against one group */
+/* Q4_K / Q5_K: NT (<= PK_NT) activation rows against one group. One sub-block at a time (its
+ * low or high nibbles: a word is loaded twice), so only NT sums are live beside the totals. */
 static inline __attribute__((always_inline)) void
 PSFX(group_tile_k45)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *out, int64_t os,
                      int five) {
@@ -38,55 +39,47 @@ PSFX(group_tile_k45)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = g + b * rec;
-        __m256i isum[PK_NT], imin[PK_NT];
-        for (int t = 0; t < NT; t++) isum[t] = imin[t] = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            const __m256i sc_lo = PSFX(k_scales_u8)(p + TS_PK45_SC + 8 * (2 * j));
-            const __m256i sc_hi = PSFX(k_scales_u8)(p + TS_PK45_SC + 8 * (2 * j + 1));
+        __m256i isum[PK_NT];
+        for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
+        for (int sb = 0; sb < 8; sb++) { /* sub-block sb: word 8j + i's low (high) nibbles */
+            const int j = sb / 2, high = sb % 2;
+            const __m256i sc = PSFX(k_scales_u8)(p + TS_PK45_SC + 8 * sb);
             for (int i0 = 0; i0 < 8; i0 += flush) {
-                PSFX(ksum) s_lo[PK_NT], s_hi[PK_NT];
-                for (int t = 0; t < NT; t++) s_lo[t] = s_hi[t] = _mm256_setzero_si256();
+                PSFX(ksum) sum[PK_NT];
+                for (int t = 0; t < NT; t++) sum[t] = _mm256_setzero_si256();
                 for (int i = i0; i < i0 + flush; i++) {
                     const int w = 8 * j + i;
                     const __m256i raw =
                         _mm256_loadu_si256((const __m256i *)(p + TS_PK45_Q + 32 * w));
-                    __m256i lo = _mm256_and_si256(raw, m4);
-                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                    __m256i v = _mm256_and_si256(high ? _mm256_srli_epi16(raw, 4) : raw, m4);
                     if (five) {
                         const __m256i plane =
                             _mm256_loadu_si256((const __m256i *)(p + TS_PK5_H + 32 * (w / 4)));
-                        lo = _mm256_or_si256(lo, PSFX(plane_bit)(plane, 2 * (w % 4)));
-                        hi = _mm256_or_si256(hi, PSFX(plane_bit)(plane, 2 * (w % 4) + 1));
+                        v = _mm256_or_si256(v, PSFX(plane_bit)(plane, 2 * (w % 4) + high));
                     }
                     for (int t = 0; t < NT; t++) {
-                        const int8_t *x = xq[t].q + b * 256 + 64 * j + 4 * i;
-                        s_lo[t] = K_DOT(s_lo[t], lo, PSFX(bcast4)(x));
-                        s_hi[t] = K_DOT(s_hi[t], hi, PSFX(bcast4)(x + 32));
+                        const int8_t *x = xq[t].q + b * 256 + 32 * sb + 4 * i;
+                        sum[t] = K_DOT(sum[t], v, PSFX(bcast4)(x));
                     }
                 }
-                for (int t = 0; t < NT; t++) {
-                    isum[t] = K_SCALE(isum[t], s_lo[t], sc_lo);
-                    isum[t] = K_SCALE(isum[t], s_hi[t], sc_hi);
-                }
-            }
-        }
-        /* mins: lane r = min(2p) * bs(2p) + min(2p + 1) * bs(2p + 1) per pair p */
-        for (int q = 0; q < 4; q++) {
-            const __m256i mn = _mm256_cvtepu8_epi16(
-                _mm_loadu_si128((const __m128i *)(p + TS_PK45_MN + 16 * q)));
-            for (int t = 0; t < NT; t++) {
-                const int16_t *bs = xq[t].bs + b * 8 + 2 * q;
-                const int32_t pair = (int32_t)((uint32_t)(uint16_t)bs[0] |
-                                               (uint32_t)(uint16_t)bs[1] << 16);
-                imin[t] = _mm256_add_epi32(imin[t], _mm256_madd_epi16(mn, _mm256_set1_epi32(pair)));
+                for (int t = 0; t < NT; t++) isum[t] = K_SCALE(isum[t], sum[t], sc);
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + TS_PK_D)));
         const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + TS_PK_DMIN)));
         for (int t = 0; t < NT; t++) {
+            /* mins: lane r = sum over pairs q of min(2q) * bs(2q) + min(2q + 1) * bs(2q + 1) */
+            __m256i imin = _mm256_setzero_si256();
+            for (int q = 0; q < 4; q++) {
+                const __m256i mn = _mm256_cvtepu8_epi16(
+                    _mm_loadu_si128((const __m128i *)(p + TS_PK45_MN + 16 * q)));
+                int32_t pair;
+                memcpy(&pair, xq[t].bs + b * 8 + 2 * q, 4);
+                imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mn, _mm256_set1_epi32(pair)));
+            }
             const __m256 dx = _mm256_set1_ps(xq[t].d[b]);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(dw, dx), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[t]), _mm256_mul_ps(mw, dx), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(mw, dx), acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) _mm256_storeu_ps(out + t * os, acc[t]);
@@ -96,7 +89,8 @@ PSFX(group_tile_k45)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *
  * the offset comes off per sub-block as 32 * scale * sum(x) (XQ.b16), exact in integers:
  * sum sc (q - 32) x = sum sc q x - 32 sum sc b16. The top 2 bits of a value sit at bits 2a, 2a + 1
  * (low nibbles) and 2a + 4, 2a + 5 (high nibbles) of its qh byte: one shift and a 0x30 mask each
- * put them above the nibble. */
+ * put them above the nibble. Both nibbles of a word at once (two sub-blocks' sums live): the
+ * word and its top bits are loaded once, which decode (one activation row) needs most. */
 static inline __attribute__((always_inline)) void
 PSFX(group_tile_q6_k)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float *out,
                       int64_t os) {
@@ -107,18 +101,8 @@ PSFX(group_tile_q6_k)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float 
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = g + b * TS_PK_REC_Q6_K;
-        __m256i isum[PK_NT], off[PK_NT];
-        for (int t = 0; t < NT; t++) isum[t] = off[t] = _mm256_setzero_si256();
-        /* the offsets: lane r = sc(2p) * b16(2p) + sc(2p + 1) * b16(2p + 1) per pair p */
-        for (int q = 0; q < 8; q++) {
-            const __m256i sc = _mm256_cvtepi8_epi16(
-                _mm_loadu_si128((const __m128i *)(p + TS_PK6_SC + 16 * q)));
-            for (int t = 0; t < NT; t++) {
-                int32_t pair;
-                memcpy(&pair, xq[t].b16 + b * 16 + 2 * q, 4);
-                off[t] = _mm256_add_epi32(off[t], _mm256_madd_epi16(sc, _mm256_set1_epi32(pair)));
-            }
-        }
+        __m256i isum[PK_NT];
+        for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++)
             for (int a = 0; a < 2; a++) {
                 /* scales of sub-blocks 8h + 2a + e (low nibbles) and 8h + 2a + 4 + e (high) */
@@ -162,7 +146,16 @@ PSFX(group_tile_q6_k)(const uint8_t *g, const XQ *xq, int64_t nb, int NT, float 
             }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + TS_PK_D)));
         for (int t = 0; t < NT; t++) {
-            const __m256i exact = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(off[t], 5));
+            /* the offsets: lane r = sum over pairs q of sc(2q) b16(2q) + sc(2q + 1) b16(2q + 1) */
+            __m256i off = _mm256_setzero_si256();
+            for (int q = 0; q < 8; q++) {
+                const __m256i sc = _mm256_cvtepi8_epi16(
+                    _mm_loadu_si128((const __m128i *)(p + TS_PK6_SC + 16 * q)));
+                int32_t pair;
+                memcpy(&pair, xq[t].b16 + b * 16 + 2 * q, 4);
+                off = _mm256_add_epi32(off, _mm256_madd_epi16(sc, _mm256_set1_epi32(pair)));
+            }
+            const __m256i exact = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(off, 5));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact),
                                      _mm256_mul_ps(dw, _mm256_set1_ps(xq[t].d[b])), acc[t]);
         }

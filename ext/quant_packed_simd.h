@@ -13,12 +13,19 @@ static inline __m256i PSFX(bcast4)(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-/* bit k of each byte of a bit plane moved to bit 4 (0x10: a 5th bit over a nibble), k a
- * constant once inlined; 16-bit shifts by at most 4 move no bit of interest across a byte */
+/* bit k (0..7) of each byte of a bit plane moved to bit 4 (0x10: a 5th bit over a nibble).
+ * A constant k (the unrolled loops): one immediate shift, by at most 4, moves no bit of
+ * interest across a byte. Otherwise, no branch: a 16-bit shift right by k leaves each byte's
+ * bit k at its bit 0 (what crosses over from the byte above lands higher and is masked off). */
 static inline __attribute__((always_inline)) __m256i PSFX(plane_bit)(__m256i plane, int k) {
-    const __m256i at = k < 4 ? _mm256_slli_epi16(plane, 4 - k)
-                             : k > 4 ? _mm256_srli_epi16(plane, k - 4) : plane;
-    return _mm256_and_si256(at, _mm256_set1_epi8(0x10));
+    if (__builtin_constant_p(k)) {
+        const __m256i at = k < 4 ? _mm256_slli_epi16(plane, 4 - k)
+                                 : k > 4 ? _mm256_srli_epi16(plane, k - 4) : plane;
+        return _mm256_and_si256(at, _mm256_set1_epi8(0x10));
+    }
+    const __m256i bit0 = _mm256_and_si256(_mm256_srl_epi16(plane, _mm_cvtsi32_si128(k)),
+                                          _mm256_set1_epi8(1));
+    return _mm256_slli_epi16(bit0, 4);
 }
 
 /* NT (<= PK_NT) activation rows against one group: the block's weights are decoded once into
