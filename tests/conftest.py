@@ -31,6 +31,22 @@ def assert_chi_square_fits(counts: np.ndarray, probs: np.ndarray, min_df: int = 
     assert chi2 < limit, f"chi2 {chi2:.1f} over {df} dof (limit {limit:.1f})"
 
 
+def mapped_bytes(arr: np.ndarray) -> int | None:
+    """Bytes of the pages under arr that are mapped in this process (the present bit of
+    /proc/self/pagemap), None where the kernel has no pagemap."""
+    import mmap
+
+    first = arr.ctypes.data // mmap.PAGESIZE
+    last = -(-(arr.ctypes.data + arr.nbytes) // mmap.PAGESIZE)
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            pagemap.seek(first * 8)
+            entries = np.frombuffer(pagemap.read((last - first) * 8), np.uint64)
+    except OSError:
+        return None
+    return int((entries >> np.uint64(63)).sum()) * mmap.PAGESIZE
+
+
 def random_prompts(
     n: int, rng: np.random.Generator, low: int = 3, high: int = 60, vocab: int = 384
 ):

@@ -296,6 +296,27 @@ def test_quant_tensors_are_memory_mapped(tmp_path):
         assert isinstance(base, np.memmap), "tensor data was copied out of the file"
 
 
+def test_loading_leaves_the_blocks_unmapped(tmp_path):
+    """The scale check reads every block, so every page of a tensor: the loader drops them
+    again (a later read maps them back from the file), or the whole file would stay resident
+    until the backend had copied what it packs."""
+    import mmap
+
+    from conftest import mapped_bytes
+
+    w = gguf.GGUFWriter(tmp_path / "big.gguf", "llama")
+    x = np.random.default_rng(5).standard_normal((256, 4096)).astype(np.float32)
+    w.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(x, Q.Q8_0), raw_dtype=Q.Q8_0)
+    _write(w)
+    t = read_gguf(tmp_path / "big.gguf").tensors["model.layers.0.mlp.up_proj.weight"]
+    if mapped_bytes(t.data) is None:
+        pytest.skip("no /proc/self/pagemap")
+    assert mapped_bytes(t.data) <= 2 * mmap.PAGESIZE  # at most the pages it shares at its ends
+    np.testing.assert_array_equal(t.dequantize(), gguf.quants.dequantize(t.data, Q.Q8_0))
+    # reading through the mapping maps its pages back: the check above can tell
+    assert mapped_bytes(t.data) >= t.data.nbytes - 2 * mmap.PAGESIZE
+
+
 def test_header_matches_gguf_reader(tmp_path):
     """Our header parser vs gguf-py's GGUFReader on the same file: same values, same bytes."""
     path, _ = _tiny_model(tmp_path, "qwen2", np.random.default_rng(8))  # qwen2: stored as is

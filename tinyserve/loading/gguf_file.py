@@ -218,6 +218,10 @@ def read_gguf(path: str | Path) -> GGUFModelFile:
             )
         tensor = _tensor(mm, shape, qtype, start, nbytes)
         check_finite(tensor, f"{path}: tensor {name}")
+        # the scales sit in every block, so the check faulted in every page of the tensor: drop
+        # them until the model reads it (a backend often copies it instead: packing, upload), or
+        # the whole file would stay resident through the rest of the load
+        _drop_pages(mm, start, start + nbytes)
         tensors[hf_name] = tensor
         gguf_names[hf_name] = name
     if family is not None:
