@@ -383,6 +383,55 @@ def test_packed_weights_leave_their_file_pages_readable(tmp_path):
     np.testing.assert_array_equal(heap, data)
 
 
+def test_file_rows_read_a_mapped_matrix_without_mapping_it(tmp_path):
+    """FileRows gives the rows of a file-mapped matrix byte for byte, at any mapping offset, and
+    leaves their pages unmapped (reading through the mapping maps them: the check can tell);
+    an array that is not a read-only file mapping gets no reader."""
+    import mmap
+
+    from conftest import mapped_bytes
+
+    from tinyserve.backends.memory import FileRows, release_file_pages
+
+    data = np.random.default_rng(1).integers(0, 256, 64 * mmap.PAGESIZE, dtype=np.uint8)
+    data.tofile(tmp_path / "rows.bin")
+    ids = np.array([3, 0, 511, 3, 200])
+    for offset in (0, 5000):
+        mapped = np.memmap(tmp_path / "rows.bin", dtype=np.uint8, mode="r", offset=offset)
+        rows = mapped[100 : 100 + 512 * 500].view(np.ndarray).reshape(512, 500)[:, :340]
+        release_file_pages(rows)
+        got = FileRows.of(rows).take(ids)
+        want = data[offset + 100 :][: 512 * 500].reshape(512, 500)[ids, :340]
+        np.testing.assert_array_equal(got, want)
+        if mapped_bytes(rows) is not None:
+            assert mapped_bytes(rows) == 0
+            np.asarray(rows[ids]).sum()
+            assert mapped_bytes(rows) > 0
+    with pytest.raises(ValueError, match="out of range"):
+        FileRows.of(rows).take([512])
+    writable = np.memmap(tmp_path / "rows.bin", dtype=np.uint8, mode="r+")
+    assert FileRows.of(data.reshape(-1, 64)) is None
+    assert FileRows.of(writable.reshape(-1, 64)) is None
+
+
+def test_native_stack_reads_embedding_rows_from_the_file(tmp_path, monkeypatch):
+    """The native stack takes a file-mapped embedding's rows through memory.FileRows (which maps
+    nothing: the test above), every token's row once; the logits are held to transformers' by
+    the tests above. Whether the mapping's pages stay unmapped is not asserted here: reading a
+    neighbouring tensor in place maps the page-cache folio around it, whose size the kernel picks."""
+    from tinyserve.backends.memory import FileRows
+
+    taken = []
+    take = FileRows.take
+    monkeypatch.setattr(
+        FileRows, "take", lambda self, ids: taken.append(list(ids)) or take(self, ids)
+    )
+    llm = LLM(str(_q8_gguf("smollm2", tmp_path)), backend="cpu", enable_prefix_caching=False)
+    prompt = list(range(0, 384, 3))
+    out = greedy(llm, [prompt], 3)[0]
+    assert taken == [prompt, out[:1], out[1:2]]
+
+
 def test_pack_weights_off_reads_the_file_blocks_in_place(tmp_path):
     """pack_weights=False: no packed copies, the row kernels on the file's blocks; the logits
     agree with the packed kernels' to float rounding (the same int8 products, summed apart)."""

@@ -18,7 +18,7 @@ from ..models.spec import GQA, MLA, Decoder, DecoderLayer, GatedMLP, MoE, Rope
 from ..step import StepMeta
 from . import native
 from .lowering import NotLowerable
-from .memory import trim_heap
+from .memory import FileRows, trim_heap
 
 # Tokens per pass through the stack: bounds a prefill's activations (a few MB at 256 rows of a
 # small model) while leaving the matmuls rows enough for BLAS.
@@ -79,6 +79,9 @@ class CpuDecoder:
         )
         head = spec.lm_head
         self.argmax_head = native.is_quant(head) and native.quant_supports(head.qtype)
+        # the embedding's rows read from its file where it is one (memory.FileRows): lookups
+        # through the mapping would fault most of it back in beside its packed copy
+        self.embed_rows = FileRows.of(spec.embed.data) if native.is_quant(spec.embed) else None
         self.n_steps = 0
         # built at the first forward, after loading the checkpoint and building the tokenizer
         # freed far more heap than they kept: hand it back before the weights' pages come in
@@ -186,7 +189,7 @@ class CpuDecoder:
         # result is the same, and only the logits rows of each chunk are kept.
         for c0 in range(0, n, LAYERS_CHUNK):
             c1 = min(c0 + LAYERS_CHUNK, n)
-            x = np.ascontiguousarray(ops.embedding(b.token_ids[c0:c1], spec.embed), np.float32)
+            x = self._embed(b.token_ids[c0:c1])  # (C, D)
             if spec.embed_scale != 1.0:
                 x *= np.float32(spec.embed_scale)  # (C, D)
             args = (
@@ -213,6 +216,16 @@ class CpuDecoder:
         if len(hidden) > 1:  # back in logits_rows' order
             x = x[np.argsort(np.concatenate(order), kind="stable")]  # (R, D)
         return ops.rms_norm(x, spec.norm, spec.norm_eps)
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """(C,) -> (C, D) float32 embedding rows."""
+        embed = self.spec.embed
+        if self.embed_rows is None:
+            return np.ascontiguousarray(self.ops.embedding(ids, embed), np.float32)
+        blocks = self.embed_rows.take(ids)  # (C, bytes per row): row j is token ids[j]'s
+        return native.kernels.dequantize_rows(
+            blocks, int(embed.qtype), embed.shape[1], np.arange(len(blocks))
+        )
 
     def _moe_ffn(self, x: np.ndarray, layer: DecoderLayer) -> None:
         """x (C, D) += the layer's routed (and shared) experts, in place."""

@@ -1,10 +1,13 @@
 """The cpu backend's memory handling: KV pools that become resident only where written, handing
-freed heap back to the OS after steps that freed a lot, and file pages already copied out (a
-packed weight's blocks) dropped from resident memory."""
+freed heap back to the OS after steps that freed a lot, file pages already copied out (a packed
+weight's blocks) dropped from resident memory, and rows of such a matrix read from the file
+without mapping its pages back in."""
 
 from __future__ import annotations
 
 import mmap
+import os
+import weakref
 
 import numpy as np
 
@@ -66,3 +69,52 @@ def release_file_pages(arr: np.ndarray) -> None:
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
         raw.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+class FileRows:
+    """Rows of a read-only file-mapped (R, B) uint8 array read with pread, not through the mapping.
+
+    A fault on a mapped file maps the whole page-cache folio around the address, often far more
+    than a page: embedding lookups of random tokens through the mapping bring back most of a large
+    matrix whose pages packing dropped (its packed copy is what the head reads). pread copies just
+    the row's bytes from the page cache, and nothing stays mapped. The file is opened once, here:
+    the mapping was made moments before, while loading, so it is the same file."""
+
+    def __init__(self, fd: int, offset: int, stride: int, shape: tuple[int, int]):
+        self.fd, self.offset, self.stride = fd, offset, stride
+        self.n_rows, self.row_bytes = shape
+        weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def of(cls, arr: np.ndarray) -> FileRows | None:
+        """A reader for arr's rows when arr is a read-only view of a file mapping (np.memmap mode
+        "r") with its rows' bytes contiguous, else None."""
+        root, raw = arr, _mapping(arr)
+        while isinstance(root, np.ndarray) and not isinstance(root, np.memmap):
+            root = root.base
+        name = getattr(root, "filename", None)
+        if raw is None or name is None or arr.flags.writeable or arr.ndim != 2:
+            return None
+        if arr.strides[1] != 1 or arr.strides[0] < arr.shape[1]:
+            return None
+        # np.memmap maps from its offset rounded down to the allocation granularity
+        start = root.offset - root.offset % mmap.ALLOCATIONGRANULARITY
+        offset = start + arr.ctypes.data - np.frombuffer(raw, np.uint8).ctypes.data
+        fd = os.open(name, os.O_RDONLY)
+        end = offset + (arr.shape[0] - 1) * arr.strides[0] + arr.shape[1]
+        if os.fstat(fd).st_size < end:
+            os.close(fd)
+            return None
+        return cls(fd, offset, arr.strides[0], arr.shape)
+
+    def take(self, ids) -> np.ndarray:
+        """(N,) row ids -> (N, B) uint8: the rows' bytes, read from the file."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.n_rows):
+            bad = ids[(ids < 0) | (ids >= self.n_rows)][0]
+            raise ValueError(f"row id {bad} out of range for {self.n_rows} rows")
+        out = np.empty((len(ids), self.row_bytes), np.uint8)
+        for row, i in zip(out, ids.tolist()):
+            if os.preadv(self.fd, [row], self.offset + i * self.stride) != self.row_bytes:
+                raise OSError(f"short read of row {i}: the weights file changed under the model")
+        return out
