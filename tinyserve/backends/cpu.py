@@ -25,7 +25,7 @@ from ..step import StepMeta, as_step
 from . import native
 from .base import Backend, finite_rows
 from .cpu_decoder import CpuDecoder
-from .memory import lazy_zeros, release_file_pages
+from .memory import lazy_zeros, release_file_pages, trim_heap
 from .numpy_ops import NumpyOps
 
 _kernels = native.kernels
@@ -205,6 +205,9 @@ class CpuBackend(Backend):
         self._blas_rows = blas_min_rows() if exact_prefill else 0
         self._blas_limits = _pin_blas(self.num_threads)
         self.ops = CpuOps(pack=pack_weights)
+        # a backend is made after the checkpoint's metadata is parsed and the tokenizer built,
+        # which free far more heap than they keep: hand it back before packing copies weights in
+        trim_heap()
         self._step_threads = _StepThreads(self.num_threads, adapt=adapt_threads)
         # (L, P, NB, BS, ...) buffers behind allocate_kv's views, one per model it served (a
         # speculative draft model has its own)

@@ -83,8 +83,8 @@ class CpuDecoder:
         # through the mapping would fault most of it back in beside its packed copy
         self.embed_rows = FileRows.of(spec.embed.data) if native.is_quant(spec.embed) else None
         self.n_steps = 0
-        # built at the first forward, after loading the checkpoint and building the tokenizer
-        # freed far more heap than they kept: hand it back before the weights' pages come in
+        # built at the first forward, after building the model freed heap it no longer needs
+        # (packing's pieces, loading's copies): hand it back before the KV pages come in
         trim_heap()
 
     # -- building the stack ---------------------------------------------------------------------
