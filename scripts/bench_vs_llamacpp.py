@@ -13,7 +13,9 @@ every repeat, so drift and noise hit both); every figure is the median over the 
 - peak RSS: each measurement is its own child process, read back with os.wait4; the largest over
   a model's runs. A child's ru_maxrss also counts the parent's RSS at spawn, so the parent here
   stays plain Python (no NumPy, no model): the models are resolved and the bandwidth measured in
-  a child too.
+  a child too. tinyserve's KV cache is sized to the request (P + max_tokens, in whole blocks), as
+  llama-bench sizes its context to the test, and its prompt ids come from the stdlib's random
+  (numpy.random would be harness weight: the library's greedy path never imports it).
 - quiet: the share of the machine's CPU other processes took during each run (/proc/stat less
   the child's own rusage); a pair with a noisy run is run again (twice at most), then flagged.
   llama.cpp's spinning thread pool slows many times over when a core is shared, so a busy
@@ -111,21 +113,27 @@ def read_bandwidth(threads: int, size_mb: int = 512) -> float:
 
 def tinyserve_child(a) -> dict:
     """One measurement: prefill (TTFT of max_tokens=1) or decode (TPOT) at prompt length P."""
-    import numpy as np
+    import random
 
     from tinyserve import LLM, SamplingParams
 
     P, n_out = a.prompt_len, a.output_len
+    max_tokens = 1 if a.kind == "prefill" else n_out + 1
+    block = 16  # LLM's default block_size
     llm = LLM(
         a.model,
         backend="cpu",
         backend_options={"num_threads": a.threads},
-        kv_cache_tokens=P + n_out + 64,  # sized to the test, as llama-bench sizes its context
+        # the KV cache holds the request, in whole blocks, as llama-bench's context holds its test
+        # (n_ctx = P, or P + N with -d): the library's default sizes it for many requests
+        kv_cache_tokens=-(-(P + max_tokens) // block) * block,
+        block_size=block,
         enable_prefix_caching=False,
     )
-    rng = np.random.default_rng([P, a.repeat])
-    warm_ids, ids = rng.integers(0, llm.config.vocab_size, size=(2, P)).tolist()
-    max_tokens = 1 if a.kind == "prefill" else n_out + 1
+    # the ids from the stdlib's generator: numpy.random (and the OpenSSL it loads) would add
+    # megabytes of harness to this child's RSS that the library's greedy path never imports
+    rng = random.Random(f"{P}/{a.repeat}")
+    warm_ids, ids = ([rng.randrange(llm.config.vocab_size) for _ in range(P)] for _ in range(2))
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     llm.generate([warm_ids], greedy)  # warm-up of the same shape (other ids: no cache hit)
     m = llm.generate([ids], greedy)[0].metrics
