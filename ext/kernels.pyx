@@ -602,7 +602,7 @@ def filtered_probs(logits, p):
 # -- quantized matmuls over ggml blocks (ext/quant.h) ------------------------------------------
 
 cdef extern from "quant.h" nogil:
-    int TS_ISA_SCALAR, TS_ISA_AVX2, TS_ISA_VNNI
+    int TS_ISA_SCALAR, TS_ISA_AVX2, TS_ISA_VNNI, TS_ISA_BF16
     int ts_block_size(int qtype)
     int ts_type_size(int qtype)
     int ts_best_isa()
@@ -615,12 +615,12 @@ cdef extern from "quant.h" nogil:
     int ts_matmul_q_argmax(const float *x, int64_t n, int64_t k, int64_t x_stride,
                            const uint8_t *w, int64_t m, int64_t w_stride, int qtype, int64_t *ids,
                            int nthreads, int isa)
-    void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                                const uint16_t *w, int64_t m, int64_t w_stride, float *out,
-                                int nthreads, int isa)
-    void ts_matmul_wf_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                              const void *w, int f32, int64_t m, int64_t w_stride, float *out,
-                              int nthreads, int isa)
+    int ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                               const uint16_t *w, int64_t m, int64_t w_stride, float *out,
+                               int nthreads, int isa)
+    int ts_matmul_wf_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                             const void *w, int f32, int64_t m, int64_t w_stride, float *out,
+                             int nthreads, int isa)
     void ts_dequantize_rows(const uint8_t *w, int64_t w_stride, int qtype, int64_t cols,
                             const int64_t *ids, int64_t n, float *out, int nthreads)
     int ts_set_sgemm(void *fn, int ilp64, int64_t min_n, void *local_threads)

@@ -6,14 +6,17 @@
  * float step; the 32-value block sums serve the K-quant mins.
  *
  * Three implementations of one contract, picked at run time (ts_best_isa): portable scalar C,
- * AVX2 (maddubs/madd) and AVX-512 VNNI (dpbusd); the SIMD twins live in quant_simd.h.
+ * AVX2 (maddubs/madd) and AVX-512 VNNI (dpbusd); the SIMD twins live in quant_simd.h. A fourth
+ * level, bf16 (AVX-512 BF16 on top of VNNI), runs VNNI's kernels for everything but bf16-weight
+ * matmuls, which it computes against bf16-rounded activations with vdpbf16ps (quant_bf16.h).
  * Block layouts: ggml-common.h (block_q4_0 ... block_q6_K); values follow ggml's
  * dequantize_row_* in ggml-quants.c (and tinyserve/loading/gguf_file.py, the NumPy twin).
  *
  * C API (ext/quant.pxi wraps it and ext/kernels.pyx's decoder stack calls it directly, one
  * translation unit): ts_matmul_q, ts_matmul_q_strided, ts_matmul_bf16,
- * ts_matmul_bf16_strided, ts_matmul_wf_strided (bf16 or float32 weights), ts_dequantize_rows, ts_best_isa, ts_block_size, ts_type_size and the
- * TS_ISA_* values (0 scalar, 1 avx2, 2 vnni: the index of kernels.get_isa() in available_isas()).
+ * ts_matmul_bf16_strided, ts_matmul_wf_strided (bf16 or float32 weights), ts_dequantize_rows,
+ * ts_best_isa, ts_block_size, ts_type_size and the TS_ISA_* values (0 scalar, 1 avx2, 2 vnni,
+ * 3 bf16: the index of kernels.get_isa() in available_isas()).
  */
 #ifndef TINYSERVE_QUANT_H
 #define TINYSERVE_QUANT_H
@@ -44,7 +47,10 @@ enum {
     TS_Q5_K = 13,
     TS_Q6_K = 14
 };
-enum { TS_ISA_SCALAR = 0, TS_ISA_AVX2 = 1, TS_ISA_VNNI = 2 };
+enum { TS_ISA_SCALAR = 0, TS_ISA_AVX2 = 1, TS_ISA_VNNI = 2, TS_ISA_BF16 = 3 };
+/* The bf16 level differs from VNNI only in bf16-weight matmuls: the integer kernels (and the
+ * packed ones, which know three levels) are VNNI's there. */
+static inline int ts_int8_isa(int isa) { return isa == TS_ISA_BF16 ? TS_ISA_VNNI : isa; }
 
 /* one activation row quantized: q (K,) int8; d (K/qk,) f32 scales, qk = 32 (legacy types) or
  * 256 (K-quants); per 32 values: bs = sum(q) and s = d * bs; K-quants also per 16 values:
@@ -140,6 +146,18 @@ static inline void ts_scale_min_k4(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
 #undef DOT_US
 #undef ACC16
 #pragma GCC pop_options
+
+/* avx512bf16 as a target: GCC 10 on */
+#if __GNUC__ >= 10
+#define TS_BF16DP 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")
+#include "quant_bf16.h"
+#pragma GCC pop_options
+#endif
+#endif
+#ifndef TS_BF16DP
+#define TS_BF16DP 0
 #endif
 
 /* the best implementation this CPU runs */
@@ -147,8 +165,12 @@ static inline int ts_best_isa(void) {
 #if TS_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw"))
+        __builtin_cpu_supports("avx512bw")) {
+#if TS_BF16DP
+        if (__builtin_cpu_supports("avx512bf16")) return TS_ISA_BF16;
+#endif
         return TS_ISA_VNNI;
+    }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c"))
         return TS_ISA_AVX2;
@@ -158,12 +180,13 @@ static inline int ts_best_isa(void) {
 
 typedef void (*quant_fn)(const float *x, int64_t k, int qk, int8_t *q, float *d, float *s,
                          int16_t *bs, int16_t *b16);
-/* one float weight row (bf16 bits or float32) . n_x activation rows */
-typedef void (*wf_fn)(const void *w, const float *x, int64_t xs, int64_t k, int n_x, float *out,
+/* one float weight row (bf16 bits or float32) . n_x activation rows (float32; bf16 bits for the
+ * bf16 level's bf16 weights), row t at x + t * xs elements */
+typedef void (*wf_fn)(const void *w, const void *x, int64_t xs, int64_t k, int n_x, float *out,
                       int64_t os);
 
 /* the row kernels of one implementation: quantized rows of qtype, activation quantizer, and the
- * bf16 and f32 float-weight rows */
+ * bf16 and f32 float-weight rows on f32 activations (the bf16 level: VNNI's) */
 static void ts_pick(int isa, int qtype, row_fn *row, quant_fn *quant, wf_fn *bf16, wf_fn *f32) {
     *row = ts_row_fn_scalar(qtype);
     *quant = ts_quantize_row_scalar;
@@ -175,7 +198,7 @@ static void ts_pick(int isa, int qtype, row_fn *row, quant_fn *quant, wf_fn *bf1
         *quant = quantize_row_avx2;
         *bf16 = row_bf16_avx2;
         *f32 = row_f32_avx2;
-    } else if (isa == TS_ISA_VNNI) {
+    } else if (isa == TS_ISA_VNNI || isa == TS_ISA_BF16) {
         *row = row_fn_for_vnni(qtype);
         *quant = quantize_row_vnni;
         *bf16 = row_bf16_vnni;
@@ -453,6 +476,7 @@ static inline int ts_matmul_q_run(const float *x, int64_t n, int64_t k, int64_t 
                                   const uint8_t *const *w, const int64_t *m,
                                   const int64_t *w_stride, const int *qtype, float *const *out,
                                   float *best_v, int64_t *best_i, int nthreads, int isa) {
+    isa = ts_int8_isa(isa);
     if (!best_v && ts_sgemm_ptr && ts_blas_min_n > 0 && n >= ts_blas_min_n) {
         for (int j = 0; j < nw; j++)
             if (ts_matmul_q_blas(x, n, k, x_stride, w[j], m[j], w_stride[j], qtype[j], out[j],
@@ -550,8 +574,8 @@ static inline int ts_matmul_q_strided(const float *x, int64_t n, int64_t k, int6
 }
 
 typedef struct {
-    const float *x;
-    int64_t x_stride, k, n;
+    const char *x;
+    int64_t x_stride, x_row_bytes, k, n; /* x row i at x + i * x_row_bytes, x_stride elements */
     const char *w;
     int64_t m, w_stride; /* bytes between weight rows */
     float *out;
@@ -568,35 +592,64 @@ static void ts_wf_task(void *ctx, int64_t task) {
     for (int64_t t0 = i0; t0 < i1; t0 += j->tile_rows) {
         const int n_x = (int)(i1 - t0 < j->tile_rows ? i1 - t0 : j->tile_rows);
         for (int64_t r = r0; r < r1; r++)
-            j->row(j->w + r * j->w_stride, j->x + t0 * j->x_stride, j->x_stride, j->k, n_x,
+            j->row(j->w + r * j->w_stride, j->x + t0 * j->x_row_bytes, j->x_stride, j->k, n_x,
                    j->out + t0 * m + r, m);
     }
 }
 
+#if TS_BF16DP
+/* the bf16 level's activations: rows of x (f32, row stride xs) rounded into rows of kp bf16 */
+typedef struct {
+    const float *x;
+    int64_t xs, k, kp;
+    uint16_t *xb;
+} ts_round_job;
+
+static void ts_round_task(void *ctx, int64_t i) {
+    const ts_round_job *j = (const ts_round_job *)ctx;
+    ts_round_bf16_row(j->x + i * j->xs, j->k, j->xb + i * j->kp);
+}
+#endif
+
 /* out (n, m) = x (n, k) @ w.T for float weights: w (m, k) bf16 bits (f32 = 0) or float32
  * (f32 = 1), row r at w + r * w_stride bytes; x row i at x + i * x_stride. Each output is one
  * fixed-order sum whatever n, the tile or the thread count (unlike BLAS, whose rows change with
- * the row count: sgemv at one row, sgemm kernels by panel). */
-static inline void ts_matmul_wf_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                                        const void *w, int f32, int64_t m, int64_t w_stride,
-                                        float *out, int nthreads, int isa) {
+ * the row count: sgemv at one row, sgemm kernels by panel). On the bf16 level bf16 weights meet
+ * x rounded to bf16 (quant_bf16.h); every other case multiplies in f32. 0, or -1: out of memory */
+static inline int ts_matmul_wf_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                                       const void *w, int f32, int64_t m, int64_t w_stride,
+                                       float *out, int nthreads, int isa) {
     row_fn unused_row;
     quant_fn unused_quant;
     wf_fn bf16, wf32;
     ts_pick(isa, TS_Q8_0, &unused_row, &unused_quant, &bf16, &wf32);
-    ts_wf_job job = {x, x_stride, k, n, (const char *)w, m, w_stride, out, f32 ? wf32 : bf16,
-                     ts_rows_per_task(m, nthreads), (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK,
-                     isa == TS_ISA_VNNI ? 8 : 4};
+    ts_wf_job job = {(const char *)x, x_stride, 4 * x_stride, k, n, (const char *)w, m, w_stride,
+                     out, f32 ? wf32 : bf16, ts_rows_per_task(m, nthreads),
+                     (n + TS_X_PER_TASK - 1) / TS_X_PER_TASK, isa >= TS_ISA_VNNI ? 8 : 4};
+#if TS_BF16DP
+    if (!f32 && isa == TS_ISA_BF16) { /* each activation row rounded once, into scratch */
+        const int64_t kp = (k + 31) & ~(int64_t)31;
+        uint16_t *xb = (uint16_t *)ts_scratch(0, (size_t)(n * kp) * sizeof(uint16_t));
+        if (!xb) return -1;
+        ts_round_job rj = {x, x_stride, k, kp, xb};
+        ts_parallel_for(n * k >= 32768 ? nthreads : 1, n, ts_round_task, &rj);
+        job.x = (const char *)xb;
+        job.x_stride = kp;
+        job.x_row_bytes = 2 * kp;
+        job.row = ts_row_bf16dp;
+    }
+#endif
     const int64_t n_rc = (m + job.rc - 1) / job.rc;
     ts_parallel_for(m * k * 2 * n >= (1 << 16) ? nthreads : 1, n_rc * job.n_nc, ts_wf_task, &job);
+    return 0;
 }
 
 /* out (n, m) = x (n, k) @ bf16(w).T; w (m, k) uint16 bf16 bits; x row i at x + i * x_stride,
- * w row r at w + r * w_stride (in elements) */
-static inline void ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
-                                          const uint16_t *w, int64_t m, int64_t w_stride,
-                                          float *out, int nthreads, int isa) {
-    ts_matmul_wf_strided(x, n, k, x_stride, w, 0, m, 2 * w_stride, out, nthreads, isa);
+ * w row r at w + r * w_stride (in elements). 0, or -1: out of memory */
+static inline int ts_matmul_bf16_strided(const float *x, int64_t n, int64_t k, int64_t x_stride,
+                                         const uint16_t *w, int64_t m, int64_t w_stride,
+                                         float *out, int nthreads, int isa) {
+    return ts_matmul_wf_strided(x, n, k, x_stride, w, 0, m, 2 * w_stride, out, nthreads, isa);
 }
 
 /* the same two with C-contiguous x (n, k): the C API ext/kernels.pyx calls */
@@ -605,9 +658,9 @@ static inline int ts_matmul_q(const float *x, int64_t n, int64_t k, const uint8_
     return ts_matmul_q_strided(x, n, k, k, w, m, w_stride, qtype, out, nthreads, isa);
 }
 
-static inline void ts_matmul_bf16(const float *x, int64_t n, int64_t k, const uint16_t *w,
-                                  int64_t m, int64_t w_stride, float *out, int nthreads, int isa) {
-    ts_matmul_bf16_strided(x, n, k, k, w, m, w_stride, out, nthreads, isa);
+static inline int ts_matmul_bf16(const float *x, int64_t n, int64_t k, const uint16_t *w,
+                                 int64_t m, int64_t w_stride, float *out, int nthreads, int isa) {
+    return ts_matmul_bf16_strided(x, n, k, k, w, m, w_stride, out, nthreads, isa);
 }
 
 /* out (n, cols) = rows ids of w dequantized; ids already checked against the row count */

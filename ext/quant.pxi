@@ -12,24 +12,27 @@
 #
 # The work is in ext/quant.h (driver, C API) with quant_scalar.h (portable C) and quant_simd.h
 # (+ quant_simd_wide.h, quant_simd_k.h): portable C, AVX2 and AVX-512 VNNI twins picked at run
-# time (get_isa / set_isa; TINYSERVE_QUANT_ISA through tinyserve.settings), the kernel thread pool (ext/pool.h) over chunks of output rows, each
-# weight row read once for a tile of 4 (AVX2) or 8 (VNNI) activation rows. The wrappers here only
-# check arguments (ValueError) and release the GIL.
+# time (get_isa / set_isa; TINYSERVE_QUANT_ISA through tinyserve.settings), the kernel thread
+# pool (ext/pool.h) over chunks of output rows, each weight row read once for a tile of 4 (AVX2)
+# or 8 (VNNI) activation rows. The level above VNNI, bf16 (AVX-512 BF16), runs VNNI's kernels
+# except for bf16 weights, which meet bf16-rounded activations in vdpbf16ps (ext/quant_bf16.h):
+# levels may differ in their results, a level never does from one call to the next. The wrappers
+# here only check arguments (ValueError) and release the GIL.
 
 # gguf.GGMLQuantizationType value -> name, for the types these kernels run
 QTYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 SUPPORTED_QTYPES = tuple(QTYPES)
-_ISA_NAMES = ("scalar", "avx2", "vnni")
+_ISA_NAMES = ("scalar", "avx2", "vnni", "bf16")
 
 cdef int _best_isa = ts_best_isa()
 cdef int _isa = _best_isa
 def available_isas() -> list:
-    """Implementations this CPU runs, best last: a subset of ['scalar', 'avx2', 'vnni']."""
+    """Implementations this CPU runs, best last: a prefix of ['scalar', 'avx2', 'vnni', 'bf16']."""
     return list(_ISA_NAMES[: _best_isa + 1])
 
 
 def get_isa() -> str:
-    """The implementation in use ('scalar', 'avx2' or 'vnni')."""
+    """The implementation in use ('scalar', 'avx2', 'vnni' or 'bf16')."""
     return _ISA_NAMES[_isa]
 
 
@@ -223,7 +226,8 @@ def matmul_q_argmax(cnp.ndarray x not None, cnp.ndarray data not None, int qtype
 
 
 def matmul_bf16(cnp.ndarray x not None, cnp.ndarray w_bits not None, out=None):
-    """(N, K) float32, (M, K) uint16 bf16 bits -> (N, M) float32 = x @ W.T."""
+    """(N, K) float32, (M, K) uint16 bf16 bits -> (N, M) float32 = x @ W.T; on the bf16 level
+    x @ W.T with x rounded to bf16 (nearest even) first, as llama.cpp's bf16 dot product."""
     if cnp.PyArray_TYPE(w_bits) != cnp.NPY_UINT16 or cnp.PyArray_NDIM(w_bits) != 2:
         raise ValueError(
             f"w_bits must be 2-D uint16 bf16 bits, got {w_bits.dtype} {(<object>w_bits).shape}"
@@ -242,8 +246,11 @@ def matmul_bf16(cnp.ndarray x not None, cnp.ndarray w_bits not None, out=None):
     cdef int64_t w_stride = w_bits.strides[0] // 2
     if w_bits.strides[0] % 2:
         raise ValueError(f"w_bits rows are not uint16 aligned (strides {(<object>w_bits).strides})")
+    cdef int rc
     with nogil:
-        ts_matmul_bf16_strided(xp, n, k, x_stride, wp, m, w_stride, op, ts_threads(), _isa)
+        rc = ts_matmul_bf16_strided(xp, n, k, x_stride, wp, m, w_stride, op, ts_threads(), _isa)
+    if rc != 0:
+        raise MemoryError(f"cannot allocate {2 * n * k} bytes for the bf16 activations")
     return o
 
 
@@ -266,7 +273,7 @@ def matmul_f32(cnp.ndarray x not None, cnp.ndarray w not None, out=None):
     cdef int64_t w_stride = w.strides[0]
     with nogil:
         ts_matmul_wf_strided(xp, n, k, x_stride, wp, 1, m, w_stride, op, ts_threads(), _isa)
-    return o
+    return o  # f32 weights take no scratch: never out of memory
 
 
 def dequantize_rows(cnp.ndarray data not None, int qtype, Py_ssize_t cols, ids):

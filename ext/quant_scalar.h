@@ -238,9 +238,10 @@ static void ts_quantize_row_scalar(const float *x, int64_t k, int qk, int8_t *q,
 }
 
 /* one float weight row (bf16 bits, or float32) . n_x activation rows, summed in index order */
-static void ts_row_bf16_scalar(const void *w, const float *x, int64_t xs, int64_t k, int n_x,
+static void ts_row_bf16_scalar(const void *w, const void *xv, int64_t xs, int64_t k, int n_x,
                                float *out, int64_t os) {
     const uint16_t *wb = (const uint16_t *)w;
+    const float *x = (const float *)xv;
     for (int t = 0; t < n_x; t++) {
         float acc = 0.0f;
         for (int64_t i = 0; i < k; i++) acc += ts_bf16_to_f32(wb[i]) * x[t * xs + i];
@@ -248,9 +249,9 @@ static void ts_row_bf16_scalar(const void *w, const float *x, int64_t xs, int64_
     }
 }
 
-static void ts_row_f32_scalar(const void *w, const float *x, int64_t xs, int64_t k, int n_x,
+static void ts_row_f32_scalar(const void *w, const void *xv, int64_t xs, int64_t k, int n_x,
                               float *out, int64_t os) {
-    const float *wf = (const float *)w;
+    const float *wf = (const float *)w, *x = (const float *)xv;
     for (int t = 0; t < n_x; t++) {
         float acc = 0.0f;
         for (int64_t i = 0; i < k; i++) acc += wf[i] * x[t * xs + i];

@@ -274,8 +274,9 @@ static inline __attribute__((always_inline)) void SFX(tile_wf)(const void *w, in
 }
 
 #define TILE_WF_DISPATCH(name, f32)                                                                \
-    static void SFX(row_##name)(const void *w, const float *x, int64_t xs, int64_t k, int n_x,     \
+    static void SFX(row_##name)(const void *w, const void *xv, int64_t xs, int64_t k, int n_x,     \
                                 float *out, int64_t os) {                                          \
+        const float *x = (const float *)xv;                                                        \
         switch (n_x) {                                                                             \
         case 8: SFX(tile_wf)(w, f32, x, xs, k, 8, out, os); break;                                 \
         case 7: SFX(tile_wf)(w, f32, x, xs, k, 7, out, os); break;                                 \

@@ -71,7 +71,7 @@ def test_every_variable_is_parsed():
         ("TINYSERVE_NUM_THREADS", "zero", "must be a positive integer, got 'zero'"),
         ("TINYSERVE_BLAS_MIN_N", "-1", "must be a non-negative integer, got '-1'"),
         ("TINYSERVE_KV_DTYPE", "bfloat16", "must be one of float32, float16, got 'bfloat16'"),
-        ("TINYSERVE_QUANT_ISA", "avx512", "must be one of scalar, avx2, vnni, got 'avx512'"),
+        ("TINYSERVE_QUANT_ISA", "avx512", "must be one of scalar, avx2, vnni, bf16, got 'avx512'"),
         ("TINYSERVE_CPU_FUSED", "maybe", "must be 1 or 0, got 'maybe'"),
         ("TINYSERVE_BENCH_THREADS", "four", "must be a positive integer, got 'four'"),
     ],

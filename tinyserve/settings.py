@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ConfigError
 
 KV_DTYPES = ("float32", "float16")
-QUANT_ISAS = ("scalar", "avx2", "vnni")
+QUANT_ISAS = ("scalar", "avx2", "vnni", "bf16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ class Settings:
     adapt_threads: bool | None = None  # TINYSERVE_ADAPT_THREADS=0: decode always on all threads
     exact_prefill: bool | None = None  # TINYSERVE_EXACT_PREFILL=1: cpu prefill in float sgemm
     blas_min_n: int = 64  # TINYSERVE_BLAS_MIN_N: exact prefill's rows from which sgemm is used
-    quant_isa: str | None = None  # TINYSERVE_QUANT_ISA: force scalar / avx2 / vnni kernels
+    quant_isa: str | None = None  # TINYSERVE_QUANT_ISA: force scalar / avx2 / vnni / bf16 kernels
     cpu_fused: bool | None = None  # TINYSERVE_CPU_FUSED=0: cpu runs the model file op by op
     torch_fused: bool | None = None  # TINYSERVE_TORCH_FUSED=0: torch runs it op by op
     torch_graphs: bool | None = None  # TINYSERVE_TORCH_GRAPHS=1 / 0: CUDA graphs for decode
