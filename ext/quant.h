@@ -629,8 +629,10 @@ static inline int ts_matmul_wf_strided(const float *x, int64_t n, int64_t k, int
 #if TS_BF16DP
     if (!f32 && isa == TS_ISA_BF16) { /* each activation row rounded once, into scratch */
         const int64_t kp = (k + 31) & ~(int64_t)31;
-        uint16_t *xb = (uint16_t *)ts_scratch(0, (size_t)(n * kp) * sizeof(uint16_t));
-        if (!xb) return -1;
+        char *raw = (char *)ts_scratch(0, (size_t)(n * kp) * sizeof(uint16_t) + 64);
+        if (!raw) return -1;
+        /* rows of whole cache lines from a line boundary: no load of the tile splits a line */
+        uint16_t *xb = (uint16_t *)(raw + (-(uintptr_t)raw & 63));
         ts_round_job rj = {x, x_stride, k, kp, xb};
         ts_parallel_for(n * k >= 32768 ? nthreads : 1, n, ts_round_task, &rj);
         job.x = (const char *)xb;

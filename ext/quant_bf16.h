@@ -73,16 +73,27 @@ static inline __attribute__((always_inline)) void ts_tile_bf16dp(const uint16_t 
                                          (__m512bh)_mm512_loadu_si512((const void *)(xt + 32)));
         }
     }
-    /* an odd last whole block, then the tail: the weight's tail lanes masked to zero (the file's
-     * row may end there), meeting the activations' zero padding */
-    for (; b * 32 < k; b++) {
-        const int64_t r = k - 32 * b;
-        const __mmask32 mask = r >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << r) - 1);
-        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, (const void *)(w + 32 * b));
-        const int e = (int)(b & 1);
+    if (b < nb) { /* an odd count of whole blocks: the last one (b even) to accumulator 0 */
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + 32 * b));
         for (int t = 0; t < NT; t++)
-            acc[e][t] = _mm512_dpbf16_ps(
-                acc[e][t], wv, (__m512bh)_mm512_loadu_si512((const void *)(x + t * xs + 32 * b)));
+            acc[0][t] = _mm512_dpbf16_ps(
+                acc[0][t], wv, (__m512bh)_mm512_loadu_si512((const void *)(x + t * xs + 32 * b)));
+        b++;
+    }
+    if (32 * b < k) { /* the partial last block: the weight's lanes past k masked to zero (the
+                       * file's row may end there), meeting the activations' zero padding */
+        const __mmask32 live = (__mmask32)((1u << (k - 32 * b)) - 1); /* k - 32 b < 32 */
+        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(live, (const void *)(w + 32 * b));
+        /* its accumulator by its parity, each branch with constant indices (registers) */
+        if (b & 1) {
+            for (int t = 0; t < NT; t++)
+                acc[1][t] = _mm512_dpbf16_ps(acc[1][t], wv,
+                                             (__m512bh)_mm512_loadu_si512(x + t * xs + 32 * b));
+        } else {
+            for (int t = 0; t < NT; t++)
+                acc[0][t] = _mm512_dpbf16_ps(acc[0][t], wv,
+                                             (__m512bh)_mm512_loadu_si512(x + t * xs + 32 * b));
+        }
     }
     for (int t = 0; t < NT; t++)
         out[t * os] = ts_hsum16_bf16dp(_mm512_add_ps(acc[0][t], acc[1][t]));

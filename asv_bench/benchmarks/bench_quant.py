@@ -4,6 +4,9 @@ SmolLM2-135M Q4_1: q/o (576 x 576), k/v (192 x 576), gate/up (1536 x 576), down 
 and the tied Q8_0 output head (49152 x 576). N = 1 (decode), 16 (a batched decode step) and 512
 (a prefill chunk): N = 1 and 16 run the int8 tiles, N = 512 the dequantize + BLAS sgemm route
 (from $TINYSERVE_BLAS_MIN_N rows, default 64). Skipped when the extension is not built.
+MatmulBF16: the same FFN shapes as bf16 weights (a bf16 safetensors checkpoint's), on the vnni
+level (bf16 widened, f32 FMA) and the bf16 level (vdpbf16ps on bf16-rounded activations; skipped
+on a CPU without AVX-512 BF16).
 """
 
 from __future__ import annotations
@@ -63,3 +66,33 @@ class MatmulQ:
 
     def time_matmul_q(self, weight, n_tokens, threads):
         self.quant.matmul_q(self.x, self.data, self.qtype, self.cols, self.out)  # (N, M)
+
+
+class MatmulBF16:
+    params = (["gate_proj", "down_proj"], [1, 16, 512], ["vnni", "bf16"], _common.THREADS)
+    param_names = ("weight", "n_tokens", "isa", "threads")
+    timeout = 120
+
+    def setup(self, weight, n_tokens, isa, threads):
+        try:
+            from tinyserve._ext import kernels
+        except ImportError as e:
+            raise NotImplementedError(f"native kernels not built: {e}") from None
+        if isa not in kernels.available_isas():
+            raise NotImplementedError(f"no {isa} level on this CPU")
+        _common.use_threads(threads)
+        kernels.set_num_threads(threads)
+        self.kernels, self.before = kernels, kernels.get_isa()
+        kernels.set_isa(isa)
+        rows, cols, _ = SHAPES[weight]
+        rng = np.random.default_rng(0)
+        w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        self.bits = (w.view(np.uint32) >> 16).astype(np.uint16)  # (M, K) bf16
+        self.x = rng.standard_normal((n_tokens, cols), dtype=np.float32)  # (N, K)
+        self.out = np.empty((n_tokens, rows), dtype=np.float32)  # (N, M)
+
+    def teardown(self, weight, n_tokens, isa, threads):
+        self.kernels.set_isa(self.before)
+
+    def time_matmul_bf16(self, weight, n_tokens, isa, threads):
+        self.kernels.matmul_bf16(self.x, self.bits, self.out)  # (N, M)
