@@ -160,26 +160,22 @@ static inline void ts_group_scalar_q(const uint8_t *g, const XQ *xq, int64_t nb,
         }
 }
 
-#define TS_GROUP_SCALAR(name, qt)                                                                  \
+/* the portable twins by name: fn (ts_group_scalar_q or quant_packed_k.h's ts_group_k_scalar)
+ * at a constant qtype */
+#define TS_GROUP_SCALAR(name, fn, qt)                                                              \
     static void ts_group_##name##_scalar(const uint8_t *g, const XQ *xq, int64_t nb, int n_x,      \
                                          float *out, int64_t os) {                                 \
-        ts_group_scalar_q(g, xq, nb, n_x, out, os, qt);                                            \
+        fn(g, xq, nb, n_x, out, os, qt);                                                           \
     }
-TS_GROUP_SCALAR(q4_0, TS_Q4_0)
-TS_GROUP_SCALAR(q4_1, TS_Q4_1)
-TS_GROUP_SCALAR(q5_0, TS_Q5_0)
-TS_GROUP_SCALAR(q5_1, TS_Q5_1)
-TS_GROUP_SCALAR(q8_0, TS_Q8_0)
+TS_GROUP_SCALAR(q4_0, ts_group_scalar_q, TS_Q4_0)
+TS_GROUP_SCALAR(q4_1, ts_group_scalar_q, TS_Q4_1)
+TS_GROUP_SCALAR(q5_0, ts_group_scalar_q, TS_Q5_0)
+TS_GROUP_SCALAR(q5_1, ts_group_scalar_q, TS_Q5_1)
+TS_GROUP_SCALAR(q8_0, ts_group_scalar_q, TS_Q8_0)
+TS_GROUP_SCALAR(q4_k, ts_group_k_scalar, TS_Q4_K)
+TS_GROUP_SCALAR(q5_k, ts_group_k_scalar, TS_Q5_K)
+TS_GROUP_SCALAR(q6_k, ts_group_k_scalar, TS_Q6_K)
 #undef TS_GROUP_SCALAR
-#define TS_GROUP_SCALAR_K(name, qt)                                                                \
-    static void ts_group_##name##_scalar(const uint8_t *g, const XQ *xq, int64_t nb, int n_x,      \
-                                         float *out, int64_t os) {                                 \
-        ts_group_k_scalar(g, xq, nb, n_x, out, os, qt);                                            \
-    }
-TS_GROUP_SCALAR_K(q4_k, TS_Q4_K)
-TS_GROUP_SCALAR_K(q5_k, TS_Q5_K)
-TS_GROUP_SCALAR_K(q6_k, TS_Q6_K)
-#undef TS_GROUP_SCALAR_K
 
 #if TS_X86
 #pragma GCC push_options

@@ -579,6 +579,22 @@ def _fma32(a, b, c):
     return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
 
 
+def _fma_blocks(isum, d_w, d_x, a=None, b=None) -> np.ndarray:
+    """The packed kernels' float steps, output (t, r) in block order: acc = fma(isum, d_w * d_x,
+    acc), then (a, b given, both (n, m, nb) float32) acc = fma(a, b, acc)."""
+    n, m, nb = isum.shape
+    out = np.zeros((n, m), np.float32)
+    for t in range(n):
+        for r in range(m):
+            acc = np.float32(0)
+            for k in range(nb):
+                acc = _fma32(np.float32(isum[t, r, k]), d_w[r, k] * d_x[t, k], acc)
+                if a is not None:
+                    acc = _fma32(a[t, r, k], b[t, r, k], acc)
+            out[t, r] = acc
+    return out
+
+
 def packed_model(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     """NumPy model of the packed kernels' arithmetic, operation for operation."""
     return (packed_model_k if qt.qtype in K_QUANTS else packed_model_legacy)(x, qt)
@@ -614,16 +630,12 @@ def packed_model_legacy(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     isum = np.einsum("nbi,mbi->nmb", x_q, w_q)  # exact
     if not has_min and qt.qtype != Q.Q8_0:
         isum = isum - (16 if five else 8) * bs[:, None, :]
-    out = np.zeros((n, m), np.float32)
-    for t in range(n):
-        for r in range(m):
-            acc = np.float32(0)
-            for b in range(nb):
-                acc = _fma32(np.float32(isum[t, r, b]), d_w[r, b] * d_x[t, b], acc)
-                if has_min:
-                    acc = _fma32(m_w[r, b], s_x[t, b], acc)
-            out[t, r] = acc
-    return out
+    if not has_min:
+        return _fma_blocks(isum, d_w, d_x)
+    shape = isum.shape
+    return _fma_blocks(
+        isum, d_w, d_x, np.broadcast_to(m_w, shape), np.broadcast_to(s_x[:, None, :], shape)
+    )
 
 
 def _k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -680,16 +692,9 @@ def packed_model_k(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
     if mins is not None:
         bs = x_q.reshape(n, nb, 8, 32).sum(axis=3)  # (n, nb, 8)
         imin = np.einsum("nbs,mbs->nmb", bs, mins)
-    out = np.zeros((n, m), np.float32)
-    for t in range(n):
-        for r in range(m):
-            acc = np.float32(0)
-            for b in range(nb):
-                acc = _fma32(np.float32(isum[t, r, b]), d_w[r, b] * d_x[t, b], acc)
-                if mins is not None:
-                    acc = _fma32(-np.float32(imin[t, r, b]), dmin_w[r, b] * d_x[t, b], acc)
-            out[t, r] = acc
-    return out
+    if mins is None:
+        return _fma_blocks(isum, d_w, d_x)
+    return _fma_blocks(isum, d_w, d_x, -imin.astype(np.float32), dmin_w[None] * d_x[:, None, :])
 
 
 @pytest.mark.parametrize("qtype", PACKABLE, ids=lambda q: q.name)
