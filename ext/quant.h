@@ -222,7 +222,8 @@ static int64_t ts_rows_per_task(int64_t m, int nthreads) {
 /* ... rounded up to whole groups when a packed matrix is among them */
 static int64_t ts_task_rows(int64_t m, int nthreads, int packed) {
     const int64_t rc = ts_rows_per_task(m, nthreads);
-    return packed ? (rc + TS_GROUP - 1) / TS_GROUP * TS_GROUP : rc;
+    /* packed: whole pairs of groups, which the 512-bit tiles take at once */
+    return packed ? (rc + 2 * TS_GROUP - 1) / (2 * TS_GROUP) * (2 * TS_GROUP) : rc;
 }
 #define TS_X_PER_TASK 64 /* activation rows per task: their int8 blocks stay in L2 */
 
@@ -397,6 +398,7 @@ typedef struct {
     const int16_t *xb, *x16;
     row_fn row[4];
     group_fn group[4]; /* non-NULL: matrix j is packed (quant_packed.h), w_stride per group */
+    group2_fn group2[4]; /* non-NULL: two groups at a time (the same bits) */
     int64_t nb[4], m[4], w_stride[4], first[5];
     const uint8_t *w[4];
     float *out[4];
@@ -445,9 +447,18 @@ static void ts_mm_task(void *ctx, int64_t task) {
         float *o = jb->best_v ? buf - r0 : oj + t0 * m; /* output (t, r) at o[t * os + r] */
         const int64_t os = jb->best_v ? w_ : m;
         if (jb->group[j]) { /* r0 and m are multiples of the group */
-            for (int64_t r = r0; r < r1; r += TS_GROUP) {
-                ts_prefetch_row(wj, r / TS_GROUP + 1, (r1 - 1) / TS_GROUP + 1, ws, n_x);
-                jb->group[j](wj + r / TS_GROUP * ws, tile, jb->nb[j], n_x, o + r, os);
+            for (int64_t r = r0; r < r1;) {
+                const uint8_t *g = wj + r / TS_GROUP * ws;
+                if (jb->group2[j] && r + 2 * TS_GROUP <= r1) {
+                    ts_prefetch_row(wj, r / TS_GROUP + 2, (r1 - 1) / TS_GROUP + 1, ws, n_x);
+                    ts_prefetch_row(wj, r / TS_GROUP + 3, (r1 - 1) / TS_GROUP + 1, ws, n_x);
+                    jb->group2[j](g, ws, tile, jb->nb[j], n_x, o + r, os);
+                    r += 2 * TS_GROUP;
+                } else {
+                    ts_prefetch_row(wj, r / TS_GROUP + 1, (r1 - 1) / TS_GROUP + 1, ws, n_x);
+                    jb->group[j](g, tile, jb->nb[j], n_x, o + r, os);
+                    r += TS_GROUP;
+                }
             }
         } else {
             for (int64_t r = r0; r < r1; r++) {
@@ -489,10 +500,12 @@ static inline int ts_matmul_q_run(const float *x, int64_t n, int64_t k, int64_t 
     wf_fn unused, unused_f32;
     int64_t nb[4], m_all = 0, work = 0;
     group_fn group[4];
+    group2_fn group2[4];
     int any_packed = 0;
     for (int j = 0; j < nw; j++) {
         ts_pick(isa, qtype[j] & 0xFF, &row[j], &quant, &unused, &unused_f32);
         group[j] = qtype[j] & TS_PACKED ? ts_group_fn(isa, qtype[j] & 0xFF) : 0;
+        group2[j] = qtype[j] & TS_PACKED ? ts_group2_fn(isa, qtype[j] & 0xFF) : 0;
         any_packed |= group[j] != 0;
         nb[j] = k / ts_block_size(qtype[j]);
         m_all += m[j];
@@ -519,6 +532,7 @@ static inline int ts_matmul_q_run(const float *x, int64_t n, int64_t k, int64_t 
     for (int j = 0; j < nw; j++) {
         job.row[j] = row[j];
         job.group[j] = group[j];
+        job.group2[j] = group2[j];
         job.nb[j] = nb[j];
         job.w[j] = w[j];
         job.m[j] = m[j];

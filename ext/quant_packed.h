@@ -177,30 +177,42 @@ TS_GROUP_SCALAR(q5_k, ts_group_k_scalar, TS_Q5_K)
 TS_GROUP_SCALAR(q6_k, ts_group_k_scalar, TS_Q6_K)
 #undef TS_GROUP_SCALAR
 
+/* two groups (16 rows, the second gs bytes after the first) . n_x activation rows ->
+ * out[t * os + r], r = 0..15: each output exactly as group_fn computes it */
+typedef void (*group2_fn)(const uint8_t *g, int64_t gs, const XQ *xq, int64_t nb, int n_x,
+                          float *out, int64_t os);
+
 #if TS_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define PSFX(name) ts_##name##_avx2
-#define SFXP(name) name##_avx2
 #define PACKED_VNNI 0
+#define PACKED_W512 0
 #define DOT_ACC(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), ones))
 #include "quant_packed_simd.h"
 #undef PSFX
-#undef SFXP
 #undef PACKED_VNNI
+#undef PACKED_W512
 #undef DOT_ACC
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define PSFX(name) ts_##name##_vnni
-#define SFXP(name) name##_vnni
 #define PACKED_VNNI 1
+#define PACKED_W512 0
 #define DOT_ACC(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #include "quant_packed_simd.h"
 #undef PSFX
-#undef SFXP
+#undef PACKED_W512
+#undef DOT_ACC
+#define PSFX(name) ts_##name##_vnni512
+#define PACKED_W512 1
+#define DOT_ACC(acc, u, s) _mm512_dpbusd_epi32((acc), (u), (s))
+#include "quant_packed_simd.h"
+#undef PSFX
 #undef PACKED_VNNI
+#undef PACKED_W512
 #undef DOT_ACC
 #pragma GCC pop_options
 #endif
@@ -248,6 +260,29 @@ static group_fn ts_group_fn(int isa, int qtype) {
     case TS_Q6_K: return ts_group_q6_k_scalar;
     default: return 0;
     }
+}
+
+/* the two-group kernel of an implementation, where it has one (VNNI's 512-bit tiles) */
+static group2_fn ts_group2_fn(int isa, int qtype) {
+#if TS_X86
+    if (isa == TS_ISA_VNNI) {
+        switch (qtype) {
+        case TS_Q4_0: return ts_group2_q4_0_vnni512;
+        case TS_Q4_1: return ts_group2_q4_1_vnni512;
+        case TS_Q5_0: return ts_group2_q5_0_vnni512;
+        case TS_Q5_1: return ts_group2_q5_1_vnni512;
+        case TS_Q8_0: return ts_group2_q8_0_vnni512;
+        case TS_Q4_K: return ts_group2_q4_k_vnni512;
+        case TS_Q5_K: return ts_group2_q5_k_vnni512;
+        case TS_Q6_K: return ts_group2_q6_k_vnni512;
+        default: return 0;
+        }
+    }
+#else
+    (void)isa;
+#endif
+    (void)qtype;
+    return 0;
 }
 
 #endif /* TINYSERVE_QUANT_PACKED_H */

@@ -701,8 +701,8 @@ def packed_model_k(x: np.ndarray, qt: QuantTensor) -> np.ndarray:
 def test_packed_equals_the_numpy_model_of_its_integer_arithmetic(qtype, isa):
     rng = np.random.default_rng(21)
     cols = packed_cols(qtype, 96)
-    qt = weight(qtype, 16, cols, rng)
-    x = rng.standard_normal((5, cols)).astype(np.float32)
+    qt = weight(qtype, 24, cols, rng)  # a pair of groups (VNNI's 512-bit tile) and one alone
+    x = rng.standard_normal((11, cols)).astype(np.float32)  # a tile of 8 rows and one of 3
     packed = quant.repack(qt.data, int(qtype), cols)
     got = quant.matmul_q(x, packed, int(qtype) | quant.PACKED, cols)
     np.testing.assert_array_equal(got, packed_model(x, qt))
@@ -711,9 +711,10 @@ def test_packed_equals_the_numpy_model_of_its_integer_arithmetic(qtype, isa):
 @pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda q: q.name)
 def test_packed_k_integer_sums_are_exact_at_their_extremes(qtype, isa):
     """Every weight value and scale at its largest magnitude against |x| = 127 activations:
-    the int16 partial sums of the AVX2 twin and the int32 totals must not wrap."""
+    the int16 partial sums of the AVX2 twin and the int32 totals must not wrap. 24 rows: a pair
+    of groups (VNNI's 512-bit tile) and a group alone."""
     cols = 512
-    data = np.zeros((8, cols // 256 * GGML_QUANT_SIZES[qtype][1]), np.uint8)
+    data = np.zeros((24, cols // 256 * GGML_QUANT_SIZES[qtype][1]), np.uint8)
     blocks = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
     one = np.array([1], np.float16).view(np.uint8)
     if qtype == Q.Q6_K:
@@ -724,7 +725,7 @@ def test_packed_k_integer_sums_are_exact_at_their_extremes(qtype, isa):
         blocks[:, 0:2] = blocks[:, 2:4] = one
         blocks[:, 4:16] = 0xFF  # scales and mins 63
         blocks[:, 16:] = 0xFF  # values 15 (Q4_K) / 31 (Q5_K, 5th bits set)
-    qt = QuantTensor(qtype, (8, cols), data)
+    qt = QuantTensor(qtype, (24, cols), data)
     x = np.full((3, cols), 127.0, np.float32)
     x[1] *= -1
     packed = quant.repack(data, int(qtype), cols)
