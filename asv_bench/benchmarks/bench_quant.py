@@ -1,9 +1,12 @@
 """The quantized matmul (tinyserve._ext.kernels.matmul_q) on the default model's shapes.
 
 SmolLM2-135M Q4_1: q/o (576 x 576), k/v (192 x 576), gate/up (1536 x 576), down (576 x 1536),
-and the tied Q8_0 output head (49152 x 576). N = 1 (decode), 16 (a batched decode step) and 512
-(a prefill chunk): N = 1 and 16 run the int8 tiles, N = 512 the dequantize + BLAS sgemm route
-(from $TINYSERVE_BLAS_MIN_N rows, default 64). Skipped when the extension is not built.
+and the tied Q8_0 output head (49152 x 576), in the file's row-major blocks (the row kernels of
+`pack_weights=False`). N = 1 (decode), 16 (a batched decode step) and 512 (a prefill chunk), all
+on the int8 kernels (the dequantize + sgemm route is exact prefill's, off by default). Skipped
+when the extension is not built.
+MatmulPacked: the packed tiles (the cpu backend's default) on Gemma-3-270M's layer matrices, one
+per type of that file, per ISA level.
 MatmulBF16: the same FFN shapes as bf16 weights (a bf16 safetensors checkpoint's), on the vnni
 level (bf16 widened, f32 FMA) and the bf16 level (vdpbf16ps on bf16-rounded activations; skipped
 on a CPU without AVX-512 BF16).
@@ -96,3 +99,49 @@ class MatmulBF16:
 
     def time_matmul_bf16(self, weight, n_tokens, isa, threads):
         self.kernels.matmul_bf16(self.x, self.bits, self.out)  # (N, M)
+
+
+# Gemma-3-270M Q4_K_M's layer matrices, each as its type in that file: q / gate / up (Q5_0: 640
+# columns are not whole K-quant super-blocks), v (Q8_0), o (Q4_K), down (Q6_K)
+PACKED_SHAPES = {
+    "gate_q5_0": (2048, 640, "Q5_0"),
+    "v_q8_0": (256, 640, "Q8_0"),
+    "o_q4_k": (640, 1024, "Q4_K"),
+    "down_q6_k": (640, 2048, "Q6_K"),
+}
+
+
+class MatmulPacked:
+    """The packed int8 tiles (the cpu backend's default form of a GGUF matrix) at 1 row (decode),
+    8 (one tile) and 128 (a prefill chunk), per ISA level this CPU has."""
+
+    params = (list(PACKED_SHAPES), [1, 8, 128], ["avx2", "vnni"], _common.THREADS)
+    param_names = ("weight", "n_tokens", "isa", "threads")
+    timeout = 120
+
+    def setup(self, weight, n_tokens, isa, threads):
+        try:
+            from tinyserve._ext import kernels
+        except ImportError as e:
+            raise NotImplementedError(f"native kernels not built: {e}") from None
+        from gguf import GGMLQuantizationType
+
+        if isa not in kernels.available_isas():
+            raise NotImplementedError(f"no {isa} level on this CPU")
+        _common.use_threads(threads)
+        kernels.set_num_threads(threads)
+        self.kernels, self.before = kernels, kernels.get_isa()
+        kernels.set_isa(isa)
+        rows, cols, qtype_name = PACKED_SHAPES[weight]
+        rng = np.random.default_rng(0)
+        qtype = int(GGMLQuantizationType[qtype_name])
+        self.packed = kernels.repack(_blocks(qtype_name, rows, cols, rng), qtype, cols)
+        self.code, self.cols = qtype | kernels.PACKED, cols
+        self.x = rng.standard_normal((n_tokens, cols), dtype=np.float32)  # (N, K)
+        self.out = np.empty((n_tokens, rows), dtype=np.float32)  # (N, M)
+
+    def teardown(self, weight, n_tokens, isa, threads):
+        self.kernels.set_isa(self.before)
+
+    def time_matmul_packed(self, weight, n_tokens, isa, threads):
+        self.kernels.matmul_q(self.x, self.packed, self.code, self.cols, self.out)  # (N, M)
