@@ -58,7 +58,7 @@ PSFX(group_tile_k45)(const uint8_t *g, int64_t gs, const XQ *xq, int64_t nb, int
             /* mins: lane r = sum over pairs q of min(2q) * bs(2q) + min(2q + 1) * bs(2q + 1) */
             VI imin = V_ZERO();
             for (int q = 0; q < 4; q++) {
-                const VI mn = PSFX(ld_u8_16)(p + TS_PK45_MN + 16 * q, gs);
+                const VI mn = PSFX(ld_8_16)(p + TS_PK45_MN + 16 * q, gs, 0);
                 int32_t pair;
                 memcpy(&pair, xq[t].bs + b * 8 + 2 * q, 4);
                 imin = V_ADD32(imin, V_MADD16(mn, V_SET1_32(pair)));
@@ -92,8 +92,8 @@ PSFX(group_tile_q6_k)(const uint8_t *g, int64_t gs, const XQ *xq, int64_t nb, in
         for (int h = 0; h < 2; h++)
             for (int a = 0; a < 2; a++) {
                 /* scales of sub-blocks 8h + 2a + e (low nibbles) and 8h + 2a + 4 + e (high) */
-                const VI pl = PSFX(ld_i8_16)(p + TS_PK6_SC + 16 * (4 * h + a), gs);
-                const VI ph = PSFX(ld_i8_16)(p + TS_PK6_SC + 16 * (4 * h + a + 2), gs);
+                const VI pl = PSFX(ld_8_16)(p + TS_PK6_SC + 16 * (4 * h + a), gs, 1);
+                const VI ph = PSFX(ld_8_16)(p + TS_PK6_SC + 16 * (4 * h + a + 2), gs, 1);
                 for (int half = 0; half < 2; half++) {
                     /* lane r's scale of this half's sub-block, as int32 */
                     const VI sc_lo = half ? V_SRAI32(pl, 16) : V_SRAI32(V_SLLI32(pl, 16), 16);
@@ -127,7 +127,7 @@ PSFX(group_tile_q6_k)(const uint8_t *g, int64_t gs, const XQ *xq, int64_t nb, in
             /* the offsets: lane r = sum over pairs q of sc(2q) b16(2q) + sc(2q + 1) b16(2q + 1) */
             VI off = V_ZERO();
             for (int q = 0; q < 8; q++) {
-                const VI sc = PSFX(ld_i8_16)(p + TS_PK6_SC + 16 * q, gs);
+                const VI sc = PSFX(ld_8_16)(p + TS_PK6_SC + 16 * q, gs, 1);
                 int32_t pair;
                 memcpy(&pair, xq[t].b16 + b * 16 + 2 * q, 4);
                 off = V_ADD32(off, V_MADD16(sc, V_SET1_32(pair)));

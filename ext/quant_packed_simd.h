@@ -90,7 +90,7 @@ static inline VF PSFX(ld_f16)(const uint8_t *p, int64_t gs) {
     return _mm256_cvtph_ps(a);
 #endif
 }
-/* 8 bytes per group (one per row), unsigned or signed, as int32 lanes */
+/* 8 bytes per group (one per row), unsigned, as int32 lanes */
 static inline VI PSFX(ld_u8_32)(const uint8_t *p, int64_t gs) {
 #if PACKED_W512
     return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)p),
@@ -100,25 +100,18 @@ static inline VI PSFX(ld_u8_32)(const uint8_t *p, int64_t gs) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
 #endif
 }
-/* 16 bytes per group (a pair per row), unsigned or signed, as int16 lanes */
-static inline VI PSFX(ld_u8_16)(const uint8_t *p, int64_t gs) {
+/* 16 bytes per group (a pair per row) as int16 lanes, zero- (signed = 0) or sign-extended */
+static inline __attribute__((always_inline)) VI PSFX(ld_8_16)(const uint8_t *p, int64_t gs,
+                                                              int is_signed) {
 #if PACKED_W512
-    return _mm512_cvtepu8_epi16(_mm256_inserti128_si256(
+    const __m256i h = _mm256_inserti128_si256(
         _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),
-        _mm_loadu_si128((const __m128i *)(p + gs)), 1));
+        _mm_loadu_si128((const __m128i *)(p + gs)), 1);
+    return is_signed ? _mm512_cvtepi8_epi16(h) : _mm512_cvtepu8_epi16(h);
 #else
     (void)gs;
-    return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-#endif
-}
-static inline VI PSFX(ld_i8_16)(const uint8_t *p, int64_t gs) {
-#if PACKED_W512
-    return _mm512_cvtepi8_epi16(_mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),
-        _mm_loadu_si128((const __m128i *)(p + gs)), 1));
-#else
-    (void)gs;
-    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return is_signed ? _mm256_cvtepi8_epi16(h) : _mm256_cvtepu8_epi16(h);
 #endif
 }
 

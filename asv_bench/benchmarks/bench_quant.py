@@ -42,22 +42,34 @@ def _blocks(qtype_name: str, rows: int, cols: int, rng) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
+def _kernels_at(isa: str | None, threads: int):
+    """The native kernels on `threads` threads at ISA level `isa` (None: as they are), and the level
+    they were at before (for teardown); NotImplementedError skips where either is missing."""
+    try:
+        from tinyserve._ext import kernels
+    except ImportError as e:
+        raise NotImplementedError(f"native kernels not built: {e}") from None
+    if isa is not None and isa not in kernels.available_isas():
+        raise NotImplementedError(f"no {isa} level on this CPU")
+    _common.use_threads(threads)
+    kernels.set_num_threads(threads)
+    before = kernels.get_isa()
+    if isa is not None:
+        kernels.set_isa(isa)
+    return kernels, before
+
+
 class MatmulQ:
     params = (list(SHAPES), [1, 16, 512], _common.THREADS)
     param_names = ("weight", "n_tokens", "threads")
     timeout = 120
 
     def setup(self, weight, n_tokens, threads):
-        try:
-            from tinyserve._ext import kernels as quant
-        except ImportError as e:
-            raise NotImplementedError(f"native kernels not built: {e}") from None
         from gguf import GGMLQuantizationType
 
         if weight == "lm_head" and n_tokens == 512:
             raise NotImplementedError("the head only sees the sampled rows")
-        _common.use_threads(threads)
-        quant.set_num_threads(threads)
+        quant, _ = _kernels_at(None, threads)
         rows, cols, qtype_name = SHAPES[weight]
         rng = np.random.default_rng(0)
         self.quant = quant
@@ -77,16 +89,7 @@ class MatmulBF16:
     timeout = 120
 
     def setup(self, weight, n_tokens, isa, threads):
-        try:
-            from tinyserve._ext import kernels
-        except ImportError as e:
-            raise NotImplementedError(f"native kernels not built: {e}") from None
-        if isa not in kernels.available_isas():
-            raise NotImplementedError(f"no {isa} level on this CPU")
-        _common.use_threads(threads)
-        kernels.set_num_threads(threads)
-        self.kernels, self.before = kernels, kernels.get_isa()
-        kernels.set_isa(isa)
+        self.kernels, self.before = _kernels_at(isa, threads)
         rows, cols, _ = SHAPES[weight]
         rng = np.random.default_rng(0)
         w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
@@ -120,18 +123,10 @@ class MatmulPacked:
     timeout = 120
 
     def setup(self, weight, n_tokens, isa, threads):
-        try:
-            from tinyserve._ext import kernels
-        except ImportError as e:
-            raise NotImplementedError(f"native kernels not built: {e}") from None
         from gguf import GGMLQuantizationType
 
-        if isa not in kernels.available_isas():
-            raise NotImplementedError(f"no {isa} level on this CPU")
-        _common.use_threads(threads)
-        kernels.set_num_threads(threads)
-        self.kernels, self.before = kernels, kernels.get_isa()
-        kernels.set_isa(isa)
+        kernels, self.before = _kernels_at(isa, threads)
+        self.kernels = kernels
         rows, cols, qtype_name = PACKED_SHAPES[weight]
         rng = np.random.default_rng(0)
         qtype = int(GGMLQuantizationType[qtype_name])
