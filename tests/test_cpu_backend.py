@@ -445,6 +445,55 @@ def test_native_stack_reads_embedding_rows_from_the_file(tmp_path, monkeypatch):
     assert taken == [prompt, out[:1], out[1:2]]
 
 
+def _file_mapping(a: np.ndarray) -> np.memmap | None:
+    """The whole np.memmap a is a view of, if any (a slice of one is an np.memmap too)."""
+    found = None
+    while isinstance(a, np.ndarray):
+        if isinstance(a, np.memmap):
+            found = a
+        a = a.base
+    return found
+
+
+def test_native_steps_read_nothing_through_the_file_mapping(tmp_path):
+    """Packing reads the blocks it copies from the file and drops their pages; the stack's norms
+    are copies read from the file too, so a step maps no page of the GGUF back in. A read through
+    the mapping maps the page-cache folio or fault-around window around the address: one norm
+    read in place brings back pages of the matrices beside it, resident twice beside their
+    packed copies. First: no page wholly inside a packed matrix is mapped after loading. Then,
+    with every page of the mapping dropped, prefill and decode steps map none back."""
+    import mmap
+
+    from conftest import mapped_bytes
+
+    from tinyserve.backends.cpu import PackedQuant
+
+    llm = LLM(str(_q8_gguf("smollm2", tmp_path)), backend="cpu", enable_prefix_caching=False)
+    spec = llm.engine.model.lowering_spec()
+    lins = [lin for layer in spec.layers for lin in (*layer.attn.qkv, layer.attn.o)]
+    lins += [lin for layer in spec.layers for lin in (*layer.ffn.gate_up, layer.ffn.down)]
+    packed = [w for w in (spec.embed, *(lin.w for lin in lins)) if isinstance(w, PackedQuant)]
+    in_file = [w.data for w in packed if _file_mapping(w.data) is not None]
+    assert len(in_file) >= len(spec.layers) * 4, "the fixture's matrices are not packed views"
+    file = _file_mapping(in_file[0])
+    if mapped_bytes(file) is None:
+        pytest.skip("no /proc/self/pagemap")
+    interiors = []  # the pages wholly inside each packed matrix's bytes (the edges are shared)
+    for data in in_file:
+        flat = data.reshape(-1)  # the tensor's bytes, contiguous in the file
+        first = -(-flat.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE - flat.ctypes.data
+        last = (flat.ctypes.data + flat.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last - flat.ctypes.data > first:
+            interiors.append(flat[first : last - flat.ctypes.data])
+    assert interiors, "no packed matrix spans a whole page: the check would check nothing"
+    mapped = {i: mapped_bytes(a) for i, a in enumerate(interiors) if mapped_bytes(a)}
+    assert not mapped, f"packed matrices' file pages mapped after loading: {mapped}"
+    file._mmap.madvise(mmap.MADV_DONTNEED)  # the whole file, its last partial page too
+    assert mapped_bytes(file) == 0
+    greedy(llm, [list(range(4, 300, 3)), [5, 6, 7]], 4)  # a prefill, then decode steps
+    assert mapped_bytes(file) == 0, "a step read weights through the file mapping"
+
+
 def test_pack_weights_off_reads_the_file_blocks_in_place(tmp_path):
     """pack_weights=False: no packed copies, the row kernels on the file's blocks; the logits
     agree with the packed kernels' to float rounding (the same int8 products, summed apart)."""

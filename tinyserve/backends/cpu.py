@@ -25,7 +25,7 @@ from ..step import StepMeta, as_step
 from . import native
 from .base import Backend, finite_rows
 from .cpu_decoder import CpuDecoder
-from .memory import lazy_zeros, release_file_pages, trim_heap
+from .memory import lazy_zeros, off_file, release_file_pages, trim_heap
 from .numpy_ops import NumpyOps
 
 _kernels = native.kernels
@@ -51,8 +51,9 @@ class PackedQuant(QuantTensor):
 
 def _pack(w, rows_per_piece: int = 4096):
     """w packed when its type has a packed layout and its rows split into groups of 8. Packed a
-    piece at a time, each piece's row-major pages dropped from resident memory once copied (they
-    are read again only for embedding rows): resident memory never holds a big matrix twice."""
+    piece at a time, read from the file (memory.off_file), each piece's row-major pages dropped
+    from resident memory once copied (embedding rows are read from the file too): resident memory
+    never holds a big matrix twice."""
     packable = int(w.qtype) in _kernels.PACKABLE_QTYPES and w.shape[0] % 8 == 0
     if not packable or isinstance(w, PackedQuant):
         return w
@@ -60,7 +61,9 @@ def _pack(w, rows_per_piece: int = 4096):
     packed = np.empty((rows // 8, _kernels.packed_bytes(int(w.qtype), cols)), np.uint8)
     for r0 in range(0, rows, rows_per_piece):
         piece = w.data[r0 : r0 + rows_per_piece]
-        packed[r0 // 8 : (r0 + len(piece)) // 8] = _kernels.repack(piece, int(w.qtype), cols)
+        packed[r0 // 8 : (r0 + len(piece)) // 8] = _kernels.repack(
+            off_file(piece), int(w.qtype), cols
+        )
         release_file_pages(piece)
     return PackedQuant(w.qtype, w.shape, w.data, packed)
 

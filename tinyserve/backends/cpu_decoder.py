@@ -18,7 +18,7 @@ from ..models.spec import GQA, MLA, Decoder, DecoderLayer, GatedMLP, MoE, Rope
 from ..step import StepMeta
 from . import native
 from .lowering import NotLowerable
-from .memory import FileRows, trim_heap
+from .memory import FileRows, off_file, trim_heap
 
 # Tokens per pass through the stack: bounds a prefill's activations (a few MB at 256 rows of a
 # small model) while leaving the matmuls rows enough for BLAS.
@@ -49,12 +49,12 @@ class CpuDecoder:
         layers, acts, ffn_sizes, scales = [], set(), set(), set()
         for i, layer in enumerate(spec.layers):
             try:
-                if mla:
-                    layers.append(self._mla_layer(layer, mla))
-                else:
-                    layers.append(self._layer(layer, H * Dh, KVH * Dh))
+                entry = self._mla_layer(layer, mla) if mla else self._layer(layer, H * Dh, KVH * Dh)
             except NotLowerable as e:
                 raise NotLowerable(f"layer {i}: {e}") from None
+            # the stack reads the norms and biases every step: off the file (memory.off_file),
+            # or each read would map back the pages of the matrices beside them
+            layers.append({k: off_file(v) for k, v in entry.items()})
             scales.add(layer.attn.scale)
             if isinstance(layer.ffn, GatedMLP):
                 acts.add(layer.ffn.act)
@@ -65,6 +65,12 @@ class CpuDecoder:
         if act not in native.kernels.ACTIVATIONS:
             raise NotLowerable(f"activation {act!r}")
         self.moe_layers = [i for i, layer in enumerate(spec.layers) if isinstance(layer.ffn, MoE)]
+        # the norms the op set applies between and after the stack's runs, off the file too
+        self.norm = off_file(spec.norm)
+        self.moe_norms = {
+            i: (off_file(spec.layers[i].ffn_norm), off_file(spec.layers[i].post_ffn_norm))
+            for i in self.moe_layers
+        }
         self.stack = native.kernels.DecoderStack(
             layers,
             spec.embed.shape[1],
@@ -204,7 +210,7 @@ class CpuDecoder:
             first = 0
             for moe_layer in self.moe_layers:  # the stack up to and including its attention
                 self.stack.run(x, *args, first, moe_layer + 1)
-                self._moe_ffn(x, spec.layers[moe_layer])
+                self._moe_ffn(x, spec.layers[moe_layer].ffn, *self.moe_norms[moe_layer])
                 first = moe_layer + 1
             self.stack.run(x, *args, first, len(spec.layers))
             at = np.flatnonzero((rows >= c0) & (rows < c1))
@@ -215,7 +221,7 @@ class CpuDecoder:
         x = hidden[0] if len(hidden) == 1 else np.concatenate(hidden)
         if len(hidden) > 1:  # back in logits_rows' order
             x = x[np.argsort(np.concatenate(order), kind="stable")]  # (R, D)
-        return ops.rms_norm(x, spec.norm, spec.norm_eps)
+        return ops.rms_norm(x, self.norm, spec.norm_eps)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """(C,) -> (C, D) float32 embedding rows."""
@@ -227,16 +233,16 @@ class CpuDecoder:
             blocks, int(embed.qtype), embed.shape[1], np.arange(len(blocks))
         )
 
-    def _moe_ffn(self, x: np.ndarray, layer: DecoderLayer) -> None:
+    def _moe_ffn(self, x: np.ndarray, moe: MoE, ffn_norm, post_ffn_norm) -> None:
         """x (C, D) += the layer's routed (and shared) experts, in place."""
-        ops, moe, eps = self.ops, layer.ffn, self.spec.norm_eps
-        h = ops.rms_norm(x, layer.ffn_norm, eps)  # (C, D)
+        ops, eps = self.ops, self.spec.norm_eps
+        h = ops.rms_norm(x, ffn_norm, eps)  # (C, D)
         ids, weights = moe.route(np.asarray(ops.matmul(h, moe.router)))  # (C, K) each
         y = ops.moe(h, ids, weights, moe.experts, act=moe.act)  # (C, D)
         if moe.shared is not None:
             y = y + _gated_mlp(ops, h, moe.shared)
-        if layer.post_ffn_norm is not None:
-            y = ops.rms_norm(y, layer.post_ffn_norm, eps)
+        if post_ffn_norm is not None:
+            y = ops.rms_norm(y, post_ffn_norm, eps)
         x += y
 
     def logits(self, x: np.ndarray) -> np.ndarray:

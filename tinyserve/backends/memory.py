@@ -1,7 +1,10 @@
 """The cpu backend's memory handling: KV pools that become resident only where written, handing
 freed heap back to the OS after steps that freed a lot, file pages already copied out (a packed
-weight's blocks) dropped from resident memory, and rows of such a matrix read from the file
-without mapping its pages back in."""
+weight's blocks) dropped from resident memory, rows of such a matrix read from the file without
+mapping its pages back in, and the small vectors a kernel reads every step copied off the file.
+
+A fault on a mapped file maps the whole page-cache folio around the address, often far more than
+a page: one read through the mapping can bring back megabytes of the matrices around it."""
 
 from __future__ import annotations
 
@@ -74,11 +77,11 @@ def release_file_pages(arr: np.ndarray) -> None:
 class FileRows:
     """Rows of a read-only file-mapped (R, B) uint8 array read with pread, not through the mapping.
 
-    A fault on a mapped file maps the whole page-cache folio around the address, often far more
-    than a page: embedding lookups of random tokens through the mapping bring back most of a large
-    matrix whose pages packing dropped (its packed copy is what the head reads). pread copies just
-    the row's bytes from the page cache, and nothing stays mapped. The file is opened once, here:
-    the mapping was made moments before, while loading, so it is the same file."""
+    Embedding lookups of random tokens through the mapping would bring back most of a large
+    matrix whose pages packing dropped (its packed copy is what the head reads; the module
+    docstring says why). pread copies just the row's bytes from the page cache, and nothing stays
+    mapped. The file is opened once, here: the mapping was made moments before, while loading, so
+    it is the same file."""
 
     def __init__(self, fd: int, offset: int, stride: int, shape: tuple[int, int]):
         self.fd, self.offset, self.stride = fd, offset, stride
@@ -114,7 +117,31 @@ class FileRows:
             bad = ids[(ids < 0) | (ids >= self.n_rows)][0]
             raise ValueError(f"row id {bad} out of range for {self.n_rows} rows")
         out = np.empty((len(ids), self.row_bytes), np.uint8)
-        for row, i in zip(out, ids.tolist()):
+        self._read(out, ids.tolist())
+        return out
+
+    def _read(self, out: np.ndarray, ids: list[int]) -> None:
+        """Row ids[j]'s bytes into out[j], (N, B) uint8."""
+        for row, i in zip(out, ids):
             if os.preadv(self.fd, [row], self.offset + i * self.stride) != self.row_bytes:
                 raise OSError(f"short read of row {i}: the weights file changed under the model")
-        return out
+
+
+def off_file(arr):
+    """arr itself, or a copy in this process's memory when arr is a view of a file mapping, read
+    from the file as FileRows reads a row: making the copy maps no page either.
+
+    What the cpu backend copies out of the file goes through here: the blocks it packs (read
+    through the mapping, each piece would map its neighbours' dropped pages back) and the small
+    float vectors (norm weights, biases) the native stack reads every step (read in place, each
+    would map the folio around it, and GGUF files keep a layer's norms beside its matrices)."""
+    if not isinstance(arr, np.ndarray) or _mapping(arr) is None:
+        return arr
+    rows = None
+    if arr.flags.c_contiguous and arr.size:
+        rows = FileRows.of(arr.reshape(1, -1).view(np.uint8))  # its bytes as one row
+    if rows is None:  # not a plain run of the file's bytes: copied through the mapping
+        return np.array(arr, order="C")
+    out = np.empty(arr.shape, arr.dtype)
+    rows._read(out.reshape(1, -1).view(np.uint8), [0])
+    return out
