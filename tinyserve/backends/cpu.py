@@ -237,7 +237,8 @@ class CpuBackend(Backend):
 
     def describe(self) -> str:
         return (
-            f"native kernels ({_kernels.simd_level()}), {self.num_threads} threads, "
+            f"native kernels ({_kernels.simd_level()}; matmuls at the {_kernels.get_isa()} level), "
+            f"{self.num_threads} threads, "
             f"{self.kv_dtype} KV cache"
         )
 
