@@ -67,9 +67,11 @@ cdef extern from "kernels_attn.h" nogil:
         float *out
         float *part
         const int64_t *tokens
+        const int64_t *tile_start
     void ts_attn_task(void *ctx, int64_t item)
     void ts_attn_merge_task(void *ctx, int64_t th)
     int64_t ts_attn_max_pieces(int64_t max_len)
+    int TS_ATTN_QTILE
 
 
 cdef extern from "kernels_sample.h" nogil:
@@ -351,6 +353,7 @@ def write_kv(pool, x, slots):
 
 
 DEF ATTN_GEMM_MIN_TOKENS = 32  # a sequence's run of new tokens from which attention uses sgemm
+DEF ATTN_TILE_TOKENS = 16  # a prefill's tokens per attention task (<= TS_ATTN_QTILE)
 
 
 @cython.boundscheck(False)
@@ -386,10 +389,13 @@ cdef int _paged_attention(
     job.out = &out[0, 0, 0]
     job.part = NULL
     job.tokens = NULL
+    job.tile_start = NULL
     cdef int threads = _threads_for(N * H * 4096)
     cdef Py_ssize_t n_rest = N
     cdef ts_attn_gemm_job gemm
     cdef int rc = 0
+    cdef int64_t *tile_start = NULL
+    cdef int64_t n_items = N * KVH * n_spans
     if not kv_f16 and n_spans == 1 and Dv <= Dh and N >= ATTN_GEMM_MIN_TOKENS and ts_attn_gemm_ready():
         # long runs of one sequence's new tokens (prefill) through sgemm, in tiles; the rest
         # (decodes batched with them) through the per-token online softmax below
@@ -404,17 +410,29 @@ cdef int _paged_attention(
         if gemm.n_tiles:
             rc = ts_attn_gemm(&gemm, ts_threads())
         free(<void *>gemm.tiles)
+        n_items = n_rest * KVH * n_spans
     if rc == 0 and n_rest:
         if n_spans > 1:
             job.part = <float *>malloc(N * H * n_spans * (Dv + 2) * sizeof(float))
             if job.part == NULL:
                 rc = -1
+        if rc == 0 and n_spans == 1:
+            # the tiles' size only balances the threads: a token's bits do not depend on it
+            tile_start = <int64_t *>malloc((n_rest + 1) * sizeof(int64_t))
+            if tile_start == NULL:
+                rc = -1
+            else:
+                job.tile_start = tile_start
+                n_items = _attn_tiles(seq_of, job.tokens, n_rest,
+                                      max(1, min(ATTN_TILE_TOKENS, n_rest * KVH // (4 * threads))),
+                                      tile_start) * KVH
         if rc == 0:
-            ts_parallel_for(threads, n_rest * KVH * n_spans, ts_attn_task, &job)
+            ts_parallel_for(threads, n_items, ts_attn_task, &job)
             if n_spans > 1:
                 ts_parallel_for(threads if n_rest * H >= 64 else 1, n_rest * H, ts_attn_merge_task,
                                 &job)
         free(job.part)
+        free(tile_start)
     free(<void *>job.tokens)
     return rc
 
@@ -445,6 +463,26 @@ cdef int64_t _gemm_tiles(const int64_t[::1] seq_of, int64_t *tiles, int64_t *res
                 rest[n_rest[0]] = t
                 n_rest[0] += 1
         a = b
+    return n_tiles
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int64_t _attn_tiles(const int64_t[::1] seq_of, const int64_t *tokens, Py_ssize_t n,
+                         Py_ssize_t size, int64_t *starts) noexcept nogil:
+    """Cut the token list (tokens, or 0 .. n - 1 if NULL) into tiles of <= size consecutive
+    entries of one sequence, tile i = entries starts[i] .. starts[i + 1]. -> the number of tiles."""
+    cdef Py_ssize_t i = 0, a
+    cdef int64_t n_tiles = 0
+    while i < n:
+        starts[n_tiles] = i
+        n_tiles += 1
+        a = i
+        i += 1
+        while (i < n and i - a < size
+               and seq_of[tokens[i] if tokens else i] == seq_of[tokens[a] if tokens else a]):
+            i += 1
+    starts[n_tiles] = n
     return n_tiles
 
 

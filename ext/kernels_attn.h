@@ -49,9 +49,19 @@ static inline float ts_exp_sub_sum(float *s, int64_t n, float m) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* The four keys' sums of a0 .. a3 (hadd twice: lane i and i + 4 hold halves of key i's) */
+static inline __m128 ts_hsum4x256(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#endif
+
 /* Scores of gi query heads (q: (gi, Dh), scale applied) against key rows j0 .. j1 - 1 of a block
-   (row j at kb + j * rs): sc[g * BS + j - j0]. Four keys at a time, each with its own
-   accumulator (the FMA chains overlap) and one horizontal reduction for the four. */
+   (row j at kb + j * rs): sc[g * BS + j - j0]. Keys in groups of four from j0, each key with its
+   own accumulator and one horizontal reduction for the four; the rest by ts_dot. Two heads take
+   a group together (eight independent FMA chains hide the FMA latency, and each key load serves
+   both), which changes no head's chain: every score is the same bits for any gi. */
 static inline void ts_attn_scores(const float *q, int gi, int64_t Dh, const float *kb, int64_t rs,
                                   int64_t j0, int64_t j1, float *sc, int64_t BS) {
     int64_t j = j0;
@@ -59,7 +69,28 @@ static inline void ts_attn_scores(const float *q, int gi, int64_t Dh, const floa
     if (Dh % 8 == 0) {
         for (; j + 4 <= j1; j += 4) {
             const float *k0 = kb + j * rs, *k1 = k0 + rs, *k2 = k1 + rs, *k3 = k2 + rs;
-            for (int g = 0; g < gi; g++) {
+            int g = 0;
+            for (; g + 2 <= gi; g += 2) {
+                const float *qa = q + g * Dh, *qb = qa + Dh;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+                for (int64_t d = 0; d < Dh; d += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qa + d), qw = _mm256_loadu_ps(qb + d);
+                    const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+                    a0 = _mm256_fmadd_ps(qv, x0, a0);
+                    b0 = _mm256_fmadd_ps(qw, x0, b0);
+                    a1 = _mm256_fmadd_ps(qv, x1, a1);
+                    b1 = _mm256_fmadd_ps(qw, x1, b1);
+                    const __m256 x2 = _mm256_loadu_ps(k2 + d), x3 = _mm256_loadu_ps(k3 + d);
+                    a2 = _mm256_fmadd_ps(qv, x2, a2);
+                    b2 = _mm256_fmadd_ps(qw, x2, b2);
+                    a3 = _mm256_fmadd_ps(qv, x3, a3);
+                    b3 = _mm256_fmadd_ps(qw, x3, b3);
+                }
+                _mm_storeu_ps(sc + g * BS + (j - j0), ts_hsum4x256(a0, a1, a2, a3));
+                _mm_storeu_ps(sc + (g + 1) * BS + (j - j0), ts_hsum4x256(b0, b1, b2, b3));
+            }
+            for (; g < gi; g++) {
                 const float *qg = q + g * Dh;
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                 for (int64_t d = 0; d < Dh; d += 8) {
@@ -69,10 +100,7 @@ static inline void ts_attn_scores(const float *q, int gi, int64_t Dh, const floa
                     a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
                     a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
                 }
-                /* hadd twice: lane i (and i + 4) holds half of key i's sum */
-                const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-                _mm_storeu_ps(sc + g * BS + (j - j0), _mm_add_ps(_mm256_castps256_ps128(h),
-                                                                 _mm256_extractf128_ps(h, 1)));
+                _mm_storeu_ps(sc + g * BS + (j - j0), ts_hsum4x256(a0, a1, a2, a3));
             }
         }
     }
@@ -117,29 +145,46 @@ static inline void ts_attn_pv(float *acc, const float *corr, const float *p, int
     }
 }
 
-/* The online softmax of gi query heads that share one kv head over that sequence's keys
-   lo .. hi, read in place through its block table: on return acc (gi, Dv) holds
-   sum_j e^(s_j - m) v_j, m (gi,) the max score and l (gi,) sum_j e^(s_j - m) (m = -inf, l = 0
-   for an empty span). q (gi, Dh) carries the softmax scale already. k, v: the layer's pools at
-   the kv head's offset, float32 or (f16) IEEE half; key p at table[p / BS] * block_stride +
-   (p % BS) * row_stride elements (v: its own strides). A half block's rows are widened into
-   work first. work: gi * BS + gi + (f16) BS * (Dh + Dv) floats. */
-static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, const void *k,
-                                const void *v, int f16, int64_t block_stride, int64_t row_stride,
-                                int64_t v_block_stride, int64_t v_row_stride,
-                                const int32_t *table, int64_t BS, int64_t lo, int64_t hi,
-                                float *acc, float *m, float *l, float *work) {
+/* One query of a span: its gi heads' rows (scale applied), its keys [lo, hi] (none: hi < lo),
+   and where its online softmax lands: acc (gi, Dv), then m (gi,), then l (gi,). */
+typedef struct {
+    const float *q;
+    int64_t lo, hi;
+    float *acc;
+} ts_attn_query;
+
+/* The online softmax of nq queries, each of gi heads sharing one kv head, over keys of one
+   sequence read in place through its block table: on return each query's acc holds
+   sum_j e^(s_j - m) v_j over its own keys, m the max score, l sum_j e^(s_j - m) (m = -inf, l = 0
+   for an empty span). Blocks are visited once for all the queries (the block outer, the queries
+   inner), so its key and value rows are read from memory once and reused from L1; each query's
+   arithmetic is what it would do alone, as its block's key range [j0, j1) depends only on its
+   own lo and hi. k, v: the layer's pools at the kv head's offset, float32 or (f16) IEEE half;
+   key p at table[p / BS] * block_stride + (p % BS) * row_stride elements (v: its own strides).
+   A half block's rows are widened into work first. work: gi * BS + gi + (f16) BS * (Dh + Dv)
+   floats. */
+static inline void ts_attn_span(const ts_attn_query *qs, int64_t nq, int gi, int64_t Dh,
+                                int64_t Dv, const void *k, const void *v, int f16,
+                                int64_t block_stride, int64_t row_stride, int64_t v_block_stride,
+                                int64_t v_row_stride, const int32_t *table, int64_t BS,
+                                float *work) {
     float *sc = work, *corr = sc + gi * BS, *kw = corr + gi, *vw = kw + BS * Dh;
     const int64_t es = f16 ? 2 : 4; /* bytes per element */
-    memset(acc, 0, (size_t)(gi * Dv) * sizeof(float));
-    for (int g = 0; g < gi; g++) {
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
+    int64_t lo = INT64_MAX, hi = -1; /* the keys any query reads */
+    for (int64_t i = 0; i < nq; i++) {
+        float *m = qs[i].acc + gi * Dv, *l = m + gi;
+        memset(qs[i].acc, 0, (size_t)(gi * Dv) * sizeof(float));
+        for (int g = 0; g < gi; g++) {
+            m[g] = -INFINITY;
+            l[g] = 0.0f;
+        }
+        if (qs[i].hi < qs[i].lo) continue;
+        lo = qs[i].lo < lo ? qs[i].lo : lo;
+        hi = qs[i].hi > hi ? qs[i].hi : hi;
     }
     if (hi < lo) return;
     for (int64_t b = lo / BS; b <= hi / BS; b++) {
-        const int64_t j0 = b * BS < lo ? lo - b * BS : 0;
-        const int64_t j1 = hi - b * BS + 1 < BS ? hi - b * BS + 1 : BS, nj = j1 - j0;
+        const int64_t first = b * BS, last = first + BS - 1; /* the block's keys */
         const char *kb = (const char *)k + table[b] * block_stride * es;
         const char *vb = (const char *)v + table[b] * v_block_stride * es;
         if (b < hi / BS) { /* the next block lies elsewhere in the pool: fetch it meanwhile */
@@ -150,31 +195,42 @@ static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, 
             for (int64_t j = 0; j < BS; j++)
                 for (int64_t c = 0; c < Dv * es; c += 64) __builtin_prefetch(vn + j * v_row_stride * es + c);
         }
-        const float *kf, *vf; /* rows j0 .. j1 - 1 as float32, and their strides */
+        const float *kf = (const float *)kb, *vf = (const float *)vb; /* row j: j * krs, j * vrs */
         int64_t krs = row_stride, vrs = v_row_stride;
-        if (f16) {
-            for (int64_t j = j0; j < j1; j++) {
-                ts_half_to_float_row((const uint16_t *)kb + j * row_stride, kw + (j - j0) * Dh, Dh);
-                ts_half_to_float_row((const uint16_t *)vb + j * v_row_stride, vw + (j - j0) * Dv, Dv);
+        if (f16) { /* widen the rows some query reads, [u0, u1), once for all of them */
+            int64_t u0 = BS, u1 = 0;
+            for (int64_t i = 0; i < nq; i++) {
+                if (qs[i].hi < qs[i].lo || qs[i].hi < first || qs[i].lo > last) continue;
+                const int64_t j0 = qs[i].lo > first ? qs[i].lo - first : 0;
+                const int64_t j1 = qs[i].hi < last ? qs[i].hi - first + 1 : BS;
+                u0 = j0 < u0 ? j0 : u0;
+                u1 = j1 > u1 ? j1 : u1;
             }
-            kf = kw - j0 * Dh; /* row j at kf + j * Dh */
+            for (int64_t j = u0; j < u1; j++) {
+                ts_half_to_float_row((const uint16_t *)kb + j * row_stride, kw + j * Dh, Dh);
+                ts_half_to_float_row((const uint16_t *)vb + j * v_row_stride, vw + j * Dv, Dv);
+            }
+            kf = kw;
             vf = vw;
             krs = Dh;
             vrs = Dv;
-        } else {
-            kf = (const float *)kb;
-            vf = (const float *)vb + j0 * v_row_stride;
         }
-        ts_attn_scores(q, gi, Dh, kf, krs, j0, j1, sc, BS);
-        for (int g = 0; g < gi; g++) {
-            float *s = sc + g * BS, bm = -INFINITY;
-            for (int64_t j = 0; j < nj; j++) bm = s[j] > bm ? s[j] : bm;
-            const float m_new = m[g] > bm ? m[g] : bm;
-            corr[g] = expf(m[g] - m_new); /* rescales what came before (0 at the start) */
-            l[g] = l[g] * corr[g] + ts_exp_sub_sum(s, nj, m_new);
-            m[g] = m_new;
+        for (int64_t i = 0; i < nq; i++) {
+            if (qs[i].hi < qs[i].lo || qs[i].hi < first || qs[i].lo > last) continue;
+            const int64_t j0 = qs[i].lo > first ? qs[i].lo - first : 0;
+            const int64_t j1 = qs[i].hi < last ? qs[i].hi - first + 1 : BS, nj = j1 - j0;
+            float *acc = qs[i].acc, *m = acc + gi * Dv, *l = m + gi;
+            ts_attn_scores(qs[i].q, gi, Dh, kf, krs, j0, j1, sc, BS);
+            for (int g = 0; g < gi; g++) {
+                float *s = sc + g * BS, bm = -INFINITY;
+                for (int64_t j = 0; j < nj; j++) bm = s[j] > bm ? s[j] : bm;
+                const float m_new = m[g] > bm ? m[g] : bm;
+                corr[g] = expf(m[g] - m_new); /* rescales what came before (0 at the start) */
+                l[g] = l[g] * corr[g] + ts_exp_sub_sum(s, nj, m_new);
+                m[g] = m_new;
+            }
+            ts_attn_pv(acc, corr, sc, gi, BS, vf + j0 * vrs, vrs, nj, Dv);
         }
-        ts_attn_pv(acc, corr, sc, gi, BS, vf, vrs, nj, Dv);
     }
 }
 
@@ -184,9 +240,12 @@ static inline void ts_attn_span(const float *q, int gi, int64_t Dh, int64_t Dv, 
    depend only on the token's own position, never on the step: a token's output is the same bits
    alone or in a batch, at any thread count. Only who computes a piece depends on the step: with
    n_spans > 1 (few tokens: a decode step) item = (token, kv head, piece) and the pieces of one
-   token spread over the threads, leaving their partials in part; with n_spans == 1 item = (token,
-   kv head) computes its pieces one after another in its own scratch. */
+   token spread over the threads, leaving their partials in part; with n_spans == 1 item = (tile,
+   kv head), a tile being up to TS_ATTN_QTILE tokens of one sequence (a prefill chunk) whose
+   pieces run one after another in its own scratch, each piece for all the tile's tokens at once
+   (ts_attn_span: its blocks are read once for the tile). */
 #define TS_ATTN_PIECE 256
+#define TS_ATTN_QTILE 32 /* tokens per tile at most */
 
 typedef struct {
     const float *q; /* (N, H, Dh) */
@@ -197,11 +256,13 @@ typedef struct {
     const int64_t *seq_of, *seq_lens, *positions; /* (N,), (S,), (N,) */
     const int32_t *block_tables; /* (S, max_blocks) */
     int64_t max_blocks, H, Dh, Dv, BS, KVH, window;
-    int64_t n_spans; /* > 1: pieces per item slot (ts_attn_max_pieces); 1: a token per item */
+    int64_t n_spans; /* > 1: pieces per item slot (ts_attn_max_pieces); 1: a tile per item */
     float scale;
     float *out; /* (N, H, Dv) */
     float *part; /* n_spans > 1: (N, KVH, n_spans, G, Dv + 2) */
     const int64_t *tokens; /* the flat tokens the items cover, in order; NULL: all N */
+    const int64_t *tile_start; /* n_spans == 1: tile i is tokens [tile_start[i], tile_start[i + 1])
+                                  of the list above, all of one sequence */
 } ts_attn_job;
 
 /* The key range [lo, hi] token t attends to (causal, sliding window). */
@@ -214,6 +275,11 @@ static inline void ts_attn_range(const ts_attn_job *j, int64_t t, int64_t *lo, i
 /* The most pieces a token of a sequence of max_len keys has: a bound for part's n_spans. */
 static inline int64_t ts_attn_max_pieces(int64_t max_len) { return max_len / TS_ATTN_PIECE + 1; }
 
+/* How many pieces keys [lo, hi] are cut into. */
+static inline int64_t ts_attn_n_pieces(int64_t lo, int64_t hi) {
+    return hi < lo ? 0 : hi / TS_ATTN_PIECE - lo / TS_ATTN_PIECE + 1;
+}
+
 /* Piece c of a token's [lo, hi]: [*a, *b], empty (*b < *a) past its last piece. */
 static inline void ts_attn_piece_range(int64_t lo, int64_t hi, int64_t c, int64_t *a, int64_t *b) {
     const int64_t start = (lo / TS_ATTN_PIECE + c) * TS_ATTN_PIECE;
@@ -221,18 +287,14 @@ static inline void ts_attn_piece_range(int64_t lo, int64_t hi, int64_t c, int64_
     *b = start + TS_ATTN_PIECE - 1 < hi ? start + TS_ATTN_PIECE - 1 : hi;
 }
 
-/* One piece of token t's keys for kv head kvh: acc (G, Dv), m (G), l (G) at p. */
-static inline void ts_attn_piece(const ts_attn_job *j, int64_t t, int64_t kvh, int64_t c,
-                                 const float *qs, float *p, float *span_work) {
-    const int64_t G = j->H / j->KVH, Dh = j->Dh, Dv = j->Dv, es = j->kv_f16 ? 2 : 4;
-    int64_t lo, hi, a, b;
-    ts_attn_range(j, t, &lo, &hi);
-    ts_attn_piece_range(lo, hi, c, &a, &b);
-    float *acc = p, *m = acc + G * Dv, *l = m + G;
-    ts_attn_span(qs, (int)G, Dh, Dv, (const char *)j->k + kvh * Dh * es,
-                 (const char *)j->v + kvh * Dv * es, j->kv_f16, j->BS * j->KVH * Dh,
-                 j->KVH * Dh, j->v_block, j->v_row, j->block_tables + j->seq_of[t] * j->max_blocks,
-                 j->BS, a, b, acc, m, l, span_work);
+/* ts_attn_span over kv head kvh of the sequence of token t (every query of qs is one of its) */
+static inline void ts_attn_pieces(const ts_attn_job *j, int64_t t, int64_t kvh,
+                                  const ts_attn_query *qs, int64_t nq, float *span_work) {
+    const int64_t es = j->kv_f16 ? 2 : 4;
+    ts_attn_span(qs, nq, (int)(j->H / j->KVH), j->Dh, j->Dv, (const char *)j->k + kvh * j->Dh * es,
+                 (const char *)j->v + kvh * j->Dv * es, j->kv_f16, j->BS * j->KVH * j->Dh,
+                 j->KVH * j->Dh, j->v_block, j->v_row,
+                 j->block_tables + j->seq_of[t] * j->max_blocks, j->BS, span_work);
 }
 
 /* o (Dv,) = head g's n pieces at p0 (stride floats apart) combined in order:
@@ -259,27 +321,65 @@ static inline void ts_attn_merge(const float *p0, int64_t stride, int64_t n, int
 static void ts_attn_task(void *ctx, int64_t item) {
     const ts_attn_job *j = (const ts_attn_job *)ctx;
     const int64_t G = j->H / j->KVH, Dh = j->Dh, Dv = j->Dv, stride = G * (Dv + 2);
-    const int64_t c = item % j->n_spans, kvh = item / j->n_spans % j->KVH;
-    const int64_t ti = item / j->n_spans / j->KVH, t = j->tokens ? j->tokens[ti] : ti;
-    int64_t lo, hi;
-    ts_attn_range(j, t, &lo, &hi);
-    const int64_t n = hi < lo ? 0 : hi / TS_ATTN_PIECE - lo / TS_ATTN_PIECE + 1;
-    /* work: q scaled (G, Dh) | the span's (G, BS + 1) + widened rows | n_spans == 1: n pieces */
+    const int64_t spans = j->n_spans, kvh = item / spans % j->KVH, unit = item / spans / j->KVH;
+    /* the item's tokens: list entries [i0, i1) */
+    const int64_t i0 = spans > 1 ? unit : j->tile_start[unit];
+    const int64_t i1 = spans > 1 ? unit + 1 : j->tile_start[unit + 1], T = i1 - i0;
+    int64_t lo[TS_ATTN_QTILE], hi[TS_ATTN_QTILE], n = 0, p_lo = INT64_MAX, p_hi = -1;
+    for (int64_t i = 0; i < T; i++) {
+        const int64_t t = j->tokens ? j->tokens[i0 + i] : i0 + i;
+        ts_attn_range(j, t, &lo[i], &hi[i]);
+        n += ts_attn_n_pieces(lo[i], hi[i]);
+        if (hi[i] < lo[i]) continue;
+        p_lo = lo[i] / TS_ATTN_PIECE < p_lo ? lo[i] / TS_ATTN_PIECE : p_lo;
+        p_hi = hi[i] / TS_ATTN_PIECE > p_hi ? hi[i] / TS_ATTN_PIECE : p_hi;
+    }
+    /* work: q scaled (T, G, Dh) | the span's (G, BS + 1) + widened rows | spans == 1: pieces */
     const int64_t span_floats = G * (j->BS + 1) + j->BS * (Dh + Dv);
-    const int64_t own = j->n_spans == 1 ? n * stride : 0;
-    float *work = (float *)ts_scratch(2, sizeof(float) * (size_t)(G * Dh + span_floats + own));
-    if (!work) abort(); /* a few KB, and n pieces of (G, Dv + 2) */
-    float *qs = work, *span_work = qs + G * Dh, *pieces = span_work + span_floats;
-    const float *qt = j->q + (t * j->H + kvh * G) * Dh;
-    for (int64_t i = 0; i < G * Dh; i++) qs[i] = qt[i] * j->scale;
-    if (j->n_spans > 1) { /* one piece, left in part for ts_attn_merge_task */
-        ts_attn_piece(j, t, kvh, c, qs, j->part + ((t * j->KVH + kvh) * j->n_spans + c) * stride,
-                      span_work);
+    const int64_t own = spans == 1 ? n * stride : 0;
+    float *work = (float *)ts_scratch(2, sizeof(float) * (size_t)(T * G * Dh + span_floats + own));
+    if (!work) abort(); /* a few hundred KB at most */
+    float *qs = work, *span_work = qs + T * G * Dh, *pieces = span_work + span_floats;
+    const int64_t t0 = j->tokens ? j->tokens[i0] : i0;
+    for (int64_t i = 0; i < T; i++) {
+        const int64_t t = j->tokens ? j->tokens[i0 + i] : i0 + i;
+        const float *qt = j->q + (t * j->H + kvh * G) * Dh;
+        for (int64_t e = 0; e < G * Dh; e++) qs[i * G * Dh + e] = qt[e] * j->scale;
+    }
+    ts_attn_query qv[TS_ATTN_QTILE];
+    if (spans > 1) { /* one piece, left in part for ts_attn_merge_task */
+        const int64_t c = item % spans;
+        qv[0].q = qs;
+        qv[0].acc = j->part + ((t0 * j->KVH + kvh) * spans + c) * stride;
+        ts_attn_piece_range(lo[0], hi[0], c, &qv[0].lo, &qv[0].hi);
+        ts_attn_pieces(j, t0, kvh, qv, 1, span_work);
         return;
     }
-    for (int64_t p = 0; p < n; p++) ts_attn_piece(j, t, kvh, p, qs, pieces + p * stride, span_work);
-    float *o = j->out + (t * j->H + kvh * G) * Dv;
-    for (int64_t g = 0; g < G; g++) ts_attn_merge(pieces, stride, n, G, Dv, g, o + g * Dv);
+    /* absolute piece p of every token that has one, token i's pieces from first[i] on */
+    int64_t first[TS_ATTN_QTILE];
+    for (int64_t i = 0, at = 0; i < T; i++) {
+        first[i] = at;
+        at += ts_attn_n_pieces(lo[i], hi[i]);
+    }
+    for (int64_t p = p_lo; p <= p_hi; p++) {
+        int64_t nq = 0;
+        for (int64_t i = 0; i < T; i++) {
+            const int64_t c = p - lo[i] / TS_ATTN_PIECE;
+            if (hi[i] < lo[i] || c < 0 || c >= ts_attn_n_pieces(lo[i], hi[i])) continue;
+            qv[nq].q = qs + i * G * Dh;
+            qv[nq].acc = pieces + (first[i] + c) * stride;
+            ts_attn_piece_range(lo[i], hi[i], c, &qv[nq].lo, &qv[nq].hi);
+            nq++;
+        }
+        if (nq) ts_attn_pieces(j, t0, kvh, qv, nq, span_work);
+    }
+    for (int64_t i = 0; i < T; i++) {
+        const int64_t t = j->tokens ? j->tokens[i0 + i] : i0 + i;
+        float *o = j->out + (t * j->H + kvh * G) * Dv;
+        for (int64_t g = 0; g < G; g++)
+            ts_attn_merge(pieces + first[i] * stride, stride, ts_attn_n_pieces(lo[i], hi[i]), G,
+                          Dv, g, o + g * Dv);
+    }
 }
 
 /* n_spans > 1: out (t, h) = the token's pieces in part combined */
@@ -290,9 +390,8 @@ static void ts_attn_merge_task(void *ctx, int64_t th) {
     const int64_t kvh = h / G, stride = G * (Dv + 2);
     int64_t lo, hi;
     ts_attn_range(j, t, &lo, &hi);
-    const int64_t n = hi < lo ? 0 : hi / TS_ATTN_PIECE - lo / TS_ATTN_PIECE + 1;
-    ts_attn_merge(j->part + (t * j->KVH + kvh) * j->n_spans * stride, stride, n, G, Dv, h % G,
-                  j->out + (t * j->H + h) * Dv);
+    ts_attn_merge(j->part + (t * j->KVH + kvh) * j->n_spans * stride, stride,
+                  ts_attn_n_pieces(lo, hi), G, Dv, h % G, j->out + (t * j->H + h) * Dv);
 }
 
 #endif

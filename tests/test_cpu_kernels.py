@@ -225,6 +225,43 @@ def test_paged_attention_rows_do_not_depend_on_the_step(kernels, window):
     np.testing.assert_allclose(got["batch", 1], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("G, Dh", [(1, 64), (2, 64), (4, 256)])
+@pytest.mark.parametrize("window", [None, 37])
+def test_prefill_tokens_attend_as_they_would_alone(kernels, kv_dtype, G, Dh, window):
+    """A prefill chunk's tokens attend in tiles of one sequence's tokens (each block of keys read
+    once for the tile): every token's output is the bits it gets alone (a decode step, its keys
+    split over the threads past one piece), at any thread count, and near the reference. Mixed
+    lengths over earlier chunks, a block size that divides none of them, a decode in the step."""
+    rng = np.random.default_rng(12)
+    KVH, BS = 2, 12
+    spec = [(45, 0), (3, 20), (1, 50), (40, 290)]  # the last: keys past a piece cut (256)
+    q, k_pool, v_pool, batch = _paged_case(rng, spec, G * KVH, KVH, Dh, BS, NB=72)
+    k_pool, v_pool = k_pool.astype(kv_dtype), v_pool.astype(kv_dtype)
+    assert kernels._attn_spans(batch.n_tokens, KVH, int(batch.seq_lens.max())) == 1
+    old = kernels.get_num_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            kernels.set_num_threads(threads)
+            got[threads] = kernels.paged_attention(q, k_pool, v_pool, batch, 0.125, window)
+        alone = np.empty_like(got[1])
+        for s, (n_new, n_cached) in enumerate(spec):
+            table = batch.block_tables[s].tolist()
+            for i in range(n_new):
+                t = int(batch.query_start[s]) + i
+                one = Batch.build([([0], n_cached + i, table)], BS)
+                out = kernels.paged_attention(q[t : t + 1], k_pool, v_pool, one, 0.125, window)
+                alone[t] = out[0]
+    finally:
+        kernels.set_num_threads(old)
+    np.testing.assert_array_equal(got[1], got[2])
+    np.testing.assert_array_equal(got[1], alone)
+    k32, v32 = k_pool.astype(np.float32), v_pool.astype(np.float32)
+    want = REF.paged_attention(q, k32, v32, batch, 0.125, window)
+    np.testing.assert_allclose(got[1], want, rtol=1e-4, atol=1e-5)
+
+
 def test_float16_pools_round_like_numpy_and_attend_like_float32(kernels):
     """A float16 KV cache: write_kv rounds as numpy's float16 cast does (nearest even, subnormals
     and overflow included), and attention over half pools equals attention over the same values

@@ -89,3 +89,30 @@ class Kernels:
 
     def peakmem_paged_attention(self, impl, n_tokens, threads):
         self.ops.paged_attention(self.q, self.k_pool, self.v_pool, self.batch, self.scale)
+
+
+class AttentionGemma3:
+    """Paged attention on Gemma-3-270M's shapes (H 4, KVH 1, Dh 256: one kv head for the four query
+    heads, long rows): a prefill of 512 tokens (tiles of the sequence's tokens share each block of
+    keys) and a decode step after 511 cached tokens (its keys split over the threads), per KV dtype."""
+
+    params = (["numpy", "cpu"], [1, 512], ["float32", "float16"], _common.THREADS)
+    param_names = ("impl", "n_tokens", "kv_dtype", "threads")
+    timeout = 120
+
+    def setup(self, impl, n_tokens, kv_dtype, threads):
+        from tinyserve.batch import Batch
+
+        H, KVH, Dh = 4, 1, 256
+        self.ops = _common.backend_for(impl, threads).ops
+        rng = np.random.default_rng(0)
+        n_blocks = CONTEXT // BLOCK
+        shape = (n_blocks, BLOCK, KVH, Dh)
+        self.k_pool = rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype)
+        self.v_pool = rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype)
+        self.q = rng.standard_normal((n_tokens, H, Dh), dtype=np.float32)  # (N, H, Dh)
+        table = [int(b) for b in rng.permutation(n_blocks)]
+        self.batch = Batch.build([(list(range(n_tokens)), CONTEXT - n_tokens, table)], BLOCK)
+
+    def time_paged_attention(self, impl, n_tokens, kv_dtype, threads):
+        self.ops.paged_attention(self.q, self.k_pool, self.v_pool, self.batch, 1 / 16, 512)
