@@ -385,7 +385,7 @@ cdef class DecoderStack:
         _write_kv(vp, kv_f16, v, slots)
         # attention's output overwrites its queries (each work item reads its heads' first)
         if _paged_attention(q, kp, vp, kv_f16, BS, KVH, Dh, BS * W, W, seq_of, seq_lens,
-                            positions, block_tables, self.scale, lw.window, n_spans, q):
+                            positions, block_tables, self.scale, lw.window, n_spans, q, isa):
             return -1
         out[0] = h
         return _matmuls(qp, N, QW, lw, W_O, 1, out, isa)
@@ -422,7 +422,7 @@ cdef class DecoderStack:
         # an MQA over the pool: keys its rows, values their c_kv part, read in place
         if _paged_attention(q, kp, kp + dr * (2 if kv_f16 else 4), kv_f16, BS, 1, r, BS * L, L,
                             seq_of, seq_lens, positions, block_tables, self.scale, 0, n_spans,
-                            att):
+                            att, isa):
             return -1
         ts_head_matmul(&att[0, 0, 0], N, H, r, lw.v_up, dv, sc.ov, _threads_for(N * H * dv * r))
         out[0] = sc.h

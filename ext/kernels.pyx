@@ -57,7 +57,7 @@ cdef extern from "kernels_attn.h" nogil:
         const void *k
         const void *v
         int64_t v_block, v_row
-        int kv_f16
+        int kv_f16, wide
         const int64_t *seq_of
         const int64_t *seq_lens
         const int64_t *positions
@@ -71,7 +71,7 @@ cdef extern from "kernels_attn.h" nogil:
     void ts_attn_task(void *ctx, int64_t item)
     void ts_attn_merge_task(void *ctx, int64_t th)
     int64_t ts_attn_max_pieces(int64_t max_len)
-    int TS_ATTN_QTILE
+    int TS_ATTN_QTILE, TS_ATTN_WIDE
 
 
 cdef extern from "kernels_sample.h" nogil:
@@ -372,12 +372,14 @@ cdef int _paged_attention(
     int64_t window,  # 0: none
     int64_t n_spans,  # pieces each token's keys are cut into (the threads share a sequence)
     float[:, :, ::1] out,  # (N, H, Dv); may be q itself (Dv == Dh)
+    int isa,  # the kernels' ISA level (TS_ISA_*): from vnni on, attention's AVX-512 twins
 ) noexcept nogil:
     """0, or -1: out of memory."""
     cdef Py_ssize_t N = q.shape[0], H = q.shape[1], Dh = q.shape[2]
     cdef ts_attn_job job
     job.q = &q[0, 0, 0]
     job.k, job.v, job.kv_f16 = k_pool, v_pool, kv_f16
+    job.wide = TS_ATTN_WIDE and isa >= TS_ISA_VNNI
     job.v_block, job.v_row = v_block, v_row
     job.seq_of = &seq_of[0]
     job.seq_lens = &seq_lens[0]
@@ -537,7 +539,7 @@ def paged_attention_arrays(q, k_pool, v_pool, query_start, seq_lens, positions, 
                               k_pool.shape[1], KVH, Dv, v_steps[0], v_steps[1], seq_of, seq_lens,
                               positions, block_tables,
                               scale, int(sliding_window or 0),
-                              _attn_spans(N, KVH, int(seq_lens.max())), out):
+                              _attn_spans(N, KVH, int(seq_lens.max())), out, _isa):
         raise MemoryError("paged_attention: out of memory")
     return out
 

@@ -1,12 +1,15 @@
-/* Paged attention's inner loop for ext/kernels.pyx: one token's query heads that share a kv
-   head, against that sequence's keys [lo, hi], read in place through its block table.
+/* Paged attention's inner loop for ext/kernels.pyx: the query heads that share a kv head, of
+   one token or of a tile of one sequence's tokens, against that sequence's keys (each token its
+   own [lo, hi]), read in place through its block table.
 
-   Per block of BS keys: every key row is loaded once for all the heads of the group (GQA), the
-   block's scores are exponentiated together (a vectorized exp instead of one libm call per key),
-   and the running max / sum / weighted values follow the online softmax:
+   Per block of BS keys: every key row is loaded once for all the heads of the group (GQA) and
+   all the tokens of the tile, the block's scores are exponentiated together (a vectorized exp
+   instead of one libm call per key), and the running max / sum / weighted values follow the
+   online softmax:
        m' = max(m, max_j s_j),  l' = l e^(m - m') + sum_j e^(s_j - m'),
        acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j,   out = acc / l.
-   Needs kernels_simd.h first (ts_dot, ts_axpy). */
+   The score and value kernels here are AVX2's; kernels_attn_wide.h has their AVX-512 twins.
+   Needs kernels_simd.h first (ts_dot, ts_hsum256, ts_exp256). */
 #ifndef TINYSERVE_KERNELS_ATTN_H
 #define TINYSERVE_KERNELS_ATTN_H
 
@@ -56,6 +59,8 @@ static inline __m128 ts_hsum4x256(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 #endif
+
+#include "kernels_attn_wide.h" /* the AVX-512 twins, after ts_hsum4x256 */
 
 /* Scores of gi query heads (q: (gi, Dh), scale applied) against key rows j0 .. j1 - 1 of a block
    (row j at kb + j * rs): sc[g * BS + j - j0]. Keys in groups of four from j0, each key with its
@@ -145,6 +150,14 @@ static inline void ts_attn_pv(float *acc, const float *corr, const float *p, int
     }
 }
 
+/* a hint to fetch n rows of `bytes` each, `stride` bytes apart, into the cache */
+static inline void ts_prefetch_rows(const char *p, int64_t n, int64_t bytes, int64_t stride) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(p + j * stride + c);
+}
+
+#define TS_ATTN_AHEAD 2 /* blocks: far enough for a block's fetch to overlap two blocks' work */
+
 /* One query of a span: its gi heads' rows (scale applied), its keys [lo, hi] (none: hi < lo),
    and where its online softmax lands: acc (gi, Dv), then m (gi,), then l (gi,). */
 typedef struct {
@@ -162,9 +175,9 @@ typedef struct {
    own lo and hi. k, v: the layer's pools at the kv head's offset, float32 or (f16) IEEE half;
    key p at table[p / BS] * block_stride + (p % BS) * row_stride elements (v: its own strides).
    A half block's rows are widened into work first. work: gi * BS + gi + (f16) BS * (Dh + Dv)
-   floats. */
+   floats. wide: the AVX-512 kernels (kernels_attn_wide.h), for every query of the CPU alike. */
 static inline void ts_attn_span(const ts_attn_query *qs, int64_t nq, int gi, int64_t Dh,
-                                int64_t Dv, const void *k, const void *v, int f16,
+                                int64_t Dv, const void *k, const void *v, int f16, int wide,
                                 int64_t block_stride, int64_t row_stride, int64_t v_block_stride,
                                 int64_t v_row_stride, const int32_t *table, int64_t BS,
                                 float *work) {
@@ -187,13 +200,14 @@ static inline void ts_attn_span(const ts_attn_query *qs, int64_t nq, int gi, int
         const int64_t first = b * BS, last = first + BS - 1; /* the block's keys */
         const char *kb = (const char *)k + table[b] * block_stride * es;
         const char *vb = (const char *)v + table[b] * v_block_stride * es;
-        if (b < hi / BS) { /* the next block lies elsewhere in the pool: fetch it meanwhile */
-            const char *kn = (const char *)k + table[b + 1] * block_stride * es;
-            const char *vn = (const char *)v + table[b + 1] * v_block_stride * es;
-            for (int64_t j = 0; j < BS; j++)
-                for (int64_t c = 0; c < Dh * es; c += 64) __builtin_prefetch(kn + j * row_stride * es + c);
-            for (int64_t j = 0; j < BS; j++)
-                for (int64_t c = 0; c < Dv * es; c += 64) __builtin_prefetch(vn + j * v_row_stride * es + c);
+        /* the blocks ahead lie elsewhere in the pool: fetch them meanwhile, TS_ATTN_AHEAD
+           blocks ahead (the first block also asks for those in between) */
+        for (int64_t n = b == lo / BS ? b + 1 : b + TS_ATTN_AHEAD; n <= b + TS_ATTN_AHEAD; n++) {
+            if (n > hi / BS) break;
+            ts_prefetch_rows((const char *)k + table[n] * block_stride * es, BS, Dh * es,
+                             row_stride * es);
+            ts_prefetch_rows((const char *)v + table[n] * v_block_stride * es, BS, Dv * es,
+                             v_row_stride * es);
         }
         const float *kf = (const float *)kb, *vf = (const float *)vb; /* row j: j * krs, j * vrs */
         int64_t krs = row_stride, vrs = v_row_stride;
@@ -220,7 +234,12 @@ static inline void ts_attn_span(const ts_attn_query *qs, int64_t nq, int gi, int
             const int64_t j0 = qs[i].lo > first ? qs[i].lo - first : 0;
             const int64_t j1 = qs[i].hi < last ? qs[i].hi - first + 1 : BS, nj = j1 - j0;
             float *acc = qs[i].acc, *m = acc + gi * Dv, *l = m + gi;
-            ts_attn_scores(qs[i].q, gi, Dh, kf, krs, j0, j1, sc, BS);
+#if TS_ATTN_WIDE
+            if (wide && Dh % 16 == 0)
+                ts_attn_scores_wide(qs[i].q, gi, Dh, kf, krs, j0, j1, sc, BS);
+            else
+#endif
+                ts_attn_scores(qs[i].q, gi, Dh, kf, krs, j0, j1, sc, BS);
             for (int g = 0; g < gi; g++) {
                 float *s = sc + g * BS, bm = -INFINITY;
                 for (int64_t j = 0; j < nj; j++) bm = s[j] > bm ? s[j] : bm;
@@ -229,7 +248,12 @@ static inline void ts_attn_span(const ts_attn_query *qs, int64_t nq, int gi, int
                 l[g] = l[g] * corr[g] + ts_exp_sub_sum(s, nj, m_new);
                 m[g] = m_new;
             }
-            ts_attn_pv(acc, corr, sc, gi, BS, vf + j0 * vrs, vrs, nj, Dv);
+#if TS_ATTN_WIDE
+            if (wide)
+                ts_attn_pv_wide(acc, corr, sc, gi, BS, vf + j0 * vrs, vrs, nj, Dv);
+            else
+#endif
+                ts_attn_pv(acc, corr, sc, gi, BS, vf + j0 * vrs, vrs, nj, Dv);
         }
     }
 }
@@ -253,6 +277,7 @@ typedef struct {
     int64_t v_block, v_row; /* elements between v's blocks and rows: values may be a view into
                                the key rows (MLA's latent, after its rope dims) */
     int kv_f16;
+    int wide; /* the AVX-512 kernels: only where the CPU runs them (TS_ATTN_WIDE, the vnni level) */
     const int64_t *seq_of, *seq_lens, *positions; /* (N,), (S,), (N,) */
     const int32_t *block_tables; /* (S, max_blocks) */
     int64_t max_blocks, H, Dh, Dv, BS, KVH, window;
@@ -292,7 +317,7 @@ static inline void ts_attn_pieces(const ts_attn_job *j, int64_t t, int64_t kvh,
                                   const ts_attn_query *qs, int64_t nq, float *span_work) {
     const int64_t es = j->kv_f16 ? 2 : 4;
     ts_attn_span(qs, nq, (int)(j->H / j->KVH), j->Dh, j->Dv, (const char *)j->k + kvh * j->Dh * es,
-                 (const char *)j->v + kvh * j->Dv * es, j->kv_f16, j->BS * j->KVH * j->Dh,
+                 (const char *)j->v + kvh * j->Dv * es, j->kv_f16, j->wide, j->BS * j->KVH * j->Dh,
                  j->KVH * j->Dh, j->v_block, j->v_row,
                  j->block_tables + j->seq_of[t] * j->max_blocks, j->BS, span_work);
 }

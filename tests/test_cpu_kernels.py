@@ -225,21 +225,25 @@ def test_paged_attention_rows_do_not_depend_on_the_step(kernels, window):
     np.testing.assert_allclose(got["batch", 1], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "vnni"])  # vnni and up: the AVX-512 score kernel
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("G, Dh", [(1, 64), (2, 64), (4, 256)])
+@pytest.mark.parametrize("G, Dh", [(1, 64), (2, 64), (4, 256), (3, 40)])
 @pytest.mark.parametrize("window", [None, 37])
-def test_prefill_tokens_attend_as_they_would_alone(kernels, kv_dtype, G, Dh, window):
+def test_prefill_tokens_attend_as_they_would_alone(kernels, isa, kv_dtype, G, Dh, window):
     """A prefill chunk's tokens attend in tiles of one sequence's tokens (each block of keys read
     once for the tile): every token's output is the bits it gets alone (a decode step, its keys
     split over the threads past one piece), at any thread count, and near the reference. Mixed
     lengths over earlier chunks, a block size that divides none of them, a decode in the step."""
+    if isa not in kernels.available_isas():
+        pytest.skip(f"this CPU has no {isa} level")
     rng = np.random.default_rng(12)
     KVH, BS = 2, 12
     spec = [(45, 0), (3, 20), (1, 50), (40, 290)]  # the last: keys past a piece cut (256)
     q, k_pool, v_pool, batch = _paged_case(rng, spec, G * KVH, KVH, Dh, BS, NB=72)
     k_pool, v_pool = k_pool.astype(kv_dtype), v_pool.astype(kv_dtype)
     assert kernels._attn_spans(batch.n_tokens, KVH, int(batch.seq_lens.max())) == 1
-    old = kernels.get_num_threads()
+    old, old_isa = kernels.get_num_threads(), kernels.get_isa()
+    kernels.set_isa(isa)
     try:
         got = {}
         for threads in (1, 2):
@@ -255,6 +259,7 @@ def test_prefill_tokens_attend_as_they_would_alone(kernels, kv_dtype, G, Dh, win
                 alone[t] = out[0]
     finally:
         kernels.set_num_threads(old)
+        kernels.set_isa(old_isa)
     np.testing.assert_array_equal(got[1], got[2])
     np.testing.assert_array_equal(got[1], alone)
     k32, v32 = k_pool.astype(np.float32), v_pool.astype(np.float32)
