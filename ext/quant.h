@@ -449,7 +449,9 @@ static void ts_mm_task(void *ctx, int64_t task) {
         if (jb->group[j]) { /* r0 and m are multiples of the group */
             for (int64_t r = r0; r < r1;) {
                 const uint8_t *g = wj + r / TS_GROUP * ws;
-                if (jb->group2[j] && r + 2 * TS_GROUP <= r1) {
+                /* one row (decode) streams its weights from memory: there the two-group tile
+                 * measured slower than one group at a time over a large matrix (the head) */
+                if (jb->group2[j] && n_x > 1 && r + 2 * TS_GROUP <= r1) {
                     ts_prefetch_row(wj, r / TS_GROUP + 2, (r1 - 1) / TS_GROUP + 1, ws, n_x);
                     ts_prefetch_row(wj, r / TS_GROUP + 3, (r1 - 1) / TS_GROUP + 1, ws, n_x);
                     jb->group2[j](g, ws, tile, jb->nb[j], n_x, o + r, os);
