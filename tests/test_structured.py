@@ -320,11 +320,14 @@ def _chat_prompts(llm, text: str, k: int):
 def test_real_model_20_sampled_outputs_validate(real_llm, name):
     schema = REAL_SCHEMAS[name]
     so = StructuredOutputsParams(json=schema)
-    params = [sampled(so, seed, max_tokens=64, temperature=1.0) for seed in range(20)]
+    # room for the longest value the schema allows: a 20-character string sampled at
+    # temperature 1 may be CJK, up to 3 byte-level tokens a character
+    params = [sampled(so, seed, max_tokens=256, temperature=1.0) for seed in range(20)]
     prompt = f"Reply with a JSON object matching this schema: {json.dumps(schema)}"
     outs = real_llm.generate(_chat_prompts(real_llm, prompt, 20), params)
-    for t in texts(outs):
-        jsonschema.validate(json.loads(t), schema)
+    for out in outs:
+        assert out.outputs[0].finish_reason == "stop", out.outputs[0].text  # the grammar closed
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
 
 
 @pytest.mark.real_model
