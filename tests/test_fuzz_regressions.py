@@ -89,3 +89,31 @@ def test_loop_control_outside_a_loop(control):
     failed in Python's compile of the generated code (SyntaxError)."""
     with pytest.raises(TokenizerError, match="outside loop|not properly in loop"):
         compile_chat_template("{{ 1 }}{% " + control + " %}")
+
+
+@pytest.mark.parametrize("name", ["gemma3", "llama", "mixtral", "deepseek_v3"])
+def test_config_with_an_astronomical_layer_count(name):
+    """model_config target, seed 1: num_hidden_layers = 3333...3 (73 digits) and no layer_types
+    made Gemma 3's reader build one layer type per layer (a timeout). The shared readers bound
+    the layer count before a family sees it, config.json and GGUF alike."""
+    import json
+    from pathlib import Path
+
+    from tinyserve.errors import ConfigError
+    from tinyserve.loading.model_config import config_from_gguf, config_from_hf
+
+    corpus = Path(__file__).parent / "fuzz" / "corpus" / "model_config" / f"{name}.json"
+    hf = json.loads(corpus.read_text())
+    hf.pop("layer_types", None)
+    assert config_from_hf(hf).n_layers == hf["num_hidden_layers"]  # the baseline reads
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        config_from_hf({**hf, "num_hidden_layers": int("3" * 73)})
+    meta = {
+        "general.architecture": "gemma3", "gemma3.block_count": 10**12,
+        "gemma3.embedding_length": 64, "gemma3.attention.head_count": 4,
+        "gemma3.feed_forward_length": 128, "gemma3.vocab_size": 256,
+        "gemma3.attention.key_length": 16,
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="block_count"):
+        config_from_gguf(meta, set())
+    assert config_from_gguf({**meta, "gemma3.block_count": 6}, set()).n_layers == 6

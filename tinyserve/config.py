@@ -20,6 +20,9 @@ from .errors import ConfigError
 
 # Per-layer attention kinds (Gemma 3's layer_types).
 FULL, SLIDING = "full_attention", "sliding_attention"
+# past any model built (the deepest have ~100-200 layers); a checkpoint claiming more is broken, and
+# the readers refuse it before a family builds anything per layer
+MAX_LAYERS = 4096
 
 
 @dataclass(frozen=True, slots=True)

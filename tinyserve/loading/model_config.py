@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig
+from ..config import MAX_LAYERS, ModelConfig
 from ..errors import ConfigError, UnsupportedArchitecture
 from ..models.family import rope_scaling_from_hf
 from ..models.registry import gguf_family, hf_family, supported_gguf_archs, supported_model_types
@@ -86,7 +86,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             "family": family.name,
             "vocab_size": int(hf["vocab_size"]),
             "hidden_size": hidden,
-            "n_layers": int(hf["num_hidden_layers"]),
+            "n_layers": layer_count(hf["num_hidden_layers"], "num_hidden_layers"),
             "n_heads": n_heads,
             "n_kv_heads": int(hf.get("num_key_value_heads") or n_heads),
             "head_dim": int(hf.get("head_dim") or hidden // n_heads),
@@ -108,6 +108,14 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     except (TypeError, ValueError, ArithmeticError, IndexError) as e:
         # values of the right JSON type that still do not make a model (a head count of 0)
         raise ConfigError(f"{source} has a malformed field: {type(e).__name__}: {e}") from None
+
+
+def layer_count(value: Any, key: str) -> int:
+    """A checkpoint's layer count, checked before a family builds anything per layer."""
+    n = int(value)
+    if not 0 < n <= MAX_LAYERS:
+        raise ConfigError(f"{key} must be in 1..{MAX_LAYERS}, got {str(value):.40}")
+    return n
 
 
 def config_from_json_file(path: str | Path) -> ModelConfig:
@@ -178,7 +186,7 @@ def _config_from_gguf(meta: Mapping[str, Any], arch: str, tensor_names: set[str]
     if eot is not None and eot not in eos_ids:
         eos_ids.append(eot)
     sliding = get("attention.sliding_window", 0)
-    n_layers = int(get("block_count"))
+    n_layers = layer_count(get("block_count"), f"{arch}.block_count")
     kw = {
         "model_type": model_type,
         "family": family.name,
